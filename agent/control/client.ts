@@ -1,0 +1,96 @@
+// The agent's client of the control API. Every call is signed with the
+// machine key; the stream's opening is signed the same way.
+import { create, type MessageInitShape, toBinary } from '@bufbuild/protobuf';
+import * as grpc from '@grpc/grpc-js';
+import {
+  ControlService,
+  LogoutRequestSchema,
+  type RegisterRequest,
+  RegisterRequestSchema,
+  type RegisterResponse,
+  RotateNodeKeyRequestSchema,
+  type SyncRequest,
+  type SyncResponse,
+} from '../../proto/gen/meshgate/v1/control_pb.js';
+import type { Node } from '../../proto/gen/meshgate/v1/types_pb.js';
+import { dial, type Endpoint } from '../../proto/dial.js';
+import { makeClient, methodPath, unary } from '../../proto/grpc.js';
+import { signCall } from '../../proto/signing.js';
+
+export interface ControlClientOptions {
+  url: string;
+  fingerprint?: string;
+  /** Ed25519 secret key (64 bytes, tweetnacl layout). */
+  machineSecretKey: Uint8Array;
+  channelOptions?: grpc.ChannelOptions;
+  callTimeoutMs?: number;
+}
+
+const path = (name: string) => methodPath(ControlService, ControlService.methods.find((m) => m.name === name)!);
+
+export class ControlClient {
+  private client: grpc.Client | null = null;
+  private endpoint: Endpoint | null = null;
+  nodeId = '';
+
+  constructor(private readonly opts: ControlClientOptions) {}
+
+  get display(): string {
+    return this.endpoint?.display ?? this.opts.url;
+  }
+
+  private async grpc(): Promise<grpc.Client> {
+    if (!this.client) {
+      this.endpoint = await dial(this.opts.url, { fingerprint: this.opts.fingerprint });
+      this.client = makeClient(ControlService, this.endpoint.target, this.endpoint.credentials, {
+        'grpc.keepalive_time_ms': 30_000,
+        'grpc.keepalive_timeout_ms': 10_000,
+        'grpc.keepalive_permit_without_calls': 1,
+        ...this.opts.channelOptions,
+      });
+    }
+    return this.client;
+  }
+
+  private metadata(method: string, body: Uint8Array, nodeId: string): grpc.Metadata {
+    const md = new grpc.Metadata();
+    for (const [k, v] of Object.entries(signCall(this.opts.machineSecretKey, method, nodeId, body))) md.set(k, v);
+    return md;
+  }
+
+  private deadline(): grpc.CallOptions {
+    return { deadline: Date.now() + (this.opts.callTimeoutMs ?? 15_000) };
+  }
+
+  async register(init: MessageInitShape<typeof RegisterRequestSchema>): Promise<RegisterResponse> {
+    const req: RegisterRequest = create(RegisterRequestSchema, init);
+    const md = this.metadata(path('Register'), toBinary(RegisterRequestSchema, req), '');
+    const res = await unary(await this.grpc(), ControlService, 'register', req, md, this.deadline());
+    this.nodeId = res.node?.id ?? '';
+    return res;
+  }
+
+  /** Opens the sync stream. The caller handles 'data', 'error' and 'end'. */
+  async sync(): Promise<grpc.ClientDuplexStream<SyncRequest, SyncResponse>> {
+    const client = await this.grpc();
+    const md = this.metadata(path('Sync'), new Uint8Array(), this.nodeId);
+    // biome-ignore lint/suspicious/noExplicitAny: generic client methods are untyped
+    return (client as any).sync(md) as grpc.ClientDuplexStream<SyncRequest, SyncResponse>;
+  }
+
+  async logout(): Promise<void> {
+    const req = create(LogoutRequestSchema, {});
+    await unary(await this.grpc(), ControlService, 'logout', req, this.metadata(path('Logout'), toBinary(LogoutRequestSchema, req), this.nodeId), this.deadline());
+  }
+
+  async rotateNodeKey(nodeKey: Uint8Array): Promise<Node | undefined> {
+    const req = create(RotateNodeKeyRequestSchema, { nodeKey });
+    const md = this.metadata(path('RotateNodeKey'), toBinary(RotateNodeKeyRequestSchema, req), this.nodeId);
+    return (await unary(await this.grpc(), ControlService, 'rotateNodeKey', req, md, this.deadline())).node;
+  }
+
+  close(): void {
+    this.client?.close();
+    this.client = null;
+  }
+}

@@ -1,0 +1,30 @@
+// The `meshgate` command: coordinator, agent and admin commands in one.
+import { Command, CommanderError } from 'commander';
+import { VERSION } from '../coordinator/server.js';
+import { registerAdminCommands } from './commands/admin.js';
+import { registerCoordinatorCommands } from './commands/coordinator.js';
+import { describeError } from './errors.js';
+
+export function buildProgram(): Command {
+  const program = new Command('meshgate')
+    .description('WireGuard mesh that replaces open management ports in a data center')
+    .version(VERSION)
+    .showHelpAfterError('(run with --help for usage)')
+    .exitOverride();
+  registerCoordinatorCommands(program);
+  registerAdminCommands(program);
+  return program;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  try {
+    await buildProgram().parseAsync(argv, { from: 'user' });
+    return typeof process.exitCode === 'number' ? process.exitCode : 0;
+  } catch (err) {
+    if (err instanceof CommanderError) return err.exitCode;
+    process.stderr.write(`meshgate: ${describeError(err, process.env.MESHGATE_COORDINATOR)}\n`);
+    return 1;
+  }
+}
+
+process.exitCode = await main(process.argv.slice(2));

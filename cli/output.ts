@@ -1,0 +1,47 @@
+// Prints listings as a table, a wide table, JSON or YAML (-o).
+import YAML from 'yaml';
+
+export type Format = 'table' | 'wide' | 'json' | 'yaml';
+export const FORMATS: Format[] = ['table', 'wide', 'json', 'yaml'];
+
+export interface Column<T> {
+  header: string;
+  value: (row: T) => string;
+  /** Only in -o wide. */
+  wide?: boolean;
+}
+
+export function parseFormat(text: string): Format {
+  if (!FORMATS.includes(text as Format)) throw new Error(`unknown output format "${text}": use ${FORMATS.join(', ')}`);
+  return text as Format;
+}
+
+export function renderTable<T>(rows: T[], columns: Column<T>[], wide: boolean): string {
+  const cols = columns.filter((c) => wide || !c.wide);
+  const cells = [cols.map((c) => c.header), ...rows.map((r) => cols.map((c) => c.value(r) || '-'))];
+  const widths = cols.map((_, i) => Math.max(...cells.map((row) => row[i]!.length)));
+  return cells.map((row) => row.map((cell, i) => (i === row.length - 1 ? cell : cell.padEnd(widths[i]!))).join('  ').trimEnd()).join('\n');
+}
+
+/** `data` is what JSON and YAML print; `rows` feed the tables. */
+export function render<T>(format: Format, data: unknown, rows: T[], columns: Column<T>[]): string {
+  switch (format) {
+    case 'json':
+      return JSON.stringify(data, null, 2);
+    case 'yaml':
+      return YAML.stringify(data).trimEnd();
+    default:
+      return renderTable(rows, columns, format === 'wide');
+  }
+}
+
+/** "3m ago", "just now", "-" for the lastSeen column. */
+export function ago(iso: string | undefined, now = Date.now()): string {
+  if (!iso) return '';
+  const s = Math.max(0, Math.round((now - Date.parse(iso)) / 1000));
+  if (s < 5) return 'just now';
+  if (s < 120) return `${s}s ago`;
+  if (s < 7200) return `${Math.round(s / 60)}m ago`;
+  if (s < 172800) return `${Math.round(s / 3600)}h ago`;
+  return `${Math.round(s / 86400)}d ago`;
+}

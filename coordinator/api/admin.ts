@@ -1,0 +1,205 @@
+// The admin API's handlers, shared by gRPC (TCP and local socket) and the
+// REST mirror. Each takes a request message and the caller's identity.
+import { create, type DescMessage, type MessageShape } from '@bufbuild/protobuf';
+import { timestampFromMs } from '@bufbuild/protobuf/wkt';
+import {
+  type AdminService,
+  type ApiKey,
+  ApiKeySchema,
+  type AuthKey,
+  AuthKeySchema,
+  DesiredVersionSchema,
+  type Project,
+  ProjectSchema,
+  PolicyTestResultSchema,
+} from '../../proto/gen/meshgate/v1/admin_pb.js';
+import * as pb from '../../proto/gen/meshgate/v1/admin_pb.js';
+import { nodeMessage } from '../mapper/netmap.js';
+import type { ApiKeyRecord, DesiredVersionRecord, State } from '../state/state.js';
+import type { AuthKeyRecord } from '../state/records.js';
+import { duration, isCidr, LIMITS, list, sized, tags, text } from './validate.js';
+
+const HOUR = 3_600_000;
+const DAY = 24 * HOUR;
+
+export interface AdminContext {
+  actor: string;
+}
+
+export interface AdminDeps {
+  state: State;
+  version: string;
+  databaseOk: () => Promise<boolean>;
+}
+
+type Methods = (typeof AdminService)['method'];
+type Handler<K extends keyof Methods> = (
+  req: MessageShape<Methods[K]['input']>,
+  ctx: AdminContext,
+) => Promise<MessageShape<Methods[K]['output']>>;
+export type AdminHandlers = { [K in keyof Methods]: Handler<K> };
+
+const ts = (ms: number | null) => (ms === null ? undefined : timestampFromMs(ms));
+
+function projectMessage(p: { name: string; createdAt: number; nodeCount: number }): Project {
+  return create(ProjectSchema, { name: p.name, createdAt: ts(p.createdAt), nodeCount: p.nodeCount });
+}
+
+function authKeyMessage(k: AuthKeyRecord, now: number, key = ''): AuthKey {
+  return create(AuthKeySchema, {
+    id: k.id,
+    project: k.project,
+    reusable: k.reusable,
+    ephemeral: k.ephemeral,
+    tags: k.tags,
+    createdAt: ts(k.createdAt),
+    expiresAt: ts(k.expiresAt),
+    used: k.usedCount > 0,
+    expired: k.revokedAt !== null || k.expiresAt <= now,
+    reason: k.reason,
+    key,
+  });
+}
+
+function apiKeyMessage(k: ApiKeyRecord, now: number, key = ''): ApiKey {
+  return create(ApiKeySchema, {
+    id: k.id,
+    createdAt: ts(k.createdAt),
+    expiresAt: ts(k.expiresAt),
+    lastSeen: ts(k.lastSeen),
+    expired: k.revokedAt !== null || k.expiresAt <= now,
+    description: k.description,
+    key,
+  });
+}
+
+function versionMessage(v: DesiredVersionRecord) {
+  return create(DesiredVersionSchema, { project: v.project, tag: v.tag, version: v.version, updatedAt: ts(v.updatedAt) });
+}
+
+function msg<D extends DescMessage>(schema: D, init: Parameters<typeof create<D>>[1]): MessageShape<D> {
+  return create(schema, init);
+}
+
+export function adminHandlers({ state, version, databaseOk }: AdminDeps): AdminHandlers {
+  const node = (n: Parameters<typeof nodeMessage>[1]) => nodeMessage(state, n);
+  return {
+    async health() {
+      return msg(pb.HealthResponseSchema, { databaseOk: await databaseOk(), version, nodesOnline: state.onlineCount() });
+    },
+
+    async createProject(req, { actor }) {
+      const p = await state.createProject(actor, req.name);
+      return msg(pb.CreateProjectResponseSchema, { project: projectMessage({ ...p, nodeCount: 0 }) });
+    },
+    async listProjects() {
+      return msg(pb.ListProjectsResponseSchema, { projects: state.listProjects().map(projectMessage) });
+    },
+    async deleteProject(req, { actor }) {
+      await state.deleteProject(actor, req.name, req.force);
+      return msg(pb.DeleteProjectResponseSchema, {});
+    },
+
+    async createAuthKey(req, { actor }) {
+      const { record, key } = await state.createAuthKey(actor, {
+        project: req.project,
+        reusable: req.reusable,
+        ephemeral: req.ephemeral,
+        expiresInMs: duration('expiration', req.expiration, HOUR),
+        tags: tags('tags', req.tags),
+        reason: text('reason', req.reason, LIMITS.reason),
+      });
+      return msg(pb.CreateAuthKeyResponseSchema, { authKey: authKeyMessage(record, state.now(), key) });
+    },
+    async listAuthKeys(req) {
+      const now = state.now();
+      return msg(pb.ListAuthKeysResponseSchema, { authKeys: (await state.listAuthKeys(req.project)).map((k) => authKeyMessage(k, now)) });
+    },
+    async expireAuthKey(req, { actor }) {
+      return msg(pb.ExpireAuthKeyResponseSchema, { authKey: authKeyMessage(await state.expireAuthKey(actor, req.id), state.now()) });
+    },
+
+    async createApiKey(req, { actor }) {
+      const { record, key } = await state.createApiKey(
+        actor,
+        duration('expiration', req.expiration, 90 * DAY),
+        text('description', req.description, LIMITS.description),
+      );
+      return msg(pb.CreateApiKeyResponseSchema, { apiKey: apiKeyMessage(record, state.now(), key) });
+    },
+    async listApiKeys() {
+      const now = state.now();
+      return msg(pb.ListApiKeysResponseSchema, { apiKeys: (await state.listApiKeys()).map((k) => apiKeyMessage(k, now)) });
+    },
+    async expireApiKey(req, { actor }) {
+      return msg(pb.ExpireApiKeyResponseSchema, { apiKey: apiKeyMessage(await state.expireApiKey(actor, req.id), state.now()) });
+    },
+    async rotateApiKey(req, { actor }) {
+      const expires = req.expiration ? duration('expiration', req.expiration, 90 * DAY) : null;
+      const { record, key } = await state.rotateApiKey(actor, req.id, expires);
+      return msg(pb.RotateApiKeyResponseSchema, { apiKey: apiKeyMessage(record, state.now(), key) });
+    },
+
+    async listNodes(req) {
+      return msg(pb.ListNodesResponseSchema, { nodes: state.listNodes(req.project || undefined).map(node) });
+    },
+    async getNode(req) {
+      return msg(pb.GetNodeResponseSchema, { node: node(state.resolveNode(req.id, req.project || undefined)) });
+    },
+    async deleteNode(req, { actor }) {
+      await state.deleteNode(actor, req.id, req.project || undefined);
+      return msg(pb.DeleteNodeResponseSchema, {});
+    },
+    async expireNode(req, { actor }) {
+      const at = req.clear ? null : state.now() + duration('expiration', req.expiration, 0);
+      return msg(pb.ExpireNodeResponseSchema, { node: node(await state.expireNode(actor, req.id, req.project || undefined, at)) });
+    },
+    async renameNode(req, { actor }) {
+      return msg(pb.RenameNodeResponseSchema, { node: node(await state.renameNode(actor, req.id, req.project || undefined, req.name)) });
+    },
+    async setNodeTags(req, { actor }) {
+      const n = await state.setNodeTags(actor, req.id, req.project || undefined, tags('tags', req.tags));
+      return msg(pb.SetNodeTagsResponseSchema, { node: node(n) });
+    },
+    async setNodeRoutes(req, { actor }) {
+      const routes = list('approved_routes', req.approvedRoutes, LIMITS.routes, isCidr, 'a CIDR');
+      const n = await state.setNodeRoutes(actor, req.id, req.project || undefined, routes);
+      return msg(pb.SetNodeRoutesResponseSchema, { node: node(n) });
+    },
+
+    async getPolicy(req) {
+      const p = state.getPolicy(req.project);
+      return msg(pb.GetPolicyResponseSchema, { policy: p?.source ?? '', updatedAt: ts(p?.updatedAt ?? null) });
+    },
+    async setPolicy(req, { actor }) {
+      const at = await state.setPolicy(actor, req.project, sized('policy', req.policy, LIMITS.policy));
+      return msg(pb.SetPolicyResponseSchema, { updatedAt: ts(at) });
+    },
+    async checkPolicy(req) {
+      const results = state.checkPolicy(req.project, req.policy || undefined);
+      return msg(pb.CheckPolicyResponseSchema, {
+        ok: results.every((r) => r.passed),
+        results: results.map((r) => create(PolicyTestResultSchema, r)),
+      });
+    },
+
+    async setDesiredVersion(req, { actor }) {
+      const v = await state.setDesiredVersion(actor, req.project, req.tag, req.version);
+      return msg(pb.SetDesiredVersionResponseSchema, { desiredVersion: versionMessage(v) });
+    },
+    async listDesiredVersions(req) {
+      const project = req.project || undefined;
+      const drift = state
+        .listNodes(project)
+        .filter((n) => {
+          const want = state.desiredVersionFor(n);
+          return want !== '' && want !== n.version;
+        })
+        .map(node);
+      return msg(pb.ListDesiredVersionsResponseSchema, {
+        desiredVersions: state.listDesiredVersions(project).map(versionMessage),
+        drift,
+      });
+    },
+  };
+}

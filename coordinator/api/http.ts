@@ -1,0 +1,89 @@
+// The HTTP listener: liveness, readiness, Prometheus metrics and a REST
+// mirror of the admin API (POST /api/v1/<Method> with the request as
+// protobuf JSON, plus GET shortcuts for listings).
+import { type DescMethod, fromJson, type JsonValue, toJson } from '@bufbuild/protobuf';
+import express, { type NextFunction, type Request, type Response } from 'express';
+import type { Logger } from 'pino';
+import { AdminService } from '../../proto/gen/meshgate/v1/admin_pb.js';
+import type { State } from '../state/state.js';
+import type { AdminHandlers } from './admin.js';
+import { adminActor } from './auth.js';
+import type { Metrics } from './metrics.js';
+import { toStatus } from './status.js';
+
+export interface HttpDeps {
+  handlers: AdminHandlers;
+  state: State;
+  metrics: Metrics;
+  databaseOk: () => Promise<boolean>;
+  log: Logger;
+}
+
+const GET_SHORTCUTS: Record<string, { method: string; query: string[] }> = {
+  '/projects': { method: 'ListProjects', query: [] },
+  '/nodes': { method: 'ListNodes', query: ['project'] },
+  '/authkeys': { method: 'ListAuthKeys', query: ['project'] },
+  '/apikeys': { method: 'ListApiKeys', query: [] },
+  '/policy': { method: 'GetPolicy', query: ['project'] },
+  '/versions': { method: 'ListDesiredVersions', query: ['project'] },
+  '/health': { method: 'Health', query: [] },
+};
+
+export function httpApp({ handlers, state, metrics, databaseOk, log }: HttpDeps): express.Express {
+  const app = express();
+  app.disable('x-powered-by');
+  app.get('/healthz', (_req, res) => {
+    res.type('text/plain').send('ok\n');
+  });
+  app.get('/readyz', async (_req, res) => {
+    const ok = await databaseOk();
+    res.status(ok ? 200 : 503).type('text/plain').send(ok ? 'ready\n' : 'database unreachable\n');
+  });
+  app.get('/metrics', async (_req, res) => {
+    res.type(metrics.registry.contentType).send(await metrics.registry.metrics());
+  });
+
+  const methods = new Map<string, DescMethod>(AdminService.methods.map((m) => [m.name, m]));
+  const api = express.Router();
+  api.use(express.json({ limit: '2mb' }));
+  api.use(async (req: Request, res: Response, next: NextFunction) => {
+    try {
+      res.locals.actor = await adminActor(state, req.get('authorization'), false);
+      next();
+    } catch (err) {
+      send(res, err, req.path);
+    }
+  });
+  const call = async (res: Response, name: string, body: JsonValue) => {
+    const m = methods.get(name);
+    if (!m) {
+      res.status(404).json({ error: `no admin method ${name}` });
+      return;
+    }
+    try {
+      let req: unknown;
+      try {
+        req = fromJson(m.input, body ?? {});
+      } catch (err) {
+        res.status(400).json({ error: `bad request body for ${name}: ${(err as Error).message}` });
+        return;
+      }
+      const handler = handlers[m.localName as keyof AdminHandlers] as (r: unknown, c: { actor: string }) => Promise<never>;
+      const out = await handler(req, { actor: res.locals.actor as string });
+      res.json(toJson(m.output, out, { alwaysEmitImplicit: true }));
+    } catch (err) {
+      send(res, err, name);
+    }
+  };
+  for (const [path, { method, query }] of Object.entries(GET_SHORTCUTS)) {
+    api.get(path, (req, res) => call(res, method, Object.fromEntries(query.map((q) => [q, String(req.query[q] ?? '')]))));
+  }
+  api.post('/:method', (req, res) => call(res, String(req.params.method), req.body as JsonValue));
+  app.use('/api/v1', api);
+
+  function send(res: Response, err: unknown, what: string) {
+    const s = toStatus(err, log, { http: what });
+    res.status(s.http).json({ error: s.details });
+  }
+  return app;
+}

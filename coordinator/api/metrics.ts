@@ -1,0 +1,64 @@
+// Prometheus metrics of the coordinator.
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+
+export interface MetricSources {
+  nodesOnline: () => number;
+  nodesTotal: () => number;
+  streams: () => number;
+  versionDrift: () => number;
+  apiKeyExpiries: () => Promise<{ id: string; expiresAt: number }[]>;
+}
+
+export class Metrics {
+  readonly registry = new Registry();
+  readonly registrations: Counter<'result'>;
+  readonly rejectedRegistrations: Counter<'reason'>;
+  readonly deltaLatency: Histogram;
+  readonly refusedCalls: Counter<'method' | 'reason'>;
+
+  constructor(src: MetricSources) {
+    const registers = [this.registry];
+    collectDefaultMetrics({ register: this.registry, prefix: 'meshgate_process_' });
+    new Gauge({ name: 'meshgate_nodes_online', help: 'Nodes with an open control stream', registers, collect() { this.set(src.nodesOnline()); } });
+    new Gauge({ name: 'meshgate_nodes', help: 'Registered nodes', registers, collect() { this.set(src.nodesTotal()); } });
+    new Gauge({ name: 'meshgate_streams', help: 'Open control streams', registers, collect() { this.set(src.streams()); } });
+    new Gauge({
+      name: 'meshgate_version_drift_nodes',
+      help: 'Nodes whose agent version differs from the desired one',
+      registers,
+      collect() {
+        this.set(src.versionDrift());
+      },
+    });
+    new Gauge({
+      name: 'meshgate_api_key_expiry_seconds',
+      help: 'Seconds until each active API key expires',
+      labelNames: ['id'],
+      registers,
+      async collect() {
+        this.reset();
+        const now = Date.now();
+        for (const k of await src.apiKeyExpiries()) this.set({ id: k.id }, Math.round((k.expiresAt - now) / 1000));
+      },
+    });
+    this.registrations = new Counter({ name: 'meshgate_registrations_total', help: 'Registration attempts by result', labelNames: ['result'], registers });
+    this.rejectedRegistrations = new Counter({
+      name: 'meshgate_registrations_rejected_total',
+      help: 'Refused registrations by reason',
+      labelNames: ['reason'],
+      registers,
+    });
+    this.refusedCalls = new Counter({
+      name: 'meshgate_refused_calls_total',
+      help: 'Agent calls refused by method and reason',
+      labelNames: ['method', 'reason'],
+      registers,
+    });
+    this.deltaLatency = new Histogram({
+      name: 'meshgate_delta_latency_seconds',
+      help: 'Time from a state change to its delta being written to the streams',
+      buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
+      registers,
+    });
+  }
+}

@@ -1,0 +1,67 @@
+// Checks on what arrives from the network, before it reaches the state.
+import { isIP } from 'node:net';
+import { parseDuration } from '../../proto/duration.js';
+import { isTag } from '../../proto/names.js';
+import { invalid } from '../state/errors.js';
+
+export const LIMITS = {
+  hostname: 253,
+  os: 64,
+  version: 64,
+  endpoints: 16,
+  routes: 64,
+  tags: 32,
+  reason: 256,
+  description: 256,
+  policy: 1024 * 1024,
+};
+
+export function text(field: string, value: string, max: number): string {
+  sized(field, value, max);
+  // biome-ignore lint/suspicious/noControlCharactersInRegex: control characters are exactly what is refused
+  if (/[\u0000-\u001f\u007f]/.test(value)) throw invalid(`${field} contains control characters`);
+  return value;
+}
+
+export function sized(field: string, value: string, max: number): string {
+  if (value.length > max) throw invalid(`${field} is larger than ${max} bytes`);
+  return value;
+}
+
+export function list(field: string, values: string[], max: number, check: (v: string) => boolean, what: string): string[] {
+  if (values.length > max) throw invalid(`${field}: at most ${max} entries`);
+  for (const v of values) if (!check(v)) throw invalid(`${field}: "${v.slice(0, 80)}" is not ${what}`);
+  return values;
+}
+
+export function isEndpoint(v: string): boolean {
+  const m = /^(?:\[([0-9a-fA-F:.]+)\]|([0-9.]+)):(\d{1,5})$/.exec(v);
+  if (!m) return false;
+  const host = m[1] ?? m[2]!;
+  const port = Number(m[3]);
+  return isIP(host) === (m[1] ? 6 : 4) && port > 0 && port < 65536;
+}
+
+export function isCidr(v: string): boolean {
+  const m = /^([^/]+)\/(\d{1,3})$/.exec(v);
+  if (!m) return false;
+  const family = isIP(m[1]!);
+  const bits = Number(m[2]);
+  return family !== 0 && bits <= (family === 4 ? 32 : 128);
+}
+
+export const tags = (field: string, values: string[]) => list(field, values, LIMITS.tags, isTag, 'a tag (tag:NAME)');
+
+export function duration(field: string, value: string, fallbackMs: number): number {
+  if (!value) return fallbackMs;
+  try {
+    return parseDuration(value);
+  } catch (err) {
+    throw invalid(`${field}: ${(err as Error).message}`);
+  }
+}
+
+export function key32(field: string, value: Uint8Array): Uint8Array {
+  if (value.length !== 32) throw invalid(`${field} must be 32 bytes, got ${value.length}`);
+  return value;
+}

@@ -1,0 +1,86 @@
+// Coordinator configuration: defaults, then a YAML file, then MESHGATE_*
+// environment variables, then flags; validated as a whole with zod so a bad
+// value is reported with its name before anything starts.
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import YAML from 'yaml';
+import { z } from 'zod';
+import { parseDuration } from '../proto/duration.js';
+
+const duration = z.string().refine(
+  (v) => {
+    try {
+      parseDuration(v);
+      return true;
+    } catch {
+      return false;
+    }
+  },
+  { message: 'expected a duration such as 30s, 5m, 1h' },
+);
+const hostPort = z.string().regex(/^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]*):\d{1,5}$/, 'expected HOST:PORT');
+
+export const ConfigSchema = z
+  .object({
+    dataDir: z.string().min(1).default('/var/lib/meshgate'),
+    /** sqlite:///path or postgres://…; default: meshgate.db in the data dir. */
+    database: z.string().optional(),
+    grpcListen: hostPort.default('0.0.0.0:7443'),
+    httpListen: hostPort.default('0.0.0.0:7480'),
+    /** Serve gRPC and HTTP without TLS. Only for a trusted network or a TLS-terminating proxy. */
+    plaintext: z.boolean().default(false),
+    /** Extra names and addresses for the certificate made on first start. */
+    serverNames: z.array(z.string()).default([]),
+    logLevel: z.enum(['trace', 'debug', 'info', 'warn', 'error', 'fatal']).default('info'),
+    ephemeralTimeout: duration.default('30m'),
+    coalesceWindow: duration.default('20ms'),
+    keepalive: duration.default('25s'),
+    clockSkew: duration.default('2m'),
+    apiKeyExpiryWarning: duration.default('14d'),
+    registrationRate: z
+      .object({ perSecond: z.number().positive().default(10), burst: z.number().int().positive().default(100) })
+      .default({ perSecond: 10, burst: 100 }),
+    domain: z.string().regex(/^[a-z0-9.-]+$/).default('mesh'),
+    wireguardKeepalive: z.number().int().min(0).max(600).default(25),
+  })
+  .strict();
+
+export type CoordinatorConfig = z.infer<typeof ConfigSchema> & { database: string };
+
+export class ConfigError extends Error {
+  override name = 'ConfigError';
+}
+
+const ENV: Record<string, keyof z.infer<typeof ConfigSchema>> = {
+  MESHGATE_DATA_DIR: 'dataDir',
+  MESHGATE_DATABASE: 'database',
+  MESHGATE_GRPC_LISTEN: 'grpcListen',
+  MESHGATE_HTTP_LISTEN: 'httpListen',
+  MESHGATE_LOG_LEVEL: 'logLevel',
+  MESHGATE_EPHEMERAL_TIMEOUT: 'ephemeralTimeout',
+};
+
+export function loadConfig(file: string | undefined, env: NodeJS.ProcessEnv, flags: Record<string, unknown>): CoordinatorConfig {
+  let fromFile: Record<string, unknown> = {};
+  if (file) {
+    let text: string;
+    try {
+      text = readFileSync(file, 'utf8');
+    } catch (err) {
+      throw new ConfigError(`cannot read config ${file}: ${(err as NodeJS.ErrnoException).code ?? err}`);
+    }
+    const doc = YAML.parseDocument(text);
+    if (doc.errors.length) throw new ConfigError(`${file}: ${doc.errors[0]!.message.split('\n')[0]}`);
+    fromFile = (doc.toJS() as Record<string, unknown>) ?? {};
+  }
+  const fromEnv: Record<string, unknown> = {};
+  for (const [name, key] of Object.entries(ENV)) if (env[name]) fromEnv[key] = env[name];
+  const defined = Object.fromEntries(Object.entries(flags).filter(([, v]) => v !== undefined));
+  const parsed = ConfigSchema.safeParse({ ...fromFile, ...fromEnv, ...defined });
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0]!;
+    throw new ConfigError(`invalid configuration: ${issue.path.join('.') || '(top level)'}: ${issue.message}`);
+  }
+  const c = parsed.data;
+  return { ...c, database: c.database ?? `sqlite://${join(c.dataDir, 'meshgate.db')}` };
+}

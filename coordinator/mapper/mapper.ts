@@ -1,0 +1,363 @@
+// Fans state changes out to the connected agents as deltas. Changes are
+// collected for a short window and then sent, per project, only to the
+// sessions of nodes that saw the changed node before or see it now; nobody's
+// full netmap is rebuilt for a change.
+import { create } from '@bufbuild/protobuf';
+import { timestampFromMs } from '@bufbuild/protobuf/wkt';
+import { PacketFilterSchema, type Peer, type PeerPatch, PeerPatchSchema } from '../../proto/gen/meshgate/v1/types_pb.js';
+import { type SyncResponse, SyncResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
+import type { CompiledPolicy } from '../policy/index.js';
+import type { NodeRecord } from '../state/records.js';
+import type { State, StateEvent } from '../state/state.js';
+import { filterMessage, fullNetMap, type NetMapOptions, nodeMessage, peerMessage } from './netmap.js';
+
+/** One agent's open stream, as the mapper needs it. */
+export interface Session {
+  readonly nodeId: string;
+  send(msg: SyncResponse): void;
+  /** Ends the stream, e.g. when the node was deleted or expired. */
+  close(reason: string): void;
+}
+
+interface Attached {
+  session: Session;
+  project: string;
+  seq: bigint;
+  lastSent: number;
+  filterKey: string;
+  desiredVersion: string;
+}
+
+interface Pending {
+  upserted: Set<string>;
+  removed: Map<string, NodeRecord>;
+  patched: Map<string, boolean>;
+  policy: boolean;
+  versions: boolean;
+  firstAt: number;
+}
+
+export interface MapperOptions extends NetMapOptions {
+  /** How long changes are collected before they are sent. */
+  coalesceMs: number;
+  keepaliveMs: number;
+  /** Called with the time from the first change in a batch to its delivery. */
+  onDelivered?: (latencyMs: number, sessions: number) => void;
+}
+
+class Delta {
+  readonly changed = new Map<string, Peer>();
+  readonly removed = new Set<string>();
+  readonly patches: PeerPatch[] = [];
+  self = false;
+  filter = false;
+  version = false;
+
+  empty(): boolean {
+    return !this.changed.size && !this.removed.size && !this.patches.length && !this.self && !this.filter && !this.version;
+  }
+}
+
+export class Mapper {
+  private readonly sessions = new Map<string, Attached>();
+  private readonly byProject = new Map<string, Set<string>>();
+  private readonly pending = new Map<string, Pending>();
+  /** The policy each project's sessions were last brought up to date with. */
+  private readonly delivered = new Map<string, CompiledPolicy>();
+  private timer: NodeJS.Timeout | null = null;
+  private readonly keepalive: NodeJS.Timeout;
+
+  constructor(
+    private readonly state: State,
+    private readonly opts: MapperOptions,
+  ) {
+    state.onEvent((e) => this.enqueue(e));
+    this.keepalive = setInterval(() => this.sendKeepalives(), Math.max(1000, opts.keepaliveMs / 2));
+    this.keepalive.unref();
+  }
+
+  hasSession(nodeId: string): boolean {
+    return this.sessions.has(nodeId);
+  }
+
+  get sessionCount(): number {
+    return this.sessions.size;
+  }
+
+  /** Sends the full netmap and starts delivering deltas; replaces an older stream of the same node. */
+  attach(session: Session): void {
+    const node = this.state.getNode(session.nodeId);
+    if (!node) {
+      session.close('node does not exist');
+      return;
+    }
+    const old = this.sessions.get(node.id);
+    if (old) {
+      this.detachEntry(old);
+      old.session.close('replaced by a newer stream of the same node');
+    }
+    this.flushProject(node.project);
+    const map = fullNetMap(this.state, node, this.opts);
+    const entry: Attached = {
+      session,
+      project: node.project,
+      seq: 0n,
+      lastSent: 0,
+      filterKey: filterKey(this.state.compiled(node.project).filterFor(node.id)),
+      desiredVersion: map.desiredVersion,
+    };
+    this.sessions.set(node.id, entry);
+    let set = this.byProject.get(node.project);
+    if (!set) {
+      set = new Set();
+      this.byProject.set(node.project, set);
+    }
+    set.add(node.id);
+    this.write(entry, create(SyncResponseSchema, { full: map }));
+  }
+
+  detach(session: Session): void {
+    const entry = this.sessions.get(session.nodeId);
+    if (entry && entry.session === session) this.detachEntry(entry);
+  }
+
+  private detachEntry(entry: Attached): void {
+    this.sessions.delete(entry.session.nodeId);
+    this.byProject.get(entry.project)?.delete(entry.session.nodeId);
+  }
+
+  close(): void {
+    clearInterval(this.keepalive);
+    if (this.timer) clearTimeout(this.timer);
+    for (const e of [...this.sessions.values()]) e.session.close('coordinator is shutting down');
+    this.sessions.clear();
+  }
+
+  private enqueue(e: StateEvent): void {
+    const project = e.type === 'policy-changed' || e.type === 'versions-changed' ? e.project : e.node.project;
+    let p = this.pending.get(project);
+    if (!p) {
+      p = { upserted: new Set(), removed: new Map(), patched: new Map(), policy: false, versions: false, firstAt: Date.now() };
+      this.pending.set(project, p);
+    }
+    switch (e.type) {
+      case 'node-added':
+      case 'node-changed':
+        p.upserted.add(e.node.id);
+        p.removed.delete(e.node.id);
+        break;
+      case 'node-removed':
+        p.upserted.delete(e.node.id);
+        p.patched.delete(e.node.id);
+        p.removed.set(e.node.id, e.node);
+        break;
+      case 'node-patched':
+        p.patched.set(e.node.id, (p.patched.get(e.node.id) ?? false) || e.endpointsChanged);
+        break;
+      case 'policy-changed':
+        p.policy = true;
+        break;
+      case 'versions-changed':
+        p.versions = true;
+        break;
+    }
+    if (!this.timer) {
+      this.timer = setTimeout(() => this.flush(), this.opts.coalesceMs);
+    }
+  }
+
+  /** Delivers everything pending now; also used by tests and at attach. */
+  flush(): void {
+    if (this.timer) {
+      clearTimeout(this.timer);
+      this.timer = null;
+    }
+    for (const project of [...this.pending.keys()]) this.flushProject(project);
+  }
+
+  private flushProject(project: string): void {
+    const p = this.pending.get(project);
+    const newC = this.state.compiled(project);
+    const oldC = this.delivered.get(project) ?? newC;
+    this.delivered.set(project, newC);
+    if (!p) return;
+    this.pending.delete(project);
+    const members = this.byProject.get(project);
+    if (!members?.size) return;
+
+    const deltas = new Map<string, Delta>();
+    const delta = (id: string): Delta | undefined => {
+      if (!members.has(id)) return undefined;
+      let d = deltas.get(id);
+      if (!d) {
+        d = new Delta();
+        deltas.set(id, d);
+      }
+      return d;
+    };
+    const peers = new Map<string, Peer>();
+    const peerOf = (n: NodeRecord): Peer => {
+      let m = peers.get(n.id);
+      if (!m) {
+        m = peerMessage(this.state, n, this.opts.relay);
+        peers.set(n.id, m);
+      }
+      return m;
+    };
+    const filterCheck = new Set<string>();
+    const rulesChanged = oldC !== newC && !(oldC.allowAll && newC.allowAll);
+
+    if (p.policy) {
+      for (const id of members) {
+        this.diffVisibility(id, oldC, newC, delta, peerOf);
+        filterCheck.add(id);
+      }
+    }
+    for (const id of p.upserted) {
+      const node = this.state.getNode(id);
+      if (!node) continue;
+      for (const other of union(safePeers(oldC, id), safePeers(newC, id))) {
+        const d = delta(other);
+        if (!d) continue;
+        if (newC.canSee(other, id)) {
+          d.changed.set(id, peerOf(node));
+          d.removed.delete(id);
+        } else {
+          d.removed.add(id);
+          d.changed.delete(id);
+        }
+        if (rulesChanged) filterCheck.add(other);
+      }
+      const own = delta(id);
+      if (own) {
+        own.self = true;
+        this.diffVisibility(id, oldC, newC, delta, peerOf);
+        filterCheck.add(id);
+      }
+      if (this.state.isExpired(node)) this.sessions.get(id)?.session.close(`node ${node.name} has expired`);
+    }
+    for (const [id, node] of p.removed) {
+      for (const other of safePeers(oldC, id)) {
+        const d = delta(other);
+        if (!d) continue;
+        d.removed.add(id);
+        d.changed.delete(id);
+        if (rulesChanged) filterCheck.add(other);
+      }
+      const entry = this.sessions.get(id);
+      if (entry) {
+        this.detachEntry(entry);
+        entry.session.close(`node ${node.name} was deleted`);
+      }
+    }
+    for (const [id, endpointsChanged] of p.patched) {
+      const node = this.state.getNode(id);
+      if (!node || p.upserted.has(id)) continue;
+      const patch = create(PeerPatchSchema, {
+        id,
+        online: this.state.isOnline(id),
+        lastSeen: node.lastSeen === null ? undefined : timestampFromMs(node.lastSeen),
+        endpointsChanged,
+        endpoints: endpointsChanged ? this.state.endpointsOf(node) : [],
+      });
+      for (const other of safePeers(newC, id)) {
+        const d = delta(other);
+        if (d && !d.changed.has(id)) d.patches.push(patch);
+      }
+    }
+    for (const id of filterCheck) {
+      const entry = this.sessions.get(id);
+      const d = delta(id);
+      if (!entry || !d) continue;
+      const key = filterKey(newC.filterFor(id));
+      if (key !== entry.filterKey) {
+        entry.filterKey = key;
+        d.filter = true;
+      }
+    }
+    if (p.versions) {
+      for (const id of members) {
+        const node = this.state.getNode(id);
+        const entry = this.sessions.get(id);
+        if (!node || !entry) continue;
+        const v = this.state.desiredVersionFor(node);
+        if (v !== entry.desiredVersion) {
+          entry.desiredVersion = v;
+          delta(id)!.version = true;
+        }
+      }
+    }
+    let sent = 0;
+    for (const [id, d] of deltas) {
+      const entry = this.sessions.get(id);
+      const node = this.state.getNode(id);
+      if (!entry || !node || d.empty()) continue;
+      this.write(
+        entry,
+        create(SyncResponseSchema, {
+          peersChanged: [...d.changed.values()],
+          peersRemoved: [...d.removed],
+          peerPatches: d.patches,
+          packetFilter: d.filter ? create(PacketFilterSchema, { rules: filterMessage(newC.filterFor(id)) }) : undefined,
+          desiredVersion: d.version ? entry.desiredVersion : undefined,
+          self: d.self ? nodeMessage(this.state, node) : undefined,
+        }),
+      );
+      sent++;
+    }
+    if (sent) this.opts.onDelivered?.(Date.now() - p.firstAt, sent);
+  }
+
+  private diffVisibility(
+    id: string,
+    oldC: CompiledPolicy,
+    newC: CompiledPolicy,
+    delta: (id: string) => Delta | undefined,
+    peerOf: (n: NodeRecord) => Peer,
+  ): void {
+    if (oldC === newC) return;
+    const d = delta(id);
+    if (!d) return;
+    const before = new Set(safePeers(oldC, id));
+    const after = new Set(safePeers(newC, id));
+    for (const other of after) {
+      if (before.has(other)) continue;
+      const n = this.state.getNode(other);
+      if (n) d.changed.set(other, peerOf(n));
+    }
+    for (const other of before) if (!after.has(other)) d.removed.add(other);
+  }
+
+  private write(entry: Attached, msg: SyncResponse): void {
+    entry.seq += 1n;
+    msg.seq = entry.seq;
+    entry.lastSent = Date.now();
+    entry.session.send(msg);
+  }
+
+  private sendKeepalives(): void {
+    const due = Date.now() - this.opts.keepaliveMs;
+    for (const entry of this.sessions.values()) {
+      if (entry.lastSent <= due) this.write(entry, create(SyncResponseSchema, { keepalive: true }));
+    }
+  }
+}
+
+/** Peers of a node in a compiled policy, empty when the node is not part of it. */
+function safePeers(c: CompiledPolicy, id: string): string[] {
+  try {
+    return c.visiblePeers(id);
+  } catch {
+    return [];
+  }
+}
+
+function union(a: string[], b: string[]): Set<string> {
+  const s = new Set(a);
+  for (const x of b) s.add(x);
+  return s;
+}
+
+function filterKey(rules: unknown[]): string {
+  return JSON.stringify(rules);
+}

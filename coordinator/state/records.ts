@@ -1,0 +1,108 @@
+// In-memory shapes of what the store holds, and their conversion from rows.
+import type { AuthKeyTable, NodeTable } from '../store/schema.js';
+
+export interface NodeRecord {
+  id: string;
+  project: string;
+  name: string;
+  /** Ed25519 public key, hex. */
+  machineKey: string;
+  /** X25519 public key, WireGuard base64. */
+  nodeKey: string;
+  ipv4: string;
+  ipv6: string;
+  ipIndex: number;
+  tags: string[];
+  ephemeral: boolean;
+  authKeyId: string;
+  hostname: string;
+  os: string;
+  version: string;
+  /** What the agent reported plus what the coordinator saw it connect from. */
+  endpoints: string[];
+  advertisedRoutes: string[];
+  approvedRoutes: string[];
+  createdAt: number;
+  lastSeen: number | null;
+  expiresAt: number | null;
+}
+
+export interface AuthKeyRecord {
+  id: string;
+  project: string;
+  reusable: boolean;
+  ephemeral: boolean;
+  tags: string[];
+  reason: string;
+  createdAt: number;
+  expiresAt: number;
+  usedCount: number;
+  revokedAt: number | null;
+}
+
+const list = (text: string): string[] => JSON.parse(text) as string[];
+
+export function nodeFromRow(r: NodeTable): NodeRecord {
+  return {
+    id: r.id,
+    project: r.project,
+    name: r.name,
+    machineKey: r.machine_key,
+    nodeKey: r.node_key,
+    ipv4: r.ipv4,
+    ipv6: r.ipv6,
+    ipIndex: Number(r.ip_index),
+    tags: list(r.tags),
+    ephemeral: r.ephemeral === 1,
+    authKeyId: r.auth_key_id,
+    hostname: r.hostname,
+    os: r.os,
+    version: r.version,
+    endpoints: list(r.endpoints),
+    advertisedRoutes: list(r.advertised_routes),
+    approvedRoutes: list(r.approved_routes),
+    createdAt: Number(r.created_at),
+    lastSeen: r.last_seen === null ? null : Number(r.last_seen),
+    expiresAt: r.expires_at === null ? null : Number(r.expires_at),
+  };
+}
+
+export function nodeToRow(n: NodeRecord): NodeTable {
+  return {
+    id: n.id,
+    project: n.project,
+    name: n.name,
+    machine_key: n.machineKey,
+    node_key: n.nodeKey,
+    ipv4: n.ipv4,
+    ipv6: n.ipv6,
+    ip_index: n.ipIndex,
+    tags: JSON.stringify(n.tags),
+    ephemeral: n.ephemeral ? 1 : 0,
+    auth_key_id: n.authKeyId,
+    hostname: n.hostname,
+    os: n.os,
+    version: n.version,
+    endpoints: JSON.stringify(n.endpoints),
+    advertised_routes: JSON.stringify(n.advertisedRoutes),
+    approved_routes: JSON.stringify(n.approvedRoutes),
+    created_at: n.createdAt,
+    last_seen: n.lastSeen,
+    expires_at: n.expiresAt,
+  };
+}
+
+export function authKeyFromRow(r: AuthKeyTable): AuthKeyRecord {
+  return {
+    id: r.id,
+    project: r.project,
+    reusable: r.reusable === 1,
+    ephemeral: r.ephemeral === 1,
+    tags: list(r.tags),
+    reason: r.reason,
+    createdAt: Number(r.created_at),
+    expiresAt: Number(r.expires_at),
+    usedCount: Number(r.used_count),
+    revokedAt: r.revoked_at === null ? null : Number(r.revoked_at),
+  };
+}

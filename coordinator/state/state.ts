@@ -1,0 +1,793 @@
+// The coordinator's in-memory model of projects, nodes, keys, policies and
+// desired versions. Every mutation goes through here: it is written to the
+// store in one transaction (with its audit entry) and only then applied to
+// memory and announced to listeners, so what listeners see is durable.
+import { randomBytes } from 'node:crypto';
+import type { Kysely, Transaction } from 'kysely';
+import { isDnsLabel, isTag, toDnsLabel } from '../../proto/names.js';
+import { type CompiledPolicy, compilePolicy, type Policy, type PolicyNode, parsePolicy, PolicyError, runPolicyTests, type PolicyTestOutcome } from '../policy/index.js';
+import type { Database } from '../store/schema.js';
+import { CoordinatorError, denied, exists, invalid, notFound, precondition, unauthenticated } from './errors.js';
+import { AddressPool, ipv4ForIndex, ipv6ForIndex } from './ipam.js';
+import { type AuthKeyRecord, authKeyFromRow, type NodeRecord, nodeFromRow, nodeToRow } from './records.js';
+import { issueSecret, parseSecret, secretMatches } from './secrets.js';
+
+export type StateEvent =
+  | { type: 'node-added'; node: NodeRecord }
+  /** Something peers see changed (key, name, tags, routes, addresses). */
+  | { type: 'node-changed'; node: NodeRecord }
+  /** Only online state, last seen or endpoints changed. */
+  | { type: 'node-patched'; node: NodeRecord; endpointsChanged: boolean }
+  | { type: 'node-removed'; node: NodeRecord }
+  | { type: 'policy-changed'; project: string }
+  | { type: 'versions-changed'; project: string };
+
+export interface ProjectRecord {
+  name: string;
+  createdAt: number;
+}
+
+export interface PolicyRecord {
+  source: string;
+  parsed: Policy;
+  updatedAt: number;
+}
+
+export interface DesiredVersionRecord {
+  project: string;
+  tag: string;
+  version: string;
+  updatedAt: number;
+}
+
+export interface ApiKeyRecord {
+  id: string;
+  description: string;
+  createdAt: number;
+  expiresAt: number;
+  lastSeen: number | null;
+  revokedAt: number | null;
+}
+
+export interface RegisterInput {
+  authKey: string;
+  machineKey: string;
+  nodeKey: string;
+  hostname: string;
+  os: string;
+  version: string;
+  requestedTags: string[];
+  endpoints: string[];
+  advertisedRoutes: string[];
+}
+
+export interface StateOptions {
+  ephemeralTimeoutMs: number;
+  now?: () => number;
+}
+
+const DAY = 86_400_000;
+/** last_seen of an API key is written at most this often per key. */
+const API_KEY_SEEN_WRITE_MS = 60_000;
+
+export class State {
+  private readonly projects = new Map<string, ProjectRecord>();
+  private readonly nodes = new Map<string, NodeRecord>();
+  private readonly byMachineKey = new Map<string, string>();
+  private readonly byProject = new Map<string, Set<string>>();
+  private readonly policies = new Map<string, PolicyRecord>();
+  private readonly versions = new Map<string, Map<string, DesiredVersionRecord>>();
+  private readonly compiledCache = new Map<string, CompiledPolicy>();
+  private readonly online = new Set<string>();
+  private readonly observed = new Map<string, string>();
+  private readonly listeners: ((e: StateEvent) => void)[] = [];
+  private readonly apiKeySeen = new Map<string, number>();
+  private pool = new AddressPool([]);
+  private lastExpirySweep = 0;
+  readonly now: () => number;
+
+  private constructor(
+    private readonly db: Kysely<Database>,
+    readonly options: StateOptions,
+  ) {
+    this.now = options.now ?? Date.now;
+  }
+
+  static async load(db: Kysely<Database>, options: StateOptions): Promise<State> {
+    const s = new State(db, options);
+    s.lastExpirySweep = s.now();
+    for (const p of await db.selectFrom('projects').selectAll().execute()) {
+      s.projects.set(p.name, { name: p.name, createdAt: Number(p.created_at) });
+      s.byProject.set(p.name, new Set());
+    }
+    const rows = await db.selectFrom('nodes').selectAll().execute();
+    for (const r of rows) s.indexNode(nodeFromRow(r));
+    s.pool = new AddressPool(rows.map((r) => Number(r.ip_index)));
+    for (const p of await db.selectFrom('policies').selectAll().execute()) {
+      s.policies.set(p.project, { source: p.source, parsed: parsePolicy(p.source), updatedAt: Number(p.updated_at) });
+    }
+    for (const v of await db.selectFrom('desired_versions').selectAll().execute()) {
+      s.versionMap(v.project).set(v.tag, { project: v.project, tag: v.tag, version: v.version, updatedAt: Number(v.updated_at) });
+    }
+    return s;
+  }
+
+  onEvent(listener: (e: StateEvent) => void): void {
+    this.listeners.push(listener);
+  }
+
+  private emit(e: StateEvent): void {
+    if (e.type !== 'node-patched' && e.type !== 'versions-changed') {
+      const project = e.type === 'policy-changed' ? e.project : e.node.project;
+      this.compiledCache.delete(project);
+    }
+    for (const l of this.listeners) l(e);
+  }
+
+  private async audit(tx: Transaction<Database>, actor: string, action: string, target: string, detail: object = {}) {
+    await tx
+      .insertInto('audit_log')
+      .values({ at: this.now(), actor, action, target, detail: JSON.stringify(detail) })
+      .execute();
+  }
+
+  // ---- projects
+
+  listProjects(): (ProjectRecord & { nodeCount: number })[] {
+    return [...this.projects.values()]
+      .map((p) => ({ ...p, nodeCount: this.byProject.get(p.name)?.size ?? 0 }))
+      .sort((a, b) => a.name.localeCompare(b.name));
+  }
+
+  requireProject(name: string): ProjectRecord {
+    const p = this.projects.get(name);
+    if (!p) throw notFound(`project "${name}" does not exist`);
+    return p;
+  }
+
+  async createProject(actor: string, name: string): Promise<ProjectRecord> {
+    if (!isDnsLabel(name)) throw invalid(`project name "${name}" must be a DNS label (a-z, 0-9, -; at most 63)`);
+    if (this.projects.has(name)) throw exists(`project "${name}" already exists`);
+    const p = { name, createdAt: this.now() };
+    await this.db.transaction().execute(async (tx) => {
+      await tx.insertInto('projects').values({ name, created_at: p.createdAt }).execute();
+      await this.audit(tx, actor, 'project.create', name);
+    });
+    this.projects.set(name, p);
+    this.byProject.set(name, new Set());
+    return p;
+  }
+
+  async deleteProject(actor: string, name: string, force: boolean): Promise<void> {
+    this.requireProject(name);
+    const members = this.projectNodes(name);
+    if (members.length > 0 && !force) {
+      throw precondition(`project "${name}" still has ${members.length} node(s); delete them first or use --force`);
+    }
+    await this.db.transaction().execute(async (tx) => {
+      await tx.deleteFrom('nodes').where('project', '=', name).execute();
+      await tx.deleteFrom('projects').where('name', '=', name).execute();
+      await this.audit(tx, actor, 'project.delete', name, { nodes: members.length });
+    });
+    for (const n of members) this.unindexNode(n);
+    this.projects.delete(name);
+    this.byProject.delete(name);
+    this.policies.delete(name);
+    this.versions.delete(name);
+    for (const n of members) this.emit({ type: 'node-removed', node: n });
+  }
+
+  // ---- auth keys
+
+  async createAuthKey(
+    actor: string,
+    opts: { project: string; reusable: boolean; ephemeral: boolean; expiresInMs: number; tags: string[]; reason: string },
+  ): Promise<{ record: AuthKeyRecord; key: string }> {
+    this.requireProject(opts.project);
+    for (const t of opts.tags) if (!isTag(t)) throw invalid(`"${t}" is not a tag (tag:NAME, NAME a DNS label)`);
+    if (opts.expiresInMs <= 0 || opts.expiresInMs > 3650 * DAY) throw invalid('expiration must be between 1s and 3650d');
+    const issued = issueSecret('auth');
+    const now = this.now();
+    const record: AuthKeyRecord = {
+      id: issued.id,
+      project: opts.project,
+      reusable: opts.reusable,
+      ephemeral: opts.ephemeral,
+      tags: [...new Set(opts.tags)].sort(),
+      reason: opts.reason,
+      createdAt: now,
+      expiresAt: now + opts.expiresInMs,
+      usedCount: 0,
+      revokedAt: null,
+    };
+    await this.db.transaction().execute(async (tx) => {
+      await tx
+        .insertInto('auth_keys')
+        .values({
+          id: record.id,
+          project: record.project,
+          secret_hash: issued.hash,
+          reusable: record.reusable ? 1 : 0,
+          ephemeral: record.ephemeral ? 1 : 0,
+          tags: JSON.stringify(record.tags),
+          reason: record.reason,
+          created_at: record.createdAt,
+          expires_at: record.expiresAt,
+          used_count: 0,
+          revoked_at: null,
+        })
+        .execute();
+      await this.audit(tx, actor, 'authkey.create', record.id, {
+        project: record.project,
+        reusable: record.reusable,
+        ephemeral: record.ephemeral,
+        tags: record.tags,
+        reason: record.reason,
+      });
+    });
+    return { record, key: issued.key };
+  }
+
+  async listAuthKeys(project: string): Promise<AuthKeyRecord[]> {
+    this.requireProject(project);
+    const rows = await this.db.selectFrom('auth_keys').selectAll().where('project', '=', project).orderBy('created_at').execute();
+    return rows.map(authKeyFromRow);
+  }
+
+  async expireAuthKey(actor: string, id: string): Promise<AuthKeyRecord> {
+    const now = this.now();
+    const row = await this.db.transaction().execute(async (tx) => {
+      const r = await tx.selectFrom('auth_keys').selectAll().where('id', '=', id).executeTakeFirst();
+      if (!r) throw notFound(`auth key ${id} does not exist`);
+      if (r.revoked_at === null) {
+        await tx.updateTable('auth_keys').set({ revoked_at: now }).where('id', '=', id).execute();
+        r.revoked_at = now;
+      }
+      await this.audit(tx, actor, 'authkey.expire', id, { project: r.project });
+      return r;
+    });
+    return authKeyFromRow(row);
+  }
+
+  // ---- API keys
+
+  async createApiKey(actor: string, expiresInMs: number, description: string): Promise<{ record: ApiKeyRecord; key: string }> {
+    if (expiresInMs <= 0 || expiresInMs > 3650 * DAY) throw invalid('expiration must be between 1s and 3650d');
+    const issued = issueSecret('api');
+    const now = this.now();
+    const record: ApiKeyRecord = { id: issued.id, description, createdAt: now, expiresAt: now + expiresInMs, lastSeen: null, revokedAt: null };
+    await this.db.transaction().execute(async (tx) => {
+      await tx
+        .insertInto('api_keys')
+        .values({ id: record.id, secret_hash: issued.hash, description, created_at: now, expires_at: record.expiresAt, last_seen: null, revoked_at: null })
+        .execute();
+      await this.audit(tx, actor, 'apikey.create', record.id, { description, expiresAt: record.expiresAt });
+    });
+    return { record, key: issued.key };
+  }
+
+  async listApiKeys(): Promise<ApiKeyRecord[]> {
+    const rows = await this.db.selectFrom('api_keys').selectAll().orderBy('created_at').execute();
+    return rows.map((r) => ({
+      id: r.id,
+      description: r.description,
+      createdAt: Number(r.created_at),
+      expiresAt: Number(r.expires_at),
+      lastSeen: r.last_seen === null ? null : Number(r.last_seen),
+      revokedAt: r.revoked_at === null ? null : Number(r.revoked_at),
+    }));
+  }
+
+  async expireApiKey(actor: string, id: string): Promise<ApiKeyRecord> {
+    const now = this.now();
+    await this.db.transaction().execute(async (tx) => {
+      const r = await tx.updateTable('api_keys').set({ revoked_at: now }).where('id', '=', id).where('revoked_at', 'is', null).executeTakeFirst();
+      if (r.numUpdatedRows === 0n) {
+        const found = await tx.selectFrom('api_keys').select('id').where('id', '=', id).executeTakeFirst();
+        if (!found) throw notFound(`API key ${id} does not exist`);
+      }
+      await this.audit(tx, actor, 'apikey.expire', id);
+    });
+    return this.requireApiKey(id);
+  }
+
+  async rotateApiKey(actor: string, id: string, expiresInMs: number | null): Promise<{ record: ApiKeyRecord; key: string }> {
+    const old = await this.requireApiKey(id);
+    const lifetime = expiresInMs ?? old.expiresAt - old.createdAt;
+    const created = await this.createApiKey(actor, lifetime, old.description);
+    await this.expireApiKey(actor, id);
+    return created;
+  }
+
+  private async requireApiKey(id: string): Promise<ApiKeyRecord> {
+    const found = (await this.listApiKeys()).find((k) => k.id === id);
+    if (!found) throw notFound(`API key ${id} does not exist`);
+    return found;
+  }
+
+  /** Returns the key id; throws unauthenticated without saying which check failed beyond what helps the owner. */
+  async authenticateApiKey(text: string): Promise<string> {
+    const parsed = parseSecret('api', text);
+    if (!parsed) throw unauthenticated('malformed API key (expected mgkey-api-…)');
+    const row = await this.db.selectFrom('api_keys').selectAll().where('id', '=', parsed.id).executeTakeFirst();
+    if (!row || !secretMatches(parsed.secret, row.secret_hash)) throw unauthenticated('unknown API key');
+    const now = this.now();
+    if (row.revoked_at !== null) throw unauthenticated(`API key ${row.id} was expired`);
+    if (Number(row.expires_at) <= now) throw unauthenticated(`API key ${row.id} expired; create a new one with "meshgate apikeys create"`);
+    if (now - (this.apiKeySeen.get(row.id) ?? 0) > API_KEY_SEEN_WRITE_MS) {
+      this.apiKeySeen.set(row.id, now);
+      await this.db.updateTable('api_keys').set({ last_seen: now }).where('id', '=', row.id).execute();
+    }
+    return row.id;
+  }
+
+  // ---- nodes: queries
+
+  getNode(id: string): NodeRecord | undefined {
+    return this.nodes.get(id);
+  }
+
+  nodeByMachineKey(machineKey: string): NodeRecord | undefined {
+    const id = this.byMachineKey.get(machineKey);
+    return id === undefined ? undefined : this.nodes.get(id);
+  }
+
+  projectNodes(project: string): NodeRecord[] {
+    const ids = this.byProject.get(project);
+    return ids ? [...ids].map((id) => this.nodes.get(id)!) : [];
+  }
+
+  listNodes(project?: string): NodeRecord[] {
+    if (project) this.requireProject(project);
+    const list = project ? this.projectNodes(project) : [...this.nodes.values()];
+    return list.sort((a, b) => a.project.localeCompare(b.project) || a.name.localeCompare(b.name));
+  }
+
+  /** By id, unique id prefix, or name (project narrows names that repeat across projects). */
+  resolveNode(ref: string, project?: string): NodeRecord {
+    if (!ref) throw invalid('a node id or name is required');
+    const exact = this.nodes.get(ref);
+    if (exact && (!project || exact.project === project)) return exact;
+    const pool = project ? this.projectNodes(project) : [...this.nodes.values()];
+    const byName = pool.filter((n) => n.name === ref);
+    if (byName.length === 1) return byName[0]!;
+    if (byName.length > 1) throw invalid(`node name "${ref}" exists in several projects; add --project`);
+    const byPrefix = pool.filter((n) => n.id.startsWith(ref));
+    if (byPrefix.length === 1) return byPrefix[0]!;
+    if (byPrefix.length > 1) throw invalid(`"${ref}" matches ${byPrefix.length} node ids; give more characters`);
+    throw notFound(`no node "${ref}"${project ? ` in project "${project}"` : ''}`);
+  }
+
+  isOnline(id: string): boolean {
+    return this.online.has(id);
+  }
+
+  onlineCount(): number {
+    return this.online.size;
+  }
+
+  isExpired(n: NodeRecord, now = this.now()): boolean {
+    return n.expiresAt !== null && n.expiresAt <= now;
+  }
+
+  /** Nodes that take part in the mesh: expired nodes are cut off until re-authorized. */
+  activeProjectNodes(project: string): NodeRecord[] {
+    const now = this.now();
+    return this.projectNodes(project).filter((n) => !this.isExpired(n, now));
+  }
+
+  compiled(project: string): CompiledPolicy {
+    let c = this.compiledCache.get(project);
+    if (!c) {
+      const nodes: PolicyNode[] = this.activeProjectNodes(project).map(policyNode);
+      c = compilePolicy(this.policies.get(project)?.parsed ?? null, nodes);
+      this.compiledCache.set(project, c);
+    }
+    return c;
+  }
+
+  // ---- nodes: registration and agent-driven changes
+
+  async register(input: RegisterInput): Promise<{ node: NodeRecord; existing: boolean }> {
+    const known = this.nodeByMachineKey(input.machineKey);
+    if (known && !this.isExpired(known)) {
+      const node = await this.refreshKnownNode(known, input);
+      return { node, existing: true };
+    }
+    const key = await this.checkAuthKey(input.authKey, known);
+    const tags = this.tagsFor(key, input.requestedTags);
+    if (known) {
+      // An expired node re-authorized with a fresh key keeps its identity and addresses.
+      const node: NodeRecord = { ...known, expiresAt: null, tags, nodeKey: input.nodeKey };
+      await this.db.transaction().execute(async (tx) => {
+        await this.spendAuthKey(tx, key);
+        await tx.updateTable('nodes').set({ expires_at: null, tags: JSON.stringify(tags), node_key: input.nodeKey }).where('id', '=', known.id).execute();
+      });
+      this.replaceNode(node);
+      this.emit({ type: 'node-added', node });
+      return { node, existing: true };
+    }
+    const index = this.pool.reserve();
+    const now = this.now();
+    const node: NodeRecord = {
+      id: randomBytes(8).toString('hex'),
+      project: key.project,
+      name: this.uniqueName(key.project, toDnsLabel(input.hostname) || 'node'),
+      machineKey: input.machineKey,
+      nodeKey: input.nodeKey,
+      ipv4: ipv4ForIndex(index),
+      ipv6: ipv6ForIndex(index),
+      ipIndex: index,
+      tags,
+      ephemeral: key.ephemeral,
+      authKeyId: key.id,
+      hostname: input.hostname,
+      os: input.os,
+      version: input.version,
+      endpoints: input.endpoints,
+      advertisedRoutes: input.advertisedRoutes,
+      approvedRoutes: [],
+      createdAt: now,
+      lastSeen: now,
+      expiresAt: null,
+    };
+    // Claim the name before awaiting so a concurrent registration picks another.
+    this.indexNode(node);
+    try {
+      await this.db.transaction().execute(async (tx) => {
+        await this.spendAuthKey(tx, key);
+        await tx.insertInto('nodes').values(nodeToRow(node)).execute();
+      });
+    } catch (err) {
+      this.unindexNode(node);
+      this.pool.release(index);
+      throw err;
+    }
+    this.emit({ type: 'node-added', node });
+    return { node, existing: false };
+  }
+
+  private async refreshKnownNode(known: NodeRecord, input: RegisterInput): Promise<NodeRecord> {
+    const node: NodeRecord = {
+      ...known,
+      nodeKey: input.nodeKey,
+      hostname: input.hostname,
+      os: input.os,
+      version: input.version,
+      advertisedRoutes: input.advertisedRoutes,
+      endpoints: input.endpoints.length ? input.endpoints : known.endpoints,
+    };
+    await this.db
+      .updateTable('nodes')
+      .set({
+        node_key: node.nodeKey,
+        hostname: node.hostname,
+        os: node.os,
+        version: node.version,
+        advertised_routes: JSON.stringify(node.advertisedRoutes),
+        endpoints: JSON.stringify(node.endpoints),
+      })
+      .where('id', '=', node.id)
+      .execute();
+    this.replaceNode(node);
+    if (node.nodeKey !== known.nodeKey || !sameList(node.advertisedRoutes, known.advertisedRoutes)) {
+      this.emit({ type: 'node-changed', node });
+    }
+    return node;
+  }
+
+  private async checkAuthKey(text: string, known: NodeRecord | undefined): Promise<AuthKeyRecord> {
+    if (!text) {
+      throw unauthenticated(known ? `node ${known.name} has expired; register again with a new auth key` : 'an auth key is required to register a new machine');
+    }
+    const parsed = parseSecret('auth', text);
+    if (!parsed) throw unauthenticated('malformed auth key (expected mgkey-auth-…)');
+    const row = await this.db.selectFrom('auth_keys').selectAll().where('id', '=', parsed.id).executeTakeFirst();
+    if (!row || !secretMatches(parsed.secret, row.secret_hash)) throw unauthenticated('unknown auth key');
+    const key = authKeyFromRow(row);
+    if (key.revokedAt !== null) throw unauthenticated(`auth key ${key.id} was expired by an admin`);
+    if (key.expiresAt <= this.now()) throw unauthenticated(`auth key ${key.id} expired; ask for a new one`);
+    if (!key.reusable && key.usedCount > 0) throw unauthenticated(`auth key ${key.id} is single-use and was already used by another machine`);
+    if (known && known.project !== key.project) throw denied(`auth key ${key.id} belongs to another project than node ${known.name}`);
+    if (!this.projects.has(key.project)) throw unauthenticated(`auth key ${key.id} belongs to a deleted project`);
+    return key;
+  }
+
+  private async spendAuthKey(tx: Transaction<Database>, key: AuthKeyRecord): Promise<void> {
+    let q = tx.updateTable('auth_keys').set((eb) => ({ used_count: eb('used_count', '+', 1) })).where('id', '=', key.id);
+    if (!key.reusable) q = q.where('used_count', '=', 0);
+    const r = await q.executeTakeFirst();
+    if (r.numUpdatedRows === 0n) throw unauthenticated(`auth key ${key.id} is single-use and was already used by another machine`);
+  }
+
+  private tagsFor(key: AuthKeyRecord, requested: string[]): string[] {
+    for (const t of requested) {
+      if (!isTag(t)) throw invalid(`"${t}" is not a tag (tag:NAME)`);
+      if (!key.tags.includes(t)) throw denied(`auth key ${key.id} does not allow ${t} (it allows: ${key.tags.join(', ') || 'no tags'})`);
+    }
+    return requested.length ? [...new Set(requested)].sort() : key.tags;
+  }
+
+  private uniqueName(project: string, base: string): string {
+    const taken = new Set(this.projectNodes(project).map((n) => n.name));
+    if (!taken.has(base)) return base;
+    for (let i = 2; ; i++) {
+      const suffix = `-${i}`;
+      const candidate = base.slice(0, 63 - suffix.length) + suffix;
+      if (!taken.has(candidate)) return candidate;
+    }
+  }
+
+  setOnline(id: string, online: boolean): void {
+    const n = this.nodes.get(id);
+    if (!n || this.online.has(id) === online) return;
+    if (online) this.online.add(id);
+    else this.online.delete(id);
+    n.lastSeen = this.now();
+    void this.persistSeen(n);
+    this.emit({ type: 'node-patched', node: n, endpointsChanged: false });
+  }
+
+  /** Endpoints peers should try: what the agent reported, then where the coordinator saw it come from. */
+  endpointsOf(n: NodeRecord): string[] {
+    const seen = this.observed.get(n.id);
+    return seen && !n.endpoints.includes(seen) ? [...n.endpoints, seen] : n.endpoints;
+  }
+
+  setObservedEndpoint(id: string, endpoint: string | undefined): void {
+    const n = this.nodes.get(id);
+    if (!n || this.observed.get(id) === endpoint) return;
+    if (endpoint) this.observed.set(id, endpoint);
+    else this.observed.delete(id);
+    this.emit({ type: 'node-patched', node: n, endpointsChanged: true });
+  }
+
+  touch(id: string): void {
+    const n = this.nodes.get(id);
+    if (n) n.lastSeen = this.now();
+  }
+
+  async updateEndpoints(id: string, endpoints: string[]): Promise<void> {
+    const n = this.nodes.get(id);
+    if (!n || sameList(endpoints, n.endpoints)) return;
+    n.endpoints = endpoints;
+    await this.db.updateTable('nodes').set({ endpoints: JSON.stringify(endpoints) }).where('id', '=', id).execute();
+    this.emit({ type: 'node-patched', node: n, endpointsChanged: true });
+  }
+
+  async updateVersion(id: string, version: string): Promise<void> {
+    const n = this.nodes.get(id);
+    if (!n || n.version === version) return;
+    n.version = version;
+    await this.db.updateTable('nodes').set({ version }).where('id', '=', id).execute();
+  }
+
+  async rotateNodeKey(id: string, nodeKey: string): Promise<NodeRecord> {
+    const n = this.nodes.get(id);
+    if (!n) throw notFound('node does not exist');
+    await this.db.updateTable('nodes').set({ node_key: nodeKey }).where('id', '=', id).execute();
+    const node = { ...n, nodeKey };
+    this.replaceNode(node);
+    this.emit({ type: 'node-changed', node });
+    return node;
+  }
+
+  /** A clean logout: ephemeral nodes go at once, others just go offline. */
+  async logout(id: string): Promise<void> {
+    const n = this.nodes.get(id);
+    if (!n) return;
+    if (n.ephemeral) await this.removeNode('node', n, 'node.logout');
+    else this.setOnline(id, false);
+  }
+
+  private async persistSeen(n: NodeRecord): Promise<void> {
+    try {
+      await this.db.updateTable('nodes').set({ last_seen: n.lastSeen }).where('id', '=', n.id).execute();
+    } catch {
+      // The node may have been deleted meanwhile; last_seen is advisory.
+    }
+  }
+
+  // ---- nodes: admin changes
+
+  async deleteNode(actor: string, ref: string, project?: string): Promise<NodeRecord> {
+    const n = this.resolveNode(ref, project);
+    await this.removeNode(actor, n, 'node.delete');
+    return n;
+  }
+
+  private async removeNode(actor: string, n: NodeRecord, action: string): Promise<void> {
+    await this.db.transaction().execute(async (tx) => {
+      await tx.deleteFrom('nodes').where('id', '=', n.id).execute();
+      await this.audit(tx, actor, action, n.id, { project: n.project, name: n.name });
+    });
+    this.unindexNode(n);
+    this.pool.release(n.ipIndex);
+    this.online.delete(n.id);
+    this.observed.delete(n.id);
+    this.emit({ type: 'node-removed', node: n });
+  }
+
+  async expireNode(actor: string, ref: string, project: string | undefined, at: number | null): Promise<NodeRecord> {
+    const n = this.resolveNode(ref, project);
+    return this.changeNode(actor, n, 'node.expire', { expiresAt: at }, { expires_at: at });
+  }
+
+  async renameNode(actor: string, ref: string, project: string | undefined, name: string): Promise<NodeRecord> {
+    const n = this.resolveNode(ref, project);
+    if (!isDnsLabel(name)) throw invalid(`node name "${name}" must be a DNS label (a-z, 0-9, -; at most 63)`);
+    if (this.projectNodes(n.project).some((o) => o.name === name && o.id !== n.id)) {
+      throw exists(`project "${n.project}" already has a node named "${name}"`);
+    }
+    return this.changeNode(actor, n, 'node.rename', { name }, { name });
+  }
+
+  async setNodeTags(actor: string, ref: string, project: string | undefined, tags: string[]): Promise<NodeRecord> {
+    const n = this.resolveNode(ref, project);
+    for (const t of tags) if (!isTag(t)) throw invalid(`"${t}" is not a tag (tag:NAME)`);
+    const sorted = [...new Set(tags)].sort();
+    return this.changeNode(actor, n, 'node.tag', { tags: sorted }, { tags: JSON.stringify(sorted) });
+  }
+
+  async setNodeRoutes(actor: string, ref: string, project: string | undefined, routes: string[]): Promise<NodeRecord> {
+    const n = this.resolveNode(ref, project);
+    const notAdvertised = routes.filter((r) => !n.advertisedRoutes.includes(r));
+    if (notAdvertised.length) throw precondition(`node ${n.name} does not advertise ${notAdvertised.join(', ')}`);
+    return this.changeNode(actor, n, 'node.routes', { approvedRoutes: routes }, { approved_routes: JSON.stringify(routes) });
+  }
+
+  private async changeNode(
+    actor: string,
+    n: NodeRecord,
+    action: string,
+    change: Partial<NodeRecord>,
+    row: Partial<Database['nodes']>,
+  ): Promise<NodeRecord> {
+    await this.db.transaction().execute(async (tx) => {
+      await tx.updateTable('nodes').set(row).where('id', '=', n.id).execute();
+      await this.audit(tx, actor, action, n.id, { project: n.project, ...change });
+    });
+    const node = { ...n, ...change };
+    this.replaceNode(node);
+    this.emit({ type: 'node-changed', node });
+    return node;
+  }
+
+  // ---- policy
+
+  getPolicy(project: string): PolicyRecord | undefined {
+    this.requireProject(project);
+    return this.policies.get(project);
+  }
+
+  async setPolicy(actor: string, project: string, source: string): Promise<number> {
+    this.requireProject(project);
+    const now = this.now();
+    const parsed = source.trim() ? parseOrInvalid(source) : null;
+    await this.db.transaction().execute(async (tx) => {
+      await tx.deleteFrom('policies').where('project', '=', project).execute();
+      if (parsed) await tx.insertInto('policies').values({ project, source, updated_at: now }).execute();
+      await this.audit(tx, actor, parsed ? 'policy.set' : 'policy.remove', project);
+    });
+    if (parsed) this.policies.set(project, { source, parsed, updatedAt: now });
+    else this.policies.delete(project);
+    this.emit({ type: 'policy-changed', project });
+    return now;
+  }
+
+  checkPolicy(project: string, source: string | undefined): PolicyTestOutcome[] {
+    this.requireProject(project);
+    const policy = source?.trim() ? parseOrInvalid(source) : this.policies.get(project)?.parsed;
+    if (!policy) throw precondition(`project "${project}" has no policy to check`);
+    return runPolicyTests(policy, this.activeProjectNodes(project).map(policyNode));
+  }
+
+  // ---- desired versions
+
+  private versionMap(project: string): Map<string, DesiredVersionRecord> {
+    let m = this.versions.get(project);
+    if (!m) {
+      m = new Map();
+      this.versions.set(project, m);
+    }
+    return m;
+  }
+
+  async setDesiredVersion(actor: string, project: string, tag: string, version: string): Promise<DesiredVersionRecord> {
+    this.requireProject(project);
+    if (tag && !isTag(tag)) throw invalid(`"${tag}" is not a tag (tag:NAME)`);
+    if (version.length > 64 || /\s/.test(version)) throw invalid('version must be at most 64 characters without spaces');
+    const rec = { project, tag, version, updatedAt: this.now() };
+    await this.db.transaction().execute(async (tx) => {
+      await tx.deleteFrom('desired_versions').where('project', '=', project).where('tag', '=', tag).execute();
+      if (version) await tx.insertInto('desired_versions').values({ project, tag, version, updated_at: rec.updatedAt }).execute();
+      await this.audit(tx, actor, version ? 'version.set' : 'version.remove', project, { tag, version });
+    });
+    if (version) this.versionMap(project).set(tag, rec);
+    else this.versionMap(project).delete(tag);
+    this.emit({ type: 'versions-changed', project });
+    return rec;
+  }
+
+  listDesiredVersions(project?: string): DesiredVersionRecord[] {
+    if (project) this.requireProject(project);
+    const all = project ? [...(this.versions.get(project)?.values() ?? [])] : [...this.versions.values()].flatMap((m) => [...m.values()]);
+    return all.sort((a, b) => a.project.localeCompare(b.project) || a.tag.localeCompare(b.tag));
+  }
+
+  /** The most specific entry wins: a tag of the node (first in name order), then the project's. */
+  desiredVersionFor(n: NodeRecord): string {
+    const m = this.versions.get(n.project);
+    if (!m) return '';
+    for (const t of n.tags) {
+      const v = m.get(t);
+      if (v) return v.version;
+    }
+    return m.get('')?.version ?? '';
+  }
+
+  // ---- lifecycle
+
+  /** Deletes ephemeral nodes offline for longer than the timeout; returns them. */
+  async reapEphemeral(): Promise<NodeRecord[]> {
+    const cutoff = this.now() - this.options.ephemeralTimeoutMs;
+    const stale = [...this.nodes.values()].filter(
+      (n) => n.ephemeral && !this.online.has(n.id) && (n.lastSeen ?? n.createdAt) < cutoff,
+    );
+    for (const n of stale) await this.removeNode('reaper', n, 'node.reap');
+    return stale;
+  }
+
+  /** Announces nodes whose expiry time passed since the last sweep, so peers drop them. */
+  sweepExpiry(): void {
+    const now = this.now();
+    for (const n of this.nodes.values()) {
+      if (n.expiresAt !== null && n.expiresAt > this.lastExpirySweep && n.expiresAt <= now) {
+        this.emit({ type: 'node-changed', node: n });
+      }
+    }
+    this.lastExpirySweep = now;
+  }
+
+  // ---- indexes
+
+  private indexNode(n: NodeRecord): void {
+    this.nodes.set(n.id, n);
+    this.byMachineKey.set(n.machineKey, n.id);
+    let set = this.byProject.get(n.project);
+    if (!set) {
+      set = new Set();
+      this.byProject.set(n.project, set);
+    }
+    set.add(n.id);
+  }
+
+  private unindexNode(n: NodeRecord): void {
+    this.nodes.delete(n.id);
+    this.byMachineKey.delete(n.machineKey);
+    this.byProject.get(n.project)?.delete(n.id);
+  }
+
+  private replaceNode(n: NodeRecord): void {
+    this.nodes.set(n.id, n);
+  }
+}
+
+export function policyNode(n: NodeRecord): PolicyNode {
+  return { id: n.id, name: n.name, ips: [n.ipv4, n.ipv6], tags: n.tags, owner: n.authKeyId, routes: n.approvedRoutes };
+}
+
+function parseOrInvalid(source: string): Policy {
+  try {
+    return parsePolicy(source);
+  } catch (err) {
+    if (err instanceof PolicyError) throw invalid(err.message);
+    throw err;
+  }
+}
+
+function sameList(a: string[], b: string[]): boolean {
+  return a.length === b.length && a.every((x, i) => x === b[i]);
+}
+
+export { CoordinatorError };

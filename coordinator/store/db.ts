@@ -1,0 +1,61 @@
+// Opens the database behind the coordinator: SQLite (embedded default) or
+// PostgreSQL. Everything above this file speaks Kysely only.
+import { chmodSync, closeSync, existsSync, openSync } from 'node:fs';
+import SQLite from 'better-sqlite3';
+import { Kysely, PostgresDialect, SqliteDialect, sql } from 'kysely';
+import pg from 'pg';
+import { type Dialect, migrate } from './migrations.js';
+import type { Database } from './schema.js';
+
+export interface StoreOptions {
+  /** "sqlite:///path/to/file.db" (or a bare path) or "postgres://…". */
+  url: string;
+}
+
+export interface Store {
+  db: Kysely<Database>;
+  dialect: Dialect;
+  ping(): Promise<boolean>;
+  close(): Promise<void>;
+}
+
+export async function openStore(opts: StoreOptions): Promise<Store> {
+  const dialect: Dialect = /^postgres(ql)?:\/\//.test(opts.url) ? 'postgres' : 'sqlite';
+  const db = dialect === 'postgres' ? openPostgres(opts.url) : openSqlite(opts.url);
+  await migrate(db as Kysely<unknown>, dialect);
+  return {
+    db,
+    dialect,
+    async ping() {
+      try {
+        await sql`select 1`.execute(db);
+        return true;
+      } catch {
+        return false;
+      }
+    },
+    close: () => db.destroy(),
+  };
+}
+
+function openSqlite(url: string): Kysely<Database> {
+  const path = url.replace(/^sqlite:\/\//, '');
+  if (path !== ':memory:' && !existsSync(path)) {
+    closeSync(openSync(path, 'a', 0o600));
+  }
+  if (path !== ':memory:') chmodSync(path, 0o600);
+  const conn = new SQLite(path);
+  // WAL lets readers run beside the writer; synchronous=FULL makes every
+  // acknowledged commit survive a power loss, not just a process crash.
+  conn.pragma('journal_mode = WAL');
+  conn.pragma('synchronous = FULL');
+  conn.pragma('foreign_keys = ON');
+  conn.pragma('busy_timeout = 5000');
+  return new Kysely<Database>({ dialect: new SqliteDialect({ database: conn }) });
+}
+
+function openPostgres(url: string): Kysely<Database> {
+  // Times are stored as bigint milliseconds; they fit a JS number exactly.
+  pg.types.setTypeParser(pg.types.builtins.INT8, (v) => Number(v));
+  return new Kysely<Database>({ dialect: new PostgresDialect({ pool: new pg.Pool({ connectionString: url, max: 10 }) }) });
+}

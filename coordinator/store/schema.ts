@@ -1,0 +1,88 @@
+// Table shapes as Kysely sees them. Times are milliseconds since the epoch,
+// booleans 0/1 and lists JSON text, so the same queries run on SQLite and
+// PostgreSQL.
+import type { Generated } from 'kysely';
+
+export interface ProjectTable {
+  name: string;
+  created_at: number;
+}
+
+export interface AuthKeyTable {
+  id: string;
+  project: string;
+  secret_hash: string;
+  reusable: number;
+  ephemeral: number;
+  tags: string;
+  reason: string;
+  created_at: number;
+  expires_at: number;
+  used_count: number;
+  revoked_at: number | null;
+}
+
+export interface ApiKeyTable {
+  id: string;
+  secret_hash: string;
+  description: string;
+  created_at: number;
+  expires_at: number;
+  last_seen: number | null;
+  revoked_at: number | null;
+}
+
+export interface NodeTable {
+  id: string;
+  project: string;
+  name: string;
+  machine_key: string;
+  node_key: string;
+  ipv4: string;
+  ipv6: string;
+  ip_index: number;
+  tags: string;
+  ephemeral: number;
+  auth_key_id: string;
+  hostname: string;
+  os: string;
+  version: string;
+  endpoints: string;
+  advertised_routes: string;
+  approved_routes: string;
+  created_at: number;
+  last_seen: number | null;
+  expires_at: number | null;
+}
+
+export interface PolicyTable {
+  project: string;
+  source: string;
+  updated_at: number;
+}
+
+export interface DesiredVersionTable {
+  project: string;
+  tag: string;
+  version: string;
+  updated_at: number;
+}
+
+export interface AuditTable {
+  id: Generated<number>;
+  at: number;
+  actor: string;
+  action: string;
+  target: string;
+  detail: string;
+}
+
+export interface Database {
+  projects: ProjectTable;
+  auth_keys: AuthKeyTable;
+  api_keys: ApiKeyTable;
+  nodes: NodeTable;
+  policies: PolicyTable;
+  desired_versions: DesiredVersionTable;
+  audit_log: AuditTable;
+}

@@ -1,0 +1,83 @@
+// How agents and the CLI reach the coordinator: grpcs://HOST:PORT (TLS,
+// pinned by SPKI fingerprint or verified against the system CAs),
+// grpc://HOST:PORT (plaintext, only when asked for) or unix:///PATH (the
+// coordinator's local admin socket).
+import { X509Certificate } from 'node:crypto';
+import { connect } from 'node:tls';
+import * as grpc from '@grpc/grpc-js';
+import { spkiOf } from './fingerprint.js';
+
+export class DialError extends Error {
+  override name = 'DialError';
+}
+
+export interface Endpoint {
+  target: string;
+  credentials: grpc.ChannelCredentials;
+  /** What to name in messages. */
+  display: string;
+}
+
+export interface DialOptions {
+  /** "sha256:HEX" of the coordinator's public key; empty to trust the system CAs. */
+  fingerprint?: string;
+  timeoutMs?: number;
+}
+
+export function parseCoordinatorUrl(url: string): { scheme: 'grpcs' | 'grpc' | 'unix'; host: string; port: number; path: string } {
+  const unix = /^unix:\/\/(\/.+)$/.exec(url);
+  if (unix) return { scheme: 'unix', host: '', port: 0, path: unix[1]! };
+  const m = /^(grpcs?|https):\/\/(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+)(?::(\d{1,5}))?\/?$/.exec(url);
+  if (!m) throw new DialError(`invalid coordinator address "${url}": use grpcs://HOST:PORT, grpc://HOST:PORT or unix:///PATH`);
+  const scheme = m[1] === 'grpc' ? 'grpc' : 'grpcs';
+  return { scheme, host: m[2]!, port: Number(m[3] ?? 7443), path: '' };
+}
+
+function normalizeFingerprint(fp: string): string {
+  const hex = fp.toLowerCase().replace(/^sha256:/, '').replace(/:/g, '');
+  if (!/^[0-9a-f]{64}$/.test(hex)) throw new DialError('invalid fingerprint: expected sha256: followed by 64 hex digits');
+  return `sha256:${hex}`;
+}
+
+/** Fetches the server certificate once, to trust it as its own root when its key matches the pin. */
+function fetchPinnedCertificate(host: string, port: number, fingerprint: string, timeoutMs: number): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const socket = connect({ host: host.replace(/^\[|\]$/g, ''), port, rejectUnauthorized: false, ALPNProtocols: ['h2'], servername: /^[\d.:[\]]+$/.test(host) ? undefined : host });
+    const timer = setTimeout(() => {
+      socket.destroy();
+      reject(new DialError(`cannot reach coordinator at ${host}:${port}: timed out after ${timeoutMs / 1000}s`));
+    }, timeoutMs);
+    socket.once('secureConnect', () => {
+      clearTimeout(timer);
+      const raw = socket.getPeerCertificate(false)?.raw;
+      socket.end();
+      if (!raw) return reject(new DialError(`coordinator at ${host}:${port} sent no certificate`));
+      const pem = new X509Certificate(raw).toString();
+      const got = spkiOf(pem);
+      if (got !== fingerprint) {
+        return reject(new DialError(`fingerprint mismatch for ${host}:${port}: expected ${fingerprint}, server has ${got}`));
+      }
+      resolve(pem);
+    });
+    socket.once('error', (err: NodeJS.ErrnoException) => {
+      clearTimeout(timer);
+      reject(new DialError(`cannot reach coordinator at ${host}:${port}: ${err.code ?? err.message}`));
+    });
+  });
+}
+
+export async function dial(url: string, opts: DialOptions = {}): Promise<Endpoint> {
+  const u = parseCoordinatorUrl(url);
+  if (u.scheme === 'unix') return { target: `unix://${u.path}`, credentials: grpc.credentials.createInsecure(), display: u.path };
+  const target = `${u.host}:${u.port}`;
+  if (u.scheme === 'grpc') return { target, credentials: grpc.credentials.createInsecure(), display: target };
+  if (!opts.fingerprint) return { target, credentials: grpc.credentials.createSsl(), display: target };
+  const pin = normalizeFingerprint(opts.fingerprint);
+  const pem = await fetchPinnedCertificate(u.host, u.port, pin, opts.timeoutMs ?? 10_000);
+  const credentials = grpc.credentials.createSsl(Buffer.from(pem), null, null, {
+    // The pin replaces the host name check: the key is what identifies the coordinator.
+    checkServerIdentity: (_host, cert) =>
+      spkiOf(new X509Certificate(cert.raw).toString()) === pin ? undefined : new DialError('coordinator key changed during connect'),
+  });
+  return { target, credentials, display: target };
+}

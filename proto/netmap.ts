@@ -1,0 +1,49 @@
+// Applies the coordinator's sync messages to a netmap. The agent keeps its
+// view this way; so do the simulated agents of tests and benchmarks.
+import { clone, create } from '@bufbuild/protobuf';
+import type { SyncResponse } from './gen/meshgate/v1/control_pb.js';
+import { type NetMap, NetMapSchema, type Peer } from './gen/meshgate/v1/types_pb.js';
+
+export class SequenceError extends Error {
+  override name = 'SequenceError';
+}
+
+/**
+ * Returns the netmap after `msg`. Keepalives return `current` unchanged.
+ * A delta without a prior full netmap, or out of sequence, is an error:
+ * the caller must reconnect to get a fresh full map.
+ */
+export function applySync(current: NetMap | null, lastSeq: bigint, msg: SyncResponse): NetMap | null {
+  if (msg.seq !== lastSeq + 1n && !(msg.full && msg.seq === 1n)) {
+    throw new SequenceError(`sync message ${msg.seq} after ${lastSeq}`);
+  }
+  if (msg.full) return msg.full;
+  if (msg.keepalive) return current;
+  if (!current) throw new SequenceError('delta before the first full netmap');
+  const next = clone(NetMapSchema, current);
+  if (msg.peersRemoved.length || msg.peersChanged.length) {
+    const byId = new Map<string, Peer>(next.peers.map((p) => [p.id, p]));
+    for (const id of msg.peersRemoved) byId.delete(id);
+    for (const p of msg.peersChanged) byId.set(p.id, p);
+    next.peers = [...byId.values()];
+  }
+  if (msg.peerPatches.length) {
+    const byId = new Map<string, Peer>(next.peers.map((p) => [p.id, p]));
+    for (const patch of msg.peerPatches) {
+      const p = byId.get(patch.id);
+      if (!p) continue;
+      if (patch.online !== undefined) p.online = patch.online;
+      if (patch.lastSeen) p.lastSeen = patch.lastSeen;
+      if (patch.endpointsChanged) p.endpoints = patch.endpoints;
+    }
+  }
+  if (msg.packetFilter) next.packetFilter = msg.packetFilter;
+  if (msg.desiredVersion !== undefined) next.desiredVersion = msg.desiredVersion;
+  if (msg.self) next.self = msg.self;
+  if (msg.dnsChanged) next.dns = msg.dns;
+  return next;
+}
+
+export function emptyNetMap(): NetMap {
+  return create(NetMapSchema, {});
+}
