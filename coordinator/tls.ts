@@ -1,12 +1,13 @@
-// The coordinator's TLS identity: an ECDSA P-256 key and a self-signed
+// The coordinator's TLS identity: an RSA key and a self-signed
 // certificate made on first start in the data dir. Clients pin the SHA-256
 // of the certificate's public key (SPKI), which survives re-issuing the
 // certificate for the same key.
-import { webcrypto } from 'node:crypto';
+import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
-import * as x509 from '@peculiar/x509';
+import { isIP } from 'node:net';
+import forge from 'node-forge';
 import { spkiOf } from '../proto/fingerprint.js';
 
 export interface TlsIdentity {
@@ -31,32 +32,31 @@ export function loadTlsIdentity(dataDir: string): TlsIdentity {
 export async function ensureTlsIdentity(dataDir: string, names: string[] = []): Promise<TlsIdentity & { created: boolean }> {
   const p = tlsPaths(dataDir);
   if (existsSync(p.key) && existsSync(p.cert)) return { ...loadTlsIdentity(dataDir), created: false };
-  x509.cryptoProvider.set(webcrypto as unknown as Parameters<typeof x509.cryptoProvider.set>[0]);
-  const alg = { name: 'ECDSA', namedCurve: 'P-256', hash: 'SHA-256' };
-  const keys = await webcrypto.subtle.generateKey(alg, true, ['sign', 'verify']);
-  const dns = [...new Set(['localhost', hostname(), ...names.filter((n) => !/^[\d.:]+$/.test(n))])];
-  const ips = [...new Set(['127.0.0.1', '::1', ...names.filter((n) => /^[\d.:]+$/.test(n))])];
-  const now = Date.now();
-  const cert = await x509.X509CertificateGenerator.createSelfSigned({
-    serialNumber: Buffer.from(webcrypto.getRandomValues(new Uint8Array(16))).toString('hex').replace(/^[89a-f]/, '1'),
-    name: `CN=meshgate coordinator ${hostname()}`,
-    notBefore: new Date(now - 3_600_000),
-    notAfter: new Date(now + 20 * 365 * 86_400_000),
-    keys: keys as unknown as Parameters<typeof x509.X509CertificateGenerator.createSelfSigned>[0]['keys'],
-    signingAlgorithm: alg,
-    extensions: [
-      new x509.BasicConstraintsExtension(false, undefined, true),
-      new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true),
-      new x509.ExtendedKeyUsageExtension([x509.ExtendedKeyUsage.serverAuth]),
-      new x509.SubjectAlternativeNameExtension([
-        ...dns.map((value) => ({ type: 'dns' as const, value })),
-        ...ips.map((value) => ({ type: 'ip' as const, value })),
-      ]),
-    ],
+  const { privateKey, publicKey } = generateKeyPairSync('rsa', {
+    modulusLength: 3072,
+    privateKeyEncoding: { type: 'pkcs8', format: 'pem' },
+    publicKeyEncoding: { type: 'spki', format: 'pem' },
   });
-  const pkcs8 = await webcrypto.subtle.exportKey('pkcs8', keys.privateKey);
-  const keyPem = `-----BEGIN PRIVATE KEY-----\n${Buffer.from(pkcs8).toString('base64').replace(/(.{64})/g, '$1\n').trim()}\n-----END PRIVATE KEY-----\n`;
-  writeFileSync(p.key, keyPem, { mode: 0o600, flag: 'wx' });
-  writeFileSync(p.cert, cert.toString('pem'), { mode: 0o644, flag: 'wx' });
+  const isIp = (n: string) => isIP(n) !== 0;
+  const dns = [...new Set(['localhost', hostname(), ...names.filter((n) => !isIp(n))])];
+  const ips = [...new Set(['127.0.0.1', '::1', ...names.filter(isIp)])];
+  const cert = forge.pki.createCertificate();
+  cert.publicKey = forge.pki.publicKeyFromPem(publicKey);
+  cert.serialNumber = `01${randomBytes(15).toString('hex')}`;
+  const now = Date.now();
+  cert.validity.notBefore = new Date(now - 3_600_000);
+  cert.validity.notAfter = new Date(now + 20 * 365 * 86_400_000);
+  const subject = [{ name: 'commonName', value: `meshgate coordinator ${hostname()}` }];
+  cert.setSubject(subject);
+  cert.setIssuer(subject);
+  cert.setExtensions([
+    { name: 'basicConstraints', cA: false },
+    { name: 'keyUsage', digitalSignature: true, keyEncipherment: true },
+    { name: 'extKeyUsage', serverAuth: true },
+    { name: 'subjectAltName', altNames: [...dns.map((value) => ({ type: 2, value })), ...ips.map((ip) => ({ type: 7, ip }))] },
+  ]);
+  cert.sign(forge.pki.privateKeyFromPem(privateKey) as forge.pki.rsa.PrivateKey, forge.md.sha256.create());
+  writeFileSync(p.key, privateKey, { mode: 0o600, flag: 'wx' });
+  writeFileSync(p.cert, forge.pki.certificateToPem(cert), { mode: 0o644, flag: 'wx' });
   return { ...loadTlsIdentity(dataDir), created: true };
 }
