@@ -58,7 +58,7 @@ export async function connectAdmin(flags: AdminFlags, env = process.env): Promis
   const apiKey = flags.apiKeyFile ? readSecretFile(flags.apiKeyFile) : (flags.apiKey ?? env.MESHGATE_API_KEY ?? '');
   if (!local && !apiKey) throw new CliError('an API key is needed for a remote coordinator: set MESHGATE_API_KEY or pass --api-key-file');
   const endpoint = await dial(url, { fingerprint: flags.fingerprint ?? env.MESHGATE_FINGERPRINT });
-  const client = makeClient(AdminService, endpoint.target, endpoint.credentials);
+  const client = makeClient(AdminService, endpoint.target, endpoint.credentials, endpoint.options);
   return {
     format,
     display: endpoint.display,

@@ -6,7 +6,7 @@ export class CliError extends Error {
   override name = 'CliError';
 }
 
-const EXPECTED = new Set(['CliError', 'DialError', 'ConfigError', 'CommandError', 'MissingToolError', 'AgentError']);
+const EXPECTED = new Set(['CliError', 'DialError', 'ConfigError', 'CommandError', 'MissingToolError', 'AgentError', 'TlsError']);
 
 export function describeError(err: unknown, coordinator?: string): string {
   const e = err as Partial<grpc.ServiceError> & Error;

@@ -10,6 +10,7 @@ export function buildProgram(): Command {
     .description('WireGuard mesh that replaces open management ports in a data center')
     .version(VERSION)
     .showHelpAfterError('(run with --help for usage)')
+    .enablePositionalOptions()
     .exitOverride();
   registerCoordinatorCommands(program);
   registerAdminCommands(program);

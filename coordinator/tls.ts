@@ -10,6 +10,10 @@ import { isIP } from 'node:net';
 import forge from 'node-forge';
 import { spkiOf } from '../proto/fingerprint.js';
 
+export class TlsError extends Error {
+  override name = 'TlsError';
+}
+
 export interface TlsIdentity {
   key: Buffer;
   cert: Buffer;
@@ -23,7 +27,7 @@ export function tlsPaths(dataDir: string) {
 
 export function loadTlsIdentity(dataDir: string): TlsIdentity {
   const p = tlsPaths(dataDir);
-  if (!existsSync(p.cert)) throw new Error(`no TLS certificate in ${dataDir}; start the coordinator once to create it`);
+  if (!existsSync(p.cert)) throw new TlsError(`no TLS certificate in ${dataDir}; start the coordinator once to create it`);
   const cert = readFileSync(p.cert);
   return { key: readFileSync(p.key), cert, fingerprint: spkiOf(cert) };
 }

@@ -3,6 +3,7 @@
 // grpc://HOST:PORT (plaintext, only when asked for) or unix:///PATH (the
 // coordinator's local admin socket).
 import { X509Certificate } from 'node:crypto';
+import { isIP } from 'node:net';
 import { connect } from 'node:tls';
 import * as grpc from '@grpc/grpc-js';
 import { spkiOf } from './fingerprint.js';
@@ -16,6 +17,7 @@ export interface Endpoint {
   credentials: grpc.ChannelCredentials;
   /** What to name in messages. */
   display: string;
+  options: grpc.ChannelOptions;
 }
 
 export interface DialOptions {
@@ -68,10 +70,10 @@ function fetchPinnedCertificate(host: string, port: number, fingerprint: string,
 
 export async function dial(url: string, opts: DialOptions = {}): Promise<Endpoint> {
   const u = parseCoordinatorUrl(url);
-  if (u.scheme === 'unix') return { target: `unix://${u.path}`, credentials: grpc.credentials.createInsecure(), display: u.path };
+  if (u.scheme === 'unix') return { target: `unix://${u.path}`, credentials: grpc.credentials.createInsecure(), display: u.path, options: {} };
   const target = `${u.host}:${u.port}`;
-  if (u.scheme === 'grpc') return { target, credentials: grpc.credentials.createInsecure(), display: target };
-  if (!opts.fingerprint) return { target, credentials: grpc.credentials.createSsl(), display: target };
+  if (u.scheme === 'grpc') return { target, credentials: grpc.credentials.createInsecure(), display: target, options: {} };
+  if (!opts.fingerprint) return { target, credentials: grpc.credentials.createSsl(), display: target, options: {} };
   const pin = normalizeFingerprint(opts.fingerprint);
   const pem = await fetchPinnedCertificate(u.host, u.port, pin, opts.timeoutMs ?? 10_000);
   const credentials = grpc.credentials.createSsl(Buffer.from(pem), null, null, {
@@ -79,5 +81,7 @@ export async function dial(url: string, opts: DialOptions = {}): Promise<Endpoin
     checkServerIdentity: (_host, cert) =>
       spkiOf(new X509Certificate(cert.raw).toString()) === pin ? undefined : new DialError('coordinator key changed during connect'),
   });
-  return { target, credentials, display: target };
+  // SNI must not be an IP address; with a pin the name is not checked anyway.
+  const options = isIP(u.host.replace(/^\[|\]$/g, '')) ? { 'grpc.ssl_target_name_override': 'meshgate-coordinator' } : {};
+  return { target, credentials, display: target, options };
 }

@@ -46,6 +46,7 @@ export class ControlClient {
         'grpc.keepalive_time_ms': 30_000,
         'grpc.keepalive_timeout_ms': 10_000,
         'grpc.keepalive_permit_without_calls': 1,
+        ...this.endpoint.options,
         ...this.opts.channelOptions,
       });
     }
