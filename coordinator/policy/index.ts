@@ -1,0 +1,11 @@
+export { compilePolicy } from './compile.js';
+export { PolicyError } from './errors.js';
+export { parsePolicy } from './parse.js';
+export { runPolicyTests } from './tests.js';
+export type {
+  CompiledPolicy,
+  FilterRuleSpec,
+  Policy,
+  PolicyNode,
+  PolicyTestOutcome,
+} from './types.js';
