@@ -1,0 +1,101 @@
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+import {
+  type FirewallSpec,
+  InvalidFirewallSpecError,
+  renderFirewall,
+  renderRemoval,
+} from '../../agent/firewall/render.js';
+
+const spec: FirewallSpec = {
+  meshInterface: 'mesh0',
+  filter: [
+    {
+      srcCidrs: ['100.64.0.1/32', 'fd7a:115c:a1e0::1/128'],
+      dstCidrs: ['100.64.0.2', 'fd7a:115c:a1e0::2'],
+      ports: [
+        { first: 22, last: 22 },
+        { first: 8000, last: 8099 },
+      ],
+      protocols: ['tcp'],
+    },
+    { srcCidrs: ['100.64.0.0/10'], dstCidrs: ['100.64.0.2/32'], ports: [], protocols: [] },
+  ],
+  lockdownPorts: [22],
+};
+
+function chainBody(script: string): string[] {
+  const lines = script.split('\n').map((l) => l.trim());
+  return lines.slice(lines.indexOf('chain input {') + 2, lines.lastIndexOf('}') - 1);
+}
+
+describe('renderFirewall', () => {
+  test('replaces the table in one transaction', () => {
+    const lines = renderFirewall(spec).split('\n');
+    assert.deepEqual(lines.slice(0, 5), [
+      'table inet meshgate {}',
+      'delete table inet meshgate',
+      'table inet meshgate {',
+      '  chain input {',
+      '    type filter hook input priority filter - 10; policy accept;',
+    ]);
+  });
+
+  test('filters new mesh connections by the rules and drops the rest on the mesh', () => {
+    assert.deepEqual(chainBody(renderFirewall(spec)), [
+      'iifname != { "lo", "mesh0" } tcp dport { 22 } drop',
+      'iifname "mesh0" ct state established,related accept',
+      'iifname "mesh0" ct state invalid drop',
+      'iifname "mesh0" ip saddr { 100.64.0.1/32 } ip daddr { 100.64.0.2/32 } meta l4proto { tcp } th dport { 22, 8000-8099 } accept',
+      'iifname "mesh0" ip6 saddr { fd7a:115c:a1e0::1/128 } ip6 daddr { fd7a:115c:a1e0::2/128 } meta l4proto { tcp } th dport { 22, 8000-8099 } accept',
+      'iifname "mesh0" ip saddr { 100.64.0.0/10 } ip daddr { 100.64.0.2/32 } meta l4proto { tcp, udp } accept',
+      'iifname "mesh0" ip saddr { 100.64.0.0/10 } ip daddr { 100.64.0.2/32 } icmp type echo-request accept',
+      'iifname "mesh0" drop',
+    ]);
+  });
+
+  test('no lockdown rule without lockdown ports; several ports share one set', () => {
+    assert.ok(!renderFirewall({ ...spec, lockdownPorts: [] }).includes('iifname !='));
+    assert.match(renderFirewall({ ...spec, lockdownPorts: [22, 2222, 22] }), /tcp dport \{ 22, 2222 \} drop/);
+  });
+
+  test('ICMP for IPv6 is icmpv6; a family without a source or a destination gets no rule', () => {
+    const body = chainBody(
+      renderFirewall({
+        meshInterface: 'mesh0',
+        lockdownPorts: [],
+        filter: [
+          { srcCidrs: ['fd7a:115c:a1e0::/48'], dstCidrs: ['::/0'], ports: [], protocols: ['icmp'] },
+          { srcCidrs: ['100.64.0.1'], dstCidrs: ['fd7a:115c:a1e0::2'], ports: [], protocols: [] },
+        ],
+      }),
+    );
+    assert.deepEqual(body.slice(2, -1), [
+      'iifname "mesh0" ip6 saddr { fd7a:115c:a1e0::/48 } ip6 daddr { ::/0 } icmpv6 type echo-request accept',
+    ]);
+  });
+
+  test('rejects interface names that could escape the script', () => {
+    for (const bad of ['mesh0" accept', 'a-name-that-is-too-long', '', 'mesh 0', 'mesh0;']) {
+      assert.throws(() => renderFirewall({ ...spec, meshInterface: bad }), InvalidFirewallSpecError, bad);
+    }
+  });
+
+  test('rejects bad CIDRs, ports and protocols', () => {
+    const rule = spec.filter[0]!;
+    const bad: FirewallSpec[] = [
+      { ...spec, filter: [{ ...rule, srcCidrs: ['100.64.0.1/32 } accept'] }] },
+      { ...spec, filter: [{ ...rule, dstCidrs: ['300.1.1.1'] }] },
+      { ...spec, filter: [{ ...rule, ports: [{ first: 0, last: 22 }] }] },
+      { ...spec, filter: [{ ...rule, ports: [{ first: 90, last: 80 }] }] },
+      { ...spec, filter: [{ ...rule, protocols: ['sctp' as 'tcp'] }] },
+      { ...spec, lockdownPorts: [65536] },
+    ];
+    for (const s of bad) assert.throws(() => renderFirewall(s), InvalidFirewallSpecError);
+    assert.throws(() => renderFirewall(bad[0]!), /filter rule 1: not an IP prefix/);
+  });
+});
+
+test('renderRemoval deletes the table whether or not it exists', () => {
+  assert.equal(renderRemoval(), 'table inet meshgate {}\ndelete table inet meshgate\n');
+});
