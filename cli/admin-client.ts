@@ -4,11 +4,11 @@ import { existsSync, readFileSync } from 'node:fs';
 import { create, type MessageInitShape } from '@bufbuild/protobuf';
 import * as grpc from '@grpc/grpc-js';
 import type { Command } from 'commander';
-import { AdminService } from '../proto/gen/meshgate/v1/admin_pb.js';
 import { dial } from '../proto/dial.js';
+import { AdminService } from '../proto/gen/meshgate/v1/admin_pb.js';
 import { makeClient, type Out, unary } from '../proto/grpc.js';
 import { CliError } from './errors.js';
-import { type Format, FORMATS, parseFormat } from './output.js';
+import { FORMATS, type Format, parseFormat } from './output.js';
 
 export const DEFAULT_ADMIN_SOCKET = '/var/lib/meshgate/admin.sock';
 
@@ -26,7 +26,10 @@ type Methods = (typeof AdminService)['method'];
 export interface AdminClient {
   format: Format;
   display: string;
-  call<K extends keyof Methods & string>(method: K, req: MessageInitShape<Methods[K]['input']>): Promise<Out<typeof AdminService, K>>;
+  call<K extends keyof Methods & string>(
+    method: K,
+    req: MessageInitShape<Methods[K]['input']>,
+  ): Promise<Out<typeof AdminService, K>>;
   close(): void;
 }
 
@@ -35,9 +38,15 @@ export function adminCommand(cmd: Command): Command {
   return cmd
     .option('--coordinator <url>', 'coordinator address, grpcs://HOST:PORT (env MESHGATE_COORDINATOR)')
     .option('--api-key-file <file>', 'read the API key from a file (0600)')
-    .option('--api-key <key>', 'API key; prefer MESHGATE_API_KEY or --api-key-file, argv is visible to other users')
+    .option(
+      '--api-key <key>',
+      'API key; prefer MESHGATE_API_KEY or --api-key-file, argv is visible to other users',
+    )
     .option('--fingerprint <sha256:hex>', 'pin the coordinator TLS key (env MESHGATE_FINGERPRINT)')
-    .option('--socket <path>', `coordinator's local admin socket (default ${DEFAULT_ADMIN_SOCKET} when no --coordinator)`)
+    .option(
+      '--socket <path>',
+      `coordinator's local admin socket (default ${DEFAULT_ADMIN_SOCKET} when no --coordinator)`,
+    )
     .option('-o, --output <format>', `output format: ${FORMATS.join('|')}`, 'table');
 }
 
@@ -51,12 +60,23 @@ export async function connectAdmin(flags: AdminFlags, env = process.env): Promis
   const format = parseFormat(flags.output);
   const url = flags.socket
     ? `unix://${flags.socket}`
-    : (flags.coordinator ?? env.MESHGATE_COORDINATOR ?? (existsSync(DEFAULT_ADMIN_SOCKET) ? `unix://${DEFAULT_ADMIN_SOCKET}` : ''));
-  if (!url) throw new CliError('no coordinator: pass --coordinator grpcs://HOST:PORT (with --api-key) or --socket PATH on the coordinator host');
+    : (flags.coordinator ??
+      env.MESHGATE_COORDINATOR ??
+      (existsSync(DEFAULT_ADMIN_SOCKET) ? `unix://${DEFAULT_ADMIN_SOCKET}` : ''));
+  if (!url)
+    throw new CliError(
+      'no coordinator: pass --coordinator grpcs://HOST:PORT (with --api-key) or --socket PATH on the coordinator host',
+    );
   const local = url.startsWith('unix://');
-  if (local && !existsSync(url.slice(7))) throw new CliError(`no admin socket at ${url.slice(7)}: is the coordinator running with that data dir?`);
-  const apiKey = flags.apiKeyFile ? readSecretFile(flags.apiKeyFile) : (flags.apiKey ?? env.MESHGATE_API_KEY ?? '');
-  if (!local && !apiKey) throw new CliError('an API key is needed for a remote coordinator: set MESHGATE_API_KEY or pass --api-key-file');
+  if (local && !existsSync(url.slice(7)))
+    throw new CliError(`no admin socket at ${url.slice(7)}: is the coordinator running with that data dir?`);
+  const apiKey = flags.apiKeyFile
+    ? readSecretFile(flags.apiKeyFile)
+    : (flags.apiKey ?? env.MESHGATE_API_KEY ?? '');
+  if (!local && !apiKey)
+    throw new CliError(
+      'an API key is needed for a remote coordinator: set MESHGATE_API_KEY or pass --api-key-file',
+    );
   const endpoint = await dial(url, { fingerprint: flags.fingerprint ?? env.MESHGATE_FINGERPRINT });
   const client = makeClient(AdminService, endpoint.target, endpoint.credentials, endpoint.options);
   return {
@@ -66,7 +86,9 @@ export async function connectAdmin(flags: AdminFlags, env = process.env): Promis
       const md = new grpc.Metadata();
       if (!local) md.set('authorization', `Bearer ${apiKey}`);
       const m = AdminService.method[method];
-      return unary(client, AdminService, method, create(m.input, req as never) as never, md, { deadline: Date.now() + 15_000 });
+      return unary(client, AdminService, method, create(m.input, req as never) as never, md, {
+        deadline: Date.now() + 15_000,
+      });
     },
     close: () => client.close(),
   };

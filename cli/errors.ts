@@ -6,7 +6,15 @@ export class CliError extends Error {
   override name = 'CliError';
 }
 
-const EXPECTED = new Set(['CliError', 'DialError', 'ConfigError', 'CommandError', 'MissingToolError', 'AgentError', 'TlsError']);
+const EXPECTED = new Set([
+  'CliError',
+  'DialError',
+  'ConfigError',
+  'CommandError',
+  'MissingToolError',
+  'AgentError',
+  'TlsError',
+]);
 
 export function describeError(err: unknown, coordinator?: string): string {
   const e = err as Partial<grpc.ServiceError> & Error;
@@ -14,10 +22,15 @@ export function describeError(err: unknown, coordinator?: string): string {
     if (e.code === grpc.status.UNAVAILABLE) {
       return `cannot reach coordinator${coordinator ? ` at ${coordinator}` : ''}: ${e.details || 'unavailable'}`;
     }
-    if (e.code === grpc.status.DEADLINE_EXCEEDED) return `coordinator${coordinator ? ` at ${coordinator}` : ''} did not answer in time`;
+    if (e.code === grpc.status.DEADLINE_EXCEEDED)
+      return `coordinator${coordinator ? ` at ${coordinator}` : ''} did not answer in time`;
     return e.details || grpc.status[e.code] || 'request failed';
   }
-  if (e instanceof Error && (EXPECTED.has(e.name) || (e as NodeJS.ErrnoException).code === 'ENOENT')) return e.message;
-  if (e instanceof Error) return process.env.MESHGATE_DEBUG ? (e.stack ?? e.message) : `${e.message} (MESHGATE_DEBUG=1 shows details)`;
+  if (e instanceof Error && (EXPECTED.has(e.name) || (e as NodeJS.ErrnoException).code === 'ENOENT'))
+    return e.message;
+  if (e instanceof Error)
+    return process.env.MESHGATE_DEBUG
+      ? (e.stack ?? e.message)
+      : `${e.message} (MESHGATE_DEBUG=1 shows details)`;
   return String(err);
 }

@@ -12,7 +12,8 @@ export interface Column<T> {
 }
 
 export function parseFormat(text: string): Format {
-  if (!FORMATS.includes(text as Format)) throw new Error(`unknown output format "${text}": use ${FORMATS.join(', ')}`);
+  if (!FORMATS.includes(text as Format))
+    throw new Error(`unknown output format "${text}": use ${FORMATS.join(', ')}`);
   return text as Format;
 }
 
@@ -20,7 +21,14 @@ export function renderTable<T>(rows: T[], columns: Column<T>[], wide: boolean): 
   const cols = columns.filter((c) => wide || !c.wide);
   const cells = [cols.map((c) => c.header), ...rows.map((r) => cols.map((c) => c.value(r) || '-'))];
   const widths = cols.map((_, i) => Math.max(...cells.map((row) => row[i]!.length)));
-  return cells.map((row) => row.map((cell, i) => (i === row.length - 1 ? cell : cell.padEnd(widths[i]!))).join('  ').trimEnd()).join('\n');
+  return cells
+    .map((row) =>
+      row
+        .map((cell, i) => (i === row.length - 1 ? cell : cell.padEnd(widths[i]!)))
+        .join('  ')
+        .trimEnd(),
+    )
+    .join('\n');
 }
 
 /** `data` is what JSON and YAML print; `rows` feed the tables. */

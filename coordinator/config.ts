@@ -38,9 +38,15 @@ export const ConfigSchema = z
     clockSkew: duration.default('2m'),
     apiKeyExpiryWarning: duration.default('14d'),
     registrationRate: z
-      .object({ perSecond: z.number().positive().default(10), burst: z.number().int().positive().default(100) })
+      .object({
+        perSecond: z.number().positive().default(10),
+        burst: z.number().int().positive().default(100),
+      })
       .default({ perSecond: 10, burst: 100 }),
-    domain: z.string().regex(/^[a-z0-9.-]+$/).default('mesh'),
+    domain: z
+      .string()
+      .regex(/^[a-z0-9.-]+$/)
+      .default('mesh'),
     wireguardKeepalive: z.number().int().min(0).max(600).default(25),
   })
   .strict();
@@ -60,7 +66,11 @@ const ENV: Record<string, keyof z.infer<typeof ConfigSchema>> = {
   MESHGATE_EPHEMERAL_TIMEOUT: 'ephemeralTimeout',
 };
 
-export function loadConfig(file: string | undefined, env: NodeJS.ProcessEnv, flags: Record<string, unknown>): CoordinatorConfig {
+export function loadConfig(
+  file: string | undefined,
+  env: NodeJS.ProcessEnv,
+  flags: Record<string, unknown>,
+): CoordinatorConfig {
   let fromFile: Record<string, unknown> = {};
   if (file) {
     let text: string;
@@ -79,7 +89,9 @@ export function loadConfig(file: string | undefined, env: NodeJS.ProcessEnv, fla
   const parsed = ConfigSchema.safeParse({ ...fromFile, ...fromEnv, ...defined });
   if (!parsed.success) {
     const issue = parsed.error.issues[0]!;
-    throw new ConfigError(`invalid configuration: ${issue.path.join('.') || '(top level)'}: ${issue.message}`);
+    throw new ConfigError(
+      `invalid configuration: ${issue.path.join('.') || '(top level)'}: ${issue.message}`,
+    );
   }
   const c = parsed.data;
   return { ...c, database: c.database ?? `sqlite://${join(c.dataDir, 'meshgate.db')}` };

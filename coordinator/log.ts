@@ -8,7 +8,17 @@ export function createLogger(level: string, destination?: pino.DestinationStream
       level,
       base: { svc: 'meshgate-coordinator' },
       redact: {
-        paths: ['authKey', 'auth_key', 'key', 'apiKey', 'authorization', '*.authKey', '*.key', '*.authorization', 'req.headers.authorization'],
+        paths: [
+          'authKey',
+          'auth_key',
+          'key',
+          'apiKey',
+          'authorization',
+          '*.authKey',
+          '*.key',
+          '*.authorization',
+          'req.headers.authorization',
+        ],
         censor: '[redacted]',
       },
     },

@@ -52,7 +52,9 @@ function splitHostPort(hp: string): { host: string; port: number } {
 
 function bind(server: grpc.Server, address: string, creds: grpc.ServerCredentials): Promise<number> {
   return new Promise((resolve, reject) =>
-    server.bindAsync(address, creds, (err, port) => (err ? reject(new Error(`cannot listen on ${address}: ${err.message}`)) : resolve(port))),
+    server.bindAsync(address, creds, (err, port) =>
+      err ? reject(new Error(`cannot listen on ${address}: ${err.message}`)) : resolve(port),
+    ),
   );
 }
 
@@ -85,7 +87,8 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
   tls.DEFAULT_MIN_VERSION = 'TLSv1.3';
   prepareDataDir(config.dataDir);
   const identity = config.plaintext ? null : await ensureTlsIdentity(config.dataDir, config.serverNames);
-  if (identity?.created) log.info({ fingerprint: identity.fingerprint }, 'created TLS key and self-signed certificate');
+  if (identity?.created)
+    log.info({ fingerprint: identity.fingerprint }, 'created TLS key and self-signed certificate');
 
   const store = await openStore({ url: config.database });
   const state = await State.load(store.db, { ephemeralTimeoutMs: parseDuration(config.ephemeralTimeout) });
@@ -93,11 +96,15 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
     nodesOnline: () => state.onlineCount(),
     nodesTotal: () => state.listNodes().length,
     streams: () => mapper.sessionCount,
-    versionDrift: () => state.listNodes().filter((n) => {
-      const want = state.desiredVersionFor(n);
-      return want !== '' && want !== n.version;
-    }).length,
-    apiKeyExpiries: async () => (await state.listApiKeys()).filter((k) => k.revokedAt === null).map((k) => ({ id: k.id, expiresAt: k.expiresAt })),
+    versionDrift: () =>
+      state.listNodes().filter((n) => {
+        const want = state.desiredVersionFor(n);
+        return want !== '' && want !== n.version;
+      }).length,
+    apiKeyExpiries: async () =>
+      (await state.listApiKeys())
+        .filter((k) => k.revokedAt === null)
+        .map((k) => ({ id: k.id, expiresAt: k.expiresAt })),
   });
   const mapper = new Mapper(state, {
     coalesceMs: parseDuration(config.coalesceWindow),
@@ -124,7 +131,11 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
     }),
   );
   const creds = identity
-    ? grpc.ServerCredentials.createSsl(null, [{ private_key: identity.key, cert_chain: identity.cert }], false)
+    ? grpc.ServerCredentials.createSsl(
+        null,
+        [{ private_key: identity.key, cert_chain: identity.cert }],
+        false,
+      )
     : grpc.ServerCredentials.createInsecure();
   const grpcPort = await bind(server, config.grpcListen, creds);
 
@@ -136,7 +147,9 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
   chmodSync(adminSocket, 0o600);
 
   const app = httpApp({ handlers, state, metrics, databaseOk, log });
-  const http: HttpServer = identity ? createHttpsServer({ key: identity.key, cert: identity.cert, minVersion: 'TLSv1.3' }, app) : createHttpServer(app);
+  const http: HttpServer = identity
+    ? createHttpsServer({ key: identity.key, cert: identity.cert, minVersion: 'TLSv1.3' }, app)
+    : createHttpServer(app);
   const { host, port } = splitHostPort(config.httpListen);
   await new Promise<void>((resolve, reject) => {
     http.once('error', (err) => reject(new Error(`cannot listen on ${config.httpListen}: ${err.message}`)));
@@ -146,24 +159,40 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
 
   const warnWindow = parseDuration(config.apiKeyExpiryWarning);
   const warned = new Set<string>();
-  const lifecycle = setInterval(async () => {
-    try {
-      for (const n of await state.reapEphemeral()) log.info({ node: n.id, name: n.name, project: n.project }, 'removed inactive ephemeral node');
-      state.sweepExpiry();
-      const now = Date.now();
-      for (const k of await state.listApiKeys()) {
-        if (k.revokedAt === null && k.expiresAt - now < warnWindow && !warned.has(k.id)) {
-          warned.add(k.id);
-          log.warn({ apiKey: k.id, expiresAt: new Date(k.expiresAt).toISOString() }, 'API key expires soon; rotate it with "meshgate apikeys rotate"');
+  const lifecycle = setInterval(
+    async () => {
+      try {
+        for (const n of await state.reapEphemeral())
+          log.info({ node: n.id, name: n.name, project: n.project }, 'removed inactive ephemeral node');
+        state.sweepExpiry();
+        const now = Date.now();
+        for (const k of await state.listApiKeys()) {
+          if (k.revokedAt === null && k.expiresAt - now < warnWindow && !warned.has(k.id)) {
+            warned.add(k.id);
+            log.warn(
+              { apiKey: k.id, expiresAt: new Date(k.expiresAt).toISOString() },
+              'API key expires soon; rotate it with "meshgate apikeys rotate"',
+            );
+          }
         }
+      } catch (err) {
+        log.error({ err }, 'lifecycle sweep failed');
       }
-    } catch (err) {
-      log.error({ err }, 'lifecycle sweep failed');
-    }
-  }, Math.min(10_000, Math.max(200, parseDuration(config.ephemeralTimeout) / 4)));
+    },
+    Math.min(10_000, Math.max(200, parseDuration(config.ephemeralTimeout) / 4)),
+  );
   lifecycle.unref();
 
-  log.info({ grpc: grpcPort, http: httpPort, adminSocket, fingerprint: identity?.fingerprint, plaintext: config.plaintext }, 'coordinator started');
+  log.info(
+    {
+      grpc: grpcPort,
+      http: httpPort,
+      adminSocket,
+      fingerprint: identity?.fingerprint,
+      plaintext: config.plaintext,
+    },
+    'coordinator started',
+  );
 
   return {
     fingerprint: identity?.fingerprint ?? null,

@@ -4,9 +4,9 @@
 // certificate for the same key.
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { isIP } from 'node:net';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
-import { isIP } from 'node:net';
 import forge from 'node-forge';
 import { spkiOf } from '../proto/fingerprint.js';
 
@@ -20,20 +20,23 @@ export interface TlsIdentity {
   fingerprint: string;
 }
 
-
 export function tlsPaths(dataDir: string) {
   return { key: join(dataDir, 'tls.key'), cert: join(dataDir, 'tls.crt') };
 }
 
 export function loadTlsIdentity(dataDir: string): TlsIdentity {
   const p = tlsPaths(dataDir);
-  if (!existsSync(p.cert)) throw new TlsError(`no TLS certificate in ${dataDir}; start the coordinator once to create it`);
+  if (!existsSync(p.cert))
+    throw new TlsError(`no TLS certificate in ${dataDir}; start the coordinator once to create it`);
   const cert = readFileSync(p.cert);
   return { key: readFileSync(p.key), cert, fingerprint: spkiOf(cert) };
 }
 
 /** Loads the identity, creating key and certificate when the data dir has none. */
-export async function ensureTlsIdentity(dataDir: string, names: string[] = []): Promise<TlsIdentity & { created: boolean }> {
+export async function ensureTlsIdentity(
+  dataDir: string,
+  names: string[] = [],
+): Promise<TlsIdentity & { created: boolean }> {
   const p = tlsPaths(dataDir);
   if (existsSync(p.key) && existsSync(p.cert)) return { ...loadTlsIdentity(dataDir), created: false };
   const { privateKey, publicKey } = generateKeyPairSync('rsa', {
@@ -57,7 +60,10 @@ export async function ensureTlsIdentity(dataDir: string, names: string[] = []): 
     { name: 'basicConstraints', cA: false },
     { name: 'keyUsage', digitalSignature: true, keyEncipherment: true },
     { name: 'extKeyUsage', serverAuth: true },
-    { name: 'subjectAltName', altNames: [...dns.map((value) => ({ type: 2, value })), ...ips.map((ip) => ({ type: 7, ip }))] },
+    {
+      name: 'subjectAltName',
+      altNames: [...dns.map((value) => ({ type: 2, value })), ...ips.map((ip) => ({ type: 7, ip }))],
+    },
   ]);
   cert.sign(forge.pki.privateKeyFromPem(privateKey) as forge.pki.rsa.PrivateKey, forge.md.sha256.create());
   writeFileSync(p.key, privateKey, { mode: 0o600, flag: 'wx' });

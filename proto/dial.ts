@@ -26,28 +26,53 @@ export interface DialOptions {
   timeoutMs?: number;
 }
 
-export function parseCoordinatorUrl(url: string): { scheme: 'grpcs' | 'grpc' | 'unix'; host: string; port: number; path: string } {
+export function parseCoordinatorUrl(url: string): {
+  scheme: 'grpcs' | 'grpc' | 'unix';
+  host: string;
+  port: number;
+  path: string;
+} {
   const unix = /^unix:\/\/(\/.+)$/.exec(url);
   if (unix) return { scheme: 'unix', host: '', port: 0, path: unix[1]! };
   const m = /^(grpcs?|https):\/\/(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+)(?::(\d{1,5}))?\/?$/.exec(url);
-  if (!m) throw new DialError(`invalid coordinator address "${url}": use grpcs://HOST:PORT, grpc://HOST:PORT or unix:///PATH`);
+  if (!m)
+    throw new DialError(
+      `invalid coordinator address "${url}": use grpcs://HOST:PORT, grpc://HOST:PORT or unix:///PATH`,
+    );
   const scheme = m[1] === 'grpc' ? 'grpc' : 'grpcs';
   return { scheme, host: m[2]!, port: Number(m[3] ?? 7443), path: '' };
 }
 
 function normalizeFingerprint(fp: string): string {
-  const hex = fp.toLowerCase().replace(/^sha256:/, '').replace(/:/g, '');
-  if (!/^[0-9a-f]{64}$/.test(hex)) throw new DialError('invalid fingerprint: expected sha256: followed by 64 hex digits');
+  const hex = fp
+    .toLowerCase()
+    .replace(/^sha256:/, '')
+    .replace(/:/g, '');
+  if (!/^[0-9a-f]{64}$/.test(hex))
+    throw new DialError('invalid fingerprint: expected sha256: followed by 64 hex digits');
   return `sha256:${hex}`;
 }
 
 /** Fetches the server certificate once, to trust it as its own root when its key matches the pin. */
-function fetchPinnedCertificate(host: string, port: number, fingerprint: string, timeoutMs: number): Promise<string> {
+function fetchPinnedCertificate(
+  host: string,
+  port: number,
+  fingerprint: string,
+  timeoutMs: number,
+): Promise<string> {
   return new Promise((resolve, reject) => {
-    const socket = connect({ host: host.replace(/^\[|\]$/g, ''), port, rejectUnauthorized: false, ALPNProtocols: ['h2'], servername: /^[\d.:[\]]+$/.test(host) ? undefined : host });
+    const socket = connect({
+      host: host.replace(/^\[|\]$/g, ''),
+      port,
+      rejectUnauthorized: false,
+      ALPNProtocols: ['h2'],
+      servername: /^[\d.:[\]]+$/.test(host) ? undefined : host,
+    });
     const timer = setTimeout(() => {
       socket.destroy();
-      reject(new DialError(`cannot reach coordinator at ${host}:${port}: timed out after ${timeoutMs / 1000}s`));
+      reject(
+        new DialError(`cannot reach coordinator at ${host}:${port}: timed out after ${timeoutMs / 1000}s`),
+      );
     }, timeoutMs);
     socket.once('secureConnect', () => {
       clearTimeout(timer);
@@ -57,7 +82,11 @@ function fetchPinnedCertificate(host: string, port: number, fingerprint: string,
       const pem = new X509Certificate(raw).toString();
       const got = spkiOf(pem);
       if (got !== fingerprint) {
-        return reject(new DialError(`fingerprint mismatch for ${host}:${port}: expected ${fingerprint}, server has ${got}`));
+        return reject(
+          new DialError(
+            `fingerprint mismatch for ${host}:${port}: expected ${fingerprint}, server has ${got}`,
+          ),
+        );
       }
       resolve(pem);
     });
@@ -70,18 +99,30 @@ function fetchPinnedCertificate(host: string, port: number, fingerprint: string,
 
 export async function dial(url: string, opts: DialOptions = {}): Promise<Endpoint> {
   const u = parseCoordinatorUrl(url);
-  if (u.scheme === 'unix') return { target: `unix://${u.path}`, credentials: grpc.credentials.createInsecure(), display: u.path, options: {} };
+  if (u.scheme === 'unix')
+    return {
+      target: `unix://${u.path}`,
+      credentials: grpc.credentials.createInsecure(),
+      display: u.path,
+      options: {},
+    };
   const target = `${u.host}:${u.port}`;
-  if (u.scheme === 'grpc') return { target, credentials: grpc.credentials.createInsecure(), display: target, options: {} };
-  if (!opts.fingerprint) return { target, credentials: grpc.credentials.createSsl(), display: target, options: {} };
+  if (u.scheme === 'grpc')
+    return { target, credentials: grpc.credentials.createInsecure(), display: target, options: {} };
+  if (!opts.fingerprint)
+    return { target, credentials: grpc.credentials.createSsl(), display: target, options: {} };
   const pin = normalizeFingerprint(opts.fingerprint);
   const pem = await fetchPinnedCertificate(u.host, u.port, pin, opts.timeoutMs ?? 10_000);
   const credentials = grpc.credentials.createSsl(Buffer.from(pem), null, null, {
     // The pin replaces the host name check: the key is what identifies the coordinator.
     checkServerIdentity: (_host, cert) =>
-      spkiOf(new X509Certificate(cert.raw).toString()) === pin ? undefined : new DialError('coordinator key changed during connect'),
+      spkiOf(new X509Certificate(cert.raw).toString()) === pin
+        ? undefined
+        : new DialError('coordinator key changed during connect'),
   });
   // SNI must not be an IP address; with a pin the name is not checked anyway.
-  const options = isIP(u.host.replace(/^\[|\]$/g, '')) ? { 'grpc.ssl_target_name_override': 'meshgate-coordinator' } : {};
+  const options = isIP(u.host.replace(/^\[|\]$/g, ''))
+    ? { 'grpc.ssl_target_name_override': 'meshgate-coordinator' }
+    : {};
   return { target, credentials, display: target, options };
 }

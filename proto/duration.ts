@@ -1,5 +1,12 @@
 // Durations as people type them: "90s", "30m", "1h", "7d", "1h30m".
-const UNITS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000, w: 604_800_000 };
+const UNITS: Record<string, number> = {
+  ms: 1,
+  s: 1000,
+  m: 60_000,
+  h: 3_600_000,
+  d: 86_400_000,
+  w: 604_800_000,
+};
 
 export function parseDuration(text: string): number {
   const trimmed = text.trim();
@@ -19,7 +26,12 @@ export function parseDuration(text: string): number {
 export function formatDuration(ms: number): string {
   if (ms < 0) return `-${formatDuration(-ms)}`;
   const parts: string[] = [];
-  for (const [unit, size] of [['d', 86_400_000], ['h', 3_600_000], ['m', 60_000], ['s', 1000]] as const) {
+  for (const [unit, size] of [
+    ['d', 86_400_000],
+    ['h', 3_600_000],
+    ['m', 60_000],
+    ['s', 1000],
+  ] as const) {
     if (ms >= size || (unit === 's' && parts.length === 0)) {
       parts.push(`${Math.floor(ms / size)}${unit}`);
       ms %= size;

@@ -1,6 +1,12 @@
 // Bridges protobuf-es service descriptors to grpc-js, for the servers on the
 // coordinator and for the clients in the agent and the CLI.
-import { type DescMethod, type DescService, fromBinary, type MessageShape, toBinary } from '@bufbuild/protobuf';
+import {
+  type DescMethod,
+  type DescService,
+  fromBinary,
+  type MessageShape,
+  toBinary,
+} from '@bufbuild/protobuf';
 import type { GenService } from '@bufbuild/protobuf/codegenv2';
 import * as grpc from '@grpc/grpc-js';
 
@@ -39,8 +45,12 @@ export function serviceDefinition(service: DescService): grpc.ServiceDefinition 
 type AnyMethods = Record<string, any>;
 
 /** Input and output types of one method of a generated service. */
-export type In<S extends GenService<AnyMethods>, K extends keyof S['method']> = MessageShape<S['method'][K]['input']>;
-export type Out<S extends GenService<AnyMethods>, K extends keyof S['method']> = MessageShape<S['method'][K]['output']>;
+export type In<S extends GenService<AnyMethods>, K extends keyof S['method']> = MessageShape<
+  S['method'][K]['input']
+>;
+export type Out<S extends GenService<AnyMethods>, K extends keyof S['method']> = MessageShape<
+  S['method'][K]['output']
+>;
 
 export function makeClient(
   service: DescService,

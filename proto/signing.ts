@@ -71,8 +71,13 @@ export function signCall(
   };
 }
 
-export function verifyCallSignature(call: SignedCall, signatureB64: string, machinePublicKey: Uint8Array): boolean {
+export function verifyCallSignature(
+  call: SignedCall,
+  signatureB64: string,
+  machinePublicKey: Uint8Array,
+): boolean {
   const sig = Buffer.from(signatureB64, 'base64');
-  if (sig.length !== nacl.sign.signatureLength || machinePublicKey.length !== nacl.sign.publicKeyLength) return false;
+  if (sig.length !== nacl.sign.signatureLength || machinePublicKey.length !== nacl.sign.publicKeyLength)
+    return false;
   return nacl.sign.detached.verify(signingPayload(call), sig, machinePublicKey);
 }

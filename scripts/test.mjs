@@ -2,7 +2,7 @@
 // Runs node's test runner through tsx over an explicit file list: Node 20's
 // --test does not expand globs or search directories for .ts files.
 import { spawnSync } from 'node:child_process';
-import { readdirSync, existsSync } from 'node:fs';
+import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 
 const suites = process.argv.slice(2).length ? process.argv.slice(2) : ['unit', 'integration', 'e2e'];

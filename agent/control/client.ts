@@ -2,6 +2,7 @@
 // machine key; the stream's opening is signed the same way.
 import { create, type MessageInitShape, toBinary } from '@bufbuild/protobuf';
 import * as grpc from '@grpc/grpc-js';
+import { dial, type Endpoint } from '../../proto/dial.js';
 import {
   ControlService,
   LogoutRequestSchema,
@@ -13,7 +14,6 @@ import {
   type SyncResponse,
 } from '../../proto/gen/meshgate/v1/control_pb.js';
 import type { Node } from '../../proto/gen/meshgate/v1/types_pb.js';
-import { dial, type Endpoint } from '../../proto/dial.js';
 import { makeClient, methodPath, unary } from '../../proto/grpc.js';
 import { signCall } from '../../proto/signing.js';
 
@@ -26,7 +26,8 @@ export interface ControlClientOptions {
   callTimeoutMs?: number;
 }
 
-const path = (name: string) => methodPath(ControlService, ControlService.methods.find((m) => m.name === name)!);
+const path = (name: string) =>
+  methodPath(ControlService, ControlService.methods.find((m) => m.name === name)!);
 
 export class ControlClient {
   private client: grpc.Client | null = null;
@@ -55,7 +56,8 @@ export class ControlClient {
 
   private metadata(method: string, body: Uint8Array, nodeId: string): grpc.Metadata {
     const md = new grpc.Metadata();
-    for (const [k, v] of Object.entries(signCall(this.opts.machineSecretKey, method, nodeId, body))) md.set(k, v);
+    for (const [k, v] of Object.entries(signCall(this.opts.machineSecretKey, method, nodeId, body)))
+      md.set(k, v);
     return md;
   }
 
@@ -81,7 +83,14 @@ export class ControlClient {
 
   async logout(): Promise<void> {
     const req = create(LogoutRequestSchema, {});
-    await unary(await this.grpc(), ControlService, 'logout', req, this.metadata(path('Logout'), toBinary(LogoutRequestSchema, req), this.nodeId), this.deadline());
+    await unary(
+      await this.grpc(),
+      ControlService,
+      'logout',
+      req,
+      this.metadata(path('Logout'), toBinary(LogoutRequestSchema, req), this.nodeId),
+      this.deadline(),
+    );
   }
 
   async rotateNodeKey(nodeKey: Uint8Array): Promise<Node | undefined> {

@@ -1,6 +1,8 @@
 // Admin commands: projects, keys, apikeys, nodes, policy, versions, vpn.
 import { readFileSync } from 'node:fs';
 import { type DescMessage, type MessageShape, toJson } from '@bufbuild/protobuf';
+import type { Timestamp } from '@bufbuild/protobuf/wkt';
+import { timestampDate } from '@bufbuild/protobuf/wkt';
 import type { Command } from 'commander';
 import {
   type ApiKey,
@@ -16,8 +18,6 @@ import { type Node, NodeSchema } from '../../proto/gen/meshgate/v1/types_pb.js';
 import { type AdminClient, type AdminFlags, adminCommand, connectAdmin } from '../admin-client.js';
 import { CliError } from '../errors.js';
 import { ago, type Column, render } from '../output.js';
-import { timestampDate } from '@bufbuild/protobuf/wkt';
-import type { Timestamp } from '@bufbuild/protobuf/wkt';
 
 type Action = (client: AdminClient, args: string[], opts: Record<string, unknown>) => Promise<void>;
 
@@ -45,11 +45,28 @@ const list = (v: string) =>
     .filter(Boolean);
 const out = (s: string) => process.stdout.write(`${s}\n`);
 
-function printList<D extends DescMessage, T extends MessageShape<D>>(client: AdminClient, schema: D, rows: T[], columns: Column<T>[]) {
-  out(render(client.format, rows.map((r) => json(schema, r)), rows, columns));
+function printList<D extends DescMessage, T extends MessageShape<D>>(
+  client: AdminClient,
+  schema: D,
+  rows: T[],
+  columns: Column<T>[],
+) {
+  out(
+    render(
+      client.format,
+      rows.map((r) => json(schema, r)),
+      rows,
+      columns,
+    ),
+  );
 }
 
-function printOne<D extends DescMessage, T extends MessageShape<D>>(client: AdminClient, schema: D, row: T, columns: Column<T>[]) {
+function printOne<D extends DescMessage, T extends MessageShape<D>>(
+  client: AdminClient,
+  schema: D,
+  row: T,
+  columns: Column<T>[],
+) {
   out(render(client.format, json(schema, row), [row], columns));
 }
 
@@ -90,7 +107,10 @@ const NODE_COLUMNS: Column<Node>[] = [
   { header: 'LAST SEEN', value: (n) => (n.online ? 'now' : ago(iso(n.lastSeen))) },
   {
     header: 'VERSION',
-    value: (n) => (n.desiredVersion && n.desiredVersion !== n.version ? `${n.version} (want ${n.desiredVersion})` : n.version),
+    value: (n) =>
+      n.desiredVersion && n.desiredVersion !== n.version
+        ? `${n.version} (want ${n.desiredVersion})`
+        : n.version,
   },
   { header: 'TAGS', value: (n) => n.tags.join(',') },
   { header: 'IPV6', value: (n) => n.ipAddresses[1] ?? '', wide: true },
@@ -126,7 +146,10 @@ export function registerAdminCommands(program: Command): void {
     printList(c, ProjectSchema, (await c.call('listProjects', {})).projects, PROJECT_COLUMNS);
   });
   withAdmin(
-    projects.command('delete <name>').description('delete a project').option('--force', 'also delete its nodes'),
+    projects
+      .command('delete <name>')
+      .description('delete a project')
+      .option('--force', 'also delete its nodes'),
     async (c, [name], o) => {
       await c.call('deleteProject', { name, force: Boolean(o.force) });
       process.stderr.write(`deleted project ${name}\n`);
@@ -150,10 +173,9 @@ export function registerAdminCommands(program: Command): void {
     reason: String(o.reason ?? ''),
   });
   withAdmin(
-    createKey(keys.command('create').description('create an auth key; the key is shown only this once')).option(
-      '--reusable',
-      'the key can join more than one machine',
-    ),
+    createKey(
+      keys.command('create').description('create an auth key; the key is shown only this once'),
+    ).option('--reusable', 'the key can join more than one machine'),
     async (c, _a, o) => {
       const r = await c.call('createAuthKey', keyRequest(o));
       const k = r.authKey!;
@@ -163,9 +185,21 @@ export function registerAdminCommands(program: Command): void {
       } else out(render(c.format, json(AuthKeySchema, k), [], []));
     },
   );
-  withAdmin(keys.command('list').alias('ls').description('list auth keys of a project').requiredOption('--project <project>', 'project'), async (c, _a, o) => {
-    printList(c, AuthKeySchema, (await c.call('listAuthKeys', { project: String(o.project) })).authKeys, AUTH_KEY_COLUMNS);
-  });
+  withAdmin(
+    keys
+      .command('list')
+      .alias('ls')
+      .description('list auth keys of a project')
+      .requiredOption('--project <project>', 'project'),
+    async (c, _a, o) => {
+      printList(
+        c,
+        AuthKeySchema,
+        (await c.call('listAuthKeys', { project: String(o.project) })).authKeys,
+        AUTH_KEY_COLUMNS,
+      );
+    },
+  );
   withAdmin(keys.command('expire <id>').description('expire an auth key now'), async (c, [id]) => {
     printOne(c, AuthKeySchema, (await c.call('expireAuthKey', { id })).authKey!, AUTH_KEY_COLUMNS);
   });
@@ -178,7 +212,9 @@ export function registerAdminCommands(program: Command): void {
       .option('--expiration <duration>', 'lifetime, e.g. 90d', '90d')
       .option('--description <text>', 'what the key is for', ''),
     async (c, _a, o) => {
-      const k = (await c.call('createApiKey', { expiration: String(o.expiration), description: String(o.description) })).apiKey!;
+      const k = (
+        await c.call('createApiKey', { expiration: String(o.expiration), description: String(o.description) })
+      ).apiKey!;
       printCreatedApiKey(c, k);
     },
   );
@@ -200,55 +236,109 @@ export function registerAdminCommands(program: Command): void {
   );
 
   const nodes = program.command('nodes').description('nodes of the mesh');
-  const nodeRef = (cmd: Command) => cmd.option('--project <project>', 'project, when a name repeats across projects');
-  withAdmin(nodes.command('list').alias('ls').description('list nodes').option('--project <project>', 'only this project'), async (c, _a, o) => {
-    printList(c, NodeSchema, (await c.call('listNodes', { project: String(o.project ?? '') })).nodes, NODE_COLUMNS);
-  });
-  withAdmin(nodeRef(nodes.command('get <node>').description('show a node (id, id prefix or name)')), async (c, [id], o) => {
-    printOne(c, NodeSchema, (await c.call('getNode', { id, project: String(o.project ?? '') })).node!, NODE_COLUMNS);
-  });
-  withAdmin(nodeRef(nodes.command('delete <node>').description('delete a node; peers drop it at once')), async (c, [id], o) => {
-    await c.call('deleteNode', { id, project: String(o.project ?? '') });
-    process.stderr.write(`deleted node ${id}\n`);
-  });
+  const nodeRef = (cmd: Command) =>
+    cmd.option('--project <project>', 'project, when a name repeats across projects');
+  withAdmin(
+    nodes
+      .command('list')
+      .alias('ls')
+      .description('list nodes')
+      .option('--project <project>', 'only this project'),
+    async (c, _a, o) => {
+      printList(
+        c,
+        NodeSchema,
+        (await c.call('listNodes', { project: String(o.project ?? '') })).nodes,
+        NODE_COLUMNS,
+      );
+    },
+  );
+  withAdmin(
+    nodeRef(nodes.command('get <node>').description('show a node (id, id prefix or name)')),
+    async (c, [id], o) => {
+      printOne(
+        c,
+        NodeSchema,
+        (await c.call('getNode', { id, project: String(o.project ?? '') })).node!,
+        NODE_COLUMNS,
+      );
+    },
+  );
+  withAdmin(
+    nodeRef(nodes.command('delete <node>').description('delete a node; peers drop it at once')),
+    async (c, [id], o) => {
+      await c.call('deleteNode', { id, project: String(o.project ?? '') });
+      process.stderr.write(`deleted node ${id}\n`);
+    },
+  );
   withAdmin(
     nodeRef(nodes.command('expire <node>').description('expire a node now, later, or never again'))
       .option('--in <duration>', 'expire after this long instead of now')
       .option('--clear', 'remove the expiry'),
     async (c, [id], o) => {
-      const r = await c.call('expireNode', { id, project: String(o.project ?? ''), expiration: String(o.in ?? ''), clear: Boolean(o.clear) });
-      printOne(c, NodeSchema, r.node!, NODE_COLUMNS);
-    },
-  );
-  withAdmin(nodeRef(nodes.command('rename <node> <name>').description('rename a node')), async (c, [id, name], o) => {
-    printOne(c, NodeSchema, (await c.call('renameNode', { id, name, project: String(o.project ?? '') })).node!, NODE_COLUMNS);
-  });
-  withAdmin(
-    nodeRef(nodes.command('tag <node>').description("replace a node's tags")).requiredOption('--tags <tags>', 'comma-separated, empty to clear'),
-    async (c, [id], o) => {
-      const r = await c.call('setNodeTags', { id, project: String(o.project ?? ''), tags: list(String(o.tags)) });
+      const r = await c.call('expireNode', {
+        id,
+        project: String(o.project ?? ''),
+        expiration: String(o.in ?? ''),
+        clear: Boolean(o.clear),
+      });
       printOne(c, NodeSchema, r.node!, NODE_COLUMNS);
     },
   );
   withAdmin(
-    nodeRef(nodes.command('routes <node>').description('approve subnet routes a node advertises')).requiredOption(
-      '--approve <cidrs>',
-      'comma-separated CIDRs, empty to withdraw all',
+    nodeRef(nodes.command('rename <node> <name>').description('rename a node')),
+    async (c, [id, name], o) => {
+      printOne(
+        c,
+        NodeSchema,
+        (await c.call('renameNode', { id, name, project: String(o.project ?? '') })).node!,
+        NODE_COLUMNS,
+      );
+    },
+  );
+  withAdmin(
+    nodeRef(nodes.command('tag <node>').description("replace a node's tags")).requiredOption(
+      '--tags <tags>',
+      'comma-separated, empty to clear',
     ),
     async (c, [id], o) => {
-      const r = await c.call('setNodeRoutes', { id, project: String(o.project ?? ''), approvedRoutes: list(String(o.approve)) });
+      const r = await c.call('setNodeTags', {
+        id,
+        project: String(o.project ?? ''),
+        tags: list(String(o.tags)),
+      });
+      printOne(c, NodeSchema, r.node!, NODE_COLUMNS);
+    },
+  );
+  withAdmin(
+    nodeRef(
+      nodes.command('routes <node>').description('approve subnet routes a node advertises'),
+    ).requiredOption('--approve <cidrs>', 'comma-separated CIDRs, empty to withdraw all'),
+    async (c, [id], o) => {
+      const r = await c.call('setNodeRoutes', {
+        id,
+        project: String(o.project ?? ''),
+        approvedRoutes: list(String(o.approve)),
+      });
       printOne(c, NodeSchema, r.node!, NODE_COLUMNS);
     },
   );
 
   const policy = program.command('policy').description("a project's ACL policy");
-  withAdmin(policy.command('get').description('print the policy').requiredOption('--project <project>', 'project'), async (c, _a, o) => {
-    const r = await c.call('getPolicy', { project: String(o.project) });
-    if (c.format === 'json' || c.format === 'yaml') out(render(c.format, { policy: r.policy, updatedAt: iso(r.updatedAt) }, [], []));
-    else out(r.policy || '(no policy: every node of the project reaches every other)');
-  });
   withAdmin(
-    policy.command('set [file]').description('validate and set the policy from FILE (- for stdin); empty FILE removes it').requiredOption('--project <project>', 'project'),
+    policy.command('get').description('print the policy').requiredOption('--project <project>', 'project'),
+    async (c, _a, o) => {
+      const r = await c.call('getPolicy', { project: String(o.project) });
+      if (c.format === 'json' || c.format === 'yaml')
+        out(render(c.format, { policy: r.policy, updatedAt: iso(r.updatedAt) }, [], []));
+      else out(r.policy || '(no policy: every node of the project reaches every other)');
+    },
+  );
+  withAdmin(
+    policy
+      .command('set [file]')
+      .description('validate and set the policy from FILE (- for stdin); empty FILE removes it')
+      .requiredOption('--project <project>', 'project'),
     async (c, [file], o) => {
       if (!file) throw new CliError('give a policy file, or - to read it from stdin');
       await c.call('setPolicy', { project: String(o.project), policy: readPolicyFile(file) });
@@ -256,13 +346,27 @@ export function registerAdminCommands(program: Command): void {
     },
   );
   withAdmin(
-    policy.command('check [file]').description("run the policy's tests (of FILE, or of the stored policy)").requiredOption('--project <project>', 'project'),
+    policy
+      .command('check [file]')
+      .description("run the policy's tests (of FILE, or of the stored policy)")
+      .requiredOption('--project <project>', 'project'),
     async (c, [file], o) => {
-      const r = await c.call('checkPolicy', { project: String(o.project), policy: file ? readPolicyFile(file) : '' });
-      if (c.format === 'json' || c.format === 'yaml') out(render(c.format, { ok: r.ok, results: r.results.map(({ $typeName: _t, ...x }) => x) }, [], []));
+      const r = await c.call('checkPolicy', {
+        project: String(o.project),
+        policy: file ? readPolicyFile(file) : '',
+      });
+      if (c.format === 'json' || c.format === 'yaml')
+        out(render(c.format, { ok: r.ok, results: r.results.map(({ $typeName: _t, ...x }) => x) }, [], []));
       else {
-        for (const t of r.results) out(`${t.passed ? 'PASS' : 'FAIL'}  ${t.src} -> ${t.dst} (${t.wantAccept ? 'accept' : 'deny'})${t.passed ? '' : `: ${t.message}`}`);
-        out(r.ok ? `all ${r.results.length} tests passed` : `${r.results.filter((t) => !t.passed).length} of ${r.results.length} tests failed`);
+        for (const t of r.results)
+          out(
+            `${t.passed ? 'PASS' : 'FAIL'}  ${t.src} -> ${t.dst} (${t.wantAccept ? 'accept' : 'deny'})${t.passed ? '' : `: ${t.message}`}`,
+          );
+        out(
+          r.ok
+            ? `all ${r.results.length} tests passed`
+            : `${r.results.filter((t) => !t.passed).length} of ${r.results.length} tests failed`,
+        );
       }
       if (!r.ok) process.exitCode = 1;
     },
@@ -276,26 +380,49 @@ export function registerAdminCommands(program: Command): void {
       .requiredOption('--project <project>', 'project')
       .option('--tag <tag>', 'only for nodes with this tag', ''),
     async (c, [version], o) => {
-      const r = await c.call('setDesiredVersion', { project: String(o.project), tag: String(o.tag), version });
+      const r = await c.call('setDesiredVersion', {
+        project: String(o.project),
+        tag: String(o.tag),
+        version,
+      });
       printOne(c, DesiredVersionSchema, r.desiredVersion!, VERSION_COLUMNS);
     },
   );
-  withAdmin(versions.command('list').alias('ls').description('desired versions and the nodes that drift from them').option('--project <project>', 'only this project'), async (c, _a, o) => {
-    const r = await c.call('listDesiredVersions', { project: String(o.project ?? '') });
-    if (c.format === 'json' || c.format === 'yaml') {
-      out(render(c.format, { desiredVersions: r.desiredVersions.map((v) => json(DesiredVersionSchema, v)), drift: r.drift.map((n) => json(NodeSchema, n)) }, [], []));
-      return;
-    }
-    out(render(c.format, null, r.desiredVersions, VERSION_COLUMNS));
-    if (r.drift.length) {
-      out(`\n${r.drift.length} node(s) drift from their desired version:`);
-      out(render(c.format, null, r.drift, NODE_COLUMNS));
-    }
-  });
+  withAdmin(
+    versions
+      .command('list')
+      .alias('ls')
+      .description('desired versions and the nodes that drift from them')
+      .option('--project <project>', 'only this project'),
+    async (c, _a, o) => {
+      const r = await c.call('listDesiredVersions', { project: String(o.project ?? '') });
+      if (c.format === 'json' || c.format === 'yaml') {
+        out(
+          render(
+            c.format,
+            {
+              desiredVersions: r.desiredVersions.map((v) => json(DesiredVersionSchema, v)),
+              drift: r.drift.map((n) => json(NodeSchema, n)),
+            },
+            [],
+            [],
+          ),
+        );
+        return;
+      }
+      out(render(c.format, null, r.desiredVersions, VERSION_COLUMNS));
+      if (r.drift.length) {
+        out(`\n${r.drift.length} node(s) drift from their desired version:`);
+        out(render(c.format, null, r.drift, NODE_COLUMNS));
+      }
+    },
+  );
 
   const vpn = program.command('vpn').description('operator shortcuts');
   withAdmin(
-    createKey(vpn.command('key').description('print a fresh auth key alone, for an operator to join the mesh')),
+    createKey(
+      vpn.command('key').description('print a fresh auth key alone, for an operator to join the mesh'),
+    ),
     async (c, _a, o) => {
       const k = (await c.call('createAuthKey', { ...keyRequest(o), reusable: false })).authKey!;
       if (c.format === 'json' || c.format === 'yaml') out(render(c.format, json(AuthKeySchema, k), [], []));

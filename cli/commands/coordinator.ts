@@ -10,10 +10,16 @@ export function registerCoordinatorCommands(program: Command): void {
     .command('coordinator')
     .description('run the coordination server (gRPC admin + control API, HTTP health/metrics/REST)')
     .option('--config <file>', 'YAML configuration file')
-    .option('--data-dir <dir>', 'state: database, TLS key and certificate, admin socket (default /var/lib/meshgate)')
+    .option(
+      '--data-dir <dir>',
+      'state: database, TLS key and certificate, admin socket (default /var/lib/meshgate)',
+    )
     .option('--database <url>', 'sqlite:///path/file.db (default in the data dir) or postgres://…')
     .option('--grpc-listen <host:port>', 'gRPC listener (default 0.0.0.0:7443)')
-    .option('--http-listen <host:port>', 'HTTP listener for /healthz, /readyz, /metrics and /api/v1 (default 0.0.0.0:7480)')
+    .option(
+      '--http-listen <host:port>',
+      'HTTP listener for /healthz, /readyz, /metrics and /api/v1 (default 0.0.0.0:7480)',
+    )
     .option('--plaintext', 'serve without TLS (only behind a TLS-terminating proxy or on a trusted network)')
     .option('--log-level <level>', 'trace, debug, info, warn, error')
     .option('--ephemeral-timeout <duration>', 'remove ephemeral nodes offline this long (default 30m)')

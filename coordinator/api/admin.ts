@@ -2,6 +2,7 @@
 // REST mirror. Each takes a request message and the caller's identity.
 import { create, type DescMessage, type MessageShape } from '@bufbuild/protobuf';
 import { timestampFromMs } from '@bufbuild/protobuf/wkt';
+import * as pb from '../../proto/gen/meshgate/v1/admin_pb.js';
 import {
   type AdminService,
   type ApiKey,
@@ -9,14 +10,13 @@ import {
   type AuthKey,
   AuthKeySchema,
   DesiredVersionSchema,
+  PolicyTestResultSchema,
   type Project,
   ProjectSchema,
-  PolicyTestResultSchema,
 } from '../../proto/gen/meshgate/v1/admin_pb.js';
-import * as pb from '../../proto/gen/meshgate/v1/admin_pb.js';
 import { nodeMessage } from '../mapper/netmap.js';
-import type { ApiKeyRecord, DesiredVersionRecord, State } from '../state/state.js';
 import type { AuthKeyRecord } from '../state/records.js';
+import type { ApiKeyRecord, DesiredVersionRecord, State } from '../state/state.js';
 import { duration, isCidr, LIMITS, list, sized, tags, text } from './validate.js';
 
 const HOUR = 3_600_000;
@@ -74,7 +74,12 @@ function apiKeyMessage(k: ApiKeyRecord, now: number, key = ''): ApiKey {
 }
 
 function versionMessage(v: DesiredVersionRecord) {
-  return create(DesiredVersionSchema, { project: v.project, tag: v.tag, version: v.version, updatedAt: ts(v.updatedAt) });
+  return create(DesiredVersionSchema, {
+    project: v.project,
+    tag: v.tag,
+    version: v.version,
+    updatedAt: ts(v.updatedAt),
+  });
 }
 
 function msg<D extends DescMessage>(schema: D, init: Parameters<typeof create<D>>[1]): MessageShape<D> {
@@ -85,7 +90,11 @@ export function adminHandlers({ state, version, databaseOk }: AdminDeps): AdminH
   const node = (n: Parameters<typeof nodeMessage>[1]) => nodeMessage(state, n);
   return {
     async health() {
-      return msg(pb.HealthResponseSchema, { databaseOk: await databaseOk(), version, nodesOnline: state.onlineCount() });
+      return msg(pb.HealthResponseSchema, {
+        databaseOk: await databaseOk(),
+        version,
+        nodesOnline: state.onlineCount(),
+      });
     },
 
     async createProject(req, { actor }) {
@@ -113,10 +122,14 @@ export function adminHandlers({ state, version, databaseOk }: AdminDeps): AdminH
     },
     async listAuthKeys(req) {
       const now = state.now();
-      return msg(pb.ListAuthKeysResponseSchema, { authKeys: (await state.listAuthKeys(req.project)).map((k) => authKeyMessage(k, now)) });
+      return msg(pb.ListAuthKeysResponseSchema, {
+        authKeys: (await state.listAuthKeys(req.project)).map((k) => authKeyMessage(k, now)),
+      });
     },
     async expireAuthKey(req, { actor }) {
-      return msg(pb.ExpireAuthKeyResponseSchema, { authKey: authKeyMessage(await state.expireAuthKey(actor, req.id), state.now()) });
+      return msg(pb.ExpireAuthKeyResponseSchema, {
+        authKey: authKeyMessage(await state.expireAuthKey(actor, req.id), state.now()),
+      });
     },
 
     async createApiKey(req, { actor }) {
@@ -129,10 +142,14 @@ export function adminHandlers({ state, version, databaseOk }: AdminDeps): AdminH
     },
     async listApiKeys() {
       const now = state.now();
-      return msg(pb.ListApiKeysResponseSchema, { apiKeys: (await state.listApiKeys()).map((k) => apiKeyMessage(k, now)) });
+      return msg(pb.ListApiKeysResponseSchema, {
+        apiKeys: (await state.listApiKeys()).map((k) => apiKeyMessage(k, now)),
+      });
     },
     async expireApiKey(req, { actor }) {
-      return msg(pb.ExpireApiKeyResponseSchema, { apiKey: apiKeyMessage(await state.expireApiKey(actor, req.id), state.now()) });
+      return msg(pb.ExpireApiKeyResponseSchema, {
+        apiKey: apiKeyMessage(await state.expireApiKey(actor, req.id), state.now()),
+      });
     },
     async rotateApiKey(req, { actor }) {
       const expires = req.expiration ? duration('expiration', req.expiration, 90 * DAY) : null;
@@ -144,7 +161,9 @@ export function adminHandlers({ state, version, databaseOk }: AdminDeps): AdminH
       return msg(pb.ListNodesResponseSchema, { nodes: state.listNodes(req.project || undefined).map(node) });
     },
     async getNode(req) {
-      return msg(pb.GetNodeResponseSchema, { node: node(state.resolveNode(req.id, req.project || undefined)) });
+      return msg(pb.GetNodeResponseSchema, {
+        node: node(state.resolveNode(req.id, req.project || undefined)),
+      });
     },
     async deleteNode(req, { actor }) {
       await state.deleteNode(actor, req.id, req.project || undefined);
@@ -152,10 +171,14 @@ export function adminHandlers({ state, version, databaseOk }: AdminDeps): AdminH
     },
     async expireNode(req, { actor }) {
       const at = req.clear ? null : state.now() + duration('expiration', req.expiration, 0);
-      return msg(pb.ExpireNodeResponseSchema, { node: node(await state.expireNode(actor, req.id, req.project || undefined, at)) });
+      return msg(pb.ExpireNodeResponseSchema, {
+        node: node(await state.expireNode(actor, req.id, req.project || undefined, at)),
+      });
     },
     async renameNode(req, { actor }) {
-      return msg(pb.RenameNodeResponseSchema, { node: node(await state.renameNode(actor, req.id, req.project || undefined, req.name)) });
+      return msg(pb.RenameNodeResponseSchema, {
+        node: node(await state.renameNode(actor, req.id, req.project || undefined, req.name)),
+      });
     },
     async setNodeTags(req, { actor }) {
       const n = await state.setNodeTags(actor, req.id, req.project || undefined, tags('tags', req.tags));
@@ -169,7 +192,10 @@ export function adminHandlers({ state, version, databaseOk }: AdminDeps): AdminH
 
     async getPolicy(req) {
       const p = state.getPolicy(req.project);
-      return msg(pb.GetPolicyResponseSchema, { policy: p?.source ?? '', updatedAt: ts(p?.updatedAt ?? null) });
+      return msg(pb.GetPolicyResponseSchema, {
+        policy: p?.source ?? '',
+        updatedAt: ts(p?.updatedAt ?? null),
+      });
     },
     async setPolicy(req, { actor }) {
       const at = await state.setPolicy(actor, req.project, sized('policy', req.policy, LIMITS.policy));

@@ -1,6 +1,7 @@
 // Who is calling: admin calls carry an API key (or come over the local
 // socket), agent calls carry a machine-key signature.
 import type * as grpc from '@grpc/grpc-js';
+import { sha256 } from '../../proto/keys.js';
 import {
   SIG_MACHINE_KEY,
   SIG_NODE_ID,
@@ -9,14 +10,17 @@ import {
   SIG_TIMESTAMP,
   verifyCallSignature,
 } from '../../proto/signing.js';
-import { sha256 } from '../../proto/keys.js';
 import { unauthenticated } from '../state/errors.js';
 import type { NodeRecord } from '../state/records.js';
 import type { State } from '../state/state.js';
 
 export const LOCAL_ACTOR = 'local-socket';
 
-export async function adminActor(state: State, authorization: string | undefined, local: boolean): Promise<string> {
+export async function adminActor(
+  state: State,
+  authorization: string | undefined,
+  local: boolean,
+): Promise<string> {
   if (local) return LOCAL_ACTOR;
   if (!authorization) throw unauthenticated('missing API key: pass --api-key or set MESHGATE_API_KEY');
   const m = /^Bearer\s+(\S+)$/i.exec(authorization);
@@ -58,20 +62,31 @@ export class CallVerifier {
     const node = nodeId ? this.state.getNode(nodeId) : undefined;
     if (!node) throw unauthenticated('unknown node: it was deleted or never registered; register again');
     this.check(md, method, body, nodeId, Buffer.from(node.machineKey, 'hex'));
-    if (this.state.isExpired(node)) throw unauthenticated(`node ${node.name} has expired; register again with a new auth key`);
+    if (this.state.isExpired(node))
+      throw unauthenticated(`node ${node.name} has expired; register again with a new auth key`);
     return node;
   }
 
-  private check(md: grpc.Metadata, method: string, body: Uint8Array, nodeId: string, machineKey: Uint8Array): void {
+  private check(
+    md: grpc.Metadata,
+    method: string,
+    body: Uint8Array,
+    nodeId: string,
+    machineKey: Uint8Array,
+  ): void {
     const ts = Number(header(md, SIG_TIMESTAMP));
     const nonce = header(md, SIG_NONCE) ?? '';
     const sig = header(md, SIG_SIGNATURE) ?? '';
     const claimedKey = header(md, SIG_MACHINE_KEY) ?? '';
-    if (!Number.isFinite(ts) || !/^[0-9a-f]{32}$/.test(nonce) || !sig) throw unauthenticated('call is not signed');
-    if (claimedKey !== Buffer.from(machineKey).toString('hex')) throw unauthenticated('call signed with another machine key');
+    if (!Number.isFinite(ts) || !/^[0-9a-f]{32}$/.test(nonce) || !sig)
+      throw unauthenticated('call is not signed');
+    if (claimedKey !== Buffer.from(machineKey).toString('hex'))
+      throw unauthenticated('call signed with another machine key');
     const now = this.now();
     if (Math.abs(now - ts) > this.opts.clockSkewMs) {
-      throw unauthenticated(`call timestamp is ${Math.round((ts - now) / 1000)}s off the coordinator's clock; fix the clock (NTP)`);
+      throw unauthenticated(
+        `call timestamp is ${Math.round((ts - now) / 1000)}s off the coordinator's clock; fix the clock (NTP)`,
+      );
     }
     const call = { method, nodeId, timestamp: ts, nonce, bodyHash: sha256(body) };
     if (!verifyCallSignature(call, sig, machineKey)) throw unauthenticated('bad call signature');

@@ -3,19 +3,19 @@
 import { create } from '@bufbuild/protobuf';
 import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
-import { encodeWgKey } from '../../proto/keys.js';
 import {
   ControlService,
+  type LogoutRequest,
+  LogoutResponseSchema,
   type RegisterRequest,
   RegisterResponseSchema,
-  LogoutResponseSchema,
-  RotateNodeKeyResponseSchema,
   type RotateNodeKeyRequest,
+  RotateNodeKeyResponseSchema,
   type SyncRequest,
   type SyncResponse,
-  type LogoutRequest,
 } from '../../proto/gen/meshgate/v1/control_pb.js';
 import { methodPath, rawBytes } from '../../proto/grpc.js';
+import { encodeWgKey } from '../../proto/keys.js';
 import type { Mapper, Session } from '../mapper/mapper.js';
 import { nodeMessage } from '../mapper/netmap.js';
 import { CoordinatorError, unauthenticated } from '../state/errors.js';
@@ -35,7 +35,8 @@ export interface ControlDeps {
   log: Logger;
 }
 
-const path = (name: string) => methodPath(ControlService, ControlService.methods.find((m) => m.name === name)!);
+const path = (name: string) =>
+  methodPath(ControlService, ControlService.methods.find((m) => m.name === name)!);
 const REGISTER = path('Register');
 const SYNC = path('Sync');
 const LOGOUT = path('Logout');
@@ -61,7 +62,10 @@ export function controlImplementation(deps: ControlDeps): grpc.UntypedServiceImp
       try {
         if (!limiter.take(peer)) {
           metrics.rejectedRegistrations.inc({ reason: 'rate-limited' });
-          throw new CoordinatorError('exhausted', 'too many registration attempts from this address; wait and retry');
+          throw new CoordinatorError(
+            'exhausted',
+            'too many registration attempts from this address; wait and retry',
+          );
         }
         const req = call.request;
         const machineKey = key32('machine_key', req.machineKey);
@@ -79,7 +83,10 @@ export function controlImplementation(deps: ControlDeps): grpc.UntypedServiceImp
           advertisedRoutes: list('advertised_routes', req.advertisedRoutes, LIMITS.routes, isCidr, 'a CIDR'),
         });
         metrics.registrations.inc({ result: existing ? 'existing' : 'new' });
-        log.info({ peer, node: node.id, name: node.name, project: node.project, existing }, 'node registered');
+        log.info(
+          { peer, node: node.id, name: node.name, project: node.project, existing },
+          'node registered',
+        );
         cb(null, create(RegisterResponseSchema, { node: nodeMessage(state, node), existing }));
       } catch (err) {
         if (err instanceof CoordinatorError) metrics.rejectedRegistrations.inc({ reason: err.kind });
@@ -144,11 +151,17 @@ export function controlImplementation(deps: ControlDeps): grpc.UntypedServiceImp
       }
     },
 
-    async rotateNodeKey(call: grpc.ServerUnaryCall<RotateNodeKeyRequest, unknown>, cb: grpc.sendUnaryData<unknown>) {
+    async rotateNodeKey(
+      call: grpc.ServerUnaryCall<RotateNodeKeyRequest, unknown>,
+      cb: grpc.sendUnaryData<unknown>,
+    ) {
       const peer = peerAddress(call.getPeer());
       try {
         const node = verifier.verifyNode(call.metadata, ROTATE, rawBytes(call.request));
-        const updated = await state.rotateNodeKey(node.id, encodeWgKey(key32('node_key', call.request.nodeKey)));
+        const updated = await state.rotateNodeKey(
+          node.id,
+          encodeWgKey(key32('node_key', call.request.nodeKey)),
+        );
         cb(null, create(RotateNodeKeyResponseSchema, { node: nodeMessage(state, updated) }));
       } catch (err) {
         refuse('RotateNodeKey', peer, err, cb as grpc.sendUnaryData<never>);
@@ -160,7 +173,8 @@ export function controlImplementation(deps: ControlDeps): grpc.UntypedServiceImp
     const m = req.message;
     if (m.case === 'hello' || m.case === 'endpoints') {
       const eps = list('endpoints', m.value.endpoints, LIMITS.endpoints, isEndpoint, 'host:port');
-      if (m.case === 'hello') await state.updateVersion(nodeId, text('version', m.value.version, LIMITS.version));
+      if (m.case === 'hello')
+        await state.updateVersion(nodeId, text('version', m.value.version, LIMITS.version));
       await state.updateEndpoints(nodeId, eps);
       state.setObservedEndpoint(nodeId, observedEndpoint(peer, eps));
     } else if (m.case === 'health' && !m.value.ok) {

@@ -15,14 +15,21 @@ export function adminImplementation(
 ): grpc.UntypedServiceImplementation {
   const impl: grpc.UntypedServiceImplementation = {};
   for (const m of AdminService.methods) {
-    const handler = handlers[m.localName as keyof AdminHandlers] as (req: unknown, ctx: { actor: string }) => Promise<unknown>;
-    impl[m.localName] = async (call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) => {
+    const handler = handlers[m.localName as keyof AdminHandlers] as (
+      req: unknown,
+      ctx: { actor: string },
+    ) => Promise<unknown>;
+    impl[m.localName] = async (
+      call: grpc.ServerUnaryCall<unknown, unknown>,
+      cb: grpc.sendUnaryData<unknown>,
+    ) => {
       try {
         const actor = await adminActor(state, header(call.metadata, 'authorization'), local);
         cb(null, await handler(call.request, { actor }));
       } catch (err) {
         const s = toStatus(err, log, { method: m.name });
-        if (s.code === grpc.status.UNAUTHENTICATED) log.warn({ peer: call.getPeer(), method: m.name, reason: s.details }, 'refused admin call');
+        if (s.code === grpc.status.UNAUTHENTICATED)
+          log.warn({ peer: call.getPeer(), method: m.name, reason: s.details }, 'refused admin call');
         cb(grpcError(s) as grpc.ServiceError, null);
       }
     };

@@ -37,7 +37,10 @@ export function httpApp({ handlers, state, metrics, databaseOk, log }: HttpDeps)
   });
   app.get('/readyz', async (_req, res) => {
     const ok = await databaseOk();
-    res.status(ok ? 200 : 503).type('text/plain').send(ok ? 'ready\n' : 'database unreachable\n');
+    res
+      .status(ok ? 200 : 503)
+      .type('text/plain')
+      .send(ok ? 'ready\n' : 'database unreachable\n');
   });
   app.get('/metrics', async (_req, res) => {
     res.type(metrics.registry.contentType).send(await metrics.registry.metrics());
@@ -68,7 +71,10 @@ export function httpApp({ handlers, state, metrics, databaseOk, log }: HttpDeps)
         res.status(400).json({ error: `bad request body for ${name}: ${(err as Error).message}` });
         return;
       }
-      const handler = handlers[m.localName as keyof AdminHandlers] as (r: unknown, c: { actor: string }) => Promise<never>;
+      const handler = handlers[m.localName as keyof AdminHandlers] as (
+        r: unknown,
+        c: { actor: string },
+      ) => Promise<never>;
       const out = await handler(req, { actor: res.locals.actor as string });
       res.json(toJson(m.output, out, { alwaysEmitImplicit: true }));
     } catch (err) {
@@ -76,7 +82,9 @@ export function httpApp({ handlers, state, metrics, databaseOk, log }: HttpDeps)
     }
   };
   for (const [path, { method, query }] of Object.entries(GET_SHORTCUTS)) {
-    api.get(path, (req, res) => call(res, method, Object.fromEntries(query.map((q) => [q, String(req.query[q] ?? '')]))));
+    api.get(path, (req, res) =>
+      call(res, method, Object.fromEntries(query.map((q) => [q, String(req.query[q] ?? '')]))),
+    );
   }
   api.post('/:method', (req, res) => call(res, String(req.params.method), req.body as JsonValue));
   app.use('/api/v1', api);

@@ -1,5 +1,5 @@
 // Prometheus metrics of the coordinator.
-import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client';
 
 export interface MetricSources {
   nodesOnline: () => number;
@@ -19,9 +19,30 @@ export class Metrics {
   constructor(src: MetricSources) {
     const registers = [this.registry];
     collectDefaultMetrics({ register: this.registry, prefix: 'meshgate_process_' });
-    new Gauge({ name: 'meshgate_nodes_online', help: 'Nodes with an open control stream', registers, collect() { this.set(src.nodesOnline()); } });
-    new Gauge({ name: 'meshgate_nodes', help: 'Registered nodes', registers, collect() { this.set(src.nodesTotal()); } });
-    new Gauge({ name: 'meshgate_streams', help: 'Open control streams', registers, collect() { this.set(src.streams()); } });
+    new Gauge({
+      name: 'meshgate_nodes_online',
+      help: 'Nodes with an open control stream',
+      registers,
+      collect() {
+        this.set(src.nodesOnline());
+      },
+    });
+    new Gauge({
+      name: 'meshgate_nodes',
+      help: 'Registered nodes',
+      registers,
+      collect() {
+        this.set(src.nodesTotal());
+      },
+    });
+    new Gauge({
+      name: 'meshgate_streams',
+      help: 'Open control streams',
+      registers,
+      collect() {
+        this.set(src.streams());
+      },
+    });
     new Gauge({
       name: 'meshgate_version_drift_nodes',
       help: 'Nodes whose agent version differs from the desired one',
@@ -38,10 +59,16 @@ export class Metrics {
       async collect() {
         this.reset();
         const now = Date.now();
-        for (const k of await src.apiKeyExpiries()) this.set({ id: k.id }, Math.round((k.expiresAt - now) / 1000));
+        for (const k of await src.apiKeyExpiries())
+          this.set({ id: k.id }, Math.round((k.expiresAt - now) / 1000));
       },
     });
-    this.registrations = new Counter({ name: 'meshgate_registrations_total', help: 'Registration attempts by result', labelNames: ['result'], registers });
+    this.registrations = new Counter({
+      name: 'meshgate_registrations_total',
+      help: 'Registration attempts by result',
+      labelNames: ['result'],
+      registers,
+    });
     this.rejectedRegistrations = new Counter({
       name: 'meshgate_registrations_rejected_total',
       help: 'Refused registrations by reason',

@@ -33,7 +33,8 @@ export interface StatusLike {
 }
 
 export function toStatus(err: unknown, log: Logger, context: object): StatusLike {
-  if (err instanceof CoordinatorError) return { code: GRPC[err.kind], http: HTTP[err.kind], details: err.message };
+  if (err instanceof CoordinatorError)
+    return { code: GRPC[err.kind], http: HTTP[err.kind], details: err.message };
   log.error({ err, ...context }, 'internal error');
   return { code: grpc.status.INTERNAL, http: 500, details: 'internal error; see the coordinator log' };
 }

@@ -28,7 +28,13 @@ export function sized(field: string, value: string, max: number): string {
   return value;
 }
 
-export function list(field: string, values: string[], max: number, check: (v: string) => boolean, what: string): string[] {
+export function list(
+  field: string,
+  values: string[],
+  max: number,
+  check: (v: string) => boolean,
+  what: string,
+): string[] {
   if (values.length > max) throw invalid(`${field}: at most ${max} entries`);
   for (const v of values) if (!check(v)) throw invalid(`${field}: "${v.slice(0, 80)}" is not ${what}`);
   return values;
@@ -50,7 +56,8 @@ export function isCidr(v: string): boolean {
   return family !== 0 && bits <= (family === 4 ? 32 : 128);
 }
 
-export const tags = (field: string, values: string[]) => list(field, values, LIMITS.tags, isTag, 'a tag (tag:NAME)');
+export const tags = (field: string, values: string[]) =>
+  list(field, values, LIMITS.tags, isTag, 'a tag (tag:NAME)');
 
 export function duration(field: string, value: string, fallbackMs: number): number {
   if (!value) return fallbackMs;

@@ -4,8 +4,13 @@
 // full netmap is rebuilt for a change.
 import { create } from '@bufbuild/protobuf';
 import { timestampFromMs } from '@bufbuild/protobuf/wkt';
-import { PacketFilterSchema, type Peer, type PeerPatch, PeerPatchSchema } from '../../proto/gen/meshgate/v1/types_pb.js';
 import { type SyncResponse, SyncResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
+import {
+  PacketFilterSchema,
+  type Peer,
+  type PeerPatch,
+  PeerPatchSchema,
+} from '../../proto/gen/meshgate/v1/types_pb.js';
 import type { CompiledPolicy } from '../policy/index.js';
 import type { NodeRecord } from '../state/records.js';
 import type { State, StateEvent } from '../state/state.js';
@@ -54,7 +59,14 @@ class Delta {
   version = false;
 
   empty(): boolean {
-    return !this.changed.size && !this.removed.size && !this.patches.length && !this.self && !this.filter && !this.version;
+    return (
+      !this.changed.size &&
+      !this.removed.size &&
+      !this.patches.length &&
+      !this.self &&
+      !this.filter &&
+      !this.version
+    );
   }
 }
 
@@ -137,7 +149,14 @@ export class Mapper {
     const project = e.type === 'policy-changed' || e.type === 'versions-changed' ? e.project : e.node.project;
     let p = this.pending.get(project);
     if (!p) {
-      p = { upserted: new Set(), removed: new Map(), patched: new Map(), policy: false, versions: false, firstAt: Date.now() };
+      p = {
+        upserted: new Set(),
+        removed: new Map(),
+        patched: new Map(),
+        policy: false,
+        versions: false,
+        firstAt: Date.now(),
+      };
       this.pending.set(project, p);
     }
     switch (e.type) {
@@ -298,7 +317,9 @@ export class Mapper {
           peersChanged: [...d.changed.values()],
           peersRemoved: [...d.removed],
           peerPatches: d.patches,
-          packetFilter: d.filter ? create(PacketFilterSchema, { rules: filterMessage(newC.filterFor(id)) }) : undefined,
+          packetFilter: d.filter
+            ? create(PacketFilterSchema, { rules: filterMessage(newC.filterFor(id)) })
+            : undefined,
           desiredVersion: d.version ? entry.desiredVersion : undefined,
           self: d.self ? nodeMessage(this.state, node) : undefined,
         }),

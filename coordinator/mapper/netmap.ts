@@ -2,6 +2,7 @@
 import { create } from '@bufbuild/protobuf';
 import { timestampFromMs } from '@bufbuild/protobuf/wkt';
 import {
+  DnsRecordSchema,
   type FilterRule,
   FilterRuleSchema,
   type NetMap,
@@ -13,7 +14,6 @@ import {
   PeerSchema,
   Protocol,
   RelayInfoSchema,
-  DnsRecordSchema,
 } from '../../proto/gen/meshgate/v1/types_pb.js';
 import type { FilterRuleSpec } from '../policy/index.js';
 import type { NodeRecord } from '../state/records.js';
@@ -91,7 +91,9 @@ export function fullNetMap(state: State, self: NodeRecord, opts: NetMapOptions):
     self: nodeMessage(state, self),
     peers: peers.map((p) => peerMessage(state, p, opts.relay)),
     packetFilter: create(PacketFilterSchema, { rules: filterMessage(compiled.filterFor(self.id)) }),
-    dns: [self, ...peers].map((n) => create(DnsRecordSchema, { name: `${n.name}.${domain}`, ipAddresses: [n.ipv4, n.ipv6] })),
+    dns: [self, ...peers].map((n) =>
+      create(DnsRecordSchema, { name: `${n.name}.${domain}`, ipAddresses: [n.ipv4, n.ipv6] }),
+    ),
     desiredVersion: state.desiredVersionFor(self),
     domain,
     keepaliveSeconds: opts.keepaliveSeconds,

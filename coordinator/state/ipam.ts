@@ -16,7 +16,9 @@ export function ipv4ForIndex(index: number): string {
 export function ipv6ForIndex(index: number): string {
   const hi = Math.floor(index / 65536);
   const lo = index % 65536;
-  return hi === 0 ? `fd7a:115c:a1e0::${lo.toString(16)}` : `fd7a:115c:a1e0::${hi.toString(16)}:${lo.toString(16)}`;
+  return hi === 0
+    ? `fd7a:115c:a1e0::${lo.toString(16)}`
+    : `fd7a:115c:a1e0::${hi.toString(16)}:${lo.toString(16)}`;
 }
 
 export class AddressPool {
@@ -32,7 +34,8 @@ export class AddressPool {
 
   /** Reserves an index now, before any await, so concurrent callers never share one. */
   reserve(): number {
-    if (this.used.size >= MAX_INDEX) throw new CoordinatorError('exhausted', 'the mesh address range 100.64.0.0/10 is full');
+    if (this.used.size >= MAX_INDEX)
+      throw new CoordinatorError('exhausted', 'the mesh address range 100.64.0.0/10 is full');
     // Fresh addresses first: a freed address is reused only after wrapping,
     // so a stale peer entry somewhere never points at a new node.
     while (this.used.has(this.next) || this.next > MAX_INDEX) {

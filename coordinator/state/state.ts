@@ -5,9 +5,26 @@
 import { randomBytes } from 'node:crypto';
 import type { Kysely, Transaction } from 'kysely';
 import { isDnsLabel, isTag, toDnsLabel } from '../../proto/names.js';
-import { type CompiledPolicy, compilePolicy, type Policy, type PolicyNode, parsePolicy, PolicyError, runPolicyTests, type PolicyTestOutcome } from '../policy/index.js';
+import {
+  type CompiledPolicy,
+  compilePolicy,
+  type Policy,
+  PolicyError,
+  type PolicyNode,
+  type PolicyTestOutcome,
+  parsePolicy,
+  runPolicyTests,
+} from '../policy/index.js';
 import type { Database } from '../store/schema.js';
-import { CoordinatorError, denied, exists, invalid, notFound, precondition, unauthenticated } from './errors.js';
+import {
+  CoordinatorError,
+  denied,
+  exists,
+  invalid,
+  notFound,
+  precondition,
+  unauthenticated,
+} from './errors.js';
 import { AddressPool, ipv4ForIndex, ipv6ForIndex } from './ipam.js';
 import { type AuthKeyRecord, authKeyFromRow, type NodeRecord, nodeFromRow, nodeToRow } from './records.js';
 import { issueSecret, parseSecret, secretMatches } from './secrets.js';
@@ -104,10 +121,19 @@ export class State {
     for (const r of rows) s.indexNode(nodeFromRow(r));
     s.pool = new AddressPool(rows.map((r) => Number(r.ip_index)));
     for (const p of await db.selectFrom('policies').selectAll().execute()) {
-      s.policies.set(p.project, { source: p.source, parsed: parsePolicy(p.source), updatedAt: Number(p.updated_at) });
+      s.policies.set(p.project, {
+        source: p.source,
+        parsed: parsePolicy(p.source),
+        updatedAt: Number(p.updated_at),
+      });
     }
     for (const v of await db.selectFrom('desired_versions').selectAll().execute()) {
-      s.versionMap(v.project).set(v.tag, { project: v.project, tag: v.tag, version: v.version, updatedAt: Number(v.updated_at) });
+      s.versionMap(v.project).set(v.tag, {
+        project: v.project,
+        tag: v.tag,
+        version: v.version,
+        updatedAt: Number(v.updated_at),
+      });
     }
     return s;
   }
@@ -124,7 +150,13 @@ export class State {
     for (const l of this.listeners) l(e);
   }
 
-  private async audit(tx: Transaction<Database>, actor: string, action: string, target: string, detail: object = {}) {
+  private async audit(
+    tx: Transaction<Database>,
+    actor: string,
+    action: string,
+    target: string,
+    detail: object = {},
+  ) {
     await tx
       .insertInto('audit_log')
       .values({ at: this.now(), actor, action, target, detail: JSON.stringify(detail) })
@@ -146,7 +178,8 @@ export class State {
   }
 
   async createProject(actor: string, name: string): Promise<ProjectRecord> {
-    if (!isDnsLabel(name)) throw invalid(`project name "${name}" must be a DNS label (a-z, 0-9, -; at most 63)`);
+    if (!isDnsLabel(name))
+      throw invalid(`project name "${name}" must be a DNS label (a-z, 0-9, -; at most 63)`);
     if (this.projects.has(name)) throw exists(`project "${name}" already exists`);
     const p = { name, createdAt: this.now() };
     await this.db.transaction().execute(async (tx) => {
@@ -162,7 +195,9 @@ export class State {
     this.requireProject(name);
     const members = this.projectNodes(name);
     if (members.length > 0 && !force) {
-      throw precondition(`project "${name}" still has ${members.length} node(s); delete them first or use --force`);
+      throw precondition(
+        `project "${name}" still has ${members.length} node(s); delete them first or use --force`,
+      );
     }
     await this.db.transaction().execute(async (tx) => {
       await tx.deleteFrom('nodes').where('project', '=', name).execute();
@@ -181,11 +216,20 @@ export class State {
 
   async createAuthKey(
     actor: string,
-    opts: { project: string; reusable: boolean; ephemeral: boolean; expiresInMs: number; tags: string[]; reason: string },
+    opts: {
+      project: string;
+      reusable: boolean;
+      ephemeral: boolean;
+      expiresInMs: number;
+      tags: string[];
+      reason: string;
+    },
   ): Promise<{ record: AuthKeyRecord; key: string }> {
     this.requireProject(opts.project);
-    for (const t of opts.tags) if (!isTag(t)) throw invalid(`"${t}" is not a tag (tag:NAME, NAME a DNS label)`);
-    if (opts.expiresInMs <= 0 || opts.expiresInMs > 3650 * DAY) throw invalid('expiration must be between 1s and 3650d');
+    for (const t of opts.tags)
+      if (!isTag(t)) throw invalid(`"${t}" is not a tag (tag:NAME, NAME a DNS label)`);
+    if (opts.expiresInMs <= 0 || opts.expiresInMs > 3650 * DAY)
+      throw invalid('expiration must be between 1s and 3650d');
     const issued = issueSecret('auth');
     const now = this.now();
     const record: AuthKeyRecord = {
@@ -230,7 +274,12 @@ export class State {
 
   async listAuthKeys(project: string): Promise<AuthKeyRecord[]> {
     this.requireProject(project);
-    const rows = await this.db.selectFrom('auth_keys').selectAll().where('project', '=', project).orderBy('created_at').execute();
+    const rows = await this.db
+      .selectFrom('auth_keys')
+      .selectAll()
+      .where('project', '=', project)
+      .orderBy('created_at')
+      .execute();
     return rows.map(authKeyFromRow);
   }
 
@@ -251,15 +300,35 @@ export class State {
 
   // ---- API keys
 
-  async createApiKey(actor: string, expiresInMs: number, description: string): Promise<{ record: ApiKeyRecord; key: string }> {
-    if (expiresInMs <= 0 || expiresInMs > 3650 * DAY) throw invalid('expiration must be between 1s and 3650d');
+  async createApiKey(
+    actor: string,
+    expiresInMs: number,
+    description: string,
+  ): Promise<{ record: ApiKeyRecord; key: string }> {
+    if (expiresInMs <= 0 || expiresInMs > 3650 * DAY)
+      throw invalid('expiration must be between 1s and 3650d');
     const issued = issueSecret('api');
     const now = this.now();
-    const record: ApiKeyRecord = { id: issued.id, description, createdAt: now, expiresAt: now + expiresInMs, lastSeen: null, revokedAt: null };
+    const record: ApiKeyRecord = {
+      id: issued.id,
+      description,
+      createdAt: now,
+      expiresAt: now + expiresInMs,
+      lastSeen: null,
+      revokedAt: null,
+    };
     await this.db.transaction().execute(async (tx) => {
       await tx
         .insertInto('api_keys')
-        .values({ id: record.id, secret_hash: issued.hash, description, created_at: now, expires_at: record.expiresAt, last_seen: null, revoked_at: null })
+        .values({
+          id: record.id,
+          secret_hash: issued.hash,
+          description,
+          created_at: now,
+          expires_at: record.expiresAt,
+          last_seen: null,
+          revoked_at: null,
+        })
         .execute();
       await this.audit(tx, actor, 'apikey.create', record.id, { description, expiresAt: record.expiresAt });
     });
@@ -281,7 +350,12 @@ export class State {
   async expireApiKey(actor: string, id: string): Promise<ApiKeyRecord> {
     const now = this.now();
     await this.db.transaction().execute(async (tx) => {
-      const r = await tx.updateTable('api_keys').set({ revoked_at: now }).where('id', '=', id).where('revoked_at', 'is', null).executeTakeFirst();
+      const r = await tx
+        .updateTable('api_keys')
+        .set({ revoked_at: now })
+        .where('id', '=', id)
+        .where('revoked_at', 'is', null)
+        .executeTakeFirst();
       if (r.numUpdatedRows === 0n) {
         const found = await tx.selectFrom('api_keys').select('id').where('id', '=', id).executeTakeFirst();
         if (!found) throw notFound(`API key ${id} does not exist`);
@@ -291,7 +365,11 @@ export class State {
     return this.requireApiKey(id);
   }
 
-  async rotateApiKey(actor: string, id: string, expiresInMs: number | null): Promise<{ record: ApiKeyRecord; key: string }> {
+  async rotateApiKey(
+    actor: string,
+    id: string,
+    expiresInMs: number | null,
+  ): Promise<{ record: ApiKeyRecord; key: string }> {
     const old = await this.requireApiKey(id);
     const lifetime = expiresInMs ?? old.expiresAt - old.createdAt;
     const created = await this.createApiKey(actor, lifetime, old.description);
@@ -309,11 +387,16 @@ export class State {
   async authenticateApiKey(text: string): Promise<string> {
     const parsed = parseSecret('api', text);
     if (!parsed) throw unauthenticated('malformed API key (expected mgkey-api-…)');
-    const row = await this.db.selectFrom('api_keys').selectAll().where('id', '=', parsed.id).executeTakeFirst();
+    const row = await this.db
+      .selectFrom('api_keys')
+      .selectAll()
+      .where('id', '=', parsed.id)
+      .executeTakeFirst();
     if (!row || !secretMatches(parsed.secret, row.secret_hash)) throw unauthenticated('unknown API key');
     const now = this.now();
     if (row.revoked_at !== null) throw unauthenticated(`API key ${row.id} was expired`);
-    if (Number(row.expires_at) <= now) throw unauthenticated(`API key ${row.id} expired; create a new one with "meshgate apikeys create"`);
+    if (Number(row.expires_at) <= now)
+      throw unauthenticated(`API key ${row.id} expired; create a new one with "meshgate apikeys create"`);
     if (now - (this.apiKeySeen.get(row.id) ?? 0) > API_KEY_SEEN_WRITE_MS) {
       this.apiKeySeen.set(row.id, now);
       await this.db.updateTable('api_keys').set({ last_seen: now }).where('id', '=', row.id).execute();
@@ -354,7 +437,8 @@ export class State {
     if (byName.length > 1) throw invalid(`node name "${ref}" exists in several projects; add --project`);
     const byPrefix = pool.filter((n) => n.id.startsWith(ref));
     if (byPrefix.length === 1) return byPrefix[0]!;
-    if (byPrefix.length > 1) throw invalid(`"${ref}" matches ${byPrefix.length} node ids; give more characters`);
+    if (byPrefix.length > 1)
+      throw invalid(`"${ref}" matches ${byPrefix.length} node ids; give more characters`);
     throw notFound(`no node "${ref}"${project ? ` in project "${project}"` : ''}`);
   }
 
@@ -401,7 +485,11 @@ export class State {
       const node: NodeRecord = { ...known, expiresAt: null, tags, nodeKey: input.nodeKey };
       await this.db.transaction().execute(async (tx) => {
         await this.spendAuthKey(tx, key);
-        await tx.updateTable('nodes').set({ expires_at: null, tags: JSON.stringify(tags), node_key: input.nodeKey }).where('id', '=', known.id).execute();
+        await tx
+          .updateTable('nodes')
+          .set({ expires_at: null, tags: JSON.stringify(tags), node_key: input.nodeKey })
+          .where('id', '=', known.id)
+          .execute();
       });
       this.replaceNode(node);
       this.emit({ type: 'node-added', node });
@@ -478,32 +566,50 @@ export class State {
 
   private async checkAuthKey(text: string, known: NodeRecord | undefined): Promise<AuthKeyRecord> {
     if (!text) {
-      throw unauthenticated(known ? `node ${known.name} has expired; register again with a new auth key` : 'an auth key is required to register a new machine');
+      throw unauthenticated(
+        known
+          ? `node ${known.name} has expired; register again with a new auth key`
+          : 'an auth key is required to register a new machine',
+      );
     }
     const parsed = parseSecret('auth', text);
     if (!parsed) throw unauthenticated('malformed auth key (expected mgkey-auth-…)');
-    const row = await this.db.selectFrom('auth_keys').selectAll().where('id', '=', parsed.id).executeTakeFirst();
+    const row = await this.db
+      .selectFrom('auth_keys')
+      .selectAll()
+      .where('id', '=', parsed.id)
+      .executeTakeFirst();
     if (!row || !secretMatches(parsed.secret, row.secret_hash)) throw unauthenticated('unknown auth key');
     const key = authKeyFromRow(row);
     if (key.revokedAt !== null) throw unauthenticated(`auth key ${key.id} was expired by an admin`);
     if (key.expiresAt <= this.now()) throw unauthenticated(`auth key ${key.id} expired; ask for a new one`);
-    if (!key.reusable && key.usedCount > 0) throw unauthenticated(`auth key ${key.id} is single-use and was already used by another machine`);
-    if (known && known.project !== key.project) throw denied(`auth key ${key.id} belongs to another project than node ${known.name}`);
-    if (!this.projects.has(key.project)) throw unauthenticated(`auth key ${key.id} belongs to a deleted project`);
+    if (!key.reusable && key.usedCount > 0)
+      throw unauthenticated(`auth key ${key.id} is single-use and was already used by another machine`);
+    if (known && known.project !== key.project)
+      throw denied(`auth key ${key.id} belongs to another project than node ${known.name}`);
+    if (!this.projects.has(key.project))
+      throw unauthenticated(`auth key ${key.id} belongs to a deleted project`);
     return key;
   }
 
   private async spendAuthKey(tx: Transaction<Database>, key: AuthKeyRecord): Promise<void> {
-    let q = tx.updateTable('auth_keys').set((eb) => ({ used_count: eb('used_count', '+', 1) })).where('id', '=', key.id);
+    let q = tx
+      .updateTable('auth_keys')
+      .set((eb) => ({ used_count: eb('used_count', '+', 1) }))
+      .where('id', '=', key.id);
     if (!key.reusable) q = q.where('used_count', '=', 0);
     const r = await q.executeTakeFirst();
-    if (r.numUpdatedRows === 0n) throw unauthenticated(`auth key ${key.id} is single-use and was already used by another machine`);
+    if (r.numUpdatedRows === 0n)
+      throw unauthenticated(`auth key ${key.id} is single-use and was already used by another machine`);
   }
 
   private tagsFor(key: AuthKeyRecord, requested: string[]): string[] {
     for (const t of requested) {
       if (!isTag(t)) throw invalid(`"${t}" is not a tag (tag:NAME)`);
-      if (!key.tags.includes(t)) throw denied(`auth key ${key.id} does not allow ${t} (it allows: ${key.tags.join(', ') || 'no tags'})`);
+      if (!key.tags.includes(t))
+        throw denied(
+          `auth key ${key.id} does not allow ${t} (it allows: ${key.tags.join(', ') || 'no tags'})`,
+        );
     }
     return requested.length ? [...new Set(requested)].sort() : key.tags;
   }
@@ -551,7 +657,11 @@ export class State {
     const n = this.nodes.get(id);
     if (!n || sameList(endpoints, n.endpoints)) return;
     n.endpoints = endpoints;
-    await this.db.updateTable('nodes').set({ endpoints: JSON.stringify(endpoints) }).where('id', '=', id).execute();
+    await this.db
+      .updateTable('nodes')
+      .set({ endpoints: JSON.stringify(endpoints) })
+      .where('id', '=', id)
+      .execute();
     this.emit({ type: 'node-patched', node: n, endpointsChanged: true });
   }
 
@@ -608,12 +718,22 @@ export class State {
     this.emit({ type: 'node-removed', node: n });
   }
 
-  async expireNode(actor: string, ref: string, project: string | undefined, at: number | null): Promise<NodeRecord> {
+  async expireNode(
+    actor: string,
+    ref: string,
+    project: string | undefined,
+    at: number | null,
+  ): Promise<NodeRecord> {
     const n = this.resolveNode(ref, project);
     return this.changeNode(actor, n, 'node.expire', { expiresAt: at }, { expires_at: at });
   }
 
-  async renameNode(actor: string, ref: string, project: string | undefined, name: string): Promise<NodeRecord> {
+  async renameNode(
+    actor: string,
+    ref: string,
+    project: string | undefined,
+    name: string,
+  ): Promise<NodeRecord> {
     const n = this.resolveNode(ref, project);
     if (!isDnsLabel(name)) throw invalid(`node name "${name}" must be a DNS label (a-z, 0-9, -; at most 63)`);
     if (this.projectNodes(n.project).some((o) => o.name === name && o.id !== n.id)) {
@@ -622,18 +742,35 @@ export class State {
     return this.changeNode(actor, n, 'node.rename', { name }, { name });
   }
 
-  async setNodeTags(actor: string, ref: string, project: string | undefined, tags: string[]): Promise<NodeRecord> {
+  async setNodeTags(
+    actor: string,
+    ref: string,
+    project: string | undefined,
+    tags: string[],
+  ): Promise<NodeRecord> {
     const n = this.resolveNode(ref, project);
     for (const t of tags) if (!isTag(t)) throw invalid(`"${t}" is not a tag (tag:NAME)`);
     const sorted = [...new Set(tags)].sort();
     return this.changeNode(actor, n, 'node.tag', { tags: sorted }, { tags: JSON.stringify(sorted) });
   }
 
-  async setNodeRoutes(actor: string, ref: string, project: string | undefined, routes: string[]): Promise<NodeRecord> {
+  async setNodeRoutes(
+    actor: string,
+    ref: string,
+    project: string | undefined,
+    routes: string[],
+  ): Promise<NodeRecord> {
     const n = this.resolveNode(ref, project);
     const notAdvertised = routes.filter((r) => !n.advertisedRoutes.includes(r));
-    if (notAdvertised.length) throw precondition(`node ${n.name} does not advertise ${notAdvertised.join(', ')}`);
-    return this.changeNode(actor, n, 'node.routes', { approvedRoutes: routes }, { approved_routes: JSON.stringify(routes) });
+    if (notAdvertised.length)
+      throw precondition(`node ${n.name} does not advertise ${notAdvertised.join(', ')}`);
+    return this.changeNode(
+      actor,
+      n,
+      'node.routes',
+      { approvedRoutes: routes },
+      { approved_routes: JSON.stringify(routes) },
+    );
   }
 
   private async changeNode(
@@ -693,14 +830,24 @@ export class State {
     return m;
   }
 
-  async setDesiredVersion(actor: string, project: string, tag: string, version: string): Promise<DesiredVersionRecord> {
+  async setDesiredVersion(
+    actor: string,
+    project: string,
+    tag: string,
+    version: string,
+  ): Promise<DesiredVersionRecord> {
     this.requireProject(project);
     if (tag && !isTag(tag)) throw invalid(`"${tag}" is not a tag (tag:NAME)`);
-    if (version.length > 64 || /\s/.test(version)) throw invalid('version must be at most 64 characters without spaces');
+    if (version.length > 64 || /\s/.test(version))
+      throw invalid('version must be at most 64 characters without spaces');
     const rec = { project, tag, version, updatedAt: this.now() };
     await this.db.transaction().execute(async (tx) => {
       await tx.deleteFrom('desired_versions').where('project', '=', project).where('tag', '=', tag).execute();
-      if (version) await tx.insertInto('desired_versions').values({ project, tag, version, updated_at: rec.updatedAt }).execute();
+      if (version)
+        await tx
+          .insertInto('desired_versions')
+          .values({ project, tag, version, updated_at: rec.updatedAt })
+          .execute();
       await this.audit(tx, actor, version ? 'version.set' : 'version.remove', project, { tag, version });
     });
     if (version) this.versionMap(project).set(tag, rec);
@@ -711,7 +858,9 @@ export class State {
 
   listDesiredVersions(project?: string): DesiredVersionRecord[] {
     if (project) this.requireProject(project);
-    const all = project ? [...(this.versions.get(project)?.values() ?? [])] : [...this.versions.values()].flatMap((m) => [...m.values()]);
+    const all = project
+      ? [...(this.versions.get(project)?.values() ?? [])]
+      : [...this.versions.values()].flatMap((m) => [...m.values()]);
     return all.sort((a, b) => a.project.localeCompare(b.project) || a.tag.localeCompare(b.tag));
   }
 
@@ -774,7 +923,14 @@ export class State {
 }
 
 export function policyNode(n: NodeRecord): PolicyNode {
-  return { id: n.id, name: n.name, ips: [n.ipv4, n.ipv6], tags: n.tags, owner: n.authKeyId, routes: n.approvedRoutes };
+  return {
+    id: n.id,
+    name: n.name,
+    ips: [n.ipv4, n.ipv6],
+    tags: n.tags,
+    owner: n.authKeyId,
+    routes: n.approvedRoutes,
+  };
 }
 
 function parseOrInvalid(source: string): Policy {

@@ -57,5 +57,7 @@ function openSqlite(url: string): Kysely<Database> {
 function openPostgres(url: string): Kysely<Database> {
   // Times are stored as bigint milliseconds; they fit a JS number exactly.
   pg.types.setTypeParser(pg.types.builtins.INT8, (v) => Number(v));
-  return new Kysely<Database>({ dialect: new PostgresDialect({ pool: new pg.Pool({ connectionString: url, max: 10 }) }) });
+  return new Kysely<Database>({
+    dialect: new PostgresDialect({ pool: new pg.Pool({ connectionString: url, max: 10 }) }),
+  });
 }

@@ -10,7 +10,12 @@ import { after, before, describe, it } from 'node:test';
 import { SimAgent } from './harness.js';
 import { meshgate, type Started, startCoordinator, stop } from './process.js';
 
-function https(dataDir: string, port: number, path: string, apiKey?: string): Promise<{ status: number; body: string }> {
+function https(
+  dataDir: string,
+  port: number,
+  path: string,
+  apiKey?: string,
+): Promise<{ status: number; body: string }> {
   return new Promise((resolve, reject) => {
     const req = request(
       {
@@ -52,7 +57,14 @@ describe('meshgate CLI against a coordinator process', () => {
     const fp = await meshgate(['coordinator', 'fingerprint', '--data-dir', dataDir]);
     assert.equal(fp.stdout.trim(), c.fingerprint);
 
-    const created = await meshgate(['apikeys', 'create', '--socket', join(dataDir, 'admin.sock'), '-o', 'json']);
+    const created = await meshgate([
+      'apikeys',
+      'create',
+      '--socket',
+      join(dataDir, 'admin.sock'),
+      '-o',
+      'json',
+    ]);
     assert.equal(created.code, 0, created.stderr);
     const k = JSON.parse(created.stdout);
     assert.match(k.key, /^mgkey-api-[0-9a-f]{12}-/);
@@ -63,15 +75,22 @@ describe('meshgate CLI against a coordinator process', () => {
 
     const project = await meshgate(['projects', 'create', 'demo', ...remote], env);
     assert.equal(project.code, 0, project.stderr);
-    const key = await meshgate(['keys', 'create', '--project', 'demo', '--ephemeral', '--tags', 'tag:ops', '-o', 'json', ...remote], env);
+    const key = await meshgate(
+      ['keys', 'create', '--project', 'demo', '--ephemeral', '--tags', 'tag:ops', '-o', 'json', ...remote],
+      env,
+    );
     assert.equal(key.code, 0, key.stderr);
     const ak = JSON.parse(key.stdout);
-    for (const f of ['id', 'key', 'project', 'reusable', 'ephemeral', 'expiresAt']) assert.ok(f in ak, `keys create -o json has ${f}`);
+    for (const f of ['id', 'key', 'project', 'reusable', 'ephemeral', 'expiresAt'])
+      assert.ok(f in ak, `keys create -o json has ${f}`);
     assert.equal(ak.project, 'demo');
     assert.equal(ak.ephemeral, true);
     assert.equal(ak.reusable, false);
 
-    const vpn = await meshgate(['vpn', 'key', '--project', 'demo', '--ephemeral', '--expiration', '1h', ...remote], env);
+    const vpn = await meshgate(
+      ['vpn', 'key', '--project', 'demo', '--ephemeral', '--expiration', '1h', ...remote],
+      env,
+    );
     assert.match(vpn.stdout, /^mgkey-auth-[0-9a-f]{12}-[A-Za-z0-9_-]{43}\n$/, 'vpn key prints the key alone');
 
     const nodes = await meshgate(['nodes', 'list', '-o', 'json', ...remote], env);
@@ -83,7 +102,17 @@ describe('meshgate CLI against a coordinator process', () => {
     agent.close();
     const listed = JSON.parse((await meshgate(['nodes', 'list', '-o', 'json', ...remote], env)).stdout);
     assert.equal(listed.length, 1);
-    for (const f of ['id', 'name', 'project', 'ipAddresses', 'online', 'lastSeen', 'version', 'tags', 'ephemeral']) {
+    for (const f of [
+      'id',
+      'name',
+      'project',
+      'ipAddresses',
+      'online',
+      'lastSeen',
+      'version',
+      'tags',
+      'ephemeral',
+    ]) {
       assert.ok(f in listed[0], `nodes list -o json has ${f}`);
     }
     assert.deepEqual(listed[0].tags, ['tag:ops']);
@@ -99,13 +128,31 @@ describe('meshgate CLI against a coordinator process', () => {
     });
     assert.equal(wrongKey.code, 1);
     assert.equal(wrongKey.stderr, 'meshgate: unknown API key\n');
-    const wrongPin = await meshgate(['projects', 'list', ...remote, '--fingerprint', `sha256:${'0'.repeat(64)}`], env);
+    const wrongPin = await meshgate(
+      ['projects', 'list', ...remote, '--fingerprint', `sha256:${'0'.repeat(64)}`],
+      env,
+    );
     assert.equal(wrongPin.code, 1);
-    assert.match(wrongPin.stderr, /^meshgate: fingerprint mismatch for 127\.0\.0\.1:\d+: expected sha256:0+, server has sha256:[0-9a-f]{64}\n$/);
-    const down = await meshgate(['projects', 'list', '--coordinator', 'grpcs://127.0.0.1:1', '--fingerprint', c.fingerprint], env);
+    assert.match(
+      wrongPin.stderr,
+      /^meshgate: fingerprint mismatch for 127\.0\.0\.1:\d+: expected sha256:0+, server has sha256:[0-9a-f]{64}\n$/,
+    );
+    const down = await meshgate(
+      ['projects', 'list', '--coordinator', 'grpcs://127.0.0.1:1', '--fingerprint', c.fingerprint],
+      env,
+    );
     assert.equal(down.code, 1);
     assert.match(down.stderr, /^meshgate: cannot reach coordinator at 127\.0\.0\.1:1: ECONNREFUSED\n$/);
-    const badDuration = await meshgate(['keys', 'create', '--project', 'demo', '--expiration', 'soon', '--socket', join(dataDir, 'admin.sock')]);
+    const badDuration = await meshgate([
+      'keys',
+      'create',
+      '--project',
+      'demo',
+      '--expiration',
+      'soon',
+      '--socket',
+      join(dataDir, 'admin.sock'),
+    ]);
     assert.equal(badDuration.code, 1);
     assert.match(badDuration.stderr, /^meshgate: expiration: invalid duration "soon"/);
     assert.equal(badDuration.stderr.split('\n').length, 2, 'one line');
@@ -121,13 +168,19 @@ describe('meshgate CLI against a coordinator process', () => {
     assert.equal((await https(dataDir, c.httpPort, '/api/v1/projects')).status, 401);
     const rest = await https(dataDir, c.httpPort, '/api/v1/projects', apiKey);
     assert.equal(rest.status, 200);
-    assert.deepEqual(JSON.parse(rest.body).projects.map((p: { name: string }) => p.name), ['demo']);
+    assert.deepEqual(
+      JSON.parse(rest.body).projects.map((p: { name: string }) => p.name),
+      ['demo'],
+    );
   });
 
   it('writes every admin mutation to the audit log with its actor', async () => {
     const { default: Database } = await import('better-sqlite3');
     const db = new Database(join(dataDir, 'meshgate.db'), { readonly: true });
-    const rows = db.prepare('select actor, action from audit_log order by id').all() as { actor: string; action: string }[];
+    const rows = db.prepare('select actor, action from audit_log order by id').all() as {
+      actor: string;
+      action: string;
+    }[];
     db.close();
     assert.equal(rows[0]!.actor, 'local-socket');
     assert.equal(rows[0]!.action, 'apikey.create');

@@ -2,11 +2,11 @@ import assert from 'node:assert/strict';
 import { readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import * as grpc from '@grpc/grpc-js';
 import { create, toBinary } from '@bufbuild/protobuf';
+import * as grpc from '@grpc/grpc-js';
+import { dial } from '../../proto/dial.js';
 import { ControlService, RegisterRequestSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
 import { makeClient, methodPath, unary } from '../../proto/grpc.js';
-import { dial } from '../../proto/dial.js';
 import { generateMachineKey, generateNodeKey, type MachineKeyPair } from '../../proto/keys.js';
 import { signCall } from '../../proto/signing.js';
 import { authKey, SimAgent, startTestCoordinator, type TestCoordinator } from './harness.js';
@@ -48,14 +48,20 @@ describe('coordinator over real gRPC + TLS', () => {
     const delta = a.messages.find((m) => m.peersChanged.some((p) => p.id === b.id))!;
     assert.equal(delta.full, undefined, 'b arrived as a delta, not a new full netmap');
     const peerB = a.netmap!.peers.find((p) => p.id === b.id)!;
-    assert.deepEqual(peerB.allowedIps, [`${b.netmap!.self!.ipAddresses[0]}/32`, `${b.netmap!.self!.ipAddresses[1]}/128`]);
+    assert.deepEqual(peerB.allowedIps, [
+      `${b.netmap!.self!.ipAddresses[0]}/32`,
+      `${b.netmap!.self!.ipAddresses[1]}/128`,
+    ]);
     await a.waitFor(() => a.netmap!.peers.find((p) => p.id === b.id)?.online === true, 3000, 'b online');
 
     await t.admin.call('deleteNode', { id: b.id, project: '' });
     await a.waitFor(() => !a.peerIds().includes(b.id), 3000, 'b removed from a');
     await b.waitFor(() => b.ended !== null, 3000, 'b stream closed');
     const nodes = (await t.admin.call('listNodes', { project: 'alpha' })).nodes;
-    assert.deepEqual(nodes.map((n) => n.name), ['web-1']);
+    assert.deepEqual(
+      nodes.map((n) => n.name),
+      ['web-1'],
+    );
     for (let i = 1; i < a.messages.length; i++) assert.equal(a.messages[i]!.seq, a.messages[i - 1]!.seq + 1n);
   });
 
@@ -85,8 +91,14 @@ describe('coordinator over real gRPC + TLS', () => {
     const id = revoked.split('-')[2]!;
     await t.admin.call('expireAuthKey', { id });
     await assert.rejects(agent().register(revoked, 'x'), /was expired by an admin/);
-    await assert.rejects(agent().register('mgkey-auth-000000000000-' + 'A'.repeat(43), 'x'), /unknown auth key/);
-    assert.ok(t.logs.some((l) => l.includes('refused agent call') && l.includes('127.0.0.1')), 'refusals are logged with the peer address');
+    await assert.rejects(
+      agent().register(`mgkey-auth-000000000000-${'A'.repeat(43)}`, 'x'),
+      /unknown auth key/,
+    );
+    assert.ok(
+      t.logs.some((l) => l.includes('refused agent call') && l.includes('127.0.0.1')),
+      'refusals are logged with the peer address',
+    );
   });
 
   it('keeps two projects apart', async () => {
@@ -128,14 +140,27 @@ describe('coordinator over real gRPC + TLS', () => {
     await fw.waitFor(() => (fw.netmap!.packetFilter?.rules.length ?? 0) > 0, 3000, 'fw filter');
     const rule = fw.netmap!.packetFilter!.rules[0]!;
     assert.ok(rule.srcCidrs.includes(`${ops.netmap!.self!.ipAddresses[0]}/32`));
-    assert.deepEqual(rule.ports.map((p) => [p.first, p.last]), [[22, 22]]);
+    assert.deepEqual(
+      rule.ports.map((p) => [p.first, p.last]),
+      [[22, 22]],
+    );
 
-    await assert.rejects(t.admin.call('setPolicy', { project: 'pol', policy: '{ "acls": [ { "action": "accept", "src": ["tag:nope"], "dst": ["*:*"] } ] }' }), (err: grpc.ServiceError) => {
-      assert.equal(err.code, grpc.status.INVALID_ARGUMENT);
-      assert.match(err.details, /1:\d+/);
-      return true;
-    });
-    assert.equal((await t.admin.call('getPolicy', { project: 'pol' })).policy, policy, 'old policy kept on error');
+    await assert.rejects(
+      t.admin.call('setPolicy', {
+        project: 'pol',
+        policy: '{ "acls": [ { "action": "accept", "src": ["tag:nope"], "dst": ["*:*"] } ] }',
+      }),
+      (err: grpc.ServiceError) => {
+        assert.equal(err.code, grpc.status.INVALID_ARGUMENT);
+        assert.match(err.details, /1:\d+/);
+        return true;
+      },
+    );
+    assert.equal(
+      (await t.admin.call('getPolicy', { project: 'pol' })).policy,
+      policy,
+      'old policy kept on error',
+    );
 
     await t.admin.call('setPolicy', { project: 'pol', policy: '' });
     await m1.waitFor(() => m1.peerIds().length === 2, 3000, 'policy removed: all see all again');
@@ -191,10 +216,24 @@ describe('coordinator over real gRPC + TLS', () => {
     const forger = generateMachineKey();
     const forged = signCall(forger.secretKey, REGISTER, '', toBinary(RegisterRequestSchema, req));
     await expectRefused(unary(client, ControlService, 'register', req, md(forged)), /another machine key/);
-    const tampered = signCall(machine.secretKey, REGISTER, '', toBinary(RegisterRequestSchema, { ...req, hostname: 'other' }));
+    const tampered = signCall(
+      machine.secretKey,
+      REGISTER,
+      '',
+      toBinary(RegisterRequestSchema, { ...req, hostname: 'other' }),
+    );
     await expectRefused(unary(client, ControlService, 'register', req, md(tampered)), /bad call signature/);
-    const stale = signCall(machine.secretKey, REGISTER, '', toBinary(RegisterRequestSchema, req), Date.now() - 10 * 60_000);
-    await expectRefused(unary(client, ControlService, 'register', req, md(stale)), /off the coordinator's clock/);
+    const stale = signCall(
+      machine.secretKey,
+      REGISTER,
+      '',
+      toBinary(RegisterRequestSchema, req),
+      Date.now() - 10 * 60_000,
+    );
+    await expectRefused(
+      unary(client, ControlService, 'register', req, md(stale)),
+      /off the coordinator's clock/,
+    );
     const good = signCall(machine.secretKey, REGISTER, '', toBinary(RegisterRequestSchema, req));
     await unary(client, ControlService, 'register', req, md(good));
     await expectRefused(unary(client, ControlService, 'register', req, md(good)), /replayed/);

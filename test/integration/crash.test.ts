@@ -17,7 +17,16 @@ it('survives kill -9 during 100 concurrent registrations', async () => {
   let c = await startCoordinator(dataDir);
   try {
     assert.equal((await meshgate(['projects', 'create', 'crash', ...socket])).code, 0);
-    const created = await meshgate(['keys', 'create', '--project', 'crash', '--reusable', '-o', 'json', ...socket]);
+    const created = await meshgate([
+      'keys',
+      'create',
+      '--project',
+      'crash',
+      '--reusable',
+      '-o',
+      'json',
+      ...socket,
+    ]);
     assert.equal(created.code, 0, created.stderr);
     const key = JSON.parse(created.stdout).key as string;
     const url = `grpcs://127.0.0.1:${c.grpcPort}`;
@@ -40,7 +49,11 @@ it('survives kill -9 during 100 concurrent registrations', async () => {
     assert.ok(acked.size < 100, `some registrations were cut off (${acked.size} acknowledged)`);
 
     c = await startCoordinator(dataDir);
-    const nodes = JSON.parse((await meshgate(['nodes', 'list', '-o', 'json', ...socket])).stdout) as { id: string; name: string; ipAddresses: string[] }[];
+    const nodes = JSON.parse((await meshgate(['nodes', 'list', '-o', 'json', ...socket])).stdout) as {
+      id: string;
+      name: string;
+      ipAddresses: string[];
+    }[];
     const v4 = nodes.map((n) => n.ipAddresses[0]);
     assert.equal(new Set(v4).size, nodes.length, 'no address is shared');
     for (const n of nodes) assert.equal(n.ipAddresses.length, 2, `${n.name} has both addresses`);
@@ -56,7 +69,9 @@ it('survives kill -9 during 100 concurrent registrations', async () => {
         retry.close();
       }),
     );
-    const all = JSON.parse((await meshgate(['nodes', 'list', '-o', 'json', ...socket])).stdout) as { ipAddresses: string[] }[];
+    const all = JSON.parse((await meshgate(['nodes', 'list', '-o', 'json', ...socket])).stdout) as {
+      ipAddresses: string[];
+    }[];
     assert.equal(all.length, 100);
     assert.equal(new Set(all.map((n) => n.ipAddresses[0])).size, 100);
     assert.equal(new Set(all.map((n) => n.ipAddresses[1])).size, 100);

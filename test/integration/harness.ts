@@ -8,10 +8,14 @@ import { create } from '@bufbuild/protobuf';
 import type * as grpc from '@grpc/grpc-js';
 import pino from 'pino';
 import { ControlClient } from '../../agent/control/client.js';
+import { type AdminClient, connectAdmin } from '../../cli/admin-client.js';
 import { type CoordinatorConfig, loadConfig } from '../../coordinator/config.js';
 import { type Coordinator, startCoordinator } from '../../coordinator/server.js';
-import { connectAdmin, type AdminClient } from '../../cli/admin-client.js';
-import { type SyncRequest, SyncRequestSchema, type SyncResponse } from '../../proto/gen/meshgate/v1/control_pb.js';
+import {
+  type SyncRequest,
+  SyncRequestSchema,
+  type SyncResponse,
+} from '../../proto/gen/meshgate/v1/control_pb.js';
 import type { NetMap } from '../../proto/gen/meshgate/v1/types_pb.js';
 import { generateMachineKey, generateNodeKey, type MachineKeyPair } from '../../proto/keys.js';
 import { applySync } from '../../proto/netmap.js';
@@ -27,17 +31,23 @@ export interface TestCoordinator {
   close(): Promise<void>;
 }
 
-export async function startTestCoordinator(overrides: Record<string, unknown> = {}): Promise<TestCoordinator> {
+export async function startTestCoordinator(
+  overrides: Record<string, unknown> = {},
+): Promise<TestCoordinator> {
   const dataDir = mkdtempSync(join(tmpdir(), 'meshgate-it-'));
-  const config = loadConfig(undefined, {}, {
-    dataDir,
-    grpcListen: '127.0.0.1:0',
-    httpListen: '127.0.0.1:0',
-    logLevel: 'debug',
-    coalesceWindow: '10ms',
-    registrationRate: { perSecond: 1000, burst: 1000 },
-    ...overrides,
-  });
+  const config = loadConfig(
+    undefined,
+    {},
+    {
+      dataDir,
+      grpcListen: '127.0.0.1:0',
+      httpListen: '127.0.0.1:0',
+      logLevel: 'debug',
+      coalesceWindow: '10ms',
+      registrationRate: { perSecond: 1000, burst: 1000 },
+      ...overrides,
+    },
+  );
   const logs: string[] = [];
   const sink = new Writable({
     write(chunk, _enc, cb) {
@@ -103,7 +113,12 @@ export class SimAgent {
     channelOptions: grpc.ChannelOptions = {},
   ) {
     this.machine = machine ?? generateMachineKey();
-    this.client = new ControlClient({ url, fingerprint, machineSecretKey: this.machine.secretKey, channelOptions });
+    this.client = new ControlClient({
+      url,
+      fingerprint,
+      machineSecretKey: this.machine.secretKey,
+      channelOptions,
+    });
   }
 
   get id(): string {
@@ -145,7 +160,11 @@ export class SimAgent {
       this.ended = err;
       this.wake();
     });
-    stream.write(create(SyncRequestSchema, { message: { case: 'hello', value: { version: '0.1.0', endpoints: ['192.0.2.10:41641'] } } }));
+    stream.write(
+      create(SyncRequestSchema, {
+        message: { case: 'hello', value: { version: '0.1.0', endpoints: ['192.0.2.10:41641'] } },
+      }),
+    );
     await this.waitFor(() => this.netmap !== null || this.ended !== null, 5000, 'full netmap');
     if (!this.netmap) {
       const e = this.ended as { details?: string; message?: string } | null;

@@ -12,8 +12,12 @@ export interface Run {
 
 export function meshgate(args: string[], env: Record<string, string> = {}): Promise<Run> {
   return new Promise((resolve) => {
-    execFile(process.execPath, [BIN, ...args], { env: { ...process.env, ...env }, timeout: 60_000 }, (err, stdout, stderr) =>
-      resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr }),
+    execFile(
+      process.execPath,
+      [BIN, ...args],
+      { env: { ...process.env, ...env }, timeout: 60_000 },
+      (err, stdout, stderr) =>
+        resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr }),
     );
   });
 }
@@ -29,7 +33,18 @@ export function startCoordinator(dataDir: string): Promise<Started> {
   return new Promise((resolve, reject) => {
     const proc = spawn(
       process.execPath,
-      [BIN, 'coordinator', '--data-dir', dataDir, '--grpc-listen', '127.0.0.1:0', '--http-listen', '127.0.0.1:0', '--log-level', 'warn'],
+      [
+        BIN,
+        'coordinator',
+        '--data-dir',
+        dataDir,
+        '--grpc-listen',
+        '127.0.0.1:0',
+        '--http-listen',
+        '127.0.0.1:0',
+        '--log-level',
+        'warn',
+      ],
       { stdio: ['ignore', 'pipe', 'pipe'] },
     );
     let out = '';
@@ -42,7 +57,8 @@ export function startCoordinator(dataDir: string): Promise<Started> {
       const grpc = /gRPC\s+\S+:(\d+)/.exec(out);
       const http = /HTTP\s+\S+:(\d+)/.exec(out);
       const fp = /fingerprint\s+(sha256:[0-9a-f]{64})/.exec(out);
-      if (grpc && http && fp) resolve({ proc, grpcPort: Number(grpc[1]), httpPort: Number(http[1]), fingerprint: fp[1]! });
+      if (grpc && http && fp)
+        resolve({ proc, grpcPort: Number(grpc[1]), httpPort: Number(http[1]), fingerprint: fp[1]! });
     });
     proc.once('exit', (code) => reject(new Error(`coordinator exited with ${code}: ${err}`)));
   });
@@ -55,4 +71,3 @@ export function stop(proc: ChildProcess, signal: NodeJS.Signals = 'SIGTERM'): Pr
     proc.kill(signal);
   });
 }
-
