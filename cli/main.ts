@@ -2,7 +2,9 @@
 import { Command, CommanderError } from 'commander';
 import { VERSION } from '../coordinator/server.js';
 import { registerAdminCommands } from './commands/admin.js';
+import { registerAgentCommand } from './commands/agent.js';
 import { registerCoordinatorCommands } from './commands/coordinator.js';
+import { registerLocalCommands } from './commands/local.js';
 import { describeError } from './errors.js';
 
 export function buildProgram(): Command {
@@ -14,6 +16,8 @@ export function buildProgram(): Command {
     .exitOverride();
   registerCoordinatorCommands(program);
   registerAdminCommands(program);
+  registerAgentCommand(program);
+  registerLocalCommands(program);
   return program;
 }
 

@@ -235,7 +235,7 @@ export class Mapper {
     for (const id of p.upserted) {
       const node = this.state.getNode(id);
       if (!node) continue;
-      for (const other of union(safePeers(oldC, id), safePeers(newC, id))) {
+      for (const other of union(oldC.visiblePeers(id), newC.visiblePeers(id))) {
         const d = delta(other);
         if (!d) continue;
         if (newC.canSee(other, id)) {
@@ -256,7 +256,7 @@ export class Mapper {
       if (this.state.isExpired(node)) this.sessions.get(id)?.session.close(`node ${node.name} has expired`);
     }
     for (const [id, node] of p.removed) {
-      for (const other of safePeers(oldC, id)) {
+      for (const other of oldC.visiblePeers(id)) {
         const d = delta(other);
         if (!d) continue;
         d.removed.add(id);
@@ -279,7 +279,7 @@ export class Mapper {
         endpointsChanged,
         endpoints: endpointsChanged ? this.state.endpointsOf(node) : [],
       });
-      for (const other of safePeers(newC, id)) {
+      for (const other of newC.visiblePeers(id)) {
         const d = delta(other);
         if (d && !d.changed.has(id)) d.patches.push(patch);
       }
@@ -339,8 +339,8 @@ export class Mapper {
     if (oldC === newC) return;
     const d = delta(id);
     if (!d) return;
-    const before = new Set(safePeers(oldC, id));
-    const after = new Set(safePeers(newC, id));
+    const before = new Set(oldC.visiblePeers(id));
+    const after = new Set(newC.visiblePeers(id));
     for (const other of after) {
       if (before.has(other)) continue;
       const n = this.state.getNode(other);
@@ -361,15 +361,6 @@ export class Mapper {
     for (const entry of this.sessions.values()) {
       if (entry.lastSent <= due) this.write(entry, create(SyncResponseSchema, { keepalive: true }));
     }
-  }
-}
-
-/** Peers of a node in a compiled policy, empty when the node is not part of it. */
-function safePeers(c: CompiledPolicy, id: string): string[] {
-  try {
-    return c.visiblePeers(id);
-  } catch {
-    return [];
   }
 }
 

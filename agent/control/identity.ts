@@ -1,0 +1,103 @@
+// The agent's state dir (0700): machine key, node key, node identity and
+// the last netmap, each a 0600 file. A machine keeps its identity across
+// reboots, so re-registering is idempotent and needs no fresh auth key.
+import { chmodSync, existsSync, mkdirSync, readFileSync, renameSync, statSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { fromBinary, toBinary } from '@bufbuild/protobuf';
+import { type NetMap, NetMapSchema } from '../../proto/gen/meshgate/v1/types_pb.js';
+import {
+  encodeWgKey,
+  generateMachineKey,
+  generateNodeKey,
+  type MachineKeyPair,
+  nodePublicKey,
+} from '../../proto/keys.js';
+
+export class StateDirError extends Error {
+  override name = 'StateDirError';
+}
+
+export interface NodeIdentity {
+  id: string;
+  name: string;
+  project: string;
+  ipAddresses: string[];
+}
+
+export interface Identity {
+  machine: MachineKeyPair;
+  /** WireGuard private key, 32 bytes. */
+  nodeSecret: Uint8Array;
+  nodePublic: Uint8Array;
+  node: NodeIdentity | null;
+}
+
+function writeSecretFile(path: string, data: string | Uint8Array): void {
+  const tmp = `${path}.tmp`;
+  writeFileSync(tmp, data, { mode: 0o600 });
+  chmodSync(tmp, 0o600);
+  renameSync(tmp, path);
+}
+
+function checkPrivate(path: string): void {
+  const mode = statSync(path).mode & 0o777;
+  if (mode & 0o077)
+    throw new StateDirError(
+      `${path} is accessible by group or others (mode ${mode.toString(8)}); run: chmod go-rwx ${path}`,
+    );
+}
+
+export class StateDir {
+  constructor(readonly dir: string) {}
+
+  private path(name: string): string {
+    return join(this.dir, name);
+  }
+
+  /** Loads the identity, making keys on first start. */
+  load(): Identity {
+    if (!existsSync(this.dir)) mkdirSync(this.dir, { recursive: true, mode: 0o700 });
+    checkPrivate(this.dir);
+    const machinePath = this.path('machine.key');
+    const nodePath = this.path('node.key');
+    if (!existsSync(machinePath))
+      writeSecretFile(machinePath, Buffer.from(generateMachineKey().secretKey).toString('base64'));
+    if (!existsSync(nodePath)) writeSecretFile(nodePath, encodeWgKey(generateNodeKey().secretKey));
+    for (const p of [machinePath, nodePath]) checkPrivate(p);
+    const machineSecret = new Uint8Array(Buffer.from(readFileSync(machinePath, 'utf8').trim(), 'base64'));
+    if (machineSecret.length !== 64)
+      throw new StateDirError(`${machinePath} is not a machine key; move it away to make a new identity`);
+    const nodeSecret = new Uint8Array(Buffer.from(readFileSync(nodePath, 'utf8').trim(), 'base64'));
+    if (nodeSecret.length !== 32) throw new StateDirError(`${nodePath} is not a WireGuard key`);
+    const nodeFile = this.path('node.json');
+    return {
+      machine: { secretKey: machineSecret, publicKey: machineSecret.slice(32) },
+      nodeSecret,
+      nodePublic: nodePublicKey(nodeSecret),
+      node: existsSync(nodeFile) ? (JSON.parse(readFileSync(nodeFile, 'utf8')) as NodeIdentity) : null,
+    };
+  }
+
+  /** The WireGuard private key as a file, for `wg set … private-key FILE`. */
+  get nodeKeyFile(): string {
+    return this.path('node.key');
+  }
+
+  saveNode(node: NodeIdentity): void {
+    writeSecretFile(this.path('node.json'), JSON.stringify(node, null, 2));
+  }
+
+  saveNetMap(map: NetMap): void {
+    writeSecretFile(this.path('netmap.bin'), toBinary(NetMapSchema, map));
+  }
+
+  loadNetMap(): NetMap | null {
+    const p = this.path('netmap.bin');
+    if (!existsSync(p)) return null;
+    try {
+      return fromBinary(NetMapSchema, readFileSync(p));
+    } catch {
+      return null;
+    }
+  }
+}

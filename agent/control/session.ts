@@ -1,0 +1,201 @@
+// Keeps the agent registered and its sync stream open: registers (or
+// re-registers, idempotently) and holds the stream, reconnecting with
+// backoff and jitter whenever the coordinator goes away. Every netmap it
+// receives is handed to `onNetMap`.
+import { EventEmitter } from 'node:events';
+import { create } from '@bufbuild/protobuf';
+import * as grpc from '@grpc/grpc-js';
+import {
+  type SyncRequest,
+  SyncRequestSchema,
+  type SyncResponse,
+} from '../../proto/gen/meshgate/v1/control_pb.js';
+import type { NetMap, Node } from '../../proto/gen/meshgate/v1/types_pb.js';
+import { applySync } from '../../proto/netmap.js';
+import { Backoff } from './backoff.js';
+import type { ControlClient } from './client.js';
+
+export class AgentError extends Error {
+  override name = 'AgentError';
+}
+
+export interface RegistrationInfo {
+  authKey: () => string;
+  nodePublic: Uint8Array;
+  machinePublic: Uint8Array;
+  hostname: string;
+  os: string;
+  version: string;
+  requestedTags: string[];
+  advertisedRoutes: string[];
+  endpoints: () => string[];
+}
+
+export type ConnectionState = 'connecting' | 'connected' | 'offline';
+
+export interface SessionEvents {
+  netmap: [NetMap];
+  registered: [Node];
+  state: [ConnectionState, string];
+}
+
+/** Refusals that waiting will not fix. */
+const PERMANENT = new Set([
+  grpc.status.UNAUTHENTICATED,
+  grpc.status.PERMISSION_DENIED,
+  grpc.status.INVALID_ARGUMENT,
+]);
+
+export class ControlSession extends EventEmitter<SessionEvents> {
+  private stream: grpc.ClientDuplexStream<SyncRequest, SyncResponse> | null = null;
+  private netmap: NetMap | null = null;
+  private seq = 0n;
+  private stopped = false;
+  private timer: NodeJS.Timeout | null = null;
+  private readonly backoff = new Backoff(500, 30_000);
+  state: ConnectionState = 'connecting';
+  lastError = '';
+
+  constructor(
+    private readonly client: ControlClient,
+    private readonly info: RegistrationInfo,
+    private readonly haveIdentity: boolean,
+  ) {
+    super();
+  }
+
+  /**
+   * Registers once; a permanent refusal on the very first registration (no
+   * node yet) is thrown, so `meshgate agent` can say why and exit.
+   */
+  async start(): Promise<void> {
+    try {
+      await this.register();
+    } catch (err) {
+      const code = (err as grpc.ServiceError).code;
+      if (!this.haveIdentity && (PERMANENT.has(code) || err instanceof AgentError)) {
+        throw new AgentError(
+          `registration refused: ${(err as grpc.ServiceError).details ?? (err as Error).message}`,
+        );
+      }
+      this.fail(err);
+      return;
+    }
+    this.openStream();
+  }
+
+  private registration(authKey: string) {
+    return this.client.register({
+      authKey,
+      machineKey: this.info.machinePublic,
+      nodeKey: this.info.nodePublic,
+      hostname: this.info.hostname,
+      os: this.info.os,
+      version: this.info.version,
+      requestedTags: this.info.requestedTags,
+      endpoints: this.info.endpoints(),
+      advertisedRoutes: this.info.advertisedRoutes,
+    });
+  }
+
+  private async register(): Promise<void> {
+    let res: Awaited<ReturnType<ControlClient['register']>>;
+    try {
+      res = await this.registration(this.haveIdentity ? '' : this.info.authKey());
+    } catch (err) {
+      // A node deleted by an admin, or expired, needs the auth key again.
+      const key =
+        this.haveIdentity && (err as grpc.ServiceError).code === grpc.status.UNAUTHENTICATED
+          ? this.info.authKey()
+          : '';
+      if (!key) throw err;
+      res = await this.registration(key);
+    }
+    if (!res.node) throw new AgentError('coordinator answered registration without a node');
+    this.emit('registered', res.node);
+  }
+
+  private setState(state: ConnectionState, detail = ''): void {
+    this.state = state;
+    this.lastError = detail;
+    this.emit('state', state, detail);
+  }
+
+  private openStream(): void {
+    if (this.stopped) return;
+    this.setState('connecting');
+    void this.client.sync().then(
+      (stream) => {
+        this.stream = stream;
+        this.netmap = null;
+        this.seq = 0n;
+        stream.on('data', (msg: SyncResponse) => {
+          try {
+            const next = applySync(this.netmap, this.seq, msg);
+            this.seq = msg.seq;
+            if (next !== this.netmap && next) {
+              this.netmap = next;
+              if (this.state !== 'connected') {
+                this.backoff.reset();
+                this.setState('connected');
+              }
+              this.emit('netmap', next);
+            }
+          } catch (err) {
+            stream.cancel();
+            this.fail(err);
+          }
+        });
+        stream.on('error', (err: grpc.ServiceError) => {
+          if (err.code === grpc.status.CANCELLED && this.stopped) return;
+          this.fail(err);
+        });
+        stream.on('end', () => this.fail(new AgentError('coordinator closed the stream')));
+        stream.write(
+          create(SyncRequestSchema, {
+            message: {
+              case: 'hello',
+              value: { version: this.info.version, endpoints: this.info.endpoints() },
+            },
+          }),
+        );
+      },
+      (err) => this.fail(err),
+    );
+  }
+
+  /** Tells the coordinator about changed local endpoints. */
+  sendEndpoints(endpoints: string[]): void {
+    this.stream?.write(create(SyncRequestSchema, { message: { case: 'endpoints', value: { endpoints } } }));
+  }
+
+  private fail(err: unknown): void {
+    if (this.stopped || this.timer) return;
+    this.stream = null;
+    const e = err as grpc.ServiceError;
+    const detail = e.details || e.message || String(err);
+    this.setState('offline', detail);
+    const delay = this.backoff.next();
+    this.timer = setTimeout(() => {
+      this.timer = null;
+      // The node may have been deleted or expired while we were away: register first.
+      const needsRegister = e.code === grpc.status.UNAUTHENTICATED || this.state === 'offline';
+      const next = needsRegister
+        ? this.register().then(() => this.openStream())
+        : Promise.resolve(this.openStream());
+      next.catch((again) => this.fail(again));
+    }, delay);
+  }
+
+  async logout(): Promise<void> {
+    await this.client.logout();
+  }
+
+  stop(): void {
+    this.stopped = true;
+    if (this.timer) clearTimeout(this.timer);
+    this.stream?.cancel();
+    this.stream = null;
+    this.client.close();
+  }
+}

@@ -1,0 +1,33 @@
+// What the agent's local API answers; `meshgate status -o json` prints it as is.
+export interface PeerStatus {
+  id: string;
+  name: string;
+  ipAddresses: string[];
+  tags: string[];
+  online: boolean;
+  /** Where WireGuard currently sends this peer's packets. */
+  endpoint: string;
+  lastHandshake: string;
+  rxBytes: number;
+  txBytes: number;
+  version: string;
+  lastSeen: string;
+}
+
+export interface AgentStatus {
+  self: {
+    id: string;
+    name: string;
+    project: string;
+    ipAddresses: string[];
+    tags: string[];
+    ephemeral: boolean;
+    nodeKey: string;
+  };
+  version: string;
+  desiredVersion: string;
+  coordinator: { url: string; state: string; error: string };
+  interface: { name: string; backend: string; listenPort: number };
+  lockdownPorts: number[];
+  peers: PeerStatus[];
+}

@@ -1,0 +1,143 @@
+// Agents joined through a real coordinator, each in its own network
+// namespace, wireguard-go backend: they reach each other over the mesh, a
+// newcomer does not disturb existing sessions, --lockdown-ssh leaves SSH only
+// on the mesh, and the mesh survives the coordinator going away.
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { after, before, describe, it } from 'node:test';
+import { buildOnce, MeshLab, until } from './harness/mesh.js';
+import { Topology } from './harness/netns.js';
+import { missingPrerequisites } from './harness/tools.js';
+
+const TOOLS = ['ip', 'wg', 'wireguard-go', 'nft', 'ping', 'sysctl', 'ssh', 'ssh-keygen', 'ss', 'sshd'];
+const missing = missingPrerequisites(TOOLS);
+if (missing && process.env.MESHGATE_E2E === '1') throw new Error(missing);
+
+/** A router `net` with one /30 per host in 203.0.113.0/24; returns each host's address. */
+async function star(topo: Topology, hosts: string[]): Promise<Record<string, string>> {
+  await topo.addHost('net');
+  await topo.enableForwarding('net');
+  const addrs: Record<string, string> = {};
+  for (const [i, h] of hosts.entries()) {
+    await topo.addHost(h);
+    const base = 4 * i;
+    await topo.link('net', h, { addrA: `203.0.113.${base + 1}`, addrB: `203.0.113.${base + 2}`, prefix: 30 });
+    await topo.addRoute(h, 'default', { via: `203.0.113.${base + 1}` });
+    addrs[h] = `203.0.113.${base + 2}`;
+  }
+  return addrs;
+}
+
+describe('agent', { skip: missing ?? false }, () => {
+  let lab: MeshLab;
+  let addr: Record<string, string>;
+  let failed = false;
+
+  before(async () => {
+    buildOnce();
+    lab = new MeshLab(new Topology());
+    addr = await star(lab.topo, ['coord', 'a', 'b', 'c']);
+    await lab.startCoordinator('coord', addr.coord!);
+  });
+  after(async () => {
+    if (failed) console.error(lab.logs());
+    await lab.destroy();
+  });
+  const step = (name: string, fn: () => Promise<void>) =>
+    it(name, async () => {
+      try {
+        await fn();
+      } catch (err) {
+        failed = true;
+        throw err;
+      }
+    });
+
+  step('two agents join and ping each other over the mesh', async () => {
+    const key = lab.authKey('dc1', { reusable: true });
+    lab.startAgent('a', 'a', { keyFile: key });
+    lab.startAgent('b', 'b', { keyFile: key, lockdown: true });
+    await lab.waitForPeer('a', 'b');
+    await lab.waitForPeer('b', 'a');
+    const ipB = await lab.meshIp('b');
+    await until('ping a -> b over the mesh', async () => {
+      await lab.topo.exec('a', 'ping', ['-c', '1', '-W', '1', ipB]);
+      return true;
+    });
+    const wgA = await lab.topo.exec('a', 'wg', ['show', lab.agents.get('a')!.iface, 'dump']);
+    const sB = await lab.status('b');
+    assert.ok(wgA.includes(sB.self.nodeKey), "a's wg show lists b's key");
+    const wgB = await lab.topo.exec('b', 'wg', ['show', lab.agents.get('b')!.iface, 'dump']);
+    assert.ok(wgB.includes((await lab.status('a')).self.nodeKey), "b's wg show lists a's key");
+  });
+
+  step('a third agent joins without touching the existing session', async () => {
+    const before = (await lab.status('a')).peers.find((p) => p.name === 'b')!;
+    assert.ok(before.lastHandshake, 'a and b have a handshake');
+    lab.startAgent('c', 'c', { keyFile: lab.authKey('dc1') });
+    await lab.waitForPeer('a', 'c');
+    await lab.waitForPeer('b', 'c');
+    const ipC = await lab.meshIp('c');
+    await until('ping a -> c', async () => {
+      await lab.topo.exec('a', 'ping', ['-c', '1', '-W', '1', ipC]);
+      return true;
+    });
+    const afterJoin = (await lab.status('a')).peers.find((p) => p.name === 'b')!;
+    assert.equal(afterJoin.lastHandshake, before.lastHandshake, 'latest handshake of a<->b unchanged');
+  });
+
+  step('with --lockdown-ssh, sshd answers over the mesh only', async () => {
+    await lab.startSshd('b');
+    const ipB = await lab.meshIp('b');
+    await until('lockdown on b', async () => (await lab.status('b')).lockdownPorts.includes(22));
+    assert.equal(await lab.meshSsh('a', 'a', 'b'), 0, 'meshgate ssh b works');
+    assert.equal(await lab.ssh('a', ipB), 0, 'ssh to the mesh address works');
+    assert.notEqual(await lab.ssh('a', addr.b!), 0, "ssh to b's other address is dropped");
+  });
+
+  step(
+    'the mesh survives the coordinator: open sessions stay, a restarted agent restores its peers',
+    async () => {
+      const ipB = await lab.meshIp('b');
+      const session = spawn(
+        'ip',
+        ['netns', 'exec', lab.topo.ns('a'), 'ssh', ...lab.sshOptions(), ipB, 'cat'],
+        { stdio: ['pipe', 'pipe', 'pipe'] },
+      );
+      let echoed = '';
+      session.stdout.on('data', (d) => {
+        echoed += d;
+      });
+      try {
+        session.stdin.write('before\n');
+        await until('echo before', async () => echoed.includes('before'));
+        await lab.stopCoordinator('SIGKILL');
+        session.stdin.write('during\n');
+        await until('echo during the outage', async () => echoed.includes('during'));
+
+        await lab.stopAgent('a', 'SIGTERM');
+        lab.startAgent('a', 'a', {
+          keyFile: lab.agents.get('a')!.args[lab.agents.get('a')!.args.indexOf('--auth-key-file') + 1]!,
+        });
+        await lab.waitForPeer('a', 'b', true, 20_000);
+        await until(
+          'ping a -> b after agent restart, coordinator down',
+          async () => {
+            await lab.topo.exec('a', 'ping', ['-c', '1', '-W', '1', ipB]);
+            return true;
+          },
+          20_000,
+        );
+        assert.equal(await lab.ssh('a', ipB), 0, 'a new ssh session opens during the outage');
+      } finally {
+        session.kill();
+      }
+      await lab.startCoordinator('coord', addr.coord!);
+      await until(
+        'agents reconnect',
+        async () => (await lab.status('a')).coordinator.state === 'connected',
+        40_000,
+      );
+    },
+  );
+});
