@@ -13,6 +13,7 @@ import {
   localAddresses,
   orderCandidates,
   PathSelector,
+  RELAY,
 } from './control/endpoints.js';
 import { StateDir } from './control/identity.js';
 import { ControlSession } from './control/session.js';
@@ -23,6 +24,8 @@ import { applyFirewall, removeFirewall } from './firewall/nftables.js';
 import type { FilterRule } from './firewall/render.js';
 import { type LocalApi, startLocalApi } from './localapi/server.js';
 import type { AgentStatus, PeerStatus } from './localapi/types.js';
+import { RelayConnection } from './relay/connection.js';
+import { RelayProxies } from './relay/proxy.js';
 
 export const AGENT_VERSION = '0.1.0';
 
@@ -61,6 +64,8 @@ export class Agent {
   private listenPort = 0;
   private nodePublic = '';
   private readonly paths = new PathSelector();
+  private relay!: RelayConnection;
+  private proxies!: RelayProxies;
   private applying: Promise<void> = Promise.resolve();
   private pendingApply = false;
   private firewallKey = '';
@@ -104,6 +109,9 @@ export class Agent {
       fingerprint: this.opts.fingerprint,
       machineSecretKey: identity.machine.secretKey,
     });
+    this.relay = new RelayConnection(client);
+    this.proxies = new RelayProxies(this.relay, () => this.listenPort);
+    this.proxies.allowed = (id) => this.netmap?.peers.some((p) => p.id === id) ?? false;
     this.session = new ControlSession(
       client,
       {
@@ -133,7 +141,10 @@ export class Agent {
         'registered',
       );
     });
-    this.session.on('netmap', (map) => this.onNetMap(map, true));
+    this.session.on('netmap', (map) => {
+      if (map.relay?.enabled) this.relay.start();
+      this.onNetMap(map, true);
+    });
     this.session.on('state', (s, detail) => {
       if (s === 'offline')
         log.warn({ reason: detail }, 'coordinator unreachable; mesh keeps running from the last netmap');
@@ -187,22 +198,27 @@ export class Agent {
     const actual = await this.device.show();
     const byKey = new Map(actual.peers.map((p) => [p.publicKey, p]));
     const locals = localAddresses(this.opts.interfaceName);
-    const peers: DesiredPeer[] = map.peers.map((p) => {
+    const relay = map.relay?.enabled === true;
+    const ids = new Set(map.peers.map((p) => p.id));
+    this.proxies.retain(ids);
+    const peers: DesiredPeer[] = [];
+    for (const p of map.peers) {
       const now = byKey.get(p.nodeKey);
-      const choice = this.paths.choose(
-        p.nodeKey,
-        orderCandidates(p.endpoints, locals),
-        (now?.latestHandshake ?? 0) * 1000,
-      );
-      // Keep what WireGuard learned by roaming unless a new candidate is due.
-      const endpoint = choice.force || !now?.endpoint ? choice.endpoint : now.endpoint;
-      return {
+      const choice = this.paths.choose(p.id, {
+        candidates: orderCandidates(p.endpoints, locals),
+        actual: now?.endpoint ?? null,
+        lastHandshakeMs: (now?.latestHandshake ?? 0) * 1000,
+        rxBytes: now?.rxBytes ?? 0,
+        relayAvailable: relay && p.relay,
+        relayEndpoint: this.proxies.endpointOf(p.id),
+      });
+      peers.push({
         publicKey: p.nodeKey,
         allowedIps: p.allowedIps,
-        endpoint,
-        persistentKeepalive: map.keepaliveSeconds || undefined,
-      };
-    });
+        endpoint: choice.endpoint === RELAY ? await this.proxies.ensure(p.id) : choice.endpoint,
+        persistentKeepalive: choice.keepalive ?? (map.keepaliveSeconds || undefined),
+      });
+    }
     const result = await this.device.apply({
       privateKeyFile: this.state.nodeKeyFile,
       listenPort: this.listenPort,
@@ -256,6 +272,7 @@ export class Agent {
         txBytes: wg?.txBytes ?? 0,
         version: p.version,
         lastSeen: p.lastSeen ? timestampDate(p.lastSeen).toISOString() : '',
+        path: !wg?.endpoint ? '' : wg.endpoint === this.proxies.endpointOf(p.id) ? 'relay' : 'direct',
       };
     });
     return {
@@ -305,6 +322,8 @@ export class Agent {
       clearTimeout(this.saveTimer);
       if (this.netmap) this.state.saveNetMap(this.netmap);
     }
+    this.relay?.stop();
+    this.proxies?.close();
     this.session?.stop();
     await this.applying.catch(() => {});
     await this.device?.destroy();

@@ -43,6 +43,22 @@ export const ConfigSchema = z
         burst: z.number().int().positive().default(100),
       })
       .default({ perSecond: 10, burst: 100 }),
+    /** The relay for nodes without a direct path, with limits per sending node. */
+    relay: z
+      .object({
+        enabled: z.boolean().default(true),
+        bytesPerSecond: z
+          .number()
+          .int()
+          .positive()
+          .default(4 * 1024 * 1024),
+        burstBytes: z
+          .number()
+          .int()
+          .positive()
+          .default(8 * 1024 * 1024),
+      })
+      .default({ enabled: true, bytesPerSecond: 4 * 1024 * 1024, burstBytes: 8 * 1024 * 1024 }),
     domain: z
       .string()
       .regex(/^[a-z0-9.-]+$/)

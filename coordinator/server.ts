@@ -18,6 +18,7 @@ import { adminImplementation } from './api/grpc-admin.js';
 import { httpApp } from './api/http.js';
 import { Metrics } from './api/metrics.js';
 import { RateLimiter } from './api/ratelimit.js';
+import { RelayHub } from './api/relay.js';
 import type { CoordinatorConfig } from './config.js';
 import type { Logger } from './log.js';
 import { Mapper } from './mapper/mapper.js';
@@ -34,6 +35,7 @@ export interface Coordinator {
   adminSocket: string;
   state: State;
   mapper: Mapper;
+  metrics: Metrics;
   close(): Promise<void>;
 }
 
@@ -110,13 +112,18 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
     coalesceMs: parseDuration(config.coalesceWindow),
     keepaliveMs: parseDuration(config.keepalive),
     keepaliveSeconds: config.wireguardKeepalive,
-    relay: false,
+    relay: config.relay.enabled,
     domainSuffix: config.domain,
     onDelivered: (ms) => metrics.deltaLatency.observe(ms / 1000),
   });
   const databaseOk = () => store.ping();
   const handlers = adminHandlers({ state, version: VERSION, databaseOk });
 
+  const relay = new RelayHub(
+    state,
+    { bytesPerSecond: config.relay.bytesPerSecond, burstBytes: config.relay.burstBytes },
+    metrics,
+  );
   const server = new grpc.Server(SERVER_OPTIONS);
   server.addService(serviceDefinition(AdminService), adminImplementation(handlers, state, log, false));
   server.addService(
@@ -124,6 +131,7 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
     controlImplementation({
       state,
       mapper,
+      relay,
       verifier: new CallVerifier(state, { clockSkewMs: parseDuration(config.clockSkew) }),
       limiter: new RateLimiter(config.registrationRate.perSecond, config.registrationRate.burst),
       metrics,
@@ -201,9 +209,11 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
     adminSocket,
     state,
     mapper,
+    metrics,
     async close() {
       clearInterval(lifecycle);
       mapper.close();
+      relay.close();
       http.closeAllConnections();
       await Promise.all([shutdown(server), shutdown(local), new Promise<void>((r) => http.close(() => r()))]);
       await store.close();

@@ -9,6 +9,8 @@ import {
   type RegisterRequest,
   RegisterRequestSchema,
   type RegisterResponse,
+  type RelayRequest,
+  type RelayResponse,
   RotateNodeKeyRequestSchema,
   type SyncRequest,
   type SyncResponse,
@@ -79,6 +81,14 @@ export class ControlClient {
     const md = this.metadata(path('Sync'), new Uint8Array(), this.nodeId);
     // biome-ignore lint/suspicious/noExplicitAny: generic client methods are untyped
     return (client as any).sync(md) as grpc.ClientDuplexStream<SyncRequest, SyncResponse>;
+  }
+
+  /** Opens the relay stream, signed like the sync stream. */
+  async relay(): Promise<grpc.ClientDuplexStream<RelayRequest, RelayResponse>> {
+    const client = await this.grpc();
+    const md = this.metadata(path('Relay'), new Uint8Array(), this.nodeId);
+    // biome-ignore lint/suspicious/noExplicitAny: generic client methods are untyped
+    return (client as any).relay(md) as grpc.ClientDuplexStream<RelayRequest, RelayResponse>;
   }
 
   async logout(): Promise<void> {

@@ -54,55 +54,128 @@ export function orderCandidates(endpoints: string[], locals: LocalAddress[]): st
   return [...v4.filter((e) => sameSubnet(e, locals)), ...v4.filter((e) => !sameSubnet(e, locals)), ...v6];
 }
 
+export const RELAY = 'relay';
+
+export interface PathInput {
+  /** Direct candidates, best first. */
+  candidates: string[];
+  /** The endpoint WireGuard uses now (it follows roaming). */
+  actual: string | null;
+  lastHandshakeMs: number;
+  rxBytes: number;
+  /** Whether the coordinator relay can carry this peer's traffic. */
+  relayAvailable: boolean;
+  /** The local relay socket's endpoint, when one exists for this peer. */
+  relayEndpoint: string | undefined;
+}
+
+export interface PathChoice {
+  /** A direct endpoint, RELAY for the relay socket, or undefined for none yet. */
+  endpoint: string | undefined;
+  /** A short keepalive while probing, so packets flow even on an idle tunnel. */
+  keepalive?: number;
+}
+
+export interface PathTimings {
+  /** Time a direct candidate gets before the next is tried. */
+  trialMs: number;
+  /** Time without a handshake over direct candidates before the relay is used. */
+  relayAfterMs: number;
+  /** How often a relayed peer is probed directly, and for how long. */
+  probeEveryMs: number;
+  probeWindowMs: number;
+}
+
+export const DEFAULT_PATH_TIMINGS: PathTimings = {
+  trialMs: 3000,
+  relayAfterMs: 6000,
+  probeEveryMs: 30_000,
+  probeWindowMs: 3000,
+};
+
+/** WireGuard drops a session this long after its handshake. */
+const SESSION_MS = 180_000;
+
+interface PeerPath {
+  key: string;
+  phase: 'direct' | 'relay';
+  index: number;
+  since: number;
+  started: number;
+  nextProbe: number;
+  probe: { start: number; endpoint: string; rx: number } | null;
+}
+
 /**
- * Per peer: the candidate in use, and when it was chosen. Without a
- * handshake after `trialMs`, the next candidate is tried; once a handshake
- * completed the choice sticks and WireGuard's roaming takes over.
+ * Per peer: direct candidates first, each for a trial period; the relay when
+ * none gave a handshake; and, while relayed, a short direct probe now and
+ * then. A probe succeeds when the peer answers over the direct path:
+ * WireGuard's roaming then keeps the direct endpoint.
  */
 export class PathSelector {
-  private readonly state = new Map<
-    string,
-    { candidates: string[]; index: number; since: number; established: boolean }
-  >();
+  private readonly peers = new Map<string, PeerPath>();
 
   constructor(
-    private readonly trialMs = 5000,
+    private readonly t: PathTimings = DEFAULT_PATH_TIMINGS,
     private readonly now: () => number = Date.now,
   ) {}
 
-  /** The endpoint to configure for `peer`, and whether it must replace the one WireGuard has. */
-  choose(
-    peer: string,
-    candidates: string[],
-    lastHandshakeMs: number,
-  ): { endpoint: string | undefined; force: boolean } {
+  choose(peer: string, input: PathInput): PathChoice {
     const now = this.now();
-    let s = this.state.get(peer);
-    if (!s || s.candidates.join() !== candidates.join()) {
-      s = { candidates, index: 0, since: now, established: false };
-      this.state.set(peer, s);
-      return { endpoint: candidates[0], force: true };
+    const key = input.candidates.join();
+    let s = this.peers.get(peer);
+    if (!s || s.key !== key) {
+      s = { key, phase: 'direct', index: 0, since: now, started: now, nextProbe: 0, probe: null };
+      this.peers.set(peer, s);
     }
-    if (lastHandshakeMs > 0 && now - lastHandshakeMs < 180_000) {
-      s.established = true;
-      return { endpoint: candidates[s.index], force: false };
+    const onRelay = input.relayEndpoint !== undefined && input.actual === input.relayEndpoint;
+    const live = input.lastHandshakeMs > 0 && now - input.lastHandshakeMs < SESSION_MS;
+
+    if (s.probe) {
+      if (now - s.probe.start < this.t.probeWindowMs) return { endpoint: s.probe.endpoint, keepalive: 1 };
+      const answered = !onRelay && input.actual !== null && input.rxBytes > s.probe.rx;
+      s.probe = null;
+      if (answered) {
+        s.phase = 'direct';
+        return { endpoint: input.actual ?? undefined };
+      }
+      s.phase = 'relay';
+      s.nextProbe = now + this.t.probeEveryMs;
+      return { endpoint: RELAY };
     }
-    if (now - s.since >= this.trialMs && candidates.length > 1) {
-      s.index = (s.index + 1) % candidates.length;
+    if (live) {
+      s.phase = onRelay ? 'relay' : 'direct';
+      if (s.phase === 'relay' && input.candidates.length && now >= s.nextProbe) {
+        if (s.nextProbe === 0) {
+          s.nextProbe = now + this.t.probeEveryMs;
+        } else {
+          const endpoint = input.candidates[s.index % input.candidates.length]!;
+          s.index++;
+          s.probe = { start: now, endpoint, rx: input.rxBytes };
+          return { endpoint, keepalive: 1 };
+        }
+      }
+      return { endpoint: onRelay ? RELAY : (input.actual ?? input.candidates[s.index]) };
+    }
+    if (s.phase === 'relay') {
+      // A relayed peer that stays silent may be offline; start over with direct candidates.
+      if (now - s.since > SESSION_MS / 6)
+        Object.assign(s, { phase: 'direct', index: 0, since: now, started: now });
+      else return { endpoint: RELAY };
+    }
+    if (input.relayAvailable && (now - s.started >= this.t.relayAfterMs || input.candidates.length === 0)) {
+      Object.assign(s, { phase: 'relay', since: now, nextProbe: now + this.t.probeEveryMs });
+      return { endpoint: RELAY };
+    }
+    if (now - s.since >= this.t.trialMs && input.candidates.length > 1) {
+      s.index = (s.index + 1) % input.candidates.length;
       s.since = now;
-      s.established = false;
-      return { endpoint: candidates[s.index], force: true };
     }
-    return { endpoint: candidates[s.index], force: false };
+    return { endpoint: input.candidates[s.index] };
   }
 
   forget(peer: string): void {
-    this.state.delete(peer);
-  }
-
-  current(peer: string): string | undefined {
-    const s = this.state.get(peer);
-    return s ? s.candidates[s.index] : undefined;
+    this.peers.delete(peer);
   }
 }
 

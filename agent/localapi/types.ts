@@ -12,6 +12,8 @@ export interface PeerStatus {
   txBytes: number;
   version: string;
   lastSeen: string;
+  /** How packets reach the peer: straight over UDP or through the coordinator's relay. */
+  path: 'direct' | 'relay' | '';
 }
 
 export interface AgentStatus {

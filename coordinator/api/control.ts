@@ -9,6 +9,8 @@ import {
   LogoutResponseSchema,
   type RegisterRequest,
   RegisterResponseSchema,
+  type RelayRequest,
+  type RelayResponse,
   type RotateNodeKeyRequest,
   RotateNodeKeyResponseSchema,
   type SyncRequest,
@@ -23,12 +25,14 @@ import type { State } from '../state/state.js';
 import { type CallVerifier, peerAddress } from './auth.js';
 import type { Metrics } from './metrics.js';
 import type { RateLimiter } from './ratelimit.js';
+import type { RelayHub } from './relay.js';
 import { grpcError, toStatus } from './status.js';
 import { isCidr, isEndpoint, key32, LIMITS, list, tags, text } from './validate.js';
 
 export interface ControlDeps {
   state: State;
   mapper: Mapper;
+  relay: RelayHub;
   verifier: CallVerifier;
   limiter: RateLimiter;
   metrics: Metrics;
@@ -41,9 +45,10 @@ const REGISTER = path('Register');
 const SYNC = path('Sync');
 const LOGOUT = path('Logout');
 const ROTATE = path('RotateNodeKey');
+const RELAY = path('Relay');
 
 export function controlImplementation(deps: ControlDeps): grpc.UntypedServiceImplementation {
-  const { state, mapper, verifier, limiter, metrics, log } = deps;
+  const { state, mapper, relay, verifier, limiter, metrics, log } = deps;
 
   const refuse = (method: string, peer: string, err: unknown, cb?: grpc.sendUnaryData<never>) => {
     const s = toStatus(err, log, { method, peer });
@@ -137,6 +142,30 @@ export function controlImplementation(deps: ControlDeps): grpc.UntypedServiceImp
       call.on('close', end);
       mapper.attach(session);
       state.setOnline(nodeId, true);
+    },
+
+    relay(call: grpc.ServerDuplexStream<RelayRequest, RelayResponse>) {
+      const peer = peerAddress(call.getPeer());
+      let nodeId: string;
+      try {
+        nodeId = verifier.verifyNode(call.metadata, RELAY, new Uint8Array()).id;
+      } catch (err) {
+        call.emit('error', grpcError(refuse('Relay', peer, err)));
+        return;
+      }
+      relay.attach(nodeId, call);
+      call.on('data', (frame: RelayRequest) => {
+        if (relay.forward(nodeId, frame) === 'denied')
+          log.debug({ node: nodeId, to: frame.peerId }, 'relay refused a datagram');
+      });
+      const end = () => relay.detach(nodeId, call);
+      call.on('end', () => {
+        end();
+        call.end();
+      });
+      call.on('cancelled', end);
+      call.on('error', end);
+      call.on('close', end);
     },
 
     async logout(call: grpc.ServerUnaryCall<LogoutRequest, unknown>, cb: grpc.sendUnaryData<unknown>) {

@@ -15,6 +15,8 @@ export class Metrics {
   readonly rejectedRegistrations: Counter<'reason'>;
   readonly deltaLatency: Histogram;
   readonly refusedCalls: Counter<'method' | 'reason'>;
+  readonly relayPackets: Counter<'result'>;
+  readonly relayBytes: Counter;
 
   constructor(src: MetricSources) {
     const registers = [this.registry];
@@ -79,6 +81,17 @@ export class Metrics {
       name: 'meshgate_refused_calls_total',
       help: 'Agent calls refused by method and reason',
       labelNames: ['method', 'reason'],
+      registers,
+    });
+    this.relayPackets = new Counter({
+      name: 'meshgate_relay_packets_total',
+      help: 'Datagrams offered to the relay, by what happened to them',
+      labelNames: ['result'],
+      registers,
+    });
+    this.relayBytes = new Counter({
+      name: 'meshgate_relay_bytes_total',
+      help: 'Bytes forwarded by the relay',
       registers,
     });
     this.deltaLatency = new Histogram({

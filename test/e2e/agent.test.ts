@@ -7,26 +7,12 @@ import { spawn } from 'node:child_process';
 import { after, before, describe, it } from 'node:test';
 import { buildOnce, MeshLab, until } from './harness/mesh.js';
 import { Topology } from './harness/netns.js';
+import { star } from './harness/star.js';
 import { missingPrerequisites } from './harness/tools.js';
 
 const TOOLS = ['ip', 'wg', 'wireguard-go', 'nft', 'ping', 'sysctl', 'ssh', 'ssh-keygen', 'ss', 'sshd'];
 const missing = missingPrerequisites(TOOLS);
 if (missing && process.env.MESHGATE_E2E === '1') throw new Error(missing);
-
-/** A router `net` with one /30 per host in 203.0.113.0/24; returns each host's address. */
-async function star(topo: Topology, hosts: string[]): Promise<Record<string, string>> {
-  await topo.addHost('net');
-  await topo.enableForwarding('net');
-  const addrs: Record<string, string> = {};
-  for (const [i, h] of hosts.entries()) {
-    await topo.addHost(h);
-    const base = 4 * i;
-    await topo.link('net', h, { addrA: `203.0.113.${base + 1}`, addrB: `203.0.113.${base + 2}`, prefix: 30 });
-    await topo.addRoute(h, 'default', { via: `203.0.113.${base + 1}` });
-    addrs[h] = `203.0.113.${base + 2}`;
-  }
-  return addrs;
-}
 
 describe('agent', { skip: missing ?? false }, () => {
   let lab: MeshLab;

@@ -6,7 +6,9 @@ import {
   defaultListenPort,
   type LocalAddress,
   orderCandidates,
+  type PathInput,
   PathSelector,
+  RELAY,
 } from '../../agent/control/endpoints.js';
 import type { AgentStatus } from '../../agent/localapi/types.js';
 import { resolvePeer, splitSshArgs } from '../../cli/commands/local.js';
@@ -23,21 +25,71 @@ describe('endpoint candidates', () => {
       '[2001:db8::1]:1',
     ]);
   });
-  it('moves on when no handshake completes, and sticks once one did', () => {
-    let now = 0;
-    const paths = new PathSelector(5000, () => now);
-    assert.deepEqual(paths.choose('k', ['a:1', 'b:1'], 0), { endpoint: 'a:1', force: true });
-    now = 4000;
-    assert.deepEqual(paths.choose('k', ['a:1', 'b:1'], 0), { endpoint: 'a:1', force: false });
-    now = 5000;
-    assert.deepEqual(paths.choose('k', ['a:1', 'b:1'], 0), { endpoint: 'b:1', force: true });
-    now = 20_000;
-    assert.deepEqual(
-      paths.choose('k', ['a:1', 'b:1'], 19_000),
-      { endpoint: 'b:1', force: false },
-      'handshake: stay',
-    );
+  const timings = { trialMs: 3000, relayAfterMs: 6000, probeEveryMs: 30_000, probeWindowMs: 3000 };
+  const input = (over: Partial<PathInput> = {}): PathInput => ({
+    candidates: ['a:1', 'b:1'],
+    actual: null,
+    lastHandshakeMs: 0,
+    rxBytes: 0,
+    relayAvailable: true,
+    relayEndpoint: undefined,
+    ...over,
   });
+
+  it('tries each direct candidate, then the relay when no handshake completes', () => {
+    let now = 0;
+    const paths = new PathSelector(timings, () => now);
+    assert.equal(paths.choose('p', input()).endpoint, 'a:1');
+    now = 3000;
+    assert.equal(paths.choose('p', input({ actual: 'a:1' })).endpoint, 'b:1');
+    now = 6000;
+    assert.equal(paths.choose('p', input({ actual: 'b:1' })).endpoint, RELAY);
+  });
+
+  it('sticks to a direct path that has a handshake, following roaming', () => {
+    let now = 0;
+    const paths = new PathSelector(timings, () => now);
+    paths.choose('p', input());
+    now = 10_000;
+    assert.equal(paths.choose('p', input({ actual: '198.51.100.9:4000', lastHandshakeMs: 9000 })).endpoint, '198.51.100.9:4000');
+  });
+
+  it('probes a relayed peer directly now and then, and keeps the direct path when the peer answers on it', () => {
+    let now = 0;
+    const paths = new PathSelector(timings, () => now);
+    const relayed = { actual: '127.0.0.1:5000', relayEndpoint: '127.0.0.1:5000', lastHandshakeMs: 1, rxBytes: 100 };
+    paths.choose('p', input({ candidates: [] }));
+    now = 1000;
+    assert.equal(paths.choose('p', input({ ...relayed, candidates: [], lastHandshakeMs: 900 })).endpoint, RELAY);
+    // The peer got a direct endpoint later: probe it after the probe interval.
+    now = 2000;
+    assert.equal(paths.choose('p', input({ ...relayed, lastHandshakeMs: 1900 })).endpoint, RELAY, 'new candidates start over');
+    now = 20_000;
+    assert.deepEqual(paths.choose('p', input({ ...relayed, lastHandshakeMs: 19_000 })), { endpoint: RELAY }, 'not yet');
+    now = 32_000;
+    const started = paths.choose('p', input({ ...relayed, lastHandshakeMs: 31_000 }));
+    assert.deepEqual(started, { endpoint: 'a:1', keepalive: 1 });
+    now = 35_000;
+    assert.deepEqual(paths.choose('p', input({ ...relayed, actual: 'a:1', rxBytes: 500, lastHandshakeMs: 34_000 })), { endpoint: 'a:1' });
+    now = 40_000;
+    assert.deepEqual(paths.choose('p', input({ ...relayed, actual: 'a:1', rxBytes: 900, lastHandshakeMs: 34_000 })), { endpoint: 'a:1' }, 'stays direct');
+  });
+
+  it('returns to the relay when a probe gets no answer', () => {
+    let now = 0;
+    const paths = new PathSelector({ ...timings, probeEveryMs: 1000 }, () => now);
+    const relayed = { actual: '127.0.0.1:5000', relayEndpoint: '127.0.0.1:5000', rxBytes: 100 };
+    paths.choose('p', input());
+    now = 6000;
+    paths.choose('p', input());
+    now = 6500;
+    assert.equal(paths.choose('p', input({ ...relayed, lastHandshakeMs: 6400 })).endpoint, RELAY);
+    now = 7000;
+    assert.equal(paths.choose('p', input({ ...relayed, lastHandshakeMs: 6500 })).keepalive, 1, 'probe starts');
+    now = 10_000;
+    assert.equal(paths.choose('p', input({ ...relayed, lastHandshakeMs: 7500 })).endpoint, RELAY, 'no answer: back to the relay');
+  });
+
   it('spreads listen ports by machine key so nodes behind one NAT differ', () => {
     const p = defaultListenPort(new Uint8Array([1, 2]));
     assert.ok(p >= 41641 && p < 42641);

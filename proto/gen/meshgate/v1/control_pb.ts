@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file meshgate/v1/control.proto.
  */
 export const file_meshgate_v1_control: GenFile = /*@__PURE__*/
-  fileDesc("ChltZXNoZ2F0ZS92MS9jb250cm9sLnByb3RvEgttZXNoZ2F0ZS52MSK/AQoPUmVnaXN0ZXJSZXF1ZXN0EhAKCGF1dGhfa2V5GAEgASgJEhMKC21hY2hpbmVfa2V5GAIgASgMEhAKCG5vZGVfa2V5GAMgASgMEhAKCGhvc3RuYW1lGAQgASgJEgoKAm9zGAUgASgJEg8KB3ZlcnNpb24YBiABKAkSFgoOcmVxdWVzdGVkX3RhZ3MYByADKAkSEQoJZW5kcG9pbnRzGAggAygJEhkKEWFkdmVydGlzZWRfcm91dGVzGAkgAygJIkUKEFJlZ2lzdGVyUmVzcG9uc2USHwoEbm9kZRgBIAEoCzIRLm1lc2hnYXRlLnYxLk5vZGUSEAoIZXhpc3RpbmcYAiABKAgiKwoFSGVsbG8SDwoHdmVyc2lvbhgBIAEoCRIRCgllbmRwb2ludHMYAiADKAkiIwoORW5kcG9pbnRVcGRhdGUSEQoJZW5kcG9pbnRzGAEgAygJIisKDEhlYWx0aFJlcG9ydBIKCgJvaxgBIAEoCBIPCgdtZXNzYWdlGAIgASgJIpwBCgtTeW5jUmVxdWVzdBIjCgVoZWxsbxgBIAEoCzISLm1lc2hnYXRlLnYxLkhlbGxvSAASMAoJZW5kcG9pbnRzGAIgASgLMhsubWVzaGdhdGUudjEuRW5kcG9pbnRVcGRhdGVIABIrCgZoZWFsdGgYAyABKAsyGS5tZXNoZ2F0ZS52MS5IZWFsdGhSZXBvcnRIAEIJCgdtZXNzYWdlIv8CCgxTeW5jUmVzcG9uc2USCwoDc2VxGAEgASgEEiEKBGZ1bGwYAiABKAsyEy5tZXNoZ2F0ZS52MS5OZXRNYXASKAoNcGVlcnNfY2hhbmdlZBgDIAMoCzIRLm1lc2hnYXRlLnYxLlBlZXISFQoNcGVlcnNfcmVtb3ZlZBgEIAMoCRIsCgxwZWVyX3BhdGNoZXMYBSADKAsyFi5tZXNoZ2F0ZS52MS5QZWVyUGF0Y2gSMAoNcGFja2V0X2ZpbHRlchgGIAEoCzIZLm1lc2hnYXRlLnYxLlBhY2tldEZpbHRlchIcCg9kZXNpcmVkX3ZlcnNpb24YByABKAlIAIgBARIfCgRzZWxmGAggASgLMhEubWVzaGdhdGUudjEuTm9kZRIjCgNkbnMYCSADKAsyFi5tZXNoZ2F0ZS52MS5EbnNSZWNvcmQSEwoLZG5zX2NoYW5nZWQYCiABKAgSEQoJa2VlcGFsaXZlGAsgASgIQhIKEF9kZXNpcmVkX3ZlcnNpb24iDwoNTG9nb3V0UmVxdWVzdCIQCg5Mb2dvdXRSZXNwb25zZSIoChRSb3RhdGVOb2RlS2V5UmVxdWVzdBIQCghub2RlX2tleRgBIAEoDCI4ChVSb3RhdGVOb2RlS2V5UmVzcG9uc2USHwoEbm9kZRgBIAEoCzIRLm1lc2hnYXRlLnYxLk5vZGUytQIKDkNvbnRyb2xTZXJ2aWNlEkcKCFJlZ2lzdGVyEhwubWVzaGdhdGUudjEuUmVnaXN0ZXJSZXF1ZXN0Gh0ubWVzaGdhdGUudjEuUmVnaXN0ZXJSZXNwb25zZRI/CgRTeW5jEhgubWVzaGdhdGUudjEuU3luY1JlcXVlc3QaGS5tZXNoZ2F0ZS52MS5TeW5jUmVzcG9uc2UoATABEkEKBkxvZ291dBIaLm1lc2hnYXRlLnYxLkxvZ291dFJlcXVlc3QaGy5tZXNoZ2F0ZS52MS5Mb2dvdXRSZXNwb25zZRJWCg1Sb3RhdGVOb2RlS2V5EiEubWVzaGdhdGUudjEuUm90YXRlTm9kZUtleVJlcXVlc3QaIi5tZXNoZ2F0ZS52MS5Sb3RhdGVOb2RlS2V5UmVzcG9uc2ViBnByb3RvMw", [file_meshgate_v1_types]);
+  fileDesc("ChltZXNoZ2F0ZS92MS9jb250cm9sLnByb3RvEgttZXNoZ2F0ZS52MSK/AQoPUmVnaXN0ZXJSZXF1ZXN0EhAKCGF1dGhfa2V5GAEgASgJEhMKC21hY2hpbmVfa2V5GAIgASgMEhAKCG5vZGVfa2V5GAMgASgMEhAKCGhvc3RuYW1lGAQgASgJEgoKAm9zGAUgASgJEg8KB3ZlcnNpb24YBiABKAkSFgoOcmVxdWVzdGVkX3RhZ3MYByADKAkSEQoJZW5kcG9pbnRzGAggAygJEhkKEWFkdmVydGlzZWRfcm91dGVzGAkgAygJIkUKEFJlZ2lzdGVyUmVzcG9uc2USHwoEbm9kZRgBIAEoCzIRLm1lc2hnYXRlLnYxLk5vZGUSEAoIZXhpc3RpbmcYAiABKAgiKwoFSGVsbG8SDwoHdmVyc2lvbhgBIAEoCRIRCgllbmRwb2ludHMYAiADKAkiIwoORW5kcG9pbnRVcGRhdGUSEQoJZW5kcG9pbnRzGAEgAygJIisKDEhlYWx0aFJlcG9ydBIKCgJvaxgBIAEoCBIPCgdtZXNzYWdlGAIgASgJIpwBCgtTeW5jUmVxdWVzdBIjCgVoZWxsbxgBIAEoCzISLm1lc2hnYXRlLnYxLkhlbGxvSAASMAoJZW5kcG9pbnRzGAIgASgLMhsubWVzaGdhdGUudjEuRW5kcG9pbnRVcGRhdGVIABIrCgZoZWFsdGgYAyABKAsyGS5tZXNoZ2F0ZS52MS5IZWFsdGhSZXBvcnRIAEIJCgdtZXNzYWdlIv8CCgxTeW5jUmVzcG9uc2USCwoDc2VxGAEgASgEEiEKBGZ1bGwYAiABKAsyEy5tZXNoZ2F0ZS52MS5OZXRNYXASKAoNcGVlcnNfY2hhbmdlZBgDIAMoCzIRLm1lc2hnYXRlLnYxLlBlZXISFQoNcGVlcnNfcmVtb3ZlZBgEIAMoCRIsCgxwZWVyX3BhdGNoZXMYBSADKAsyFi5tZXNoZ2F0ZS52MS5QZWVyUGF0Y2gSMAoNcGFja2V0X2ZpbHRlchgGIAEoCzIZLm1lc2hnYXRlLnYxLlBhY2tldEZpbHRlchIcCg9kZXNpcmVkX3ZlcnNpb24YByABKAlIAIgBARIfCgRzZWxmGAggASgLMhEubWVzaGdhdGUudjEuTm9kZRIjCgNkbnMYCSADKAsyFi5tZXNoZ2F0ZS52MS5EbnNSZWNvcmQSEwoLZG5zX2NoYW5nZWQYCiABKAgSEQoJa2VlcGFsaXZlGAsgASgIQhIKEF9kZXNpcmVkX3ZlcnNpb24iDwoNTG9nb3V0UmVxdWVzdCIQCg5Mb2dvdXRSZXNwb25zZSIoChRSb3RhdGVOb2RlS2V5UmVxdWVzdBIQCghub2RlX2tleRgBIAEoDCI4ChVSb3RhdGVOb2RlS2V5UmVzcG9uc2USHwoEbm9kZRgBIAEoCzIRLm1lc2hnYXRlLnYxLk5vZGUiMAoMUmVsYXlSZXF1ZXN0Eg8KB3BlZXJfaWQYASABKAkSDwoHcGF5bG9hZBgCIAEoDCIxCg1SZWxheVJlc3BvbnNlEg8KB3BlZXJfaWQYASABKAkSDwoHcGF5bG9hZBgCIAEoDDL5AgoOQ29udHJvbFNlcnZpY2USRwoIUmVnaXN0ZXISHC5tZXNoZ2F0ZS52MS5SZWdpc3RlclJlcXVlc3QaHS5tZXNoZ2F0ZS52MS5SZWdpc3RlclJlc3BvbnNlEj8KBFN5bmMSGC5tZXNoZ2F0ZS52MS5TeW5jUmVxdWVzdBoZLm1lc2hnYXRlLnYxLlN5bmNSZXNwb25zZSgBMAESQQoGTG9nb3V0EhoubWVzaGdhdGUudjEuTG9nb3V0UmVxdWVzdBobLm1lc2hnYXRlLnYxLkxvZ291dFJlc3BvbnNlElYKDVJvdGF0ZU5vZGVLZXkSIS5tZXNoZ2F0ZS52MS5Sb3RhdGVOb2RlS2V5UmVxdWVzdBoiLm1lc2hnYXRlLnYxLlJvdGF0ZU5vZGVLZXlSZXNwb25zZRJCCgVSZWxheRIZLm1lc2hnYXRlLnYxLlJlbGF5UmVxdWVzdBoaLm1lc2hnYXRlLnYxLlJlbGF5UmVzcG9uc2UoATABYgZwcm90bzM", [file_meshgate_v1_types]);
 
 /**
  * @generated from message meshgate.v1.RegisterRequest
@@ -331,6 +331,56 @@ export const RotateNodeKeyResponseSchema: GenMessage<RotateNodeKeyResponse> = /*
   messageDesc(file_meshgate_v1_control, 10);
 
 /**
+ * @generated from message meshgate.v1.RelayRequest
+ */
+export type RelayRequest = Message<"meshgate.v1.RelayRequest"> & {
+  /**
+   * The node to deliver to.
+   *
+   * @generated from field: string peer_id = 1;
+   */
+  peerId: string;
+
+  /**
+   * One WireGuard datagram, at most 2048 bytes.
+   *
+   * @generated from field: bytes payload = 2;
+   */
+  payload: Uint8Array;
+};
+
+/**
+ * Describes the message meshgate.v1.RelayRequest.
+ * Use `create(RelayRequestSchema)` to create a new message.
+ */
+export const RelayRequestSchema: GenMessage<RelayRequest> = /*@__PURE__*/
+  messageDesc(file_meshgate_v1_control, 11);
+
+/**
+ * @generated from message meshgate.v1.RelayResponse
+ */
+export type RelayResponse = Message<"meshgate.v1.RelayResponse"> & {
+  /**
+   * The node the datagram came from.
+   *
+   * @generated from field: string peer_id = 1;
+   */
+  peerId: string;
+
+  /**
+   * @generated from field: bytes payload = 2;
+   */
+  payload: Uint8Array;
+};
+
+/**
+ * Describes the message meshgate.v1.RelayResponse.
+ * Use `create(RelayResponseSchema)` to create a new message.
+ */
+export const RelayResponseSchema: GenMessage<RelayResponse> = /*@__PURE__*/
+  messageDesc(file_meshgate_v1_control, 12);
+
+/**
  * The API between an agent and the coordinator. Every call carries a
  * signature made with the node's machine key in its metadata (see
  * docs/architecture.md, "Signed calls"); Register proves possession of the
@@ -372,6 +422,18 @@ export const ControlService: GenService<{
     methodKind: "unary";
     input: typeof RotateNodeKeyRequestSchema;
     output: typeof RotateNodeKeyResponseSchema;
+  },
+  /**
+   * Carries WireGuard datagrams between two nodes that have no direct path.
+   * The coordinator forwards them only between nodes that may see each
+   * other; it cannot read them (WireGuard encrypts end to end).
+   *
+   * @generated from rpc meshgate.v1.ControlService.Relay
+   */
+  relay: {
+    methodKind: "bidi_streaming";
+    input: typeof RelayRequestSchema;
+    output: typeof RelayResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_meshgate_v1_control, 0);
