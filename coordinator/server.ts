@@ -104,7 +104,7 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
         return want !== '' && want !== n.version;
       }).length,
     apiKeyExpiries: async () =>
-      (await state.listApiKeys())
+      (await state.keys.listApiKeys())
         .filter((k) => k.revokedAt === null)
         .map((k) => ({ id: k.id, expiresAt: k.expiresAt })),
   });
@@ -174,7 +174,7 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
           log.info({ node: n.id, name: n.name, project: n.project }, 'removed inactive ephemeral node');
         state.sweepExpiry();
         const now = Date.now();
-        for (const k of await state.listApiKeys()) {
+        for (const k of await state.keys.listApiKeys()) {
           if (k.revokedAt === null && k.expiresAt - now < warnWindow && !warned.has(k.id)) {
             warned.add(k.id);
             log.warn(

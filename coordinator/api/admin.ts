@@ -110,7 +110,7 @@ export function adminHandlers({ state, version, databaseOk }: AdminDeps): AdminH
     },
 
     async createAuthKey(req, { actor }) {
-      const { record, key } = await state.createAuthKey(actor, {
+      const { record, key } = await state.keys.createAuthKey(actor, {
         project: req.project,
         reusable: req.reusable,
         ephemeral: req.ephemeral,
@@ -123,17 +123,17 @@ export function adminHandlers({ state, version, databaseOk }: AdminDeps): AdminH
     async listAuthKeys(req) {
       const now = state.now();
       return msg(pb.ListAuthKeysResponseSchema, {
-        authKeys: (await state.listAuthKeys(req.project)).map((k) => authKeyMessage(k, now)),
+        authKeys: (await state.keys.listAuthKeys(req.project)).map((k) => authKeyMessage(k, now)),
       });
     },
     async expireAuthKey(req, { actor }) {
       return msg(pb.ExpireAuthKeyResponseSchema, {
-        authKey: authKeyMessage(await state.expireAuthKey(actor, req.id), state.now()),
+        authKey: authKeyMessage(await state.keys.expireAuthKey(actor, req.id), state.now()),
       });
     },
 
     async createApiKey(req, { actor }) {
-      const { record, key } = await state.createApiKey(
+      const { record, key } = await state.keys.createApiKey(
         actor,
         duration('expiration', req.expiration, 90 * DAY),
         text('description', req.description, LIMITS.description),
@@ -143,17 +143,17 @@ export function adminHandlers({ state, version, databaseOk }: AdminDeps): AdminH
     async listApiKeys() {
       const now = state.now();
       return msg(pb.ListApiKeysResponseSchema, {
-        apiKeys: (await state.listApiKeys()).map((k) => apiKeyMessage(k, now)),
+        apiKeys: (await state.keys.listApiKeys()).map((k) => apiKeyMessage(k, now)),
       });
     },
     async expireApiKey(req, { actor }) {
       return msg(pb.ExpireApiKeyResponseSchema, {
-        apiKey: apiKeyMessage(await state.expireApiKey(actor, req.id), state.now()),
+        apiKey: apiKeyMessage(await state.keys.expireApiKey(actor, req.id), state.now()),
       });
     },
     async rotateApiKey(req, { actor }) {
       const expires = req.expiration ? duration('expiration', req.expiration, 90 * DAY) : null;
-      const { record, key } = await state.rotateApiKey(actor, req.id, expires);
+      const { record, key } = await state.keys.rotateApiKey(actor, req.id, expires);
       return msg(pb.RotateApiKeyResponseSchema, { apiKey: apiKeyMessage(record, state.now(), key) });
     },
 

@@ -25,7 +25,7 @@ export async function adminActor(
   if (!authorization) throw unauthenticated('missing API key: pass --api-key or set MESHGATE_API_KEY');
   const m = /^Bearer\s+(\S+)$/i.exec(authorization);
   if (!m) throw unauthenticated('authorization must be "Bearer <api key>"');
-  return `apikey:${await state.authenticateApiKey(m[1]!)}`;
+  return `apikey:${await state.keys.authenticateApiKey(m[1]!)}`;
 }
 
 export function header(md: grpc.Metadata, name: string): string | undefined {

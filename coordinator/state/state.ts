@@ -3,7 +3,7 @@
 // store in one transaction (with its audit entry) and only then applied to
 // memory and announced to listeners, so what listeners see is durable.
 import { randomBytes } from 'node:crypto';
-import type { Kysely, Transaction } from 'kysely';
+import type { Kysely } from 'kysely';
 import { isDnsLabel, isTag, toDnsLabel } from '../../proto/names.js';
 import {
   type CompiledPolicy,
@@ -16,6 +16,7 @@ import {
   runPolicyTests,
 } from '../policy/index.js';
 import type { Database } from '../store/schema.js';
+import { audit } from './audit.js';
 import {
   CoordinatorError,
   denied,
@@ -26,8 +27,8 @@ import {
   unauthenticated,
 } from './errors.js';
 import { AddressPool, ipv4ForIndex, ipv6ForIndex } from './ipam.js';
-import { type AuthKeyRecord, authKeyFromRow, type NodeRecord, nodeFromRow, nodeToRow } from './records.js';
-import { issueSecret, parseSecret, secretMatches } from './secrets.js';
+import { KeyStore } from './keys.js';
+import { type AuthKeyRecord, type NodeRecord, nodeFromRow, nodeToRow } from './records.js';
 
 export type StateEvent =
   | { type: 'node-added'; node: NodeRecord }
@@ -57,15 +58,6 @@ export interface DesiredVersionRecord {
   updatedAt: number;
 }
 
-export interface ApiKeyRecord {
-  id: string;
-  description: string;
-  createdAt: number;
-  expiresAt: number;
-  lastSeen: number | null;
-  revokedAt: number | null;
-}
-
 export interface RegisterInput {
   authKey: string;
   machineKey: string;
@@ -83,10 +75,6 @@ export interface StateOptions {
   now?: () => number;
 }
 
-const DAY = 86_400_000;
-/** last_seen of an API key is written at most this often per key. */
-const API_KEY_SEEN_WRITE_MS = 60_000;
-
 export class State {
   private readonly projects = new Map<string, ProjectRecord>();
   private readonly nodes = new Map<string, NodeRecord>();
@@ -98,16 +86,17 @@ export class State {
   private readonly online = new Set<string>();
   private readonly observed = new Map<string, string>();
   private readonly listeners: ((e: StateEvent) => void)[] = [];
-  private readonly apiKeySeen = new Map<string, number>();
   private pool = new AddressPool([]);
   private lastExpirySweep = 0;
   readonly now: () => number;
+  readonly keys: KeyStore;
 
   private constructor(
     private readonly db: Kysely<Database>,
     readonly options: StateOptions,
   ) {
     this.now = options.now ?? Date.now;
+    this.keys = new KeyStore(db, this.now, (name) => this.requireProject(name));
   }
 
   static async load(db: Kysely<Database>, options: StateOptions): Promise<State> {
@@ -150,19 +139,6 @@ export class State {
     for (const l of this.listeners) l(e);
   }
 
-  private async audit(
-    tx: Transaction<Database>,
-    actor: string,
-    action: string,
-    target: string,
-    detail: object = {},
-  ) {
-    await tx
-      .insertInto('audit_log')
-      .values({ at: this.now(), actor, action, target, detail: JSON.stringify(detail) })
-      .execute();
-  }
-
   // ---- projects
 
   listProjects(): (ProjectRecord & { nodeCount: number })[] {
@@ -184,7 +160,7 @@ export class State {
     const p = { name, createdAt: this.now() };
     await this.db.transaction().execute(async (tx) => {
       await tx.insertInto('projects').values({ name, created_at: p.createdAt }).execute();
-      await this.audit(tx, actor, 'project.create', name);
+      await audit(tx, this.now(), actor, 'project.create', name);
     });
     this.projects.set(name, p);
     this.byProject.set(name, new Set());
@@ -202,7 +178,7 @@ export class State {
     await this.db.transaction().execute(async (tx) => {
       await tx.deleteFrom('nodes').where('project', '=', name).execute();
       await tx.deleteFrom('projects').where('name', '=', name).execute();
-      await this.audit(tx, actor, 'project.delete', name, { nodes: members.length });
+      await audit(tx, this.now(), actor, 'project.delete', name, { nodes: members.length });
     });
     for (const n of members) this.unindexNode(n);
     this.projects.delete(name);
@@ -210,198 +186,6 @@ export class State {
     this.policies.delete(name);
     this.versions.delete(name);
     for (const n of members) this.emit({ type: 'node-removed', node: n });
-  }
-
-  // ---- auth keys
-
-  async createAuthKey(
-    actor: string,
-    opts: {
-      project: string;
-      reusable: boolean;
-      ephemeral: boolean;
-      expiresInMs: number;
-      tags: string[];
-      reason: string;
-    },
-  ): Promise<{ record: AuthKeyRecord; key: string }> {
-    this.requireProject(opts.project);
-    for (const t of opts.tags)
-      if (!isTag(t)) throw invalid(`"${t}" is not a tag (tag:NAME, NAME a DNS label)`);
-    if (opts.expiresInMs <= 0 || opts.expiresInMs > 3650 * DAY)
-      throw invalid('expiration must be between 1s and 3650d');
-    const issued = issueSecret('auth');
-    const now = this.now();
-    const record: AuthKeyRecord = {
-      id: issued.id,
-      project: opts.project,
-      reusable: opts.reusable,
-      ephemeral: opts.ephemeral,
-      tags: [...new Set(opts.tags)].sort(),
-      reason: opts.reason,
-      createdAt: now,
-      expiresAt: now + opts.expiresInMs,
-      usedCount: 0,
-      revokedAt: null,
-    };
-    await this.db.transaction().execute(async (tx) => {
-      await tx
-        .insertInto('auth_keys')
-        .values({
-          id: record.id,
-          project: record.project,
-          secret_hash: issued.hash,
-          reusable: record.reusable ? 1 : 0,
-          ephemeral: record.ephemeral ? 1 : 0,
-          tags: JSON.stringify(record.tags),
-          reason: record.reason,
-          created_at: record.createdAt,
-          expires_at: record.expiresAt,
-          used_count: 0,
-          revoked_at: null,
-        })
-        .execute();
-      await this.audit(tx, actor, 'authkey.create', record.id, {
-        project: record.project,
-        reusable: record.reusable,
-        ephemeral: record.ephemeral,
-        tags: record.tags,
-        reason: record.reason,
-      });
-    });
-    return { record, key: issued.key };
-  }
-
-  async listAuthKeys(project: string): Promise<AuthKeyRecord[]> {
-    this.requireProject(project);
-    const rows = await this.db
-      .selectFrom('auth_keys')
-      .selectAll()
-      .where('project', '=', project)
-      .orderBy('created_at')
-      .execute();
-    return rows.map(authKeyFromRow);
-  }
-
-  async expireAuthKey(actor: string, id: string): Promise<AuthKeyRecord> {
-    const now = this.now();
-    const row = await this.db.transaction().execute(async (tx) => {
-      const r = await tx.selectFrom('auth_keys').selectAll().where('id', '=', id).executeTakeFirst();
-      if (!r) throw notFound(`auth key ${id} does not exist`);
-      if (r.revoked_at === null) {
-        await tx.updateTable('auth_keys').set({ revoked_at: now }).where('id', '=', id).execute();
-        r.revoked_at = now;
-      }
-      await this.audit(tx, actor, 'authkey.expire', id, { project: r.project });
-      return r;
-    });
-    return authKeyFromRow(row);
-  }
-
-  // ---- API keys
-
-  async createApiKey(
-    actor: string,
-    expiresInMs: number,
-    description: string,
-  ): Promise<{ record: ApiKeyRecord; key: string }> {
-    if (expiresInMs <= 0 || expiresInMs > 3650 * DAY)
-      throw invalid('expiration must be between 1s and 3650d');
-    const issued = issueSecret('api');
-    const now = this.now();
-    const record: ApiKeyRecord = {
-      id: issued.id,
-      description,
-      createdAt: now,
-      expiresAt: now + expiresInMs,
-      lastSeen: null,
-      revokedAt: null,
-    };
-    await this.db.transaction().execute(async (tx) => {
-      await tx
-        .insertInto('api_keys')
-        .values({
-          id: record.id,
-          secret_hash: issued.hash,
-          description,
-          created_at: now,
-          expires_at: record.expiresAt,
-          last_seen: null,
-          revoked_at: null,
-        })
-        .execute();
-      await this.audit(tx, actor, 'apikey.create', record.id, { description, expiresAt: record.expiresAt });
-    });
-    return { record, key: issued.key };
-  }
-
-  async listApiKeys(): Promise<ApiKeyRecord[]> {
-    const rows = await this.db.selectFrom('api_keys').selectAll().orderBy('created_at').execute();
-    return rows.map((r) => ({
-      id: r.id,
-      description: r.description,
-      createdAt: Number(r.created_at),
-      expiresAt: Number(r.expires_at),
-      lastSeen: r.last_seen === null ? null : Number(r.last_seen),
-      revokedAt: r.revoked_at === null ? null : Number(r.revoked_at),
-    }));
-  }
-
-  async expireApiKey(actor: string, id: string): Promise<ApiKeyRecord> {
-    const now = this.now();
-    await this.db.transaction().execute(async (tx) => {
-      const r = await tx
-        .updateTable('api_keys')
-        .set({ revoked_at: now })
-        .where('id', '=', id)
-        .where('revoked_at', 'is', null)
-        .executeTakeFirst();
-      if (r.numUpdatedRows === 0n) {
-        const found = await tx.selectFrom('api_keys').select('id').where('id', '=', id).executeTakeFirst();
-        if (!found) throw notFound(`API key ${id} does not exist`);
-      }
-      await this.audit(tx, actor, 'apikey.expire', id);
-    });
-    return this.requireApiKey(id);
-  }
-
-  async rotateApiKey(
-    actor: string,
-    id: string,
-    expiresInMs: number | null,
-  ): Promise<{ record: ApiKeyRecord; key: string }> {
-    const old = await this.requireApiKey(id);
-    const lifetime = expiresInMs ?? old.expiresAt - old.createdAt;
-    const created = await this.createApiKey(actor, lifetime, old.description);
-    await this.expireApiKey(actor, id);
-    return created;
-  }
-
-  private async requireApiKey(id: string): Promise<ApiKeyRecord> {
-    const found = (await this.listApiKeys()).find((k) => k.id === id);
-    if (!found) throw notFound(`API key ${id} does not exist`);
-    return found;
-  }
-
-  /** Returns the key id; throws unauthenticated without saying which check failed beyond what helps the owner. */
-  async authenticateApiKey(text: string): Promise<string> {
-    const parsed = parseSecret('api', text);
-    if (!parsed) throw unauthenticated('malformed API key (expected mgkey-api-…)');
-    const row = await this.db
-      .selectFrom('api_keys')
-      .selectAll()
-      .where('id', '=', parsed.id)
-      .executeTakeFirst();
-    if (!row || !secretMatches(parsed.secret, row.secret_hash)) throw unauthenticated('unknown API key');
-    const now = this.now();
-    if (row.revoked_at !== null) throw unauthenticated(`API key ${row.id} was expired`);
-    if (Number(row.expires_at) <= now)
-      throw unauthenticated(`API key ${row.id} expired; create a new one with "meshgate apikeys create"`);
-    if (now - (this.apiKeySeen.get(row.id) ?? 0) > API_KEY_SEEN_WRITE_MS) {
-      this.apiKeySeen.set(row.id, now);
-      await this.db.updateTable('api_keys').set({ last_seen: now }).where('id', '=', row.id).execute();
-    }
-    return row.id;
   }
 
   // ---- nodes: queries
@@ -484,7 +268,7 @@ export class State {
       // An expired node re-authorized with a fresh key keeps its identity and addresses.
       const node: NodeRecord = { ...known, expiresAt: null, tags, nodeKey: input.nodeKey };
       await this.db.transaction().execute(async (tx) => {
-        await this.spendAuthKey(tx, key);
+        await this.keys.spend(tx, key);
         await tx
           .updateTable('nodes')
           .set({ expires_at: null, tags: JSON.stringify(tags), node_key: input.nodeKey })
@@ -523,7 +307,7 @@ export class State {
     this.indexNode(node);
     try {
       await this.db.transaction().execute(async (tx) => {
-        await this.spendAuthKey(tx, key);
+        await this.keys.spend(tx, key);
         await tx.insertInto('nodes').values(nodeToRow(node)).execute();
       });
     } catch (err) {
@@ -572,35 +356,12 @@ export class State {
           : 'an auth key is required to register a new machine',
       );
     }
-    const parsed = parseSecret('auth', text);
-    if (!parsed) throw unauthenticated('malformed auth key (expected mgkey-auth-…)');
-    const row = await this.db
-      .selectFrom('auth_keys')
-      .selectAll()
-      .where('id', '=', parsed.id)
-      .executeTakeFirst();
-    if (!row || !secretMatches(parsed.secret, row.secret_hash)) throw unauthenticated('unknown auth key');
-    const key = authKeyFromRow(row);
-    if (key.revokedAt !== null) throw unauthenticated(`auth key ${key.id} was expired by an admin`);
-    if (key.expiresAt <= this.now()) throw unauthenticated(`auth key ${key.id} expired; ask for a new one`);
-    if (!key.reusable && key.usedCount > 0)
-      throw unauthenticated(`auth key ${key.id} is single-use and was already used by another machine`);
+    const key = await this.keys.usableAuthKey(text);
     if (known && known.project !== key.project)
       throw denied(`auth key ${key.id} belongs to another project than node ${known.name}`);
     if (!this.projects.has(key.project))
       throw unauthenticated(`auth key ${key.id} belongs to a deleted project`);
     return key;
-  }
-
-  private async spendAuthKey(tx: Transaction<Database>, key: AuthKeyRecord): Promise<void> {
-    let q = tx
-      .updateTable('auth_keys')
-      .set((eb) => ({ used_count: eb('used_count', '+', 1) }))
-      .where('id', '=', key.id);
-    if (!key.reusable) q = q.where('used_count', '=', 0);
-    const r = await q.executeTakeFirst();
-    if (r.numUpdatedRows === 0n)
-      throw unauthenticated(`auth key ${key.id} is single-use and was already used by another machine`);
   }
 
   private tagsFor(key: AuthKeyRecord, requested: string[]): string[] {
@@ -709,7 +470,7 @@ export class State {
   private async removeNode(actor: string, n: NodeRecord, action: string): Promise<void> {
     await this.db.transaction().execute(async (tx) => {
       await tx.deleteFrom('nodes').where('id', '=', n.id).execute();
-      await this.audit(tx, actor, action, n.id, { project: n.project, name: n.name });
+      await audit(tx, this.now(), actor, action, n.id, { project: n.project, name: n.name });
     });
     this.unindexNode(n);
     this.pool.release(n.ipIndex);
@@ -782,7 +543,7 @@ export class State {
   ): Promise<NodeRecord> {
     await this.db.transaction().execute(async (tx) => {
       await tx.updateTable('nodes').set(row).where('id', '=', n.id).execute();
-      await this.audit(tx, actor, action, n.id, { project: n.project, ...change });
+      await audit(tx, this.now(), actor, action, n.id, { project: n.project, ...change });
     });
     const node = { ...n, ...change };
     this.replaceNode(node);
@@ -804,7 +565,7 @@ export class State {
     await this.db.transaction().execute(async (tx) => {
       await tx.deleteFrom('policies').where('project', '=', project).execute();
       if (parsed) await tx.insertInto('policies').values({ project, source, updated_at: now }).execute();
-      await this.audit(tx, actor, parsed ? 'policy.set' : 'policy.remove', project);
+      await audit(tx, this.now(), actor, parsed ? 'policy.set' : 'policy.remove', project);
     });
     if (parsed) this.policies.set(project, { source, parsed, updatedAt: now });
     else this.policies.delete(project);
@@ -848,7 +609,10 @@ export class State {
           .insertInto('desired_versions')
           .values({ project, tag, version, updated_at: rec.updatedAt })
           .execute();
-      await this.audit(tx, actor, version ? 'version.set' : 'version.remove', project, { tag, version });
+      await audit(tx, this.now(), actor, version ? 'version.set' : 'version.remove', project, {
+        tag,
+        version,
+      });
     });
     if (version) this.versionMap(project).set(tag, rec);
     else this.versionMap(project).delete(tag);
@@ -946,4 +710,5 @@ function sameList(a: string[], b: string[]): boolean {
   return a.length === b.length && a.every((x, i) => x === b[i]);
 }
 
+export type { ApiKeyRecord } from './keys.js';
 export { CoordinatorError };

@@ -25,7 +25,7 @@ describe('mapper fan-out', () => {
   const ids: Record<string, string> = {};
 
   const register = async (name: string, tags: string[]) => {
-    const { key } = await state.createAuthKey('test', {
+    const { key } = await state.keys.createAuthKey('test', {
       project: 'p',
       reusable: false,
       ephemeral: false,
