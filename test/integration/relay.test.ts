@@ -3,7 +3,11 @@ import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { create } from '@bufbuild/protobuf';
 import type * as grpc from '@grpc/grpc-js';
-import { type RelayRequest, RelayRequestSchema, type RelayResponse } from '../../proto/gen/meshgate/v1/control_pb.js';
+import {
+  type RelayRequest,
+  RelayRequestSchema,
+  type RelayResponse,
+} from '../../proto/gen/meshgate/v1/control_pb.js';
 import { authKey, SimAgent, startTestCoordinator, type TestCoordinator } from './harness.js';
 
 interface RelayEnd {
@@ -28,7 +32,9 @@ describe('relay', () => {
     return end;
   };
   const send = (from: RelayEnd, to: RelayEnd, text: string) =>
-    from.stream.write(create(RelayRequestSchema, { peerId: to.agent.id, payload: new TextEncoder().encode(text) }));
+    from.stream.write(
+      create(RelayRequestSchema, { peerId: to.agent.id, payload: new TextEncoder().encode(text) }),
+    );
   const settle = () => new Promise((r) => setTimeout(r, 300));
 
   before(async () => {
@@ -49,8 +55,14 @@ describe('relay', () => {
     send(a, b, 'hello b');
     send(b, a, 'hello a');
     await settle();
-    assert.deepEqual(b.got.map((m) => [m.peerId, new TextDecoder().decode(m.payload)]), [[a.agent.id, 'hello b']]);
-    assert.deepEqual(a.got.map((m) => [m.peerId, new TextDecoder().decode(m.payload)]), [[b.agent.id, 'hello a']]);
+    assert.deepEqual(
+      b.got.map((m) => [m.peerId, new TextDecoder().decode(m.payload)]),
+      [[a.agent.id, 'hello b']],
+    );
+    assert.deepEqual(
+      a.got.map((m) => [m.peerId, new TextDecoder().decode(m.payload)]),
+      [[b.agent.id, 'hello a']],
+    );
     assert.ok(a.agent.netmap!.relay?.enabled, 'the netmap says the relay is there');
     assert.ok(a.agent.netmap!.peers[0]!.relay, 'and that the peer can be relayed');
   });
@@ -62,7 +74,8 @@ describe('relay', () => {
     const stranger = await join('r3', 'stranger');
     await t.admin.call('setPolicy', {
       project: 'r2',
-      policy: '{"tagOwners":{"tag:ops":[],"tag:firewall":[],"tag:machine":[]},"acls":[{"action":"accept","src":["tag:ops"],"dst":["tag:firewall:22"]}]}',
+      policy:
+        '{"tagOwners":{"tag:ops":[],"tag:firewall":[],"tag:machine":[]},"acls":[{"action":"accept","src":["tag:ops"],"dst":["tag:firewall:22"]}]}',
     });
     await settle();
     send(stranger, ops, 'from another project');
@@ -74,9 +87,16 @@ describe('relay', () => {
     assert.deepEqual(ops.got, []);
     assert.deepEqual(m1.got, []);
     assert.deepEqual(stranger.got, []);
-    assert.deepEqual(fw.got.map((m) => new TextDecoder().decode(m.payload)), ['allowed']);
+    assert.deepEqual(
+      fw.got.map((m) => new TextDecoder().decode(m.payload)),
+      ['allowed'],
+    );
     const counted = await t.c.metrics.relayPackets.get();
-    assert.equal(counted.values.find((v) => v.labels.result === 'denied')?.value, 4, 'four datagrams denied and counted');
+    assert.equal(
+      counted.values.find((v) => v.labels.result === 'denied')?.value,
+      4,
+      'four datagrams denied and counted',
+    );
   });
 
   it('refuses an unsigned relay stream', async () => {

@@ -51,28 +51,54 @@ describe('endpoint candidates', () => {
     const paths = new PathSelector(timings, () => now);
     paths.choose('p', input());
     now = 10_000;
-    assert.equal(paths.choose('p', input({ actual: '198.51.100.9:4000', lastHandshakeMs: 9000 })).endpoint, '198.51.100.9:4000');
+    assert.equal(
+      paths.choose('p', input({ actual: '198.51.100.9:4000', lastHandshakeMs: 9000 })).endpoint,
+      '198.51.100.9:4000',
+    );
   });
 
   it('probes a relayed peer directly now and then, and keeps the direct path when the peer answers on it', () => {
     let now = 0;
     const paths = new PathSelector(timings, () => now);
-    const relayed = { actual: '127.0.0.1:5000', relayEndpoint: '127.0.0.1:5000', lastHandshakeMs: 1, rxBytes: 100 };
+    const relayed = {
+      actual: '127.0.0.1:5000',
+      relayEndpoint: '127.0.0.1:5000',
+      lastHandshakeMs: 1,
+      rxBytes: 100,
+    };
     paths.choose('p', input({ candidates: [] }));
     now = 1000;
-    assert.equal(paths.choose('p', input({ ...relayed, candidates: [], lastHandshakeMs: 900 })).endpoint, RELAY);
+    assert.equal(
+      paths.choose('p', input({ ...relayed, candidates: [], lastHandshakeMs: 900 })).endpoint,
+      RELAY,
+    );
     // The peer got a direct endpoint later: probe it after the probe interval.
     now = 2000;
-    assert.equal(paths.choose('p', input({ ...relayed, lastHandshakeMs: 1900 })).endpoint, RELAY, 'new candidates start over');
+    assert.equal(
+      paths.choose('p', input({ ...relayed, lastHandshakeMs: 1900 })).endpoint,
+      RELAY,
+      'new candidates start over',
+    );
     now = 20_000;
-    assert.deepEqual(paths.choose('p', input({ ...relayed, lastHandshakeMs: 19_000 })), { endpoint: RELAY }, 'not yet');
+    assert.deepEqual(
+      paths.choose('p', input({ ...relayed, lastHandshakeMs: 19_000 })),
+      { endpoint: RELAY },
+      'not yet',
+    );
     now = 32_000;
     const started = paths.choose('p', input({ ...relayed, lastHandshakeMs: 31_000 }));
     assert.deepEqual(started, { endpoint: 'a:1', keepalive: 1 });
     now = 35_000;
-    assert.deepEqual(paths.choose('p', input({ ...relayed, actual: 'a:1', rxBytes: 500, lastHandshakeMs: 34_000 })), { endpoint: 'a:1' });
+    assert.deepEqual(
+      paths.choose('p', input({ ...relayed, actual: 'a:1', rxBytes: 500, lastHandshakeMs: 34_000 })),
+      { endpoint: 'a:1' },
+    );
     now = 40_000;
-    assert.deepEqual(paths.choose('p', input({ ...relayed, actual: 'a:1', rxBytes: 900, lastHandshakeMs: 34_000 })), { endpoint: 'a:1' }, 'stays direct');
+    assert.deepEqual(
+      paths.choose('p', input({ ...relayed, actual: 'a:1', rxBytes: 900, lastHandshakeMs: 34_000 })),
+      { endpoint: 'a:1' },
+      'stays direct',
+    );
   });
 
   it('returns to the relay when a probe gets no answer', () => {
@@ -85,9 +111,17 @@ describe('endpoint candidates', () => {
     now = 6500;
     assert.equal(paths.choose('p', input({ ...relayed, lastHandshakeMs: 6400 })).endpoint, RELAY);
     now = 7000;
-    assert.equal(paths.choose('p', input({ ...relayed, lastHandshakeMs: 6500 })).keepalive, 1, 'probe starts');
+    assert.equal(
+      paths.choose('p', input({ ...relayed, lastHandshakeMs: 6500 })).keepalive,
+      1,
+      'probe starts',
+    );
     now = 10_000;
-    assert.equal(paths.choose('p', input({ ...relayed, lastHandshakeMs: 7500 })).endpoint, RELAY, 'no answer: back to the relay');
+    assert.equal(
+      paths.choose('p', input({ ...relayed, lastHandshakeMs: 7500 })).endpoint,
+      RELAY,
+      'no answer: back to the relay',
+    );
   });
 
   it('spreads listen ports by machine key so nodes behind one NAT differ', () => {
