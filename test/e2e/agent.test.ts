@@ -3,7 +3,8 @@
 // newcomer does not disturb existing sessions, --lockdown-ssh leaves SSH only
 // on the mesh, and the mesh survives the coordinator going away.
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { after, before, describe, it } from 'node:test';
 import { buildOnce, MeshLab, until } from './harness/mesh.js';
 import { Topology } from './harness/netns.js';
@@ -50,6 +51,10 @@ describe('agent', { skip: missing ?? false }, () => {
       await lab.topo.exec('a', 'ping', ['-c', '1', '-W', '1', ipB]);
       return true;
     });
+    const secret = readFileSync(key, 'utf8').trim().split('-').pop()!;
+    const ps = execFileSync('ps', ['-eo', 'args'], { encoding: 'utf8' });
+    assert.ok(ps.includes('meshgate agent') || ps.includes('bin/meshgate agent'), 'the agents show up in ps');
+    assert.ok(!ps.includes(secret), 'the auth key secret is in no process argument');
     const wgA = await lab.topo.exec('a', 'wg', ['show', lab.agents.get('a')!.iface, 'dump']);
     const sB = await lab.status('b');
     assert.ok(wgA.includes(sB.self.nodeKey), "a's wg show lists b's key");
