@@ -34,7 +34,7 @@ export interface TestCoordinator {
 export async function startTestCoordinator(
   overrides: Record<string, unknown> = {},
 ): Promise<TestCoordinator> {
-  const dataDir = mkdtempSync(join(tmpdir(), 'meshgate-it-'));
+  const dataDir = (overrides.dataDir as string | undefined) ?? mkdtempSync(join(tmpdir(), 'meshgate-it-'));
   const config = loadConfig(
     undefined,
     {},
