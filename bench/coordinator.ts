@@ -1,0 +1,480 @@
+// The coordinator benchmarks at one size: registrations per second, delta
+// propagation to every connected agent, a policy change, idle CPU and memory
+// per connected agent, and a reconnect storm after a restart.
+//
+//   node --import tsx bench/coordinator.ts --agents 1000 [--only propagation,idle] [--json]
+//
+// The coordinator runs as a child process (bin/meshgate coordinator); the
+// simulated agents run here. Progress goes to stderr; with --json the result
+// object is printed on stdout.
+import { loadavg } from 'node:os';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
+import { parseArgs } from 'node:util';
+import { AgentFleet, type BenchAgent, pool } from './lib/agents.js';
+import { CoordinatorProcess } from './lib/coordinator-process.js';
+import { log, machineInfo } from './lib/report.js';
+import { CpuMeter, nowMs, round, type Summary, sleep, summarize } from './lib/stats.js';
+
+export const BENCHMARKS = ['registration', 'propagation', 'policy', 'idle', 'storm'] as const;
+export type Benchmark = (typeof BENCHMARKS)[number];
+
+export interface SuiteOptions {
+  agents: number;
+  only: Benchmark[];
+  /** Agents per HTTP/2 connection. */
+  perConn: number;
+  /** Registrations in flight in the concurrent registration run. */
+  concurrency: number;
+  trials: number;
+  policyTrials: number;
+  stormTrials: number;
+  idleSeconds: number;
+  cpuProfDir?: string;
+}
+
+export function defaults(agents: number): SuiteOptions {
+  const big = agents > 1000;
+  return {
+    agents,
+    only: [...BENCHMARKS],
+    perConn: 50,
+    concurrency: 50,
+    trials: big ? 5 : 20,
+    policyTrials: big ? 2 : 5,
+    stormTrials: big ? 1 : 3,
+    idleSeconds: 60,
+  };
+}
+
+const PROJECT = 'mesh';
+const POLICY = JSON.stringify({
+  tagOwners: { 'tag:a': [], 'tag:b': [] },
+  acls: [{ action: 'accept', src: ['tag:a'], dst: ['tag:b:*'] }],
+});
+const MiB = 2 ** 20;
+
+/**
+ * What the coordinator and this process (the load generator) spent while `fn`
+ * ran: CPU as % of one core, and this process's event-loop delay, which shows
+ * when the load generator itself was too busy to take messages in time.
+ */
+async function measured<T>(
+  c: CoordinatorProcess,
+  fn: () => Promise<T>,
+): Promise<{
+  value: T;
+  wallMs: number;
+  coordinatorCpuPct: number;
+  loadCpuPct: number;
+  loadLoopDelayP99Ms: number;
+}> {
+  const cpu0 = c.cpuSeconds();
+  const meter = new CpuMeter();
+  const lag = monitorEventLoopDelay({ resolution: 10 });
+  lag.enable();
+  const t0 = nowMs();
+  const value = await fn();
+  const wallMs = nowMs() - t0;
+  lag.disable();
+  return {
+    value,
+    wallMs,
+    coordinatorCpuPct: round(((c.cpuSeconds() - cpu0) * 1e5) / wallMs),
+    loadCpuPct: meter.lap(),
+    loadLoopDelayP99Ms: round(lag.percentile(99) / 1e6),
+  };
+}
+
+/** The CPU and event-loop fields of a measurement, for the result object. */
+function costs(
+  m: { coordinatorCpuPct: number; loadCpuPct: number; loadLoopDelayP99Ms: number },
+  coordinator = true,
+) {
+  return {
+    ...(coordinator ? { coordinatorCpuPct: m.coordinatorCpuPct } : {}),
+    loadCpuPct: m.loadCpuPct,
+    loadLoopDelayP99Ms: m.loadLoopDelayP99Ms,
+  };
+}
+
+/** Waits until no agent has received a message for `quietMs`. */
+async function quiet(fleet: AgentFleet, quietMs: number, timeoutMs: number): Promise<number> {
+  const t0 = nowMs();
+  let last = fleet.messages;
+  let since = nowMs();
+  while (nowMs() - since < quietMs) {
+    if (nowMs() - t0 > timeoutMs) throw new Error(`agents still receiving messages after ${timeoutMs} ms`);
+    await sleep(50);
+    if (fleet.messages !== last) {
+      last = fleet.messages;
+      since = nowMs();
+    }
+  }
+  return since - t0;
+}
+
+function perAgent(total: number, n: number): number {
+  return round(total / n, 1);
+}
+
+/**
+ * Runs the selected benchmarks and fills `result` as it goes, so that a run
+ * stopped from outside still reports what it measured and where it was.
+ */
+export async function runSuite(
+  o: SuiteOptions,
+  result: Record<string, unknown> = {},
+): Promise<Record<string, unknown>> {
+  const n = o.agents;
+  const want = (b: Benchmark) => o.only.includes(b);
+  const waitMs = Math.max(60_000, n * 30);
+  Object.assign(result, { agents: n, options: { ...o }, loadAverageAtStart: loadavg()[0] });
+  const phase = (name: string) => {
+    result.phase = name;
+    log(name);
+  };
+  const c = await CoordinatorProcess.start({ cpuProfDir: o.cpuProfDir });
+  log(`coordinator pid ${c.pid} on ${c.url}`);
+  const fleet = await AgentFleet.open(c.url, c.fingerprint, o.perConn);
+  const others = await AgentFleet.open(c.url, c.fingerprint, o.perConn);
+  // Every 15 s: how far the agents got, for long runs.
+  const ticker = setInterval(() => {
+    try {
+      const full = fleet.agents.filter((a) => a.hasFull).length;
+      log(
+        `  … ${full}/${fleet.agents.length} agents with a netmap, ${fleet.messages} messages, ` +
+          `coordinator RSS ${round(c.rssBytes() / MiB)} MiB`,
+      );
+    } catch {
+      // The coordinator is restarting.
+    }
+  }, 15_000);
+  try {
+    const admin = await c.admin();
+    await admin.call('createProject', { name: PROJECT });
+    const keyOf = async (project: string, tags: string[]) =>
+      (await admin.call('createAuthKey', { project, reusable: true, tags, expiration: '24h' })).authKey!.key;
+    const key = await keyOf(PROJECT, ['tag:a', 'tag:b']);
+
+    if (want('registration')) {
+      await admin.call('createProject', { name: 'seq' });
+      const seqKey = await keyOf('seq', []);
+      const seq = Array.from({ length: n }, () => others.agent());
+      const lat: number[] = [];
+      phase(`registration: ${n} sequential`);
+      const r = await measured(c, async () => {
+        for (const [i, a] of seq.entries()) {
+          const t = nowMs();
+          await a.register(seqKey, `seq-${i}`);
+          lat.push(nowMs() - t);
+        }
+      });
+      result.registrationSequential = {
+        count: n,
+        perSecond: round((n / r.wallMs) * 1000),
+        latencyMs: summarize(lat),
+        coordinatorCpuMsPerRegistration: round((r.coordinatorCpuPct * r.wallMs) / 100 / n, 2),
+        ...costs(r),
+      };
+    }
+
+    // The N agents of the mesh project: half tag:a, half tag:b, registered 50 at a time.
+    const agents = Array.from({ length: n }, (_, i) => fleet.agent(i % 2 ? 'tag:b' : 'tag:a'));
+    const lat: number[] = [];
+    phase(`registration: ${n} with ${o.concurrency} concurrent`);
+    const reg = await measured(c, () =>
+      pool(agents, o.concurrency, async (a, i) => {
+        const t = nowMs();
+        await a.register(key, `agent-${i}`);
+        lat.push(nowMs() - t);
+      }),
+    );
+    result.registrationConcurrent = {
+      count: n,
+      concurrency: o.concurrency,
+      perSecond: round((n / reg.wallMs) * 1000),
+      latencyMs: summarize(lat),
+      coordinatorCpuMsPerRegistration: round((reg.coordinatorCpuPct * reg.wallMs) / 100 / n, 2),
+      ...costs(reg),
+    };
+    if (o.only.every((b) => b === 'registration')) {
+      phase('done');
+      return result;
+    }
+
+    await sleep(1000);
+    const HEAP = 'meshgate_process_nodejs_heap_size_used_bytes';
+    const rssBefore = c.rssBytes();
+    const heapBefore = await c.metric(HEAP);
+    phase(`connect: ${n} agents over ${fleet.connections} connections`);
+    const conn = await measured(c, async () => {
+      const t0 = nowMs();
+      await pool(agents, 100, (a) => a.connect());
+      const full = nowMs() - t0;
+      // Every agent then learns that the others came online.
+      const settled = full + (await quiet(fleet, 1000, waitMs * 4));
+      return { full, settled };
+    });
+    const missing = agents.filter((a) => a.peers.size !== n - 1).length;
+    if (missing) throw new Error(`${missing} agents do not have all ${n - 1} peers after connecting`);
+    result.connect = {
+      connections: fleet.connections,
+      allFullNetmapsMs: round(conn.value.full),
+      settledMs: round(conn.value.settled),
+      messagesPerAgent: perAgent(fleet.messages, n),
+      onlinePatchesPerAgent: perAgent(
+        agents.reduce((s, a) => s + a.patches, 0),
+        n,
+      ),
+      ...costs(conn),
+      rssMiB: round(c.rssBytes() / MiB),
+    };
+    log(`connected; settled after ${round(conn.value.settled / 1000)} s`);
+
+    if (want('idle')) {
+      await sleep(2000);
+      const m0 = fleet.messages;
+      phase(`idle: ${o.idleSeconds} s`);
+      const idle = await measured(c, () => sleep(o.idleSeconds * 1000));
+      const rss = c.rssBytes();
+      const heap = await c.metric(HEAP);
+      result.idle = {
+        seconds: o.idleSeconds,
+        ...costs(idle),
+        messagesPerAgentPerMinute: round(((fleet.messages - m0) / n / o.idleSeconds) * 60, 2),
+        rssBeforeConnectMiB: round(rssBefore / MiB),
+        rssConnectedMiB: round(rss / MiB),
+        rssPerAgentKiB: round((rss - rssBefore) / n / 1024),
+        heapUsedBeforeConnectMiB: round(heapBefore / MiB),
+        heapUsedConnectedMiB: round(heap / MiB),
+        heapUsedPerAgentKiB: round((heap - heapBefore) / n / 1024),
+      };
+    }
+
+    if (want('propagation')) {
+      const add: number[] = [];
+      const del: number[] = [];
+      const addAll: number[] = [];
+      const delAll: number[] = [];
+      phase(`propagation: ${o.trials} trials`);
+      const prop = await measured(c, async () => {
+        for (let t = 0; t < o.trials; t++) {
+          const name = `prop-${t}`;
+          const w = fleet.watch(agents, (a) => {
+            const id = fleet.idOfName(name);
+            return id !== undefined && a.hasPeer(id);
+          });
+          const res = await others.agent().register(key, name);
+          const t0 = nowMs();
+          await w.wait(waitMs, `new node ${name}`);
+          add.push(...w.latencies(t0));
+          addAll.push(Math.max(...w.latencies(t0)));
+          const id = res.node!.id;
+          const d = fleet.watch(agents, (a) => !a.hasPeer(id));
+          await admin.call('deleteNode', { id, project: PROJECT });
+          const t1 = nowMs();
+          await d.wait(waitMs, `removal of ${name}`);
+          del.push(...d.latencies(t1));
+          delAll.push(Math.max(...d.latencies(t1)));
+          await sleep(100);
+        }
+      });
+      result.propagation = {
+        trials: o.trials,
+        addAllAgentsMs: summarize(addAll),
+        addPerAgentMs: summarize(add),
+        deleteAllAgentsMs: summarize(delAll),
+        deletePerAgentMs: summarize(del),
+        ...costs(prop),
+      };
+    }
+
+    if (want('policy')) {
+      const countA = agents.filter((a) => a.tag === 'tag:a').length;
+      const expected = (a: BenchAgent) => (a.tag === 'tag:a' ? n - countA : countA);
+      const set: number[] = [];
+      const clear: number[] = [];
+      phase(`policy: ${o.policyTrials} trials of set + clear`);
+      const pol = await measured(c, async () => {
+        for (let t = 0; t < o.policyTrials; t++) {
+          let base = new Map(agents.map((a) => [a, a.filters]));
+          const w = fleet.watch(
+            agents,
+            (a) => a.filters > base.get(a)! && a.sameTag === 0 && a.peers.size === expected(a),
+          );
+          await admin.call('setPolicy', { project: PROJECT, policy: POLICY });
+          const t0 = nowMs();
+          await w.wait(waitMs, 'the policy');
+          set.push(Math.max(...w.latencies(t0)));
+          await quiet(fleet, 300, waitMs);
+          base = new Map(agents.map((a) => [a, a.filters]));
+          const back = fleet.watch(agents, (a) => a.filters > base.get(a)! && a.peers.size === n - 1);
+          await admin.call('setPolicy', { project: PROJECT, policy: '' });
+          const t1 = nowMs();
+          await back.wait(waitMs, 'the policy removal');
+          clear.push(Math.max(...back.latencies(t1)));
+          await quiet(fleet, 300, waitMs);
+        }
+      });
+      result.policy = {
+        trials: o.policyTrials,
+        description: 'tag:a may reach tag:b, half the nodes each; then the policy removed (everyone again)',
+        setAllAgentsMs: summarize(set),
+        clearAllAgentsMs: summarize(clear),
+        ...costs(pol),
+      };
+    }
+
+    if (want('storm')) {
+      const trials: Record<string, unknown>[] = [];
+      for (let t = 0; t < o.stormTrials; t++) {
+        for (const a of agents) a.autoReconnect = true;
+        const base = new Map(agents.map((a) => [a, a.fulls]));
+        const msgs0 = fleet.messages;
+        const tries0 = agents.reduce((s, a) => s + a.reconnects, 0);
+        fleet.endings.clear();
+        phase(`storm ${t + 1}/${o.stormTrials}: restarting the coordinator`);
+        const m = await measured(c, async () => {
+          const { stopMs, startMs } = await c.restart();
+          const up = nowMs();
+          const cpu0 = c.cpuSeconds();
+          const w = fleet.watch(agents, (a) => a.hasFull && a.fulls > base.get(a)!);
+          await w.wait(waitMs * 4, 'a new full netmap');
+          await quiet(fleet, 1000, waitMs * 4);
+          return { stopMs, startMs, lat: w.latencies(up), settled: nowMs() - up - 1000, cpu0 };
+        });
+        trials.push({
+          stopMs: m.value.stopMs,
+          startMs: m.value.startMs,
+          allReconnectedMs: round(Math.max(...m.value.lat)),
+          perAgentMs: summarize(m.value.lat),
+          settledMs: round(m.value.settled),
+          coordinatorCpuSeconds: round(c.cpuSeconds() - m.value.cpu0, 2),
+          attemptsPerAgent: perAgent(agents.reduce((s, a) => s + a.reconnects, 0) - tries0, n),
+          messagesPerAgent: perAgent(fleet.messages - msgs0, n),
+          streamEndings: Object.fromEntries(fleet.endings),
+          // The coordinator's process changed during the restart: its CPU is counted above.
+          ...costs(m, false),
+        });
+        for (const a of agents) a.autoReconnect = false;
+      }
+      result.storm = {
+        backoff:
+          '100 ms doubling to 2 s, each delay uniform in [d/2, d]; Register, then Sync, as the agent does',
+        trials,
+        allReconnectedMs: summarize(trials.map((x) => x.allReconnectedMs as number)),
+      };
+    }
+    phase('done');
+  } catch (err) {
+    result.error = `${(err as Error).message} (in phase: ${result.phase})`;
+    log(`failed: ${result.error}`);
+  } finally {
+    clearInterval(ticker);
+    result.sequenceErrors = fleet.sequenceErrors;
+    result.coordinatorLogTail = c.logTail.slice(-5);
+    result.loadAverageAtEnd = loadavg()[0];
+    fleet.close();
+    others.close();
+    await c.close();
+  }
+  return result;
+}
+
+function fmt(s: Summary | undefined): string {
+  return s ? `p50 ${s.p50} p95 ${s.p95} p99 ${s.p99} max ${s.max} ms` : '-';
+}
+
+/** A few lines for people; the JSON has everything. */
+export function humanSummary(r: Record<string, unknown>): string {
+  const g = (k: string) => r[k] as Record<string, unknown> | undefined;
+  const lines = [`N = ${r.agents}`];
+  if (g('registrationSequential'))
+    lines.push(`  registrations/s sequential   ${g('registrationSequential')!.perSecond}`);
+  if (g('registrationConcurrent'))
+    lines.push(
+      `  registrations/s ${g('registrationConcurrent')!.concurrency} concurrent  ${g('registrationConcurrent')!.perSecond}`,
+    );
+  if (g('connect'))
+    lines.push(
+      `  connect: all full netmaps ${g('connect')!.allFullNetmapsMs} ms, settled ${g('connect')!.settledMs} ms`,
+    );
+  if (g('propagation')) {
+    lines.push(`  propagation add (all agents)     ${fmt(g('propagation')!.addAllAgentsMs as Summary)}`);
+    lines.push(`  propagation delete (all agents)  ${fmt(g('propagation')!.deleteAllAgentsMs as Summary)}`);
+  }
+  if (g('policy')) {
+    lines.push(`  policy set (all agents)          ${fmt(g('policy')!.setAllAgentsMs as Summary)}`);
+    lines.push(`  policy removed (all agents)      ${fmt(g('policy')!.clearAllAgentsMs as Summary)}`);
+  }
+  if (g('idle'))
+    lines.push(
+      `  idle CPU ${g('idle')!.coordinatorCpuPct}% of a core, ${g('idle')!.rssPerAgentKiB} KiB RSS per agent`,
+    );
+  if (g('storm'))
+    lines.push(`  reconnect storm, all agents back  ${fmt(g('storm')!.allReconnectedMs as Summary)}`);
+  return lines.join('\n');
+}
+
+export function parseSuiteArgs(argv: string[]): { opts: SuiteOptions; json: boolean } {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      agents: { type: 'string', default: '100' },
+      only: { type: 'string' },
+      'per-conn': { type: 'string' },
+      concurrency: { type: 'string' },
+      trials: { type: 'string' },
+      'policy-trials': { type: 'string' },
+      'storm-trials': { type: 'string' },
+      'idle-seconds': { type: 'string' },
+      'cpu-prof': { type: 'string' },
+      json: { type: 'boolean', default: false },
+    },
+  });
+  const num = (v: string | undefined, d: number, name: string) => {
+    if (v === undefined) return d;
+    const x = Number(v);
+    if (!Number.isInteger(x) || x < 1) throw new Error(`--${name} must be a positive integer`);
+    return x;
+  };
+  const agents = num(values.agents, 100, 'agents');
+  const d = defaults(agents);
+  const only = values.only ? values.only.split(',').map((s) => s.trim()) : d.only;
+  for (const b of only)
+    if (!(BENCHMARKS as readonly string[]).includes(b))
+      throw new Error(`--only: unknown benchmark "${b}" (one of ${BENCHMARKS.join(', ')})`);
+  return {
+    json: values.json ?? false,
+    opts: {
+      agents,
+      only: only as Benchmark[],
+      perConn: num(values['per-conn'], d.perConn, 'per-conn'),
+      concurrency: num(values.concurrency, d.concurrency, 'concurrency'),
+      trials: num(values.trials, d.trials, 'trials'),
+      policyTrials: num(values['policy-trials'], d.policyTrials, 'policy-trials'),
+      stormTrials: num(values['storm-trials'], d.stormTrials, 'storm-trials'),
+      idleSeconds: num(values['idle-seconds'], d.idleSeconds, 'idle-seconds'),
+      cpuProfDir: values['cpu-prof'],
+    },
+  };
+}
+
+if (import.meta.url === `file://${process.argv[1]}`) {
+  const { opts, json } = parseSuiteArgs(process.argv.slice(2));
+  const r: Record<string, unknown> = {};
+  const report = () => {
+    process.stderr.write(`${humanSummary(r)}\n`);
+    if (json) process.stdout.write(`${JSON.stringify({ machine: machineInfo(), result: r })}\n`);
+    else process.stderr.write(`${JSON.stringify(r, null, 2)}\n`);
+  };
+  // Stopped from outside (e.g. bench/run.ts's time limit): report what was measured so far.
+  process.once('SIGTERM', () => {
+    r.error = `stopped from outside (in phase: ${r.phase})`;
+    report();
+    process.exit(1);
+  });
+  await runSuite(opts, r);
+  report();
+  process.exit(r.error ? 1 : 0);
+}

@@ -1,0 +1,415 @@
+// Simulated agents for the load generator: the integration harness's SimAgent
+// (real Ed25519 machine key, real signed Register and Sync calls) with three
+// changes that let one process hold thousands of them:
+//  - agents share HTTP/2 connections in groups (AgentFleet.perConn);
+//  - the netmap is kept as a set of peer indexes, updated per delta in
+//    O(size of the delta) with the same rules as proto/netmap.ts applySync
+//    (which copies the whole netmap per message: fine for one agent on its
+//    own machine, seconds per delta for 1,000 agents in one process);
+//  - a lost stream is reopened like the real agent does it (register again,
+//    then sync) after a jittered backoff.
+import { generateKeyPairSync } from 'node:crypto';
+import { create } from '@bufbuild/protobuf';
+import type * as grpc from '@grpc/grpc-js';
+import { Backoff } from '../../agent/control/backoff.js';
+import { dial, type Endpoint } from '../../proto/dial.js';
+import {
+  ControlService,
+  type SyncRequest,
+  SyncRequestSchema,
+  type SyncResponse,
+} from '../../proto/gen/meshgate/v1/control_pb.js';
+import type { Peer } from '../../proto/gen/meshgate/v1/types_pb.js';
+import { makeClient } from '../../proto/grpc.js';
+import type { MachineKeyPair } from '../../proto/keys.js';
+import { SimAgent } from '../../test/integration/harness.js';
+import { nowMs } from './stats.js';
+
+/** Reconnect backoff of the bench agents: 100 ms doubling to 2 s, each delay jittered in [d/2, d]. */
+export const RECONNECT_BACKOFF = { baseMs: 100, maxMs: 2000 };
+export const ENDPOINTS = ['192.0.2.10:41641'];
+
+/**
+ * An Ed25519 machine key in tweetnacl's layout (seed ‖ public key), made with
+ * node:crypto: tweetnacl takes ~4 ms per key, which would dominate setting up
+ * 10,000 agents. The key is the same kind of key; signing still uses tweetnacl.
+ */
+export function machineKey(): MachineKeyPair {
+  const { publicKey, privateKey } = generateKeyPairSync('ed25519');
+  const pub = Buffer.from(publicKey.export({ format: 'jwk' }).x!, 'base64url');
+  const seed = Buffer.from(privateKey.export({ format: 'jwk' }).d!, 'base64url');
+  return { publicKey: new Uint8Array(pub), secretKey: new Uint8Array(Buffer.concat([seed, pub])) };
+}
+
+/** A growable bit set over small integers. */
+class Bits {
+  private b = new Uint8Array(128);
+  size = 0;
+
+  has(i: number): boolean {
+    return ((this.b[i >> 3] ?? 0) & (1 << (i & 7))) !== 0;
+  }
+
+  /** Returns true when `i` was not in the set. */
+  add(i: number): boolean {
+    if (i >> 3 >= this.b.length) {
+      const grown = new Uint8Array(Math.max(this.b.length * 2, (i >> 3) + 1));
+      grown.set(this.b);
+      this.b = grown;
+    }
+    if (this.has(i)) return false;
+    this.b[i >> 3] = this.b[i >> 3]! | (1 << (i & 7));
+    this.size++;
+    return true;
+  }
+
+  /** Returns true when `i` was in the set. */
+  delete(i: number): boolean {
+    if (!this.has(i)) return false;
+    this.b[i >> 3] = this.b[i >> 3]! & ~(1 << (i & 7));
+    this.size--;
+    return true;
+  }
+
+  clear(): void {
+    this.b.fill(0);
+    this.size = 0;
+  }
+}
+
+/** Waits until `test` holds for every agent, and notes when each one got there. */
+export class Watch {
+  readonly reachedAt = new Map<BenchAgent, number>();
+  private readonly pending: Set<BenchAgent>;
+  private resolve!: () => void;
+  readonly done: Promise<void>;
+
+  constructor(
+    agents: Iterable<BenchAgent>,
+    private readonly test: (a: BenchAgent) => boolean,
+  ) {
+    this.pending = new Set(agents);
+    this.done = new Promise((r) => {
+      this.resolve = r;
+    });
+    for (const a of this.pending) this.check(a);
+  }
+
+  get remaining(): number {
+    return this.pending.size;
+  }
+
+  check(a: BenchAgent): void {
+    if (!this.pending.has(a) || !this.test(a)) return;
+    this.pending.delete(a);
+    this.reachedAt.set(a, nowMs());
+    if (!this.pending.size) this.resolve();
+  }
+
+  /** Resolves when every agent got there; rejects after `timeoutMs` naming how many did not. */
+  async wait(timeoutMs: number, what: string): Promise<void> {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(
+        () => reject(new Error(`timed out after ${timeoutMs} ms: ${this.pending.size} agents lack ${what}`)),
+        timeoutMs,
+      );
+    });
+    try {
+      await Promise.race([this.done, timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** Milliseconds from `t0` to when each agent got there. */
+  latencies(t0: number): number[] {
+    return [...this.reachedAt.values()].map((t) => Math.max(0, t - t0));
+  }
+}
+
+/** Agents of one load-generating process, their shared connections and peer index. */
+export class AgentFleet {
+  readonly agents: BenchAgent[] = [];
+  private readonly channels: grpc.Client[] = [];
+  private readonly watches = new Set<Watch>();
+  private readonly index = new Map<string, number>();
+  private readonly tagByIndex: string[] = [];
+  private readonly idByName = new Map<string, string>();
+  /** Messages received and sequence errors, over all agents. */
+  messages = 0;
+  sequenceErrors = 0;
+  created = 0;
+  /** How streams ended: "CODE details" -> count. */
+  readonly endings = new Map<string, number>();
+
+  private constructor(
+    readonly url: string,
+    readonly fingerprint: string,
+    private readonly endpoint: Endpoint,
+    readonly perConn: number,
+  ) {}
+
+  static async open(url: string, fingerprint: string, perConn: number): Promise<AgentFleet> {
+    return new AgentFleet(url, fingerprint, await dial(url, { fingerprint }), perConn);
+  }
+
+  get connections(): number {
+    return this.channels.length;
+  }
+
+  /**
+   * The client of the shared connection for the next agent. All channels use
+   * the same credentials object, so grpc-js would put them on one subchannel
+   * (one TCP connection); a distinct dummy option per group keeps them apart.
+   */
+  private channel(): grpc.Client {
+    const k = Math.floor(this.created / this.perConn);
+    this.created++;
+    if (!this.channels[k]) {
+      this.channels[k] = makeClient(ControlService, this.endpoint.target, this.endpoint.credentials, {
+        'grpc.keepalive_time_ms': 30_000,
+        'grpc.keepalive_timeout_ms': 10_000,
+        'grpc.keepalive_permit_without_calls': 1,
+        // Retry a refused connection as quickly as the agents' own backoff.
+        'grpc.initial_reconnect_backoff_ms': RECONNECT_BACKOFF.baseMs,
+        'grpc.max_reconnect_backoff_ms': RECONNECT_BACKOFF.maxMs,
+        // One agent on its own connection has a 64 KiB HTTP/2 window; a group
+        // sharing a connection gets that per agent, or full netmaps queue behind
+        // one window. (The option also raises the per-stream window.)
+        'grpc-node.flow_control_window': 65_535 * this.perConn,
+        ...this.endpoint.options,
+        'meshgate.bench.conn': k,
+      });
+    }
+    return this.channels[k]!;
+  }
+
+  /** A new agent with a fresh machine key, not yet registered. */
+  agent(tag = ''): BenchAgent {
+    const a = new BenchAgent(this, this.channel(), tag);
+    this.agents.push(a);
+    return a;
+  }
+
+  peerIndex(p: Peer): number {
+    let i = this.index.get(p.id);
+    if (i === undefined) {
+      i = this.index.size;
+      this.index.set(p.id, i);
+      this.tagByIndex[i] = p.tags[0] ?? '';
+      this.idByName.set(p.name, p.id);
+    }
+    return i;
+  }
+
+  indexOf(id: string): number | undefined {
+    return this.index.get(id);
+  }
+
+  tagOf(i: number): string {
+    return this.tagByIndex[i] ?? '';
+  }
+
+  idOfName(name: string): string | undefined {
+    return this.idByName.get(name);
+  }
+
+  watch(agents: Iterable<BenchAgent>, test: (a: BenchAgent) => boolean): Watch {
+    const w = new Watch(agents, test);
+    if (w.remaining) {
+      this.watches.add(w);
+      void w.done.then(() => this.watches.delete(w));
+    }
+    return w;
+  }
+
+  /** Called by an agent after it applied a message. */
+  changed(a: BenchAgent): void {
+    for (const w of this.watches) w.check(a);
+  }
+
+  close(): void {
+    for (const a of this.agents) a.stop();
+    for (const c of this.channels) c.close();
+  }
+}
+
+export class BenchAgent {
+  readonly sim: SimAgent;
+  /** Indexes (AgentFleet.peerIndex) of the peers in this agent's netmap. */
+  readonly peers = new Bits();
+  /** Peers that carry this agent's own tag. */
+  sameTag = 0;
+  seq = 0n;
+  hasFull = false;
+  /** Counts of full netmaps and of packet filters received. */
+  fulls = 0;
+  filters = 0;
+  messages = 0;
+  patches = 0;
+  lastFullAt = 0;
+  private stream: grpc.ClientDuplexStream<SyncRequest, SyncResponse> | null = null;
+  private stopped = false;
+  private retry: NodeJS.Timeout | null = null;
+  private readonly backoff = new Backoff(RECONNECT_BACKOFF.baseMs, RECONNECT_BACKOFF.maxMs);
+  /** Reconnect after the stream ends (on for the reconnect storm, off otherwise). */
+  autoReconnect = false;
+  /** Register + Sync attempts after a lost stream. */
+  reconnects = 0;
+  hostname = '';
+
+  constructor(
+    private readonly fleet: AgentFleet,
+    private readonly channel: grpc.Client,
+    readonly tag: string,
+  ) {
+    this.sim = new SimAgent(fleet.url, fleet.fingerprint, machineKey());
+    // ControlClient dials on first use and keeps its grpc.Client in a private
+    // field; a client handed in beforehand puts this agent on the shared connection.
+    (this.sim.client as unknown as { client: grpc.Client }).client = channel;
+  }
+
+  get id(): string {
+    return this.sim.id;
+  }
+
+  register(authKey: string, hostname: string): ReturnType<SimAgent['register']> {
+    this.hostname = hostname;
+    return this.sim.register(authKey, hostname, { tags: this.tag ? [this.tag] : [], endpoints: ENDPOINTS });
+  }
+
+  hasPeer(id: string): boolean {
+    const i = this.fleet.indexOf(id);
+    return i !== undefined && this.peers.has(i);
+  }
+
+  /** Opens the sync stream; resolves when the full netmap is in, rejects if the stream ends first. */
+  connect(): Promise<void> {
+    return new Promise((resolve, reject) => {
+      this.open(resolve, reject);
+    });
+  }
+
+  private open(onFull?: () => void, onEnd?: (err: Error) => void): void {
+    void this.sim.client.sync().then((stream) => {
+      this.stream = stream;
+      this.seq = 0n;
+      this.hasFull = false;
+      let ended = false;
+      const end = (err: Error & { code?: number; details?: string }) => {
+        if (ended) return;
+        ended = true;
+        const why = `${err.code ?? '-'} ${err.details ?? err.message}`.slice(0, 80);
+        this.fleet.endings.set(why, (this.fleet.endings.get(why) ?? 0) + 1);
+        if (this.stream === stream) this.stream = null;
+        onEnd?.(err);
+        onEnd = undefined;
+        if (this.autoReconnect && !this.stopped) this.scheduleReconnect();
+      };
+      stream.on('data', (msg: SyncResponse) => {
+        if (!this.apply(msg)) {
+          stream.cancel();
+          return end(new Error(`sequence error at ${msg.seq}`));
+        }
+        if (msg.full) {
+          this.backoff.reset();
+          onFull?.();
+          onFull = undefined;
+        }
+        this.fleet.changed(this);
+      });
+      stream.on('status', (s: grpc.StatusObject) => end(Object.assign(new Error(s.details), s)));
+      stream.on('error', (e: Error) => end(e));
+      stream.write(
+        create(SyncRequestSchema, {
+          message: { case: 'hello', value: { version: '0.1.0', endpoints: ENDPOINTS } },
+        }),
+      );
+    }, onEnd);
+  }
+
+  /**
+   * Like the real agent: register again (idempotent with a known machine key),
+   * then sync. Unlike it, wait for the connection first, so that this process
+   * does not spend its CPU signing calls that cannot reach a stopped coordinator.
+   */
+  private scheduleReconnect(): void {
+    if (this.retry) return;
+    this.retry = setTimeout(() => {
+      this.retry = null;
+      this.channel.waitForReady(Date.now() + RECONNECT_BACKOFF.maxMs, (notReady) => {
+        if (notReady || this.stopped) return this.scheduleReconnect();
+        this.reconnects++;
+        this.register('', this.hostname).then(
+          () => this.open(),
+          () => this.scheduleReconnect(),
+        );
+      });
+    }, this.backoff.next());
+  }
+
+  /** The rules of applySync on a set of peer indexes; false on a sequence error. */
+  private apply(msg: SyncResponse): boolean {
+    this.fleet.messages++;
+    this.messages++;
+    if (msg.seq !== this.seq + 1n && !(msg.full && msg.seq === 1n)) {
+      this.fleet.sequenceErrors++;
+      return false;
+    }
+    this.seq = msg.seq;
+    if (msg.full) {
+      this.peers.clear();
+      this.sameTag = 0;
+      for (const p of msg.full.peers) this.addPeer(p);
+      this.hasFull = true;
+      this.fulls++;
+      this.filters++;
+      this.lastFullAt = nowMs();
+      return true;
+    }
+    if (msg.keepalive) return true;
+    if (!this.hasFull) {
+      this.fleet.sequenceErrors++;
+      return false;
+    }
+    for (const id of msg.peersRemoved) {
+      const i = this.fleet.indexOf(id);
+      if (i !== undefined && this.peers.delete(i) && this.tag && this.fleet.tagOf(i) === this.tag)
+        this.sameTag--;
+    }
+    for (const p of msg.peersChanged) this.addPeer(p);
+    this.patches += msg.peerPatches.length;
+    if (msg.packetFilter) this.filters++;
+    return true;
+  }
+
+  private addPeer(p: Peer): void {
+    const i = this.fleet.peerIndex(p);
+    if (this.peers.add(i) && this.tag && this.fleet.tagOf(i) === this.tag) this.sameTag++;
+  }
+
+  /** Ends the stream for good. */
+  stop(): void {
+    this.stopped = true;
+    if (this.retry) clearTimeout(this.retry);
+    this.stream?.cancel();
+    this.stream = null;
+  }
+}
+
+/** Runs `fn` over `items` with at most `concurrency` calls in flight. */
+export async function pool<T>(
+  items: readonly T[],
+  concurrency: number,
+  fn: (item: T, i: number) => Promise<void>,
+): Promise<void> {
+  let next = 0;
+  const worker = async () => {
+    while (next < items.length) {
+      const i = next++;
+      await fn(items[i]!, i);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(concurrency, items.length) }, worker));
+}
