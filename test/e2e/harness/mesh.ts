@@ -3,9 +3,10 @@
 // helpers to ask agents for their status.
 import type { ChildProcess } from 'node:child_process';
 import { execFileSync } from 'node:child_process';
-import { chmodSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { appendFileSync, chmodSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { run } from '../../../agent/dataplane/exec.js';
 import { agentStatus } from '../../../agent/localapi/client.js';
 import type { AgentStatus } from '../../../agent/localapi/types.js';
 import { type Topology, waitForOutput } from './netns.js';
@@ -69,9 +70,20 @@ export class MeshLab {
     url: string;
   } | null = null;
   private coordLog: string[] = [];
+  /** When set, what the coordinator and agents print is also appended to this file, line by line. */
+  logFile: string | null = null;
+  /** When set, admin() keeps the commands' stderr (e.g. "project exists already") off the terminal. */
+  quiet = false;
+
+  /** Whether the lab dir (keys, state, logs) goes when the process exits without destroy(), e.g. on Ctrl-C. */
+  removeOnExit = true;
+  private readonly removeDir = () => {
+    if (this.removeOnExit) rmSync(this.dir, { recursive: true, force: true });
+  };
 
   constructor(readonly topo: Topology) {
     chmodSync(this.dir, 0o700);
+    process.once('exit', this.removeDir);
   }
 
   get dataDir(): string {
@@ -91,7 +103,10 @@ export class MeshLab {
       '--log-level',
       'warn',
     ]);
-    proc.stderr?.on('data', (d) => this.coordLog.push(String(d)));
+    proc.stderr?.on('data', (d) => {
+      this.coordLog.push(String(d));
+      this.tee('coordinator', d);
+    });
     const line = await waitForOutput(proc, /fingerprint\s+sha256:[0-9a-f]{64}/, 30_000);
     const fingerprint = line.split(/\s+/).pop()!;
     this.coordinator = { host, address, proc, fingerprint, url: `grpcs://${address}:7443` };
@@ -107,7 +122,25 @@ export class MeshLab {
   admin(args: string[]): string {
     return execFileSync(process.execPath, [BIN, ...args, '--socket', join(this.dataDir, 'admin.sock')], {
       encoding: 'utf8',
+      ...(this.quiet ? { stdio: ['ignore', 'pipe', 'pipe'] as const } : {}),
     });
+  }
+
+  /** Like admin(), without blocking the event loop (e.g. while something else is measured). */
+  adminAsync(args: string[]): Promise<string> {
+    return run(process.execPath, [BIN, ...args, '--socket', join(this.dataDir, 'admin.sock')]);
+  }
+
+  /** `meshgate ARGS --socket AGENT_SOCKET` (status, ping, ssh, down) in `host`, as an operator types it. */
+  local(host: string, via: string, args: string[], timeoutMs = 20_000): Promise<string> {
+    const socket = this.agents.get(via)!.socket;
+    return this.topo.exec(host, process.execPath, [BIN, ...args, '--socket', socket], { timeoutMs });
+  }
+
+  /** The --auth-key-file agent `name` was last started with. */
+  keyFileOf(name: string): string {
+    const args = this.agents.get(name)!.args;
+    return args[args.indexOf('--auth-key-file') + 1]!;
   }
 
   /** An auth key written to a 0600 file, as install.sh would. */
@@ -159,8 +192,14 @@ export class MeshLab {
     ];
     const proc = this.topo.spawn(host, process.execPath, args);
     const log: string[] = [];
-    proc.stderr?.on('data', (d) => log.push(String(d)));
-    proc.stdout?.on('data', (d) => log.push(String(d)));
+    proc.stderr?.on('data', (d) => {
+      log.push(String(d));
+      this.tee(name, d);
+    });
+    proc.stdout?.on('data', (d) => {
+      log.push(String(d));
+      this.tee(name, d);
+    });
     const handle = { name, host, proc, socket, stateDir, iface, args, log };
     this.agents.set(name, handle);
     return handle;
@@ -275,6 +314,12 @@ export class MeshLab {
     }
   }
 
+  private tee(source: string, chunk: unknown): void {
+    if (!this.logFile) return;
+    const lines = String(chunk).replace(/\n$/, '').split('\n');
+    appendFileSync(this.logFile, lines.map((l) => `${source}: ${l}\n`).join(''), { mode: 0o600 });
+  }
+
   /** What the processes printed, for a failing test's message. */
   logs(): string {
     const parts = [`--- coordinator\n${this.coordLog.join('')}`];
@@ -286,6 +331,7 @@ export class MeshLab {
   async destroy(): Promise<void> {
     await this.topo.destroy();
     rmSync(this.dir, { recursive: true, force: true });
+    process.off('exit', this.removeDir);
   }
 }
 

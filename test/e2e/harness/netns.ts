@@ -100,6 +100,51 @@ export class Topology {
     return veth;
   }
 
+  /** A switch inside `host`: a bridge that plug() attaches other hosts to, for one shared LAN. */
+  async addBridge(host: string, bridge = 'br0'): Promise<void> {
+    await run('ip', ['-n', this.ns(host), 'link', 'add', bridge, 'type', 'bridge']);
+    await run('ip', ['-n', this.ns(host), 'link', 'set', bridge, 'up']);
+  }
+
+  /** Plugs `host` into `bridge` of `switchHost` with a veth pair; only the end in `host` gets an address. */
+  async plug(
+    switchHost: string,
+    bridge: string,
+    host: string,
+    options: { addr: string; prefix: number },
+  ): Promise<Veth> {
+    const n = this.vethCount++;
+    const veth = { ifA: `v${n}-${host}`, ifB: `v${n}-${switchHost}` };
+    const sw = this.ns(switchHost);
+    await run('ip', [
+      '-n',
+      sw,
+      'link',
+      'add',
+      veth.ifA,
+      'type',
+      'veth',
+      'peer',
+      'name',
+      veth.ifB,
+      'netns',
+      this.ns(host),
+    ]);
+    await run('ip', ['-n', sw, 'link', 'set', veth.ifA, 'master', bridge]);
+    await run('ip', ['-n', sw, 'link', 'set', veth.ifA, 'up']);
+    await run('ip', [
+      '-n',
+      this.ns(host),
+      'addr',
+      'add',
+      `${options.addr}/${options.prefix}`,
+      'dev',
+      veth.ifB,
+    ]);
+    await run('ip', ['-n', this.ns(host), 'link', 'set', veth.ifB, 'up']);
+    return veth;
+  }
+
   exec(
     host: string,
     cmd: string,
