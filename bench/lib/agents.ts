@@ -33,12 +33,22 @@ export const ENDPOINTS = ['192.0.2.10:41641'];
  * An Ed25519 machine key in tweetnacl's layout (seed ‖ public key), made with
  * node:crypto: tweetnacl takes ~4 ms per key, which would dominate setting up
  * 10,000 agents. The key is the same kind of key; signing still uses tweetnacl.
+ * The DER encodings are asked of the generator itself: exporting the key
+ * objects as JWK afterwards deadlocks Node 20.20 within a few thousand keys
+ * (a GC inside the export destroys the key-generation job while it holds the
+ * key's mutex).
  */
 export function machineKey(): MachineKeyPair {
-  const { publicKey, privateKey } = generateKeyPairSync('ed25519');
-  const pub = Buffer.from(publicKey.export({ format: 'jwk' }).x!, 'base64url');
-  const seed = Buffer.from(privateKey.export({ format: 'jwk' }).d!, 'base64url');
-  return { publicKey: new Uint8Array(pub), secretKey: new Uint8Array(Buffer.concat([seed, pub])) };
+  const { publicKey, privateKey } = generateKeyPairSync('ed25519', {
+    publicKeyEncoding: { type: 'spki', format: 'der' },
+    privateKeyEncoding: { type: 'pkcs8', format: 'der' },
+  });
+  // SPKI: 12 bytes of header, then the key; PKCS#8: 16 bytes of header, then the seed.
+  const pub = publicKey.subarray(12);
+  return {
+    publicKey: new Uint8Array(pub),
+    secretKey: new Uint8Array(Buffer.concat([privateKey.subarray(16), pub])),
+  };
 }
 
 /** A growable bit set over small integers. */
