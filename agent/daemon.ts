@@ -3,7 +3,7 @@
 import { hostname as osHostname } from 'node:os';
 import { timestampDate } from '@bufbuild/protobuf/wkt';
 import type { Logger } from 'pino';
-import type { NetMap, Node } from '../proto/gen/meshgate/v1/types_pb.js';
+import type { NetMap, Node, Peer } from '../proto/gen/meshgate/v1/types_pb.js';
 import { Protocol } from '../proto/gen/meshgate/v1/types_pb.js';
 import { encodeWgKey } from '../proto/keys.js';
 import { ControlClient } from './control/client.js';
@@ -53,6 +53,9 @@ const PROTOCOL_NAMES: Record<number, FilterRule['protocols'][number]> = {
   [Protocol.UDP]: 'udp',
   [Protocol.ICMP]: 'icmp',
 };
+
+/** Path state belongs to one peer and one key: a new node key starts over. */
+const pathKey = (p: Peer) => `${p.id}:${p.nodeKey}`;
 
 export class Agent {
   private device!: WireGuardDevice;
@@ -112,6 +115,12 @@ export class Agent {
     this.relay = new RelayConnection(client);
     this.proxies = new RelayProxies(this.relay, () => this.listenPort);
     this.proxies.allowed = (id) => this.netmap?.peers.some((p) => p.id === id) ?? false;
+    this.proxies.on('probe', (id) => {
+      const peer = this.netmap?.peers.find((p) => p.id === id);
+      if (!peer) return;
+      this.paths.probeRequested(pathKey(peer));
+      this.scheduleApply();
+    });
     this.session = new ControlSession(
       client,
       {
@@ -199,12 +208,13 @@ export class Agent {
     const byKey = new Map(actual.peers.map((p) => [p.publicKey, p]));
     const locals = localAddresses(this.opts.interfaceName);
     const relay = map.relay?.enabled === true;
-    const ids = new Set(map.peers.map((p) => p.id));
-    this.proxies.retain(ids);
+    this.proxies.retain(new Set(map.peers.map((p) => p.id)));
+    this.paths.retain(new Set(map.peers.map(pathKey)));
     const peers: DesiredPeer[] = [];
+    const probing = new Set<string>();
     for (const p of map.peers) {
       const now = byKey.get(p.nodeKey);
-      const choice = this.paths.choose(p.id, {
+      const choice = this.paths.choose(pathKey(p), {
         candidates: orderCandidates(p.endpoints, locals),
         actual: now?.endpoint ?? null,
         lastHandshakeMs: (now?.latestHandshake ?? 0) * 1000,
@@ -212,11 +222,24 @@ export class Agent {
         relayAvailable: relay && p.relay,
         relayEndpoint: this.proxies.endpointOf(p.id),
       });
+      if (choice.probeStarted) {
+        probing.add(p.nodeKey);
+        if (choice.probeStarted.announce) this.proxies.askProbe(p.id);
+      }
       peers.push({
         publicKey: p.nodeKey,
         allowedIps: p.allowedIps,
         endpoint: choice.endpoint === RELAY ? await this.proxies.ensure(p.id) : choice.endpoint,
         persistentKeepalive: choice.keepalive ?? (map.keepaliveSeconds || undefined),
+      });
+    }
+    if (probing.size) {
+      // Keepalive off first: switching it back on makes WireGuard send one at once.
+      const off = peers.map((d) => (probing.has(d.publicKey) ? { ...d, persistentKeepalive: undefined } : d));
+      await this.device.apply({
+        privateKeyFile: this.state.nodeKeyFile,
+        listenPort: this.listenPort,
+        peers: off,
       });
     }
     const result = await this.device.apply({
@@ -272,7 +295,13 @@ export class Agent {
         txBytes: wg?.txBytes ?? 0,
         version: p.version,
         lastSeen: p.lastSeen ? timestampDate(p.lastSeen).toISOString() : '',
-        path: !wg?.endpoint ? '' : wg.endpoint === this.proxies.endpointOf(p.id) ? 'relay' : 'direct',
+        path: !wg?.endpoint
+          ? ''
+          : this.paths.probing(pathKey(p))
+            ? 'probing'
+            : wg.endpoint === this.proxies.endpointOf(p.id)
+              ? 'relay'
+              : 'direct',
       };
     });
     return {

@@ -74,6 +74,13 @@ export interface PathChoice {
   endpoint: string | undefined;
   /** A short keepalive while probing, so packets flow even on an idle tunnel. */
   keepalive?: number;
+  /**
+   * Set when a probe starts: WireGuard sends a keepalive at once only when
+   * the interval goes from off to on, so the caller turns it off first; with
+   * `announce` it also asks the peer, over the relay, to probe at the same
+   * moment, so that packets flow both ways through the NATs.
+   */
+  probeStarted?: { announce: boolean };
 }
 
 export interface PathTimings {
@@ -104,6 +111,8 @@ interface PeerPath {
   started: number;
   nextProbe: number;
   probe: { start: number; endpoint: string; rx: number } | null;
+  /** The peer asked for a probe now. */
+  asked: boolean;
 }
 
 /**
@@ -125,7 +134,16 @@ export class PathSelector {
     const key = input.candidates.join();
     let s = this.peers.get(peer);
     if (!s || s.key !== key) {
-      s = { key, phase: 'direct', index: 0, since: now, started: now, nextProbe: 0, probe: null };
+      s = {
+        key,
+        phase: 'direct',
+        index: 0,
+        since: now,
+        started: now,
+        nextProbe: 0,
+        probe: null,
+        asked: false,
+      };
       this.peers.set(peer, s);
     }
     const onRelay = input.relayEndpoint !== undefined && input.actual === input.relayEndpoint;
@@ -145,16 +163,20 @@ export class PathSelector {
     }
     if (live) {
       s.phase = onRelay ? 'relay' : 'direct';
-      if (s.phase === 'relay' && input.candidates.length && now >= s.nextProbe) {
-        if (s.nextProbe === 0) {
-          s.nextProbe = now + this.t.probeEveryMs;
-        } else {
-          const endpoint = input.candidates[s.index % input.candidates.length]!;
-          s.index++;
-          s.probe = { start: now, endpoint, rx: input.rxBytes };
-          return { endpoint, keepalive: 1 };
-        }
+      // Time towards the relay counts from the last live session, not from the first sight of the peer.
+      s.started = now;
+      s.since = now;
+      const due = s.asked || (s.nextProbe !== 0 && now >= s.nextProbe);
+      if (s.phase === 'relay' && input.candidates.length && due) {
+        const endpoint = input.candidates[s.index % input.candidates.length]!;
+        s.index++;
+        s.probe = { start: now, endpoint, rx: input.rxBytes };
+        const announce = !s.asked;
+        s.asked = false;
+        return { endpoint, keepalive: 1, probeStarted: { announce } };
       }
+      if (s.phase === 'direct') s.asked = false;
+      else if (s.nextProbe === 0) s.nextProbe = now + this.t.probeEveryMs;
       return { endpoint: onRelay ? RELAY : (input.actual ?? input.candidates[s.index]) };
     }
     if (s.phase === 'relay') {
@@ -174,8 +196,19 @@ export class PathSelector {
     return { endpoint: input.candidates[s.index] };
   }
 
-  forget(peer: string): void {
-    this.peers.delete(peer);
+  /** The peer started a probe and asks us to probe towards it at the same time. */
+  probeRequested(peer: string): void {
+    const s = this.peers.get(peer);
+    if (s && !s.probe) s.asked = true;
+  }
+
+  probing(peer: string): boolean {
+    return this.peers.get(peer)?.probe != null;
+  }
+
+  /** Drops the state of peers that left the netmap, so a returning peer starts over. */
+  retain(peers: Set<string>): void {
+    for (const p of this.peers.keys()) if (!peers.has(p)) this.peers.delete(p);
   }
 }
 

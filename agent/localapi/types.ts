@@ -13,7 +13,7 @@ export interface PeerStatus {
   version: string;
   lastSeen: string;
   /** How packets reach the peer: straight over UDP or through the coordinator's relay. */
-  path: 'direct' | 'relay' | '';
+  path: 'direct' | 'relay' | 'probing' | '';
 }
 
 export interface AgentStatus {

@@ -3,9 +3,17 @@
 // relay, and what the relay brings from that peer is handed to WireGuard
 // from that socket, so WireGuard (and its roaming) sees one more endpoint.
 import { createSocket, type Socket } from 'node:dgram';
+import { EventEmitter } from 'node:events';
 import type { RelayConnection } from './connection.js';
 
-export class RelayProxies {
+/**
+ * A relayed datagram that is not for WireGuard but for the peer's agent: "probe
+ * the direct path to me now". WireGuard messages start with a type 1-4, so
+ * 0xff cannot be mistaken for one.
+ */
+const PROBE = Buffer.from([0xff, 0x6d, 0x67, 0x70, 0x72, 0x6f, 0x62, 0x65]);
+
+export class RelayProxies extends EventEmitter<{ probe: [string] }> {
   private readonly sockets = new Map<string, { socket: Socket; port: number }>();
   private readonly pending = new Map<string, Promise<string>>();
 
@@ -13,6 +21,7 @@ export class RelayProxies {
     private readonly relay: RelayConnection,
     private readonly wireguardPort: () => number,
   ) {
+    super();
     relay.on('datagram', (peerId, payload) => void this.deliver(peerId, payload));
   }
 
@@ -50,8 +59,17 @@ export class RelayProxies {
   /** A datagram from a peer: a peer that relays to us gets a socket even before we chose to relay. */
   private async deliver(peerId: string, payload: Uint8Array): Promise<void> {
     if (!this.allowed(peerId)) return;
+    if (PROBE.equals(payload)) {
+      this.emit('probe', peerId);
+      return;
+    }
     await this.ensure(peerId);
     this.sockets.get(peerId)?.socket.send(payload, this.wireguardPort(), '127.0.0.1');
+  }
+
+  /** Asks the peer's agent to probe the direct path at the same time as we do. */
+  askProbe(peerId: string): void {
+    this.relay.send(peerId, PROBE);
   }
 
   /** Set by the agent: datagrams from nodes not in the netmap are dropped. */

@@ -87,7 +87,7 @@ describe('endpoint candidates', () => {
     );
     now = 32_000;
     const started = paths.choose('p', input({ ...relayed, lastHandshakeMs: 31_000 }));
-    assert.deepEqual(started, { endpoint: 'a:1', keepalive: 1 });
+    assert.deepEqual(started, { endpoint: 'a:1', keepalive: 1, probeStarted: { announce: true } });
     now = 35_000;
     assert.deepEqual(
       paths.choose('p', input({ ...relayed, actual: 'a:1', rxBytes: 500, lastHandshakeMs: 34_000 })),
@@ -99,6 +99,30 @@ describe('endpoint candidates', () => {
       { endpoint: 'a:1' },
       'stays direct',
     );
+  });
+
+  it('probes at once when the peer asks, without asking back', () => {
+    let now = 0;
+    const paths = new PathSelector(timings, () => now);
+    const relayed = { actual: '127.0.0.1:5000', relayEndpoint: '127.0.0.1:5000', rxBytes: 100 };
+    paths.choose('p', input({ ...relayed, lastHandshakeMs: 1 }));
+    now = 1000;
+    paths.probeRequested('p');
+    assert.deepEqual(paths.choose('p', input({ ...relayed, lastHandshakeMs: 900 })), {
+      endpoint: 'a:1',
+      keepalive: 1,
+      probeStarted: { announce: false },
+    });
+    assert.ok(paths.probing('p'));
+  });
+
+  it('forgets peers that left, so a returning peer tries direct first', () => {
+    let now = 0;
+    const paths = new PathSelector(timings, () => now);
+    paths.choose('p', input());
+    paths.retain(new Set());
+    now = 120_000;
+    assert.equal(paths.choose('p', input()).endpoint, 'a:1');
   });
 
   it('returns to the relay when a probe gets no answer', () => {
