@@ -1,5 +1,6 @@
 // The node daemon: keeps WireGuard and nftables in line with the netmap the
 // coordinator sends, from the cached netmap while the coordinator is away.
+import { readFileSync } from 'node:fs';
 import { hostname as osHostname } from 'node:os';
 import { timestampDate } from '@bufbuild/protobuf/wkt';
 import type { Logger } from 'pino';
@@ -9,7 +10,9 @@ import { encodeWgKey } from '../proto/keys.js';
 import { ControlClient } from './control/client.js';
 import {
   defaultListenPort,
+  endpointOnLocalNetwork,
   formatEndpoint,
+  type LocalAddress,
   localAddresses,
   orderCandidates,
   PathSelector,
@@ -21,7 +24,7 @@ import type { Backend } from './dataplane/backend.js';
 import type { DesiredPeer } from './dataplane/reconcile.js';
 import { WireGuardDevice } from './dataplane/wireguard.js';
 import { applyFirewall, removeFirewall } from './firewall/nftables.js';
-import type { FilterRule } from './firewall/render.js';
+import type { FilterRule, PortForward } from './firewall/render.js';
 import { type LocalApi, startLocalApi } from './localapi/server.js';
 import type { AgentStatus, PeerStatus } from './localapi/types.js';
 import { RelayConnection } from './relay/connection.js';
@@ -248,17 +251,51 @@ export class Agent {
       peers,
     });
     if (result.commands) this.opts.log.debug({ ops: result.ops.length }, 'wireguard updated');
-    await this.applyFirewall(map);
+    await this.applyFirewall(map, this.portForwards(map, locals));
   }
 
-  private async applyFirewall(map: NetMap): Promise<void> {
+  /**
+   * On a node that routes a private network (a data-center firewall doing
+   * SNAT for its machines): forward each such peer's WireGuard port from
+   * this node's addresses, where the coordinator saw the peer come from, so
+   * peers outside reach it directly instead of racing the NAT.
+   */
+  private portForwards(map: NetMap, locals: LocalAddress[]): PortForward[] {
+    let forwarding = false;
+    try {
+      forwarding = readFileSync('/proc/sys/net/ipv4/ip_forward', 'utf8').trim() === '1';
+    } catch {
+      return [];
+    }
+    if (!forwarding) return [];
+    const byPort = new Map<number, string>();
+    for (const p of [...map.peers].sort((a, b) => a.id.localeCompare(b.id))) {
+      const local = endpointOnLocalNetwork(p.endpoints, locals);
+      if (
+        !local ||
+        local[1] === this.listenPort ||
+        locals.some((l) => l.address === local[0]) ||
+        byPort.has(local[1])
+      )
+        continue;
+      byPort.set(local[1], local[0]);
+    }
+    return [...byPort].map(([port, to]) => ({ port, to }));
+  }
+
+  private async applyFirewall(map: NetMap, portForwards: PortForward[]): Promise<void> {
     const filter: FilterRule[] = (map.packetFilter?.rules ?? []).map((r) => ({
       srcCidrs: r.srcCidrs,
       dstCidrs: r.dstCidrs.length ? r.dstCidrs : ['0.0.0.0/0', '::/0'],
       ports: r.ports.map((p) => ({ first: p.first, last: p.last })),
       protocols: r.protocols.map((p) => PROTOCOL_NAMES[p]!).filter(Boolean),
     }));
-    const spec = { meshInterface: this.opts.interfaceName, filter, lockdownPorts: this.opts.lockdownPorts };
+    const spec = {
+      meshInterface: this.opts.interfaceName,
+      filter,
+      lockdownPorts: this.opts.lockdownPorts,
+      portForwards,
+    };
     const key = JSON.stringify(spec);
     if (key === this.firewallKey) return;
     await applyFirewall(spec);

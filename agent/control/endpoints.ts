@@ -47,6 +47,17 @@ function sameSubnet(endpoint: string, locals: LocalAddress[]): boolean {
   });
 }
 
+/** The first IPv4 endpoint on one of this host's own networks, as [address, port]. */
+export function endpointOnLocalNetwork(
+  endpoints: string[],
+  locals: LocalAddress[],
+): [string, number] | undefined {
+  const e = endpoints.find((x) => !x.startsWith('[') && sameSubnet(x, locals));
+  if (!e) return undefined;
+  const i = e.lastIndexOf(':');
+  return [e.slice(0, i), Number(e.slice(i + 1))];
+}
+
 /** Same-subnet candidates first, then the others in the coordinator's order; IPv4 before IPv6. */
 export function orderCandidates(endpoints: string[], locals: LocalAddress[]): string[] {
   const v4 = endpoints.filter((e) => !e.startsWith('['));

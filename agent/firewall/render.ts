@@ -31,6 +31,19 @@ export interface FirewallSpec {
   filter: FilterRule[];
   /** TCP ports dropped on every interface except lo and the mesh interface; [] = no lockdown. */
   lockdownPorts: number[];
+  /**
+   * On a node that routes for a private network: WireGuard ports of peers on
+   * that network, forwarded from this node's own addresses, so peers outside
+   * reach them without punching through this node's NAT.
+   */
+  portForwards?: PortForward[];
+}
+
+export interface PortForward {
+  /** UDP port, the same outside and inside. */
+  port: number;
+  /** IPv4 address of the peer on the private network. */
+  to: string;
 }
 
 const TABLE = 'inet meshgate';
@@ -63,9 +76,40 @@ export function renderFirewall(spec: FirewallSpec): string {
     '    type filter hook input priority filter - 10; policy accept;',
     ...rules.map((r) => `    ${r}`),
     '  }',
+    ...renderForwards(spec.portForwards ?? []),
     '}',
     '',
   ].join('\n');
+}
+
+function renderForwards(forwards: PortForward[]): string[] {
+  if (forwards.length === 0) return [];
+  const seen = new Set<number>();
+  const lines: string[] = [];
+  for (const f of forwards) {
+    const p = port(f.port, 'forwarded port');
+    if (seen.has(p)) throw new InvalidFirewallSpecError(`port ${p} is forwarded twice`);
+    seen.add(p);
+    let to: string;
+    try {
+      to = normalizeCidr(f.to);
+    } catch (e) {
+      if (e instanceof InvalidCidrError)
+        throw new InvalidFirewallSpecError(`forward of port ${p}: ${e.message}`);
+      throw e;
+    }
+    if (cidrFamily(to) !== 4 || !to.endsWith('/32')) {
+      throw new InvalidFirewallSpecError(`forward of port ${p}: ${f.to} is not an IPv4 address`);
+    }
+    // Only datagrams addressed to this host itself, not ones passing through.
+    lines.push(`    fib daddr type local udp dport ${p} dnat ip to ${to.slice(0, -3)}:${p}`);
+  }
+  return [
+    '  chain prerouting {',
+    '    type nat hook prerouting priority dstnat; policy accept;',
+    ...lines,
+    '  }',
+  ];
 }
 
 /** Deletes the table if it exists; creating it first makes the delete succeed either way. */

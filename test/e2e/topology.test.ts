@@ -138,11 +138,7 @@ describe('data-center topology', { skip: missing ?? false }, () => {
     });
   });
 
-  it('join: with port-keeping NATs on both sides, op reaches m1 directly (not relayed)', {
-    todo:
-      'both NATs masquerade; the peer that punches second finds a conntrack entry left by the ' +
-      "other's unsolicited packet, and its NAT picks another source port: op <-> m1 stays relayed",
-  }, async () => {
+  step('join: with port-keeping NATs on both sides, op reaches m1 directly (not relayed)', async () => {
     // Time for the direct candidates, the relay fallback and the first direct probe (30 s later).
     const deadline = joinedAt + 45_000;
     const m1Ip = await lab.meshIp('m1');
@@ -180,19 +176,38 @@ describe('data-center topology', { skip: missing ?? false }, () => {
     assert.equal((await peer('op2', 'fw'))?.path, 'direct', 'op2 reaches fw directly');
   });
 
-  step('join behind a port-rewriting home NAT (random-fully): op2 reaches m1 through the relay', async () => {
-    try {
-      await lab.waitForPeer('op2', 'm1', true, 10_000);
-      // Neither side can predict the other's outside port; only the coordinator's relay connects them.
-      await meshSshWorks('op2', 'm1', 30_000);
-      assert.equal((await peer('op2', 'm1'))?.path, 'relay', 'meshgate status shows the relayed path');
-    } finally {
-      // op2 leaves (it is ephemeral), so that the later scenarios see fw, m1 and op only.
-      await lab.local('op2', 'op2', ['down']).catch(() => {});
-      await exited(lab.agents.get('op2')!.proc, 10_000).catch(() => {});
-      lab.agents.delete('op2');
-    }
-  });
+  step(
+    "join behind a port-rewriting home NAT (random-fully): op2 reaches m1 through fw's port forward, op through the relay",
+    async () => {
+      try {
+        await lab.waitForPeer('op2', 'm1', true, 10_000);
+        // fw forwards m1's WireGuard port, so op2 needs no hole in its own NAT to reach m1.
+        await meshSshWorks('op2', 'm1', 30_000);
+        await until(
+          "op2 -> m1 direct at fw's public address",
+          async () => {
+            const view = await peer('op2', 'm1');
+            return view?.path === 'direct' && /^198\.51\.100\.2:\d+$/.test(view.endpoint);
+          },
+          45_000,
+          500,
+        );
+        // Two home NATs, one rewriting ports: neither side can predict the other's outside port.
+        const opIp = await lab.meshIp('op');
+        await until(
+          'ping op2 -> op',
+          async () => Boolean(await lab.topo.exec('op2', 'ping', ['-c', '1', '-W', '1', opIp])),
+          30_000,
+        );
+        assert.equal((await peer('op2', 'op'))?.path, 'relay', 'meshgate status shows the relayed path');
+      } finally {
+        // op2 leaves (it is ephemeral), so that the later scenarios see fw, m1 and op only.
+        await lab.local('op2', 'op2', ['down']).catch(() => {});
+        await exited(lab.agents.get('op2')!.proc, 10_000).catch(() => {});
+        lab.agents.delete('op2');
+      }
+    },
+  );
 
   // ---- 2. lockdown
 
@@ -275,9 +290,7 @@ describe('data-center topology', { skip: missing ?? false }, () => {
     await meshSshWorks('fw', 'm1', 6_000);
   });
 
-  it('outage: op reaches m1 while the coordinator is down', {
-    todo: 'op <-> m1 is relayed (see the direct-path scenario), and the relay runs on the coordinator',
-  }, async () => {
+  step('outage: op reaches m1 while the coordinator is down', async () => {
     await meshSshWorks('op', 'm1', 6_000);
   });
 

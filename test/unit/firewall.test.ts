@@ -96,6 +96,28 @@ describe('renderFirewall', () => {
   });
 });
 
+test("forwards peers' WireGuard ports addressed to this host, and refuses junk", () => {
+  const script = renderFirewall({
+    meshInterface: 'mg0',
+    filter: [],
+    lockdownPorts: [],
+    portForwards: [{ port: 42080, to: '10.20.0.11' }],
+  });
+  assert.match(
+    script,
+    /chain prerouting \{\n\s+type nat hook prerouting priority dstnat; policy accept;\n\s+fib daddr type local udp dport 42080 dnat ip to 10\.20\.0\.11:42080\n/,
+  );
+  assert.doesNotMatch(renderFirewall({ meshInterface: 'mg0', filter: [], lockdownPorts: [] }), /prerouting/);
+  const bad =
+    (to: string, port = 1) =>
+    () =>
+      renderFirewall({ meshInterface: 'mg0', filter: [], lockdownPorts: [], portForwards: [{ port, to }] });
+  assert.throws(bad('fd00::1'), /not an IPv4 address/);
+  assert.throws(bad('10.0.0.0/8'), /not an IPv4 address/);
+  assert.throws(bad('10.0.0.1; flush ruleset'), InvalidFirewallSpecError);
+  assert.throws(bad('10.0.0.1', 0), /not 1..65535/);
+});
+
 test('renderRemoval deletes the table whether or not it exists', () => {
   assert.equal(renderRemoval(), 'table inet meshgate {}\ndelete table inet meshgate\n');
 });
