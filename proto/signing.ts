@@ -3,7 +3,7 @@
 // the SHA-256 of the request bytes. The coordinator checks the signature
 // against the node's machine key, the timestamp against a clock window and
 // the nonce against a replay cache.
-import { randomBytes } from 'node:crypto';
+import { createPublicKey, randomBytes, verify } from 'node:crypto';
 import nacl from 'tweetnacl';
 import { sha256 } from './keys.js';
 
