@@ -4,8 +4,8 @@
 // SSH ports are closed to everyone else. Everything is removed again at the end, on failure and
 // on Ctrl-C. Needs root; on Debian or Ubuntu missing tools are installed with apt-get.
 import { spawnSync } from 'node:child_process';
-import { accessSync, constants, readdirSync, readFileSync, rmSync } from 'node:fs';
-import { delimiter, join } from 'node:path';
+import { readdirSync, readFileSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import {
   ADDR,
@@ -18,6 +18,7 @@ import {
 } from './harness/datacenter.js';
 import { BIN, buildOnce, MeshLab, until } from './harness/mesh.js';
 import { Topology } from './harness/netns.js';
+import { onPath } from './harness/tools.js';
 
 const PROJECT = 'dc';
 const PACKAGES = [
@@ -41,17 +42,6 @@ const indent = (text: string) =>
     .map((l) => `${INDENT}${l}`)
     .join('\n');
 const seconds = (since: number) => `${((Date.now() - since) / 1000).toFixed(1)} s`;
-
-function onPath(tool: string): boolean {
-  return (process.env.PATH ?? '').split(delimiter).some((dir) => {
-    try {
-      accessSync(join(dir, tool), constants.X_OK);
-      return true;
-    } catch {
-      return false;
-    }
-  });
-}
 
 function isDebianLike(): boolean {
   try {

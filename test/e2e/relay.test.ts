@@ -1,20 +1,16 @@
 // Two agents whose direct UDP path is blocked talk through the coordinator's
 // relay; once the block is lifted they find the direct path again.
 import assert from 'node:assert/strict';
-import { after, before, describe, it } from 'node:test';
-import { buildOnce, MeshLab, until } from './harness/mesh.js';
+import { after, before, describe } from 'node:test';
+import { TOOLS } from './harness/datacenter.js';
+import { buildOnce, labSteps, MeshLab, until } from './harness/mesh.js';
 import { Topology } from './harness/netns.js';
 import { star } from './harness/star.js';
-import { missingPrerequisites } from './harness/tools.js';
+import { suiteSkip } from './harness/tools.js';
 
-const TOOLS = ['ip', 'wg', 'wireguard-go', 'nft', 'ping', 'sysctl', 'ssh', 'ssh-keygen', 'ss', 'sshd'];
-const missing = missingPrerequisites(TOOLS);
-if (missing && process.env.MESHGATE_E2E === '1') throw new Error(missing);
-
-describe('relay', { skip: missing ?? false }, () => {
+describe('relay', { skip: suiteSkip(TOOLS) }, () => {
   let lab: MeshLab;
   let addr: Record<string, string>;
-  let failed = false;
 
   before(async () => {
     buildOnce();
@@ -27,18 +23,10 @@ describe('relay', { skip: missing ?? false }, () => {
     });
   });
   after(async () => {
-    if (failed) console.error(lab.logs());
+    printLogsIfFailed();
     await lab.destroy();
   });
-  const step = (name: string, fn: () => Promise<void>) =>
-    it(name, async () => {
-      try {
-        await fn();
-      } catch (err) {
-        failed = true;
-        throw err;
-      }
-    });
+  const { step, printLogsIfFailed } = labSteps(() => lab);
 
   step('blocked direct UDP: ping and ssh over the mesh go through the relay', async () => {
     const key = lab.authKey('rel', { reusable: true });

@@ -12,7 +12,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { after, before, describe, it, type TestContext } from 'node:test';
+import { after, before, describe } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { AgentStatus } from '../../agent/localapi/types.js';
 import {
@@ -25,12 +25,9 @@ import {
   TOOLS,
   waitForFullMesh,
 } from './harness/datacenter.js';
-import { buildOnce, MeshLab, until } from './harness/mesh.js';
+import { buildOnce, labSteps, MeshLab, until } from './harness/mesh.js';
 import { Topology } from './harness/netns.js';
-import { missingPrerequisites } from './harness/tools.js';
-
-const missing = missingPrerequisites(TOOLS);
-if (missing && process.env.MESHGATE_E2E === '1') throw new Error(missing);
+import { suiteSkip } from './harness/tools.js';
 
 const PROJECT = 'dc';
 const POLICY = JSON.stringify({
@@ -55,10 +52,10 @@ function exited(proc: ChildProcess, timeoutMs: number): Promise<number> {
 
 const peerNames = (s: AgentStatus) => s.peers.map((p) => p.name).sort();
 
-describe('data-center topology', { skip: missing ?? false }, () => {
+describe('data-center topology', { skip: suiteSkip(TOOLS) }, () => {
   let lab: MeshLab;
-  let failed = false;
   let joinedAt = 0;
+  const { step, markFailed, printLogsIfFailed } = labSteps(() => lab);
 
   before(async () => {
     buildOnce();
@@ -66,23 +63,14 @@ describe('data-center topology', { skip: missing ?? false }, () => {
     try {
       await buildDataCenter(lab);
     } catch (err) {
-      failed = true;
+      markFailed();
       throw err;
     }
   });
   after(async () => {
-    if (failed) console.error(lab.logs());
+    printLogsIfFailed();
     await lab?.destroy();
   });
-  const step = (name: string, fn: (t: TestContext) => Promise<void>) =>
-    it(name, async (t) => {
-      try {
-        await fn(t);
-      } catch (err) {
-        failed = true;
-        throw err;
-      }
-    });
 
   /** `meshgate ssh NODE -- true` from `from`, retried: the first handshake may try a dead candidate first. */
   const meshSshWorks = (from: string, node: string, timeoutMs = 30_000) =>

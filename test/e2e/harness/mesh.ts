@@ -6,6 +6,7 @@ import { execFileSync } from 'node:child_process';
 import { appendFileSync, chmodSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { it, type TestContext } from 'node:test';
 import { run } from '../../../agent/dataplane/exec.js';
 import { agentStatus } from '../../../agent/localapi/client.js';
 import type { AgentStatus } from '../../../agent/localapi/types.js';
@@ -345,4 +346,29 @@ export function stopProcess(proc: ChildProcess, signal: NodeJS.Signals): Promise
     });
     proc.kill(signal);
   });
+}
+
+/** `it` for the steps of one lab: a failing step makes `printLogsIfFailed` show the processes' output. */
+export function labSteps(lab: () => MeshLab | undefined) {
+  let failed = false;
+  return {
+    step(name: string, fn: (t: TestContext) => Promise<void>) {
+      it(name, async (t) => {
+        try {
+          await fn(t);
+        } catch (err) {
+          failed = true;
+          throw err;
+        }
+      });
+    },
+    /** For setup outside a step, e.g. in `before`. */
+    markFailed() {
+      failed = true;
+    },
+    printLogsIfFailed() {
+      const l = lab();
+      if (failed && l) console.error(l.logs());
+    },
+  };
 }

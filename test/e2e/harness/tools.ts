@@ -27,7 +27,7 @@ export function requireTools(t: TestContext, tools: string[]): boolean {
   return false;
 }
 
-function onPath(tool: string): boolean {
+export function onPath(tool: string): boolean {
   return (process.env.PATH ?? '').split(delimiter).some((dir) => {
     try {
       accessSync(join(dir, tool), constants.X_OK);
@@ -36,4 +36,14 @@ function onPath(tool: string): boolean {
       return false;
     }
   });
+}
+
+/**
+ * For a `describe` that needs `tools`: the reason to skip it, or false.
+ * With MESHGATE_E2E=1 a missing tool fails the run instead.
+ */
+export function suiteSkip(tools: string[]): string | false {
+  const reason = missingPrerequisites(tools);
+  if (reason && process.env.MESHGATE_E2E === '1') throw new PrerequisiteError(reason);
+  return reason ?? false;
 }
