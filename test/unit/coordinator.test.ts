@@ -18,7 +18,10 @@ describe('secrets', () => {
     assert.ok(!s.hash.includes(parsed.secret));
     assert.ok(secretMatches(parsed.secret, s.hash));
     const other = parsed.secret.endsWith('A') ? 'B' : 'A';
-    assert.ok(!secretMatches(`${parsed.secret.slice(0, -1)}${other}`, s.hash), 'one character off is refused');
+    assert.ok(
+      !secretMatches(`${parsed.secret.slice(0, -1)}${other}`, s.hash),
+      'one character off is refused',
+    );
   });
   it('does not accept one kind of key for another', () => {
     assert.equal(parseSecret('api', issueSecret('auth').key), null);
