@@ -72,8 +72,8 @@ export class Topology {
     return name;
   }
 
-  /** Joins two hosts with a veth pair created inside the namespaces, never in the host's own. */
-  async link(a: string, b: string, options: LinkOptions): Promise<Veth> {
+  /** A veth pair from `a` to `b`, made inside the namespaces, never in the host's own. */
+  private async veth(a: string, b: string): Promise<Veth> {
     const n = this.vethCount++;
     const veth = { ifA: `v${n}-${b}`, ifB: `v${n}-${a}` };
     await run('ip', [
@@ -90,13 +90,19 @@ export class Topology {
       'netns',
       this.ns(b),
     ]);
-    for (const [host, dev, addr] of [
-      [a, veth.ifA, options.addrA],
-      [b, veth.ifB, options.addrB],
-    ] as const) {
-      await run('ip', ['-n', this.ns(host), 'addr', 'add', `${addr}/${options.prefix}`, 'dev', dev]);
-      await run('ip', ['-n', this.ns(host), 'link', 'set', dev, 'up']);
-    }
+    return veth;
+  }
+
+  private async address(host: string, dev: string, addr: string, prefix: number): Promise<void> {
+    await run('ip', ['-n', this.ns(host), 'addr', 'add', `${addr}/${prefix}`, 'dev', dev]);
+    await run('ip', ['-n', this.ns(host), 'link', 'set', dev, 'up']);
+  }
+
+  /** Joins two hosts with a veth pair. */
+  async link(a: string, b: string, options: LinkOptions): Promise<Veth> {
+    const veth = await this.veth(a, b);
+    await this.address(a, veth.ifA, options.addrA, options.prefix);
+    await this.address(b, veth.ifB, options.addrB, options.prefix);
     return veth;
   }
 
@@ -113,35 +119,11 @@ export class Topology {
     host: string,
     options: { addr: string; prefix: number },
   ): Promise<Veth> {
-    const n = this.vethCount++;
-    const veth = { ifA: `v${n}-${host}`, ifB: `v${n}-${switchHost}` };
+    const veth = await this.veth(switchHost, host);
     const sw = this.ns(switchHost);
-    await run('ip', [
-      '-n',
-      sw,
-      'link',
-      'add',
-      veth.ifA,
-      'type',
-      'veth',
-      'peer',
-      'name',
-      veth.ifB,
-      'netns',
-      this.ns(host),
-    ]);
     await run('ip', ['-n', sw, 'link', 'set', veth.ifA, 'master', bridge]);
     await run('ip', ['-n', sw, 'link', 'set', veth.ifA, 'up']);
-    await run('ip', [
-      '-n',
-      this.ns(host),
-      'addr',
-      'add',
-      `${options.addr}/${options.prefix}`,
-      'dev',
-      veth.ifB,
-    ]);
-    await run('ip', ['-n', this.ns(host), 'link', 'set', veth.ifB, 'up']);
+    await this.address(host, veth.ifB, options.addr, options.prefix);
     return veth;
   }
 
