@@ -10,7 +10,7 @@
 import { loadavg } from 'node:os';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
-import { AgentFleet, type BenchAgent, pool } from './lib/agents.js';
+import { AgentFleet, type BenchAgent, pool, type Signer } from './lib/agents.js';
 import { CoordinatorProcess } from './lib/coordinator-process.js';
 import { log, machineInfo } from './lib/report.js';
 import { CpuMeter, nowMs, round, type Summary, sleep, summarize } from './lib/stats.js';
@@ -29,6 +29,8 @@ export interface SuiteOptions {
   policyTrials: number;
   stormTrials: number;
   idleSeconds: number;
+  /** node: the agents' calls are signed with node:crypto (same bytes as the agent's tweetnacl). */
+  signer: Signer;
   cpuProfDir?: string;
 }
 
@@ -43,6 +45,7 @@ export function defaults(agents: number): SuiteOptions {
     policyTrials: big ? 2 : 5,
     stormTrials: big ? 1 : 3,
     idleSeconds: 60,
+    signer: 'node',
   };
 }
 
@@ -135,8 +138,8 @@ export async function runSuite(
   };
   const c = await CoordinatorProcess.start({ cpuProfDir: o.cpuProfDir });
   log(`coordinator pid ${c.pid} on ${c.url}`);
-  const fleet = await AgentFleet.open(c.url, c.fingerprint, o.perConn);
-  const others = await AgentFleet.open(c.url, c.fingerprint, o.perConn);
+  const fleet = await AgentFleet.open(c.url, c.fingerprint, o.perConn, o.signer);
+  const others = await AgentFleet.open(c.url, c.fingerprint, o.perConn, o.signer);
   // Every 15 s: how far the agents got, for long runs.
   const ticker = setInterval(() => {
     try {
@@ -204,6 +207,8 @@ export async function runSuite(
 
     await sleep(1000);
     const HEAP = 'meshgate_process_nodejs_heap_size_used_bytes';
+    const HEAP_TOTAL = 'meshgate_process_nodejs_heap_size_total_bytes';
+    const EXTERNAL = 'meshgate_process_nodejs_external_memory_bytes';
     const rssBefore = c.rssBytes();
     const heapBefore = await c.metric(HEAP);
     phase(`connect: ${n} agents over ${fleet.connections} connections`);
@@ -219,6 +224,7 @@ export async function runSuite(
     if (missing) throw new Error(`${missing} agents do not have all ${n - 1} peers after connecting`);
     result.connect = {
       connections: fleet.connections,
+      fullNetmapBytes: fleet.fullNetmapBytes,
       allFullNetmapsMs: round(conn.value.full),
       settledMs: round(conn.value.settled),
       messagesPerAgent: perAgent(fleet.messages, n),
@@ -248,6 +254,9 @@ export async function runSuite(
         heapUsedBeforeConnectMiB: round(heapBefore / MiB),
         heapUsedConnectedMiB: round(heap / MiB),
         heapUsedPerAgentKiB: round((heap - heapBefore) / n / 1024),
+        // What V8 keeps committed (live objects and room for more) and memory outside the heap.
+        heapTotalMiB: round((await c.metric(HEAP_TOTAL)) / MiB),
+        externalMiB: round((await c.metric(EXTERNAL)) / MiB),
       };
     }
 
@@ -416,6 +425,11 @@ export function humanSummary(r: Record<string, unknown>): string {
   return lines.join('\n');
 }
 
+function signerOf(v: string): Signer {
+  if (v !== 'node' && v !== 'agent') throw new Error('--signer must be node or agent');
+  return v;
+}
+
 export function parseSuiteArgs(argv: string[]): { opts: SuiteOptions; json: boolean } {
   const { values } = parseArgs({
     args: argv,
@@ -429,6 +443,7 @@ export function parseSuiteArgs(argv: string[]): { opts: SuiteOptions; json: bool
       'storm-trials': { type: 'string' },
       'idle-seconds': { type: 'string' },
       'cpu-prof': { type: 'string' },
+      signer: { type: 'string' },
       json: { type: 'boolean', default: false },
     },
   });
@@ -455,6 +470,7 @@ export function parseSuiteArgs(argv: string[]): { opts: SuiteOptions; json: bool
       policyTrials: num(values['policy-trials'], d.policyTrials, 'policy-trials'),
       stormTrials: num(values['storm-trials'], d.stormTrials, 'storm-trials'),
       idleSeconds: num(values['idle-seconds'], d.idleSeconds, 'idle-seconds'),
+      signer: signerOf(values.signer ?? d.signer),
       cpuProfDir: values['cpu-prof'],
     },
   };

@@ -21,6 +21,7 @@ const { values } = parseArgs({
     'idle-seconds': { type: 'string' },
     trials: { type: 'string' },
     'cpu-prof': { type: 'string' },
+    signer: { type: 'string' },
     /** Per size; a size that takes longer is stopped and reported with what it measured. */
     'size-timeout-minutes': { type: 'string', default: '60' },
   },
@@ -30,8 +31,8 @@ const sizes = values.sizes!.split(',').map((s) => {
   if (!Number.isInteger(n) || n < 2) throw new Error(`--sizes: "${s}" is not a number of agents`);
   return n;
 });
-const passThrough = (['only', 'per-conn', 'idle-seconds', 'trials', 'cpu-prof'] as const).flatMap((k) =>
-  values[k] === undefined ? [] : [`--${k}`, values[k]!],
+const passThrough = (['only', 'per-conn', 'idle-seconds', 'trials', 'cpu-prof', 'signer'] as const).flatMap(
+  (k) => (values[k] === undefined ? [] : [`--${k}`, values[k]!]),
 );
 const timeoutMs = Number(values['size-timeout-minutes']) * 60_000;
 

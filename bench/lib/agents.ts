@@ -9,25 +9,36 @@
 //  - a lost stream is reopened like the real agent does it (register again,
 //    then sync) after a jittered backoff.
 import { generateKeyPairSync } from 'node:crypto';
-import { create } from '@bufbuild/protobuf';
+import { create, toBinary } from '@bufbuild/protobuf';
 import type * as grpc from '@grpc/grpc-js';
 import { Backoff } from '../../agent/control/backoff.js';
 import { dial, type Endpoint } from '../../proto/dial.js';
 import {
   ControlService,
+  RegisterRequestSchema,
   type SyncRequest,
   SyncRequestSchema,
   type SyncResponse,
+  SyncResponseSchema,
 } from '../../proto/gen/meshgate/v1/control_pb.js';
 import type { Peer } from '../../proto/gen/meshgate/v1/types_pb.js';
-import { makeClient } from '../../proto/grpc.js';
+import { makeClient, methodPath, unary } from '../../proto/grpc.js';
 import type { MachineKeyPair } from '../../proto/keys.js';
 import { SimAgent } from '../../test/integration/harness.js';
+import { checkSameSignatures, NodeSigner } from './signer.js';
 import { nowMs } from './stats.js';
 
 /** Reconnect backoff of the bench agents: 100 ms doubling to 2 s, each delay jittered in [d/2, d]. */
 export const RECONNECT_BACKOFF = { baseMs: 100, maxMs: 2000 };
 export const ENDPOINTS = ['192.0.2.10:41641'];
+
+/** Who signs the agents' calls: the agent's ControlClient (tweetnacl) or node:crypto (same bytes). */
+export type Signer = 'agent' | 'node';
+
+const method = (name: string) =>
+  methodPath(ControlService, ControlService.methods.find((m) => m.name === name)!);
+const REGISTER = method('Register');
+const SYNC = method('Sync');
 
 /**
  * An Ed25519 machine key in tweetnacl's layout (seed ‖ public key), made with
@@ -150,6 +161,8 @@ export class AgentFleet {
   messages = 0;
   sequenceErrors = 0;
   created = 0;
+  /** Encoded size of the first full netmap any agent received. */
+  fullNetmapBytes = 0;
   /** How streams ended: "CODE details" -> count. */
   readonly endings = new Map<string, number>();
 
@@ -158,10 +171,12 @@ export class AgentFleet {
     readonly fingerprint: string,
     private readonly endpoint: Endpoint,
     readonly perConn: number,
+    readonly signer: Signer,
   ) {}
 
-  static async open(url: string, fingerprint: string, perConn: number): Promise<AgentFleet> {
-    return new AgentFleet(url, fingerprint, await dial(url, { fingerprint }), perConn);
+  static async open(url: string, fingerprint: string, perConn: number, signer: Signer): Promise<AgentFleet> {
+    if (signer === 'node') checkSameSignatures(machineKey());
+    return new AgentFleet(url, fingerprint, await dial(url, { fingerprint }), perConn, signer);
   }
 
   get connections(): number {
@@ -269,12 +284,15 @@ export class BenchAgent {
   reconnects = 0;
   hostname = '';
 
+  private readonly signer: NodeSigner | null;
+
   constructor(
     private readonly fleet: AgentFleet,
     private readonly channel: grpc.Client,
     readonly tag: string,
   ) {
     this.sim = new SimAgent(fleet.url, fleet.fingerprint, machineKey());
+    this.signer = fleet.signer === 'node' ? new NodeSigner(this.sim.machine) : null;
     // ControlClient dials on first use and keeps its grpc.Client in a private
     // field; a client handed in beforehand puts this agent on the shared connection.
     (this.sim.client as unknown as { client: grpc.Client }).client = channel;
@@ -284,9 +302,34 @@ export class BenchAgent {
     return this.sim.id;
   }
 
-  register(authKey: string, hostname: string): ReturnType<SimAgent['register']> {
+  async register(authKey: string, hostname: string): ReturnType<SimAgent['register']> {
     this.hostname = hostname;
-    return this.sim.register(authKey, hostname, { tags: this.tag ? [this.tag] : [], endpoints: ENDPOINTS });
+    const tags = this.tag ? [this.tag] : [];
+    if (!this.signer) return this.sim.register(authKey, hostname, { tags, endpoints: ENDPOINTS });
+    // What SimAgent.register sends, signed with node:crypto.
+    const req = create(RegisterRequestSchema, {
+      authKey,
+      machineKey: this.sim.machine.publicKey,
+      nodeKey: this.sim.nodeKey.publicKey,
+      hostname,
+      os: 'linux',
+      version: '0.1.0',
+      requestedTags: tags,
+      endpoints: ENDPOINTS,
+    });
+    const md = this.signer.metadata(REGISTER, '', toBinary(RegisterRequestSchema, req));
+    const res = await unary(this.channel, ControlService, 'register', req, md, {
+      deadline: Date.now() + 15_000,
+    });
+    this.sim.client.nodeId = res.node?.id ?? '';
+    return res;
+  }
+
+  private async sync(): Promise<grpc.ClientDuplexStream<SyncRequest, SyncResponse>> {
+    if (!this.signer) return this.sim.client.sync();
+    const md = this.signer.metadata(SYNC, this.id, new Uint8Array());
+    // biome-ignore lint/suspicious/noExplicitAny: generic client methods are untyped
+    return (this.channel as any).sync(md);
   }
 
   hasPeer(id: string): boolean {
@@ -302,7 +345,7 @@ export class BenchAgent {
   }
 
   private open(onFull?: () => void, onEnd?: (err: Error) => void): void {
-    void this.sim.client.sync().then((stream) => {
+    void this.sync().then((stream) => {
       this.stream = stream;
       this.seq = 0n;
       this.hasFull = false;
@@ -369,6 +412,7 @@ export class BenchAgent {
     }
     this.seq = msg.seq;
     if (msg.full) {
+      if (!this.fleet.fullNetmapBytes) this.fleet.fullNetmapBytes = toBinary(SyncResponseSchema, msg).length;
       this.peers.clear();
       this.sameTag = 0;
       for (const p of msg.full.peers) this.addPeer(p);
