@@ -108,7 +108,11 @@ export class Mapper {
       this.detachEntry(old);
       old.session.close('replaced by a newer stream of the same node');
     }
-    this.flushProject(node.project);
+    // Pending changes stay in their window: the full netmap already shows them,
+    // and applying them again as deltas is harmless. Flushing here instead sent
+    // one message to every connected agent per connecting agent.
+    if (!this.delivered.has(node.project))
+      this.delivered.set(node.project, this.state.compiled(node.project));
     const map = fullNetMap(this.state, node, this.opts);
     const entry: Attached = {
       session,

@@ -67,6 +67,8 @@ describe('mapper fan-out', () => {
       'p',
       '{"tagOwners":{"tag:ops":[],"tag:firewall":[],"tag:machine":[]},"acls":[{"action":"accept","src":["tag:ops"],"dst":["tag:firewall:22"]}]}',
     );
+    // Deliver the setup's changes before any session attaches.
+    mapper.flush();
   });
   after(async () => {
     mapper.close();
