@@ -98,11 +98,7 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
     nodesOnline: () => state.onlineCount(),
     nodesTotal: () => state.listNodes().length,
     streams: () => mapper.sessionCount,
-    versionDrift: () =>
-      state.listNodes().filter((n) => {
-        const want = state.desiredVersionFor(n);
-        return want !== '' && want !== n.version;
-      }).length,
+    versionDrift: () => state.driftingNodes().length,
     apiKeyExpiries: async () =>
       (await state.keys.listApiKeys())
         .filter((k) => k.revokedAt === null)

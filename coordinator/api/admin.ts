@@ -215,13 +215,7 @@ export function adminHandlers({ state, version, databaseOk }: AdminDeps): AdminH
     },
     async listDesiredVersions(req) {
       const project = req.project || undefined;
-      const drift = state
-        .listNodes(project)
-        .filter((n) => {
-          const want = state.desiredVersionFor(n);
-          return want !== '' && want !== n.version;
-        })
-        .map(node);
+      const drift = state.driftingNodes(project).map(node);
       return msg(pb.ListDesiredVersionsResponseSchema, {
         desiredVersions: state.listDesiredVersions(project).map(versionMessage),
         drift,

@@ -7,7 +7,7 @@ import type { Database } from '../store/schema.js';
 import { audit } from './audit.js';
 import { invalid, notFound, unauthenticated } from './errors.js';
 import { type AuthKeyRecord, authKeyFromRow } from './records.js';
-import { issueSecret, parseSecret, secretMatches } from './secrets.js';
+import { issueSecret, parseSecret, type SecretKind, secretMatches } from './secrets.js';
 
 export interface ApiKeyRecord {
   id: string;
@@ -155,14 +155,7 @@ export class KeyStore {
 
   async listApiKeys(): Promise<ApiKeyRecord[]> {
     const rows = await this.db.selectFrom('api_keys').selectAll().orderBy('created_at').execute();
-    return rows.map((r) => ({
-      id: r.id,
-      description: r.description,
-      createdAt: Number(r.created_at),
-      expiresAt: Number(r.expires_at),
-      lastSeen: r.last_seen === null ? null : Number(r.last_seen),
-      revokedAt: r.revoked_at === null ? null : Number(r.revoked_at),
-    }));
+    return rows.map(apiKeyFromRow);
   }
 
   async expireApiKey(actor: string, id: string): Promise<ApiKeyRecord> {
@@ -196,21 +189,27 @@ export class KeyStore {
   }
 
   private async requireApiKey(id: string): Promise<ApiKeyRecord> {
-    const found = (await this.listApiKeys()).find((k) => k.id === id);
-    if (!found) throw notFound(`API key ${id} does not exist`);
-    return found;
+    const row = await this.db.selectFrom('api_keys').selectAll().where('id', '=', id).executeTakeFirst();
+    if (!row) throw notFound(`API key ${id} does not exist`);
+    return apiKeyFromRow(row);
+  }
+
+  /** The stored row of the key `text`, when its secret matches; never says more than "unknown". */
+  private async lookup(kind: 'auth', text: string): Promise<Database['auth_keys']>;
+  private async lookup(kind: 'api', text: string): Promise<Database['api_keys']>;
+  private async lookup(kind: SecretKind, text: string): Promise<{ secret_hash: string }> {
+    const name = kind === 'auth' ? 'auth key' : 'API key';
+    const parsed = parseSecret(kind, text);
+    if (!parsed) throw unauthenticated(`malformed ${name} (expected mgkey-${kind}-…)`);
+    const table = kind === 'auth' ? 'auth_keys' : 'api_keys';
+    const row = await this.db.selectFrom(table).selectAll().where('id', '=', parsed.id).executeTakeFirst();
+    if (!row || !secretMatches(parsed.secret, row.secret_hash)) throw unauthenticated(`unknown ${name}`);
+    return row;
   }
 
   /** Returns the key id; throws unauthenticated without saying which check failed beyond what helps the owner. */
   async authenticateApiKey(text: string): Promise<string> {
-    const parsed = parseSecret('api', text);
-    if (!parsed) throw unauthenticated('malformed API key (expected mgkey-api-…)');
-    const row = await this.db
-      .selectFrom('api_keys')
-      .selectAll()
-      .where('id', '=', parsed.id)
-      .executeTakeFirst();
-    if (!row || !secretMatches(parsed.secret, row.secret_hash)) throw unauthenticated('unknown API key');
+    const row = await this.lookup('api', text);
     const now = this.now();
     if (row.revoked_at !== null) throw unauthenticated(`API key ${row.id} was expired`);
     if (Number(row.expires_at) <= now)
@@ -224,15 +223,7 @@ export class KeyStore {
 
   /** The auth key `text` names, if it may join a machine now; throws with the reason otherwise. */
   async usableAuthKey(text: string): Promise<AuthKeyRecord> {
-    const parsed = parseSecret('auth', text);
-    if (!parsed) throw unauthenticated('malformed auth key (expected mgkey-auth-…)');
-    const row = await this.db
-      .selectFrom('auth_keys')
-      .selectAll()
-      .where('id', '=', parsed.id)
-      .executeTakeFirst();
-    if (!row || !secretMatches(parsed.secret, row.secret_hash)) throw unauthenticated('unknown auth key');
-    const key = authKeyFromRow(row);
+    const key = authKeyFromRow(await this.lookup('auth', text));
     if (key.revokedAt !== null) throw unauthenticated(`auth key ${key.id} was expired by an admin`);
     if (key.expiresAt <= this.now()) throw unauthenticated(`auth key ${key.id} expired; ask for a new one`);
     if (!key.reusable && key.usedCount > 0)
@@ -251,4 +242,15 @@ export class KeyStore {
     if (r.numUpdatedRows === 0n)
       throw unauthenticated(`auth key ${key.id} is single-use and was already used by another machine`);
   }
+}
+
+function apiKeyFromRow(r: Database['api_keys']): ApiKeyRecord {
+  return {
+    id: r.id,
+    description: r.description,
+    createdAt: Number(r.created_at),
+    expiresAt: Number(r.expires_at),
+    lastSeen: r.last_seen === null ? null : Number(r.last_seen),
+    revokedAt: r.revoked_at === null ? null : Number(r.revoked_at),
+  };
 }

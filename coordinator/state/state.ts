@@ -628,6 +628,14 @@ export class State {
     return all.sort((a, b) => a.project.localeCompare(b.project) || a.tag.localeCompare(b.tag));
   }
 
+  /** Nodes whose reported agent version differs from the one they should run. */
+  driftingNodes(project?: string): NodeRecord[] {
+    return this.listNodes(project).filter((n) => {
+      const want = this.desiredVersionFor(n);
+      return want !== '' && want !== n.version;
+    });
+  }
+
   /** The most specific entry wins: a tag of the node (first in name order), then the project's. */
   desiredVersionFor(n: NodeRecord): string {
     const m = this.versions.get(n.project);
