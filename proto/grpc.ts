@@ -17,6 +17,13 @@ export function rawBytes(msg: object): Uint8Array {
   return (msg as { [RAW]?: Uint8Array })[RAW] ?? new Uint8Array();
 }
 
+/**
+ * For clients of the coordinator: a full netmap is about 260 bytes per peer,
+ * so grpc-js's default limit of 4 MiB would refuse it in a project of ~16,000
+ * nodes, and a node listing of such a project too.
+ */
+export const CLIENT_RECEIVE_LIMIT: grpc.ChannelOptions = { 'grpc.max_receive_message_length': 64 * 2 ** 20 };
+
 export function methodPath(service: DescService, method: DescMethod): string {
   return `/${service.typeName}/${method.name}`;
 }
@@ -34,7 +41,11 @@ export function serviceDefinition(service: DescService): grpc.ServiceDefinition 
         Object.defineProperty(msg, RAW, { value: buf, enumerable: false });
         return msg;
       },
-      responseSerialize: (msg: object) => Buffer.from(toBinary(m.output, msg as never)),
+      // A server may send a response it encoded itself, e.g. one body shared by many streams.
+      responseSerialize: (msg: object) =>
+        msg instanceof Uint8Array
+          ? Buffer.from(msg.buffer, msg.byteOffset, msg.byteLength)
+          : Buffer.from(toBinary(m.output, msg as never)),
       responseDeserialize: (buf: Buffer) => fromBinary(m.output, buf),
     };
   }

@@ -114,14 +114,17 @@ export function controlImplementation(deps: ControlDeps): grpc.UntypedServiceImp
       let closed = false;
       const session: Session = {
         nodeId,
+        // The mapper hands over encoded messages; the service's serializer passes them through.
         send: (msg) => {
-          if (!closed) call.write(msg);
+          if (!closed) call.write(msg as unknown as SyncResponse);
         },
-        close: (reason) => {
+        close: (reason, why) => {
           if (closed) return;
           closed = true;
           mapper.detach(session);
-          call.emit('error', { code: grpc.status.UNAUTHENTICATED, details: reason });
+          // UNAUTHENTICATED makes the agent register again, with its auth key if need be.
+          const code = why === 'gone' ? grpc.status.UNAUTHENTICATED : grpc.status.UNAVAILABLE;
+          call.emit('error', { code, details: reason });
         },
       };
       const end = () => {

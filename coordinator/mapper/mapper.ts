@@ -2,26 +2,44 @@
 // collected for a short window and then sent, per project, only to the
 // sessions of nodes that saw the changed node before or see it now; nobody's
 // full netmap is rebuilt for a change.
-import { create } from '@bufbuild/protobuf';
+import { create, toBinary } from '@bufbuild/protobuf';
 import { timestampFromMs } from '@bufbuild/protobuf/wkt';
-import { type SyncResponse, SyncResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
 import {
+  DnsRecordSchema,
   PacketFilterSchema,
-  type Peer,
-  type PeerPatch,
   PeerPatchSchema,
+  PeerSchema,
 } from '../../proto/gen/meshgate/v1/types_pb.js';
 import type { CompiledPolicy } from '../policy/index.js';
 import type { NodeRecord } from '../state/records.js';
 import type { State, StateEvent } from '../state/state.js';
-import { filterMessage, fullNetMap, type NetMapOptions, nodeMessage, peerMessage } from './netmap.js';
+import {
+  dnsRecord,
+  domainOf,
+  filterMessage,
+  type NetMapOptions,
+  netMapHead,
+  nodeMessage,
+  peerMessage,
+} from './netmap.js';
+import { deltaBody, framed, fullBody, KEEPALIVE_BODY } from './wire.js';
 
 /** One agent's open stream, as the mapper needs it. */
 export interface Session {
   readonly nodeId: string;
-  send(msg: SyncResponse): void;
-  /** Ends the stream, e.g. when the node was deleted or expired. */
-  close(reason: string): void;
+  /** One encoded SyncResponse. */
+  send(msg: Uint8Array): void;
+  /**
+   * Ends the stream. `gone`: the node was deleted or expired and must register
+   * again; `retry`: the stream was replaced or the coordinator is stopping.
+   */
+  close(reason: string, why: 'gone' | 'retry'): void;
+}
+
+/** A node as its peers receive it, encoded once and reused until the node changes. */
+interface Encoded {
+  peer: Uint8Array;
+  dns: Uint8Array;
 }
 
 interface Attached {
@@ -51,9 +69,9 @@ export interface MapperOptions extends NetMapOptions {
 }
 
 class Delta {
-  readonly changed = new Map<string, Peer>();
+  readonly changed = new Map<string, Uint8Array>();
   readonly removed = new Set<string>();
-  readonly patches: PeerPatch[] = [];
+  readonly patches: Uint8Array[] = [];
   self = false;
   filter = false;
   version = false;
@@ -76,7 +94,10 @@ export class Mapper {
   private readonly pending = new Map<string, Pending>();
   /** The policy each project's sessions were last brought up to date with. */
   private readonly delivered = new Map<string, CompiledPolicy>();
+  private readonly encoded = new Map<string, Encoded>();
   private timer: NodeJS.Timeout | null = null;
+  /** How long the last flush took: the next batch waits at least as long. */
+  private lastFlushMs = 0;
   private readonly keepalive: NodeJS.Timeout;
 
   constructor(
@@ -100,27 +121,34 @@ export class Mapper {
   attach(session: Session): void {
     const node = this.state.getNode(session.nodeId);
     if (!node) {
-      session.close('node does not exist');
+      session.close('node does not exist', 'gone');
       return;
     }
     const old = this.sessions.get(node.id);
     if (old) {
       this.detachEntry(old);
-      old.session.close('replaced by a newer stream of the same node');
+      old.session.close('replaced by a newer stream of the same node', 'retry');
     }
     // Pending changes stay in their window: the full netmap already shows them,
     // and applying them again as deltas is harmless. Flushing here instead sent
     // one message to every connected agent per connecting agent.
     if (!this.delivered.has(node.project))
       this.delivered.set(node.project, this.state.compiled(node.project));
-    const map = fullNetMap(this.state, node, this.opts);
+    const compiled = this.state.compiled(node.project);
+    const head = netMapHead(this.state, node, this.opts);
+    const peers = compiled
+      .visiblePeers(node.id)
+      .map((id) => this.state.getNode(id))
+      .filter((n): n is NodeRecord => n !== undefined)
+      .map((n) => this.encode(n));
+    const body = fullBody({ head, peers: peers.map((p) => p.peer), dns: peers.map((p) => p.dns) });
     const entry: Attached = {
       session,
       project: node.project,
       seq: 0n,
       lastSent: 0,
-      filterKey: filterKey(this.state.compiled(node.project).filterFor(node.id)),
-      desiredVersion: map.desiredVersion,
+      filterKey: filterKey(compiled.filterFor(node.id)),
+      desiredVersion: head.desiredVersion ?? '',
     };
     this.sessions.set(node.id, entry);
     let set = this.byProject.get(node.project);
@@ -129,7 +157,20 @@ export class Mapper {
       this.byProject.set(node.project, set);
     }
     set.add(node.id);
-    this.write(entry, create(SyncResponseSchema, { full: map }));
+    this.write(entry, body);
+  }
+
+  /** The node's Peer and DNS record, encoded once until the node changes. */
+  private encode(n: NodeRecord): Encoded {
+    let e = this.encoded.get(n.id);
+    if (!e) {
+      e = {
+        peer: toBinary(PeerSchema, peerMessage(this.state, n, this.opts.relay)),
+        dns: toBinary(DnsRecordSchema, dnsRecord(n, domainOf(n.project, this.opts))),
+      };
+      this.encoded.set(n.id, e);
+    }
+    return e;
   }
 
   detach(session: Session): void {
@@ -145,11 +186,12 @@ export class Mapper {
   close(): void {
     clearInterval(this.keepalive);
     if (this.timer) clearTimeout(this.timer);
-    for (const e of [...this.sessions.values()]) e.session.close('coordinator is shutting down');
+    for (const e of [...this.sessions.values()]) e.session.close('coordinator is shutting down', 'retry');
     this.sessions.clear();
   }
 
   private enqueue(e: StateEvent): void {
+    if (e.type !== 'policy-changed' && e.type !== 'versions-changed') this.encoded.delete(e.node.id);
     const project = e.type === 'policy-changed' || e.type === 'versions-changed' ? e.project : e.node.project;
     let p = this.pending.get(project);
     if (!p) {
@@ -184,8 +226,12 @@ export class Mapper {
         p.versions = true;
         break;
     }
+    // Under load a flush of a large project takes longer than the window;
+    // waiting as long as the last flush took keeps fan-out to at most about
+    // half of the coordinator's time, so registrations and streams still get
+    // served, and batches grow instead of messages multiplying.
     if (!this.timer) {
-      this.timer = setTimeout(() => this.flush(), this.opts.coalesceMs);
+      this.timer = setTimeout(() => this.flush(), Math.max(this.opts.coalesceMs, this.lastFlushMs));
     }
   }
 
@@ -195,7 +241,9 @@ export class Mapper {
       clearTimeout(this.timer);
       this.timer = null;
     }
+    const t0 = performance.now();
     for (const project of [...this.pending.keys()]) this.flushProject(project);
+    this.lastFlushMs = performance.now() - t0;
   }
 
   private flushProject(project: string): void {
@@ -218,15 +266,7 @@ export class Mapper {
       }
       return d;
     };
-    const peers = new Map<string, Peer>();
-    const peerOf = (n: NodeRecord): Peer => {
-      let m = peers.get(n.id);
-      if (!m) {
-        m = peerMessage(this.state, n, this.opts.relay);
-        peers.set(n.id, m);
-      }
-      return m;
-    };
+    const peerOf = (n: NodeRecord): Uint8Array => this.encode(n).peer;
     const filterCheck = new Set<string>();
     const rulesChanged = oldC !== newC && !(oldC.allowAll && newC.allowAll);
 
@@ -257,7 +297,8 @@ export class Mapper {
         this.diffVisibility(id, oldC, newC, delta, peerOf);
         filterCheck.add(id);
       }
-      if (this.state.isExpired(node)) this.sessions.get(id)?.session.close(`node ${node.name} has expired`);
+      if (this.state.isExpired(node))
+        this.sessions.get(id)?.session.close(`node ${node.name} has expired`, 'gone');
     }
     for (const [id, node] of p.removed) {
       for (const other of oldC.visiblePeers(id)) {
@@ -270,19 +311,22 @@ export class Mapper {
       const entry = this.sessions.get(id);
       if (entry) {
         this.detachEntry(entry);
-        entry.session.close(`node ${node.name} was deleted`);
+        entry.session.close(`node ${node.name} was deleted`, 'gone');
       }
     }
     for (const [id, endpointsChanged] of p.patched) {
       const node = this.state.getNode(id);
       if (!node || p.upserted.has(id)) continue;
-      const patch = create(PeerPatchSchema, {
-        id,
-        online: this.state.isOnline(id),
-        lastSeen: node.lastSeen === null ? undefined : timestampFromMs(node.lastSeen),
-        endpointsChanged,
-        endpoints: endpointsChanged ? this.state.endpointsOf(node) : [],
-      });
+      const patch = toBinary(
+        PeerPatchSchema,
+        create(PeerPatchSchema, {
+          id,
+          online: this.state.isOnline(id),
+          lastSeen: node.lastSeen === null ? undefined : timestampFromMs(node.lastSeen),
+          endpointsChanged,
+          endpoints: endpointsChanged ? this.state.endpointsOf(node) : [],
+        }),
+      );
       for (const other of newC.visiblePeers(id)) {
         const d = delta(other);
         if (d && !d.changed.has(id)) d.patches.push(patch);
@@ -317,15 +361,17 @@ export class Mapper {
       if (!entry || !node || d.empty()) continue;
       this.write(
         entry,
-        create(SyncResponseSchema, {
-          peersChanged: [...d.changed.values()],
-          peersRemoved: [...d.removed],
-          peerPatches: d.patches,
-          packetFilter: d.filter
-            ? create(PacketFilterSchema, { rules: filterMessage(newC.filterFor(id)) })
-            : undefined,
-          desiredVersion: d.version ? entry.desiredVersion : undefined,
-          self: d.self ? nodeMessage(this.state, node) : undefined,
+        deltaBody({
+          head: {
+            packetFilter: d.filter
+              ? create(PacketFilterSchema, { rules: filterMessage(newC.filterFor(id)) })
+              : undefined,
+            desiredVersion: d.version ? entry.desiredVersion : undefined,
+            self: d.self ? nodeMessage(this.state, node) : undefined,
+          },
+          changed: d.changed.values(),
+          removed: d.removed,
+          patches: d.patches,
         }),
       );
       sent++;
@@ -338,7 +384,7 @@ export class Mapper {
     oldC: CompiledPolicy,
     newC: CompiledPolicy,
     delta: (id: string) => Delta | undefined,
-    peerOf: (n: NodeRecord) => Peer,
+    peerOf: (n: NodeRecord) => Uint8Array,
   ): void {
     if (oldC === newC) return;
     const d = delta(id);
@@ -353,17 +399,16 @@ export class Mapper {
     for (const other of before) if (!after.has(other)) d.removed.add(other);
   }
 
-  private write(entry: Attached, msg: SyncResponse): void {
+  private write(entry: Attached, body: Uint8Array): void {
     entry.seq += 1n;
-    msg.seq = entry.seq;
     entry.lastSent = Date.now();
-    entry.session.send(msg);
+    entry.session.send(framed(entry.seq, body));
   }
 
   private sendKeepalives(): void {
     const due = Date.now() - this.opts.keepaliveMs;
     for (const entry of this.sessions.values()) {
-      if (entry.lastSent <= due) this.write(entry, create(SyncResponseSchema, { keepalive: true }));
+      if (entry.lastSent <= due) this.write(entry, KEEPALIVE_BODY);
     }
   }
 }

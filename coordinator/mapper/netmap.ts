@@ -1,12 +1,12 @@
 // Turns the state's records into the protobuf shapes an agent receives.
-import { create } from '@bufbuild/protobuf';
+import { create, type MessageInitShape } from '@bufbuild/protobuf';
 import { timestampFromMs } from '@bufbuild/protobuf/wkt';
 import {
+  type DnsRecord,
   DnsRecordSchema,
   type FilterRule,
   FilterRuleSchema,
-  type NetMap,
-  NetMapSchema,
+  type NetMapSchema,
   type Node,
   NodeSchema,
   PacketFilterSchema,
@@ -80,23 +80,30 @@ export function filterMessage(rules: FilterRuleSpec[]): FilterRule[] {
   );
 }
 
-export function fullNetMap(state: State, self: NodeRecord, opts: NetMapOptions): NetMap {
-  const compiled = state.compiled(self.project);
-  const peers = compiled
-    .visiblePeers(self.id)
-    .map((id) => state.getNode(id))
-    .filter((n): n is NodeRecord => n !== undefined);
-  const domain = `${self.project}.${opts.domainSuffix}`;
-  return create(NetMapSchema, {
+export function domainOf(project: string, opts: NetMapOptions): string {
+  return `${project}.${opts.domainSuffix}`;
+}
+
+export function dnsRecord(n: NodeRecord, domain: string): DnsRecord {
+  return create(DnsRecordSchema, { name: `${n.name}.${domain}`, ipAddresses: [n.ipv4, n.ipv6] });
+}
+
+/** The singular fields of a node's netmap; its peers and their DNS records are added as encoded pieces. */
+export function netMapHead(
+  state: State,
+  self: NodeRecord,
+  opts: NetMapOptions,
+): MessageInitShape<typeof NetMapSchema> {
+  const domain = domainOf(self.project, opts);
+  return {
     self: nodeMessage(state, self),
-    peers: peers.map((p) => peerMessage(state, p, opts.relay)),
-    packetFilter: create(PacketFilterSchema, { rules: filterMessage(compiled.filterFor(self.id)) }),
-    dns: [self, ...peers].map((n) =>
-      create(DnsRecordSchema, { name: `${n.name}.${domain}`, ipAddresses: [n.ipv4, n.ipv6] }),
-    ),
+    packetFilter: create(PacketFilterSchema, {
+      rules: filterMessage(state.compiled(self.project).filterFor(self.id)),
+    }),
+    dns: [dnsRecord(self, domain)],
     desiredVersion: state.desiredVersionFor(self),
     domain,
     keepaliveSeconds: opts.keepaliveSeconds,
     relay: create(RelayInfoSchema, { enabled: opts.relay }),
-  });
+  };
 }

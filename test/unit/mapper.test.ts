@@ -1,20 +1,23 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
+import { fromBinary } from '@bufbuild/protobuf';
 import { Mapper, type Session } from '../../coordinator/mapper/mapper.js';
 import { State } from '../../coordinator/state/state.js';
 import { openStore, type Store } from '../../coordinator/store/db.js';
-import type { SyncResponse } from '../../proto/gen/meshgate/v1/control_pb.js';
+import { type SyncResponse, SyncResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
 import { encodeWgKey, generateMachineKey, generateNodeKey } from '../../proto/keys.js';
 
 class FakeSession implements Session {
   readonly sent: SyncResponse[] = [];
   closed = '';
+  closedAs = '';
   constructor(readonly nodeId: string) {}
-  send(msg: SyncResponse) {
-    this.sent.push(msg);
+  send(msg: Uint8Array) {
+    this.sent.push(fromBinary(SyncResponseSchema, msg));
   }
-  close(reason: string) {
+  close(reason: string, why: string) {
     this.closed = reason;
+    this.closedAs = why;
   }
 }
 
@@ -104,7 +107,59 @@ describe('mapper fan-out', () => {
     await state.deleteNode('test', ids.fw!);
     mapper.flush();
     assert.match(s.fw.closed, /was deleted/);
+    assert.equal(s.fw.closedAs, 'gone', 'a deleted node must register again');
     assert.deepEqual(s.ops.sent.at(-1)!.peersRemoved, [ids.fw]);
     assert.equal(s.m1.sent.length, 1, 'm1 never saw fw');
+  });
+
+  it('builds the full netmap from encoded pieces that follow every change of a peer', async () => {
+    await register('fw2', ['tag:firewall']);
+    mapper.flush();
+    const ops = new FakeSession(ids.ops!);
+    mapper.attach(ops);
+    const first = ops.sent[0]!;
+    assert.equal(first.seq, 1n);
+    const map = first.full!;
+    assert.equal(map.self?.name, 'ops');
+    assert.equal(map.domain, 'p.mesh');
+    assert.deepEqual(
+      map.dns.map((r) => r.name),
+      ['ops.p.mesh', ...map.peers.map((p) => `${p.name}.p.mesh`)],
+      'own record first, then one per peer',
+    );
+    assert.ok(map.packetFilter, 'the packet filter is part of the full netmap');
+
+    assert.deepEqual(
+      map.peers.map((p) => p.name),
+      ['fw2'],
+    );
+    const peer = map.peers[0]!;
+    await state.updateEndpoints(peer.id, ['198.51.100.7:41641']);
+    mapper.flush();
+    const again = new FakeSession(ids.ops!);
+    mapper.attach(again);
+    assert.match(ops.closed, /replaced/);
+    assert.equal(ops.closedAs, 'retry', 'a replaced stream is not an identity problem');
+    assert.deepEqual(
+      again.sent[0]!.full!.peers.find((p) => p.id === peer.id)?.endpoints,
+      ['198.51.100.7:41641'],
+      'a peer changed since it was last encoded is encoded again',
+    );
+    assert.equal(again.sent[0]!.seq, 1n, 'every stream numbers its own messages');
+  });
+
+  it('ends streams on shutdown so that agents retry', () => {
+    const m = new Mapper(state, {
+      coalesceMs: 5,
+      keepaliveMs: 60_000,
+      keepaliveSeconds: 25,
+      relay: false,
+      domainSuffix: 'mesh',
+    });
+    const ops = new FakeSession(ids.ops!);
+    m.attach(ops);
+    m.close();
+    assert.equal(ops.closedAs, 'retry');
+    assert.match(ops.closed, /shutting down/);
   });
 });
