@@ -1,6 +1,6 @@
 // Applies the coordinator's sync messages to a netmap. The agent keeps its
 // view this way; so do the simulated agents of tests and benchmarks.
-import { clone, create } from '@bufbuild/protobuf';
+import { create } from '@bufbuild/protobuf';
 import type { SyncResponse } from './gen/meshgate/v1/control_pb.js';
 import { type NetMap, NetMapSchema, type Peer } from './gen/meshgate/v1/types_pb.js';
 
@@ -20,22 +20,25 @@ export function applySync(current: NetMap | null, lastSeq: bigint, msg: SyncResp
   if (msg.full) return msg.full;
   if (msg.keepalive) return current;
   if (!current) throw new SequenceError('delta before the first full netmap');
-  const next = clone(NetMapSchema, current);
-  if (msg.peersRemoved.length || msg.peersChanged.length) {
-    const byId = new Map<string, Peer>(next.peers.map((p) => [p.id, p]));
+  // Netmaps are values: the result shares every unchanged peer with `current`
+  // and copies only the patched ones. A deep copy per message cost 45-90 ms at
+  // 10,000 peers.
+  const next: NetMap = { ...current };
+  if (msg.peersRemoved.length || msg.peersChanged.length || msg.peerPatches.length) {
+    const byId = new Map<string, Peer>(current.peers.map((p) => [p.id, p]));
     for (const id of msg.peersRemoved) byId.delete(id);
     for (const p of msg.peersChanged) byId.set(p.id, p);
-    next.peers = [...byId.values()];
-  }
-  if (msg.peerPatches.length) {
-    const byId = new Map<string, Peer>(next.peers.map((p) => [p.id, p]));
     for (const patch of msg.peerPatches) {
       const p = byId.get(patch.id);
       if (!p) continue;
-      if (patch.online !== undefined) p.online = patch.online;
-      if (patch.lastSeen) p.lastSeen = patch.lastSeen;
-      if (patch.endpointsChanged) p.endpoints = patch.endpoints;
+      byId.set(patch.id, {
+        ...p,
+        online: patch.online ?? p.online,
+        lastSeen: patch.lastSeen ?? p.lastSeen,
+        endpoints: patch.endpointsChanged ? patch.endpoints : p.endpoints,
+      });
     }
+    next.peers = [...byId.values()];
   }
   if (msg.packetFilter) next.packetFilter = msg.packetFilter;
   if (msg.desiredVersion !== undefined) next.desiredVersion = msg.desiredVersion;

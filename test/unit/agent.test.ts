@@ -191,6 +191,33 @@ describe('netmap deltas', () => {
     assert.equal(b.online, true);
     assert.deepEqual(b.endpoints, ['192.0.2.1:1']);
   });
+  it('leaves the previous netmap as it was', () => {
+    const before = applySync(
+      null,
+      0n,
+      create(SyncResponseSchema, { seq: 1n, full: create(NetMapSchema, { peers: [peer('a'), peer('b')] }) }),
+    )!;
+    const after = applySync(
+      before,
+      1n,
+      create(SyncResponseSchema, {
+        seq: 2n,
+        peersRemoved: ['b'],
+        peerPatches: [{ id: 'a', online: true, endpointsChanged: true, endpoints: ['192.0.2.1:1'] }],
+      }),
+    )!;
+    assert.deepEqual(
+      before.peers.map((p) => [p.id, p.online, p.endpoints]),
+      [
+        ['a', false, []],
+        ['b', false, []],
+      ],
+    );
+    assert.deepEqual(
+      after.peers.map((p) => [p.id, p.online, p.endpoints]),
+      [['a', true, ['192.0.2.1:1']]],
+    );
+  });
   it('refuses a gap in the sequence, so the agent resyncs', () => {
     const m = applySync(null, 0n, create(SyncResponseSchema, { seq: 1n, full: create(NetMapSchema, {}) }));
     assert.throws(
