@@ -6,7 +6,7 @@ import * as grpc from '@grpc/grpc-js';
 import type { Command } from 'commander';
 import { dial } from '../proto/dial.js';
 import { AdminService } from '../proto/gen/meshgate/v1/admin_pb.js';
-import { makeClient, type Out, unary } from '../proto/grpc.js';
+import { CLIENT_RECEIVE_LIMIT, makeClient, type Out, unary } from '../proto/grpc.js';
 import { CliError } from './errors.js';
 import { FORMATS, type Format, parseFormat } from './output.js';
 
@@ -78,7 +78,10 @@ export async function connectAdmin(flags: AdminFlags, env = process.env): Promis
       'an API key is needed for a remote coordinator: set MESHGATE_API_KEY or pass --api-key-file',
     );
   const endpoint = await dial(url, { fingerprint: flags.fingerprint ?? env.MESHGATE_FINGERPRINT });
-  const client = makeClient(AdminService, endpoint.target, endpoint.credentials, endpoint.options);
+  const client = makeClient(AdminService, endpoint.target, endpoint.credentials, {
+    ...CLIENT_RECEIVE_LIMIT,
+    ...endpoint.options,
+  });
   return {
     format,
     display: endpoint.display,

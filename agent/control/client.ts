@@ -16,7 +16,7 @@ import {
   type SyncResponse,
 } from '../../proto/gen/meshgate/v1/control_pb.js';
 import type { Node } from '../../proto/gen/meshgate/v1/types_pb.js';
-import { makeClient, methodPath, unary } from '../../proto/grpc.js';
+import { CLIENT_RECEIVE_LIMIT, makeClient, methodPath, unary } from '../../proto/grpc.js';
 import { signCall } from '../../proto/signing.js';
 
 export interface ControlClientOptions {
@@ -49,6 +49,7 @@ export class ControlClient {
         'grpc.keepalive_time_ms': 30_000,
         'grpc.keepalive_timeout_ms': 10_000,
         'grpc.keepalive_permit_without_calls': 1,
+        ...CLIENT_RECEIVE_LIMIT,
         ...this.endpoint.options,
         ...this.opts.channelOptions,
       });
