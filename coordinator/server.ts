@@ -212,7 +212,12 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
       relay.close();
       http.closeAllConnections();
       await Promise.all([shutdown(server), shutdown(local), new Promise<void>((r) => http.close(() => r()))]);
-      await store.close();
+      // After the servers: closing streams marks nodes offline, and that last_seen must reach the store too.
+      try {
+        await state.close();
+      } finally {
+        await store.close();
+      }
       if (existsSync(adminSocket)) unlinkSync(adminSocket);
     },
   };

@@ -2,6 +2,9 @@
 // desired versions. Every mutation goes through here: it is written to the
 // store in one transaction (with its audit entry) and only then applied to
 // memory and announced to listeners, so what listeners see is durable.
+// The exception is last_seen: it changes on every stream open and close, so
+// it is written in batches (see saveSeen) and may lag by one batch interval
+// after a crash.
 import { randomBytes } from 'node:crypto';
 import type { Kysely } from 'kysely';
 import { isDnsLabel, isTag, toDnsLabel } from '../../proto/names.js';
@@ -73,18 +76,28 @@ export interface RegisterInput {
 export interface StateOptions {
   ephemeralTimeoutMs: number;
   now?: () => number;
+  /** How long changed last_seen times wait in memory before one transaction writes them all. */
+  seenBatchMs?: number;
 }
+
+const SEEN_BATCH_MS = 5_000;
 
 export class State {
   private readonly projects = new Map<string, ProjectRecord>();
   private readonly nodes = new Map<string, NodeRecord>();
   private readonly byMachineKey = new Map<string, string>();
   private readonly byProject = new Map<string, Set<string>>();
+  /** project -> node name -> node id, so picking a free name does not scan the project. */
+  private readonly names = new Map<string, Map<string, string>>();
   private readonly policies = new Map<string, PolicyRecord>();
   private readonly versions = new Map<string, Map<string, DesiredVersionRecord>>();
   private readonly compiledCache = new Map<string, CompiledPolicy>();
   private readonly online = new Set<string>();
   private readonly observed = new Map<string, string>();
+  private readonly unsavedSeen = new Set<string>();
+  private seenTimer: NodeJS.Timeout | null = null;
+  private seenWrite: Promise<void> = Promise.resolve();
+  private closed = false;
   private readonly listeners: ((e: StateEvent) => void)[] = [];
   private pool = new AddressPool([]);
   private lastExpirySweep = 0;
@@ -183,6 +196,7 @@ export class State {
     for (const n of members) this.unindexNode(n);
     this.projects.delete(name);
     this.byProject.delete(name);
+    this.names.delete(name);
     this.policies.delete(name);
     this.versions.delete(name);
     for (const n of members) this.emit({ type: 'node-removed', node: n });
@@ -266,7 +280,6 @@ export class State {
     const tags = this.tagsFor(key, input.requestedTags);
     if (known) {
       // An expired node re-authorized with a fresh key keeps its identity and addresses.
-      const node: NodeRecord = { ...known, expiresAt: null, tags, nodeKey: input.nodeKey };
       await this.db.transaction().execute(async (tx) => {
         await this.keys.spend(tx, key);
         await tx
@@ -275,8 +288,7 @@ export class State {
           .where('id', '=', known.id)
           .execute();
       });
-      this.replaceNode(node);
-      this.emit({ type: 'node-added', node });
+      const node = this.applyChange(known, { expiresAt: null, tags, nodeKey: input.nodeKey }, 'node-added');
       return { node, existing: true };
     }
     const index = this.pool.reserve();
@@ -319,9 +331,9 @@ export class State {
     return { node, existing: false };
   }
 
+  /** Agents register again on every reconnect; usually nothing changed, and then nothing is written. */
   private async refreshKnownNode(known: NodeRecord, input: RegisterInput): Promise<NodeRecord> {
-    const node: NodeRecord = {
-      ...known,
+    const change = {
       nodeKey: input.nodeKey,
       hostname: input.hostname,
       os: input.os,
@@ -329,6 +341,15 @@ export class State {
       advertisedRoutes: input.advertisedRoutes,
       endpoints: input.endpoints.length ? input.endpoints : known.endpoints,
     };
+    const node: NodeRecord = { ...known, ...change };
+    const changed =
+      node.nodeKey !== known.nodeKey ||
+      node.hostname !== known.hostname ||
+      node.os !== known.os ||
+      node.version !== known.version ||
+      !sameList(node.advertisedRoutes, known.advertisedRoutes);
+    const endpointsChanged = !sameList(node.endpoints, known.endpoints);
+    if (!changed && !endpointsChanged) return known;
     await this.db
       .updateTable('nodes')
       .set({
@@ -341,11 +362,8 @@ export class State {
       })
       .where('id', '=', node.id)
       .execute();
-    this.replaceNode(node);
-    if (node.nodeKey !== known.nodeKey || !sameList(node.advertisedRoutes, known.advertisedRoutes)) {
-      this.emit({ type: 'node-changed', node });
-    }
-    return node;
+    if (changed) return this.applyChange(known, change, 'node-changed');
+    return this.applyChange(known, change, 'node-patched');
   }
 
   private async checkAuthKey(text: string, known: NodeRecord | undefined): Promise<AuthKeyRecord> {
@@ -376,8 +394,8 @@ export class State {
   }
 
   private uniqueName(project: string, base: string): string {
-    const taken = new Set(this.projectNodes(project).map((n) => n.name));
-    if (!taken.has(base)) return base;
+    const taken = this.names.get(project);
+    if (!taken?.has(base)) return base;
     for (let i = 2; ; i++) {
       const suffix = `-${i}`;
       const candidate = base.slice(0, 63 - suffix.length) + suffix;
@@ -391,7 +409,7 @@ export class State {
     if (online) this.online.add(id);
     else this.online.delete(id);
     n.lastSeen = this.now();
-    void this.persistSeen(n);
+    this.markSeen(id);
     this.emit({ type: 'node-patched', node: n, endpointsChanged: false });
   }
 
@@ -429,18 +447,15 @@ export class State {
   async updateVersion(id: string, version: string): Promise<void> {
     const n = this.nodes.get(id);
     if (!n || n.version === version) return;
-    n.version = version;
     await this.db.updateTable('nodes').set({ version }).where('id', '=', id).execute();
+    this.applyChange(n, { version }, 'node-changed');
   }
 
   async rotateNodeKey(id: string, nodeKey: string): Promise<NodeRecord> {
     const n = this.nodes.get(id);
     if (!n) throw notFound('node does not exist');
     await this.db.updateTable('nodes').set({ node_key: nodeKey }).where('id', '=', id).execute();
-    const node = { ...n, nodeKey };
-    this.replaceNode(node);
-    this.emit({ type: 'node-changed', node });
-    return node;
+    return this.applyChange(n, { nodeKey }, 'node-changed');
   }
 
   /** A clean logout: ephemeral nodes go at once, others just go offline. */
@@ -451,12 +466,55 @@ export class State {
     else this.setOnline(id, false);
   }
 
-  private async persistSeen(n: NodeRecord): Promise<void> {
+  private markSeen(id: string): void {
+    this.unsavedSeen.add(id);
+    this.scheduleSeen();
+  }
+
+  private scheduleSeen(): void {
+    if (this.seenTimer || this.closed) return;
+    this.seenTimer = setTimeout(() => {
+      this.seenTimer = null;
+      // A failed batch stays unsaved and is tried again with the next one.
+      this.saveSeen().catch(() => this.scheduleSeen());
+    }, this.options.seenBatchMs ?? SEEN_BATCH_MS);
+    this.seenTimer.unref();
+  }
+
+  /** Writes the last_seen times changed since the previous batch, in one transaction. */
+  private saveSeen(): Promise<void> {
+    // Chained so that two batches never interleave and close() waits for one under way.
+    this.seenWrite = this.seenWrite.catch(() => {}).then(() => this.writeSeen());
+    return this.seenWrite;
+  }
+
+  private async writeSeen(): Promise<void> {
+    // Nodes deleted meanwhile are skipped here; one deleted during the
+    // transaction matches no row, which is no error either.
+    const batch = [...this.unsavedSeen].flatMap((id) => {
+      const n = this.nodes.get(id);
+      return n ? [{ id, lastSeen: n.lastSeen }] : [];
+    });
+    this.unsavedSeen.clear();
+    if (batch.length === 0) return;
     try {
-      await this.db.updateTable('nodes').set({ last_seen: n.lastSeen }).where('id', '=', n.id).execute();
-    } catch {
-      // The node may have been deleted meanwhile; last_seen is advisory.
+      await this.db.transaction().execute(async (tx) => {
+        for (const { id, lastSeen } of batch) {
+          await tx.updateTable('nodes').set({ last_seen: lastSeen }).where('id', '=', id).execute();
+        }
+      });
+    } catch (err) {
+      for (const { id } of batch) this.unsavedSeen.add(id);
+      throw err;
     }
+  }
+
+  /** Writes what is still only in memory; call it before the store closes. */
+  async close(): Promise<void> {
+    this.closed = true;
+    if (this.seenTimer) clearTimeout(this.seenTimer);
+    this.seenTimer = null;
+    await this.saveSeen();
   }
 
   // ---- nodes: admin changes
@@ -497,7 +555,8 @@ export class State {
   ): Promise<NodeRecord> {
     const n = this.resolveNode(ref, project);
     if (!isDnsLabel(name)) throw invalid(`node name "${name}" must be a DNS label (a-z, 0-9, -; at most 63)`);
-    if (this.projectNodes(n.project).some((o) => o.name === name && o.id !== n.id)) {
+    const holder = this.names.get(n.project)?.get(name);
+    if (holder !== undefined && holder !== n.id) {
       throw exists(`project "${n.project}" already has a node named "${name}"`);
     }
     return this.changeNode(actor, n, 'node.rename', { name }, { name });
@@ -545,10 +604,7 @@ export class State {
       await tx.updateTable('nodes').set(row).where('id', '=', n.id).execute();
       await audit(tx, this.now(), actor, action, n.id, { project: n.project, ...change });
     });
-    const node = { ...n, ...change };
-    this.replaceNode(node);
-    this.emit({ type: 'node-changed', node });
-    return node;
+    return this.applyChange(n, change, 'node-changed');
   }
 
   // ---- policy
@@ -681,16 +737,57 @@ export class State {
       this.byProject.set(n.project, set);
     }
     set.add(n.id);
+    let names = this.names.get(n.project);
+    if (!names) {
+      names = new Map();
+      this.names.set(n.project, names);
+    }
+    names.set(n.name, n.id);
   }
 
   private unindexNode(n: NodeRecord): void {
     this.nodes.delete(n.id);
     this.byMachineKey.delete(n.machineKey);
     this.byProject.get(n.project)?.delete(n.id);
+    this.releaseName(n);
+  }
+
+  /**
+   * Applies a written change to memory and announces it. Built from the
+   * record as it is after the write, not as it was before the await: a node
+   * deleted meanwhile must not come back, and a concurrent change to another
+   * field must not be undone.
+   */
+  private applyChange(
+    before: NodeRecord,
+    change: Partial<NodeRecord>,
+    event: 'node-added' | 'node-changed' | 'node-patched',
+  ): NodeRecord {
+    const current = this.nodes.get(before.id);
+    const node = { ...(current ?? before), ...change };
+    if (!current) return node;
+    this.replaceNode(node);
+    if (event === 'node-patched') this.emit({ type: event, node, endpointsChanged: true });
+    else this.emit({ type: event, node });
+    return node;
   }
 
   private replaceNode(n: NodeRecord): void {
+    const old = this.nodes.get(n.id);
+    if (old && old.name !== n.name) {
+      this.releaseName(old);
+      this.names.get(n.project)?.set(n.name, n.id);
+    }
     this.nodes.set(n.id, n);
+  }
+
+  /**
+   * Only if the name still points at this node: a registration that failed
+   * after a concurrent rename took its name must not free the renamed node's.
+   */
+  private releaseName(n: NodeRecord): void {
+    const names = this.names.get(n.project);
+    if (names?.get(n.name) === n.id) names.delete(n.name);
   }
 }
 

@@ -1,12 +1,21 @@
 import assert from 'node:assert/strict';
-import { describe, it } from 'node:test';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, describe, it } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { sql } from 'kysely';
 import { peerAddress } from '../../coordinator/api/auth.js';
 import { RateLimiter } from '../../coordinator/api/ratelimit.js';
 import { isCidr, isEndpoint } from '../../coordinator/api/validate.js';
 import { AddressPool, ipv4ForIndex, ipv6ForIndex, MAX_INDEX } from '../../coordinator/state/ipam.js';
 import { hashSecret, issueSecret, parseSecret, secretMatches } from '../../coordinator/state/secrets.js';
+import { type RegisterInput, State, type StateEvent } from '../../coordinator/state/state.js';
+import { openStore, type Store } from '../../coordinator/store/db.js';
 import { formatDuration, parseDuration } from '../../proto/duration.js';
+import { encodeWgKey, generateMachineKey, generateNodeKey, sha256 } from '../../proto/keys.js';
 import { toDnsLabel } from '../../proto/names.js';
+import { signCall, verifyCallSignature } from '../../proto/signing.js';
 
 describe('secrets', () => {
   it('issues keys in the documented format and stores only a hash', () => {
@@ -93,5 +102,172 @@ describe('registration rate limit', () => {
     now = 500;
     assert.ok(rl.take('a'));
     assert.ok(!rl.take('a'));
+  });
+});
+
+describe('call signatures', () => {
+  it('checks each signature against its own machine key, also once keys are cached', () => {
+    const a = generateMachineKey();
+    const b = generateMachineKey();
+    const body = new Uint8Array([1, 2, 3]);
+    const check = (signer: typeof a, key: typeof a) => {
+      const h = signCall(signer.secretKey, '/m', 'n1', body);
+      const call = {
+        method: '/m',
+        nodeId: 'n1',
+        timestamp: Number(h['mg-timestamp']),
+        nonce: h['mg-nonce'],
+        bodyHash: sha256(body),
+      };
+      return verifyCallSignature(call, h['mg-signature'], key.publicKey);
+    };
+    assert.ok(check(a, a));
+    assert.ok(!check(a, b), "a's signature does not pass as b's");
+    assert.ok(check(b, b));
+    assert.ok(!check(b, a));
+    assert.ok(check(a, a));
+  });
+});
+
+describe('state', () => {
+  let dir: string;
+  const open: { store: Store; state: State }[] = [];
+
+  const start = async (opts: { seenBatchMs: number; now: () => number }) => {
+    const store = await openStore({ url: join(dir, 'meshgate.db') });
+    const state = await State.load(store.db, { ephemeralTimeoutMs: 60_000, ...opts });
+    open.push({ store, state });
+    return { store, state };
+  };
+  const stop = async (s: { store: Store; state: State }) => {
+    open.splice(open.indexOf(s), 1);
+    await s.state.close();
+    await s.store.close();
+  };
+  const input = async (state: State, hostname: string): Promise<RegisterInput> => {
+    if (!state.listProjects().some((p) => p.name === 'p')) await state.createProject('test', 'p');
+    const { key } = await state.keys.createAuthKey('test', {
+      project: 'p',
+      reusable: false,
+      ephemeral: false,
+      expiresInMs: 60_000,
+      tags: [],
+      reason: '',
+    });
+    return {
+      authKey: key,
+      machineKey: Buffer.from(generateMachineKey().publicKey).toString('hex'),
+      nodeKey: encodeWgKey(generateNodeKey().publicKey),
+      hostname,
+      os: 'linux',
+      version: '1.0.0',
+      requestedTags: [],
+      endpoints: ['192.0.2.1:41641'],
+      advertisedRoutes: [],
+    };
+  };
+  const lastSeen = async (store: Store, id: string) =>
+    (await store.db.selectFrom('nodes').select('last_seen').where('id', '=', id).executeTakeFirst())
+      ?.last_seen;
+
+  afterEach(async () => {
+    for (const s of [...open]) await stop(s);
+    if (dir) rmSync(dir, { recursive: true, force: true });
+  });
+  const fresh = () => {
+    dir = mkdtempSync(join(tmpdir(), 'meshgate-state-'));
+  };
+
+  it('writes last_seen of nodes going online and offline in a batch after the interval', async () => {
+    fresh();
+    let now = 1_000;
+    const s = await start({ seenBatchMs: 20, now: () => now });
+    const { node } = await s.state.register(await input(s.state, 'a'));
+    now = 5_000;
+    s.state.setOnline(node.id, true);
+    now = 6_000;
+    s.state.setOnline(node.id, false);
+    for (let i = 0; i < 100 && (await lastSeen(s.store, node.id)) !== 6_000; i++) await sleep(10);
+    assert.equal(await lastSeen(s.store, node.id), 6_000);
+  });
+
+  it('writes the last batch when the state closes and skips nodes deleted meanwhile', async () => {
+    fresh();
+    let now = 1_000;
+    const s = await start({ seenBatchMs: 60_000, now: () => now });
+    const { node: kept } = await s.state.register(await input(s.state, 'kept'));
+    const { node: gone } = await s.state.register(await input(s.state, 'gone'));
+    now = 7_000;
+    s.state.setOnline(kept.id, true);
+    s.state.setOnline(gone.id, true);
+    now = 8_000;
+    s.state.setOnline(kept.id, false);
+    await s.state.deleteNode('test', gone.id);
+    assert.equal(await lastSeen(s.store, kept.id), 1_000, 'nothing is written before the batch is due');
+    await stop(s);
+
+    const again = await start({ seenBatchMs: 60_000, now: () => now });
+    assert.equal(await lastSeen(again.store, kept.id), 8_000);
+    assert.equal(again.state.getNode(kept.id)?.lastSeen, 8_000);
+    assert.equal(again.state.getNode(gone.id), undefined);
+  });
+
+  it('writes nothing when a known node registers again unchanged', async () => {
+    fresh();
+    const s = await start({ seenBatchMs: 60_000, now: Date.now });
+    const req = await input(s.state, 'a');
+    const { node } = await s.state.register(req);
+    const events: StateEvent[] = [];
+    s.state.onEvent((e) => events.push(e));
+    const changes = async () =>
+      (await sql<{ n: number }>`select total_changes() as n`.execute(s.store.db)).rows[0]!.n;
+
+    const before = await changes();
+    const again = await s.state.register({ ...req, authKey: '' });
+    assert.equal(again.existing, true);
+    assert.equal(again.node.id, node.id);
+    assert.equal(await changes(), before, 'no row written');
+    assert.equal(events.length, 0, 'no event');
+
+    await s.state.register({ ...req, authKey: '', version: '1.1.0' });
+    assert.equal(await changes(), before + 1, 'a changed version is written');
+    assert.deepEqual(
+      events.map((e) => [e.type, 'node' in e ? e.node.version : '']),
+      [['node-changed', '1.1.0']],
+    );
+  });
+
+  it('announces a new agent version to peers', async () => {
+    fresh();
+    const s = await start({ seenBatchMs: 60_000, now: Date.now });
+    const { node } = await s.state.register(await input(s.state, 'a'));
+    const events: StateEvent[] = [];
+    s.state.onEvent((e) => events.push(e));
+    await s.state.updateVersion(node.id, '2.0.0');
+    await s.state.updateVersion(node.id, '2.0.0');
+    assert.deepEqual(
+      events.map((e) => [e.type, 'node' in e ? e.node.version : '']),
+      [['node-changed', '2.0.0']],
+    );
+    assert.equal(s.state.getNode(node.id)?.version, '2.0.0');
+    const row = await s.store.db
+      .selectFrom('nodes')
+      .select('version')
+      .where('id', '=', node.id)
+      .executeTakeFirst();
+    assert.equal(row?.version, '2.0.0');
+  });
+
+  it('keeps node names unique per project through renames and deletions', async () => {
+    fresh();
+    const s = await start({ seenBatchMs: 60_000, now: Date.now });
+    const name = async (host: string) => (await s.state.register(await input(s.state, host))).node.name;
+    assert.equal(await name('web'), 'web');
+    assert.equal(await name('web'), 'web-2');
+    await s.state.renameNode('test', 'web-2', 'p', 'db');
+    assert.equal(await name('web'), 'web-2', 'a rename frees the old name');
+    await assert.rejects(s.state.renameNode('test', 'db', 'p', 'web'), /already has a node named "web"/);
+    await s.state.deleteNode('test', 'web', 'p');
+    assert.equal(await name('web'), 'web', 'a deletion frees the name');
   });
 });
