@@ -2,7 +2,7 @@
 // propagation to every connected agent, a policy change, idle CPU and memory
 // per connected agent, and a reconnect storm after a restart.
 //
-//   node --import tsx bench/coordinator.ts --agents 1000 [--only propagation,idle] [--json]
+//   node --import tsx bench/coordinator.ts --agents 1000 [--projects 10] [--only propagation,idle] [--json]
 //
 // The coordinator runs as a child process (bin/meshgate coordinator); the
 // simulated agents run here. Progress goes to stderr; with --json the result
@@ -20,6 +20,8 @@ export type Benchmark = (typeof BENCHMARKS)[number];
 
 export interface SuiteOptions {
   agents: number;
+  /** The agents are spread over this many projects; propagation and policy run in the first. */
+  projects: number;
   only: Benchmark[];
   /** Agents per HTTP/2 connection. */
   perConn: number;
@@ -38,6 +40,7 @@ export function defaults(agents: number): SuiteOptions {
   const big = agents > 1000;
   return {
     agents,
+    projects: 1,
     only: [...BENCHMARKS],
     perConn: 50,
     concurrency: 50,
@@ -50,6 +53,7 @@ export function defaults(agents: number): SuiteOptions {
 }
 
 const PROJECT = 'mesh';
+const projectName = (p: number) => (p ? `${PROJECT}-${p}` : PROJECT);
 const POLICY = JSON.stringify({
   tagOwners: { 'tag:a': [], 'tag:b': [] },
   acls: [{ action: 'accept', src: ['tag:a'], dst: ['tag:b:*'] }],
@@ -130,6 +134,8 @@ export async function runSuite(
 ): Promise<Record<string, unknown>> {
   const n = o.agents;
   const want = (b: Benchmark) => o.only.includes(b);
+  // Waits for the agents fail after this long without progress (Watch.wait),
+  // waits for the traffic to end after this long (4× after connect and storm).
   const waitMs = Math.max(60_000, n * 30);
   Object.assign(result, { agents: n, options: { ...o }, loadAverageAtStart: loadavg()[0] });
   const phase = (name: string) => {
@@ -154,10 +160,13 @@ export async function runSuite(
   }, 15_000);
   try {
     const admin = await c.admin();
-    await admin.call('createProject', { name: PROJECT });
     const keyOf = async (project: string, tags: string[]) =>
       (await admin.call('createAuthKey', { project, reusable: true, tags, expiration: '24h' })).authKey!.key;
-    const key = await keyOf(PROJECT, ['tag:a', 'tag:b']);
+    const keys: string[] = [];
+    for (let p = 0; p < o.projects; p++) {
+      await admin.call('createProject', { name: projectName(p) });
+      keys.push(await keyOf(projectName(p), ['tag:a', 'tag:b']));
+    }
 
     if (want('registration')) {
       await admin.call('createProject', { name: 'seq' });
@@ -181,12 +190,22 @@ export async function runSuite(
       };
     }
 
-    // The N agents of the mesh project: half tag:a, half tag:b, registered 50 at a time.
-    const agents = Array.from({ length: n }, (_, i) => fleet.agent(i % 2 ? 'tag:b' : 'tag:a'));
+    // The N agents in projects of equal size (±1), in each half tag:a, half
+    // tag:b; registered 50 at a time. `mesh` (the first project) is where
+    // propagation and policy are measured.
+    const groups = keys.map((_, p) => {
+      const size = Math.floor((n * (p + 1)) / o.projects) - Math.floor((n * p) / o.projects);
+      return Array.from({ length: size }, (_, j) => fleet.agent(j % 2 ? 'tag:b' : 'tag:a'));
+    });
+    const agents = groups.flat();
+    const mesh = groups[0]!;
+    const members = groups.flatMap((g, p) => g.map((a) => ({ a, key: keys[p]! })));
     const lat: number[] = [];
-    phase(`registration: ${n} with ${o.concurrency} concurrent`);
+    phase(
+      `registration: ${n}${o.projects > 1 ? ` in ${o.projects} projects` : ''} with ${o.concurrency} concurrent`,
+    );
     const reg = await measured(c, () =>
-      pool(agents, o.concurrency, async (a, i) => {
+      pool(members, o.concurrency, async ({ a, key }, i) => {
         const t = nowMs();
         await a.register(key, `agent-${i}`);
         lat.push(nowMs() - t);
@@ -214,14 +233,16 @@ export async function runSuite(
     phase(`connect: ${n} agents over ${fleet.connections} connections`);
     const conn = await measured(c, async () => {
       const t0 = nowMs();
-      await pool(agents, 100, (a) => a.connect());
+      const fulls = fleet.watch(agents, (a) => a.hasFull);
+      await Promise.all([pool(agents, 100, (a) => a.connect()), fulls.wait(waitMs, 'a full netmap')]);
       const full = nowMs() - t0;
       // Every agent then learns that the others came online.
       const settled = full + (await quiet(fleet, 1000, waitMs * 4));
       return { full, settled };
     });
-    const missing = agents.filter((a) => a.peers.size !== n - 1).length;
-    if (missing) throw new Error(`${missing} agents do not have all ${n - 1} peers after connecting`);
+    const missing = groups.reduce((s, g) => s + g.filter((a) => a.peers.size !== g.length - 1).length, 0);
+    if (missing)
+      throw new Error(`${missing} agents lack some of the other nodes of their project after connecting`);
     result.connect = {
       connections: fleet.connections,
       fullNetmapBytes: fleet.fullNetmapBytes,
@@ -265,21 +286,21 @@ export async function runSuite(
       const del: number[] = [];
       const addAll: number[] = [];
       const delAll: number[] = [];
-      phase(`propagation: ${o.trials} trials`);
+      phase(`propagation: ${o.trials} trials, ${mesh.length} agents`);
       const prop = await measured(c, async () => {
         for (let t = 0; t < o.trials; t++) {
           const name = `prop-${t}`;
-          const w = fleet.watch(agents, (a) => {
+          const w = fleet.watch(mesh, (a) => {
             const id = fleet.idOfName(name);
             return id !== undefined && a.hasPeer(id);
           });
-          const res = await others.agent().register(key, name);
+          const res = await others.agent().register(keys[0]!, name);
           const t0 = nowMs();
           await w.wait(waitMs, `new node ${name}`);
           add.push(...w.latencies(t0));
           addAll.push(Math.max(...w.latencies(t0)));
           const id = res.node!.id;
-          const d = fleet.watch(agents, (a) => !a.hasPeer(id));
+          const d = fleet.watch(mesh, (a) => !a.hasPeer(id));
           await admin.call('deleteNode', { id, project: PROJECT });
           const t1 = nowMs();
           await d.wait(waitMs, `removal of ${name}`);
@@ -290,6 +311,7 @@ export async function runSuite(
       });
       result.propagation = {
         trials: o.trials,
+        agents: mesh.length,
         addAllAgentsMs: summarize(addAll),
         addPerAgentMs: summarize(add),
         deleteAllAgentsMs: summarize(delAll),
@@ -299,16 +321,17 @@ export async function runSuite(
     }
 
     if (want('policy')) {
-      const countA = agents.filter((a) => a.tag === 'tag:a').length;
-      const expected = (a: BenchAgent) => (a.tag === 'tag:a' ? n - countA : countA);
+      const m = mesh.length;
+      const countA = mesh.filter((a) => a.tag === 'tag:a').length;
+      const expected = (a: BenchAgent) => (a.tag === 'tag:a' ? m - countA : countA);
       const set: number[] = [];
       const clear: number[] = [];
-      phase(`policy: ${o.policyTrials} trials of set + clear`);
+      phase(`policy: ${o.policyTrials} trials of set + clear, ${m} agents`);
       const pol = await measured(c, async () => {
         for (let t = 0; t < o.policyTrials; t++) {
-          let base = new Map(agents.map((a) => [a, a.filters]));
+          let base = new Map(mesh.map((a) => [a, a.filters]));
           const w = fleet.watch(
-            agents,
+            mesh,
             (a) => a.filters > base.get(a)! && a.sameTag === 0 && a.peers.size === expected(a),
           );
           await admin.call('setPolicy', { project: PROJECT, policy: POLICY });
@@ -316,8 +339,8 @@ export async function runSuite(
           await w.wait(waitMs, 'the policy');
           set.push(Math.max(...w.latencies(t0)));
           await quiet(fleet, 300, waitMs);
-          base = new Map(agents.map((a) => [a, a.filters]));
-          const back = fleet.watch(agents, (a) => a.filters > base.get(a)! && a.peers.size === n - 1);
+          base = new Map(mesh.map((a) => [a, a.filters]));
+          const back = fleet.watch(mesh, (a) => a.filters > base.get(a)! && a.peers.size === m - 1);
           await admin.call('setPolicy', { project: PROJECT, policy: '' });
           const t1 = nowMs();
           await back.wait(waitMs, 'the policy removal');
@@ -327,6 +350,7 @@ export async function runSuite(
       });
       result.policy = {
         trials: o.policyTrials,
+        agents: m,
         description: 'tag:a may reach tag:b, half the nodes each; then the policy removed (everyone again)',
         setAllAgentsMs: summarize(set),
         clearAllAgentsMs: summarize(clear),
@@ -348,7 +372,7 @@ export async function runSuite(
           const up = nowMs();
           const cpu0 = c.cpuSeconds();
           const w = fleet.watch(agents, (a) => a.hasFull && a.fulls > base.get(a)!);
-          await w.wait(waitMs * 4, 'a new full netmap');
+          await w.wait(waitMs, 'a new full netmap');
           await quiet(fleet, 1000, waitMs * 4);
           return { stopMs, startMs, lat: w.latencies(up), settled: nowMs() - up - 1000, cpu0 };
         });
@@ -397,7 +421,8 @@ function fmt(s: Summary | undefined): string {
 /** A few lines for people; the JSON has everything. */
 export function humanSummary(r: Record<string, unknown>): string {
   const g = (k: string) => r[k] as Record<string, unknown> | undefined;
-  const lines = [`N = ${r.agents}`];
+  const projects = (r.options as SuiteOptions | undefined)?.projects ?? 1;
+  const lines = [`N = ${r.agents}${projects > 1 ? ` in ${projects} projects` : ''}`];
   if (g('registrationSequential'))
     lines.push(`  registrations/s sequential   ${g('registrationSequential')!.perSecond}`);
   if (g('registrationConcurrent'))
@@ -407,6 +432,10 @@ export function humanSummary(r: Record<string, unknown>): string {
   if (g('connect'))
     lines.push(
       `  connect: all full netmaps ${g('connect')!.allFullNetmapsMs} ms, settled ${g('connect')!.settledMs} ms`,
+    );
+  if (projects > 1 && (g('propagation') || g('policy')))
+    lines.push(
+      `  propagation and policy: the ${(g('propagation') ?? g('policy'))!.agents} agents of one project`,
     );
   if (g('propagation')) {
     lines.push(`  propagation add (all agents)     ${fmt(g('propagation')!.addAllAgentsMs as Summary)}`);
@@ -435,6 +464,7 @@ export function parseSuiteArgs(argv: string[]): { opts: SuiteOptions; json: bool
     args: argv,
     options: {
       agents: { type: 'string', default: '100' },
+      projects: { type: 'string' },
       only: { type: 'string' },
       'per-conn': { type: 'string' },
       concurrency: { type: 'string' },
@@ -455,6 +485,8 @@ export function parseSuiteArgs(argv: string[]): { opts: SuiteOptions; json: bool
   };
   const agents = num(values.agents, 100, 'agents');
   const d = defaults(agents);
+  const projects = num(values.projects, d.projects, 'projects');
+  if (projects > agents) throw new Error('--projects must not exceed --agents');
   const only = values.only ? values.only.split(',').map((s) => s.trim()) : d.only;
   for (const b of only)
     if (!(BENCHMARKS as readonly string[]).includes(b))
@@ -463,6 +495,7 @@ export function parseSuiteArgs(argv: string[]): { opts: SuiteOptions; json: bool
     json: values.json ?? false,
     opts: {
       agents,
+      projects,
       only: only as Benchmark[],
       perConn: num(values['per-conn'], d.perConn, 'per-conn'),
       concurrency: num(values.concurrency, d.concurrency, 'concurrency'),

@@ -4,6 +4,7 @@
 //   npm run bench                                   sizes 100 and 1,000 (about 10 minutes)
 //   npm run bench -- --sizes 100,1000,10000         the full record
 //   npm run bench -- --sizes 1000 --only propagation,idle --idle-seconds 30
+//   npm run bench -- --sizes 10000 --projects 100   10,000 agents in projects of 100
 //
 // Each size runs in a child process of its own (bench/coordinator.ts), which
 // in turn starts the coordinator under test as its own child process.
@@ -16,6 +17,7 @@ import { log, machineInfo } from './lib/report.js';
 const { values } = parseArgs({
   options: {
     sizes: { type: 'string', default: '100,1000' },
+    projects: { type: 'string', default: '1' },
     only: { type: 'string' },
     'per-conn': { type: 'string' },
     'idle-seconds': { type: 'string' },
@@ -31,9 +33,12 @@ const sizes = values.sizes!.split(',').map((s) => {
   if (!Number.isInteger(n) || n < 2) throw new Error(`--sizes: "${s}" is not a number of agents`);
   return n;
 });
-const passThrough = (['only', 'per-conn', 'idle-seconds', 'trials', 'cpu-prof', 'signer'] as const).flatMap(
-  (k) => (values[k] === undefined ? [] : [`--${k}`, values[k]!]),
-);
+const projects = Number(values.projects);
+if (!Number.isInteger(projects) || projects < 1 || projects > Math.min(...sizes))
+  throw new Error('--projects must be a positive integer no larger than the smallest size');
+const passThrough = (
+  ['projects', 'only', 'per-conn', 'idle-seconds', 'trials', 'cpu-prof', 'signer'] as const
+).flatMap((k) => (values[k] === undefined ? [] : [`--${k}`, values[k]!]));
 const timeoutMs = Number(values['size-timeout-minutes']) * 60_000;
 
 /** Runs one size; resolves with its result, or with an error record. */
@@ -88,7 +93,7 @@ process.stdout.write(
     startedAt,
     finishedAt: new Date().toISOString(),
     machine: machineInfo(),
-    inputs: { ...values, sizes },
+    inputs: { ...values, sizes, projects },
     results,
   })}\n`,
 );

@@ -1,7 +1,9 @@
 // Simulated agents for the load generator: the integration harness's SimAgent
-// (real Ed25519 machine key, real signed Register and Sync calls) with three
-// changes that let one process hold thousands of them:
+// (real Ed25519 machine key, real signed Register and Sync calls) with changes
+// that let one process hold thousands of them:
 //  - agents share HTTP/2 connections in groups (AgentFleet.perConn);
+//  - sync messages are not decoded: bench/lib/wire.ts reads the peer ids (and
+//    the name and tag of ids seen for the first time) from the bytes;
 //  - the netmap is kept as a set of peer indexes, updated per delta in
 //    O(size of the delta) with the same rules as proto/netmap.ts applySync
 //    (which copies the whole netmap per message: fine for one agent on its
@@ -19,14 +21,13 @@ import {
   type SyncRequest,
   SyncRequestSchema,
   type SyncResponse,
-  SyncResponseSchema,
 } from '../../proto/gen/meshgate/v1/control_pb.js';
-import type { Peer } from '../../proto/gen/meshgate/v1/types_pb.js';
-import { makeClient, methodPath, unary } from '../../proto/grpc.js';
+import { CLIENT_RECEIVE_LIMIT, makeClient, methodPath, unary } from '../../proto/grpc.js';
 import type { MachineKeyPair } from '../../proto/keys.js';
 import { SimAgent } from '../../test/integration/harness.js';
 import { checkSameSignatures, NodeSigner } from './signer.js';
 import { nowMs } from './stats.js';
+import { checkScanner, type PeerView, type SyncView, scanSync, syncViewOf } from './wire.js';
 
 /** Reconnect backoff of the bench agents: 100 ms doubling to 2 s, each delay jittered in [d/2, d]. */
 export const RECONNECT_BACKOFF = { baseMs: 100, maxMs: 2000 };
@@ -39,6 +40,10 @@ const method = (name: string) =>
   methodPath(ControlService, ControlService.methods.find((m) => m.name === name)!);
 const REGISTER = method('Register');
 const SYNC = method('Sync');
+const serializeSyncRequest = (req: SyncRequest) => Buffer.from(toBinary(SyncRequestSchema, req));
+
+/** A sync stream of the `node` mode yields the encoded messages, of the `agent` mode decoded ones. */
+type SyncStream = grpc.ClientDuplexStream<SyncRequest, Buffer | SyncResponse>;
 
 /**
  * An Ed25519 machine key in tweetnacl's layout (seed ‖ public key), made with
@@ -104,6 +109,8 @@ export class Watch {
   private readonly pending: Set<BenchAgent>;
   private resolve!: () => void;
   readonly done: Promise<void>;
+  /** When the last agent got there (or the wait began). */
+  private progressAt = nowMs();
 
   constructor(
     agents: Iterable<BenchAgent>,
@@ -123,23 +130,38 @@ export class Watch {
   check(a: BenchAgent): void {
     if (!this.pending.has(a) || !this.test(a)) return;
     this.pending.delete(a);
-    this.reachedAt.set(a, nowMs());
+    this.progressAt = nowMs();
+    this.reachedAt.set(a, this.progressAt);
     if (!this.pending.size) this.resolve();
   }
 
-  /** Resolves when every agent got there; rejects after `timeoutMs` naming how many did not. */
-  async wait(timeoutMs: number, what: string): Promise<void> {
+  /**
+   * Resolves when every agent got there. Rejects when no agent got there for
+   * `stallMs`: a limit on the whole wait would have to grow with the work
+   * (connecting 10,000 agents of one project takes many minutes), a limit on
+   * the time without progress does not.
+   */
+  async wait(stallMs: number, what: string): Promise<void> {
+    this.progressAt = nowMs();
     let timer: NodeJS.Timeout | undefined;
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(
-        () => reject(new Error(`timed out after ${timeoutMs} ms: ${this.pending.size} agents lack ${what}`)),
-        timeoutMs,
+    const stalled = new Promise<never>((_, reject) => {
+      timer = setInterval(
+        () => {
+          if (nowMs() - this.progressAt > stallMs)
+            reject(
+              new Error(
+                `no agent got ${what} for ${stallMs} ms: ${this.pending.size} of ` +
+                  `${this.pending.size + this.reachedAt.size} agents lack it`,
+              ),
+            );
+        },
+        Math.min(1000, stallMs),
       );
     });
     try {
-      await Promise.race([this.done, timeout]);
+      await Promise.race([this.done, stalled]);
     } finally {
-      clearTimeout(timer);
+      clearInterval(timer);
     }
   }
 
@@ -175,7 +197,10 @@ export class AgentFleet {
   ) {}
 
   static async open(url: string, fingerprint: string, perConn: number, signer: Signer): Promise<AgentFleet> {
-    if (signer === 'node') checkSameSignatures(machineKey());
+    if (signer === 'node') {
+      checkSameSignatures(machineKey());
+      checkScanner();
+    }
     return new AgentFleet(url, fingerprint, await dial(url, { fingerprint }), perConn, signer);
   }
 
@@ -196,6 +221,7 @@ export class AgentFleet {
         'grpc.keepalive_time_ms': 30_000,
         'grpc.keepalive_timeout_ms': 10_000,
         'grpc.keepalive_permit_without_calls': 1,
+        ...CLIENT_RECEIVE_LIMIT,
         // Retry a refused connection as quickly as the agents' own backoff.
         'grpc.initial_reconnect_backoff_ms': RECONNECT_BACKOFF.baseMs,
         'grpc.max_reconnect_backoff_ms': RECONNECT_BACKOFF.maxMs,
@@ -217,16 +243,19 @@ export class AgentFleet {
     return a;
   }
 
-  peerIndex(p: Peer): number {
+  peerIndex(p: PeerView): number {
     let i = this.index.get(p.id);
     if (i === undefined) {
       i = this.index.size;
       this.index.set(p.id, i);
-      this.tagByIndex[i] = p.tags[0] ?? '';
+      this.tagByIndex[i] = p.tag;
       this.idByName.set(p.name, p.id);
     }
     return i;
   }
+
+  /** Ids whose name and tag the fleet has, so the scanner need not read them. */
+  readonly knows = (id: string): boolean => this.index.has(id);
 
   indexOf(id: string): number | undefined {
     return this.index.get(id);
@@ -274,7 +303,7 @@ export class BenchAgent {
   messages = 0;
   patches = 0;
   lastFullAt = 0;
-  private stream: grpc.ClientDuplexStream<SyncRequest, SyncResponse> | null = null;
+  private stream: SyncStream | null = null;
   private stopped = false;
   private retry: NodeJS.Timeout | null = null;
   private readonly backoff = new Backoff(RECONNECT_BACKOFF.baseMs, RECONNECT_BACKOFF.maxMs);
@@ -325,11 +354,16 @@ export class BenchAgent {
     return res;
   }
 
-  private async sync(): Promise<grpc.ClientDuplexStream<SyncRequest, SyncResponse>> {
+  private async sync(): Promise<SyncStream> {
     if (!this.signer) return this.sim.client.sync();
     const md = this.signer.metadata(SYNC, this.id, new Uint8Array());
-    // biome-ignore lint/suspicious/noExplicitAny: generic client methods are untyped
-    return (this.channel as any).sync(md);
+    return this.channel.makeBidiStreamRequest(SYNC, serializeSyncRequest, (buf: Buffer) => buf, md);
+  }
+
+  private view(msg: Buffer | SyncResponse): SyncView {
+    return msg instanceof Uint8Array
+      ? scanSync(msg, this.fleet.knows)
+      : syncViewOf(msg, msg.full !== undefined && !this.fleet.fullNetmapBytes);
   }
 
   hasPeer(id: string): boolean {
@@ -360,12 +394,19 @@ export class BenchAgent {
         onEnd = undefined;
         if (this.autoReconnect && !this.stopped) this.scheduleReconnect();
       };
-      stream.on('data', (msg: SyncResponse) => {
-        if (!this.apply(msg)) {
+      stream.on('data', (msg: Buffer | SyncResponse) => {
+        let v: SyncView;
+        try {
+          v = this.view(msg);
+        } catch (err) {
           stream.cancel();
-          return end(new Error(`sequence error at ${msg.seq}`));
+          return end(err as Error);
         }
-        if (msg.full) {
+        if (!this.apply(v)) {
+          stream.cancel();
+          return end(new Error(`sequence error at ${v.seq}`));
+        }
+        if (v.full) {
           this.backoff.reset();
           onFull?.();
           onFull = undefined;
@@ -403,7 +444,7 @@ export class BenchAgent {
   }
 
   /** The rules of applySync on a set of peer indexes; false on a sequence error. */
-  private apply(msg: SyncResponse): boolean {
+  private apply(msg: SyncView): boolean {
     this.fleet.messages++;
     this.messages++;
     if (msg.seq !== this.seq + 1n && !(msg.full && msg.seq === 1n)) {
@@ -412,10 +453,10 @@ export class BenchAgent {
     }
     this.seq = msg.seq;
     if (msg.full) {
-      if (!this.fleet.fullNetmapBytes) this.fleet.fullNetmapBytes = toBinary(SyncResponseSchema, msg).length;
+      if (!this.fleet.fullNetmapBytes) this.fleet.fullNetmapBytes = msg.bytes;
       this.peers.clear();
       this.sameTag = 0;
-      for (const p of msg.full.peers) this.addPeer(p);
+      for (const p of msg.full) this.addPeer(p);
       this.hasFull = true;
       this.fulls++;
       this.filters++;
@@ -427,18 +468,18 @@ export class BenchAgent {
       this.fleet.sequenceErrors++;
       return false;
     }
-    for (const id of msg.peersRemoved) {
+    for (const id of msg.removed) {
       const i = this.fleet.indexOf(id);
       if (i !== undefined && this.peers.delete(i) && this.tag && this.fleet.tagOf(i) === this.tag)
         this.sameTag--;
     }
-    for (const p of msg.peersChanged) this.addPeer(p);
-    this.patches += msg.peerPatches.length;
+    for (const p of msg.changed) this.addPeer(p);
+    this.patches += msg.patches;
     if (msg.packetFilter) this.filters++;
     return true;
   }
 
-  private addPeer(p: Peer): void {
+  private addPeer(p: PeerView): void {
     const i = this.fleet.peerIndex(p);
     if (this.peers.add(i) && this.tag && this.fleet.tagOf(i) === this.tag) this.sameTag++;
   }

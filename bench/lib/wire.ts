@@ -1,0 +1,230 @@
+// What a simulated agent needs from a SyncResponse, read straight from the
+// encoded message. Decoding it with protobuf-es makes one object per peer:
+// 10,000 agents that each receive a full netmap of 9,999 peers are 100
+// million Peer objects, minutes of CPU in the load generator, which would
+// then be the limit measured instead of the coordinator. The scanner reads
+// the few fields the agents look at and skips everything else.
+
+import { isDeepStrictEqual } from 'node:util';
+import { create, fromBinary, type MessageInitShape, toBinary } from '@bufbuild/protobuf';
+import { BinaryReader } from '@bufbuild/protobuf/wire';
+import { timestampFromMs } from '@bufbuild/protobuf/wkt';
+import { type SyncResponse, SyncResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
+import { NetMapSchema, type Peer, PeerSchema, Protocol } from '../../proto/gen/meshgate/v1/types_pb.js';
+
+const SYNC = SyncResponseSchema.field;
+const NETMAP = NetMapSchema.field;
+const PEER = PeerSchema.field;
+
+export interface PeerView {
+  id: string;
+  /** Empty when the message has none, or when the scanner was told the id is known. */
+  name: string;
+  /** The first tag; empty like `name`. */
+  tag: string;
+}
+
+export interface SyncView {
+  seq: bigint;
+  /** The peers of a full netmap; null in a delta. */
+  full: PeerView[] | null;
+  changed: PeerView[];
+  removed: string[];
+  patches: number;
+  packetFilter: boolean;
+  keepalive: boolean;
+  /** Encoded size of the message. */
+  bytes: number;
+}
+
+/** Where the length-delimited field at the reader's position ends. */
+function endOf(r: BinaryReader): number {
+  const end = r.uint32() + r.pos;
+  if (end > r.len) throw new RangeError('SyncResponse: a field runs past the end of the message');
+  return end;
+}
+
+function scanPeer(r: BinaryReader, known: (id: string) => boolean): PeerView {
+  const p: PeerView = { id: '', name: '', tag: '' };
+  const end = endOf(r);
+  // Walking every field of a peer costs more than decoding the strings (each
+  // skip makes a subarray), so the scan leaves the peer as soon as it has what
+  // the fleet needs: the id, plus name and tag for an id the fleet has not
+  // seen. protobuf-es writes fields in order, id first.
+  let id = false;
+  let name = false;
+  let tag = false;
+  while (r.pos < end) {
+    const [no, wt] = r.tag();
+    if (no === PEER.id.number && !id) {
+      p.id = r.string();
+      id = true;
+      if (known(p.id)) name = tag = true;
+    } else if (no === PEER.name.number && !name) {
+      p.name = r.string();
+      name = true;
+    } else if (no === PEER.tags.number && !tag) {
+      p.tag = r.string();
+      tag = true;
+    } else r.skip(wt, no);
+    if (id && name && tag) r.pos = end;
+  }
+  if (r.pos !== end) throw new RangeError('SyncResponse: a peer runs past the end of its message');
+  return p;
+}
+
+/**
+ * The agent's view of an encoded SyncResponse. `known` says which peer ids
+ * need no name and tag. Fields may come in any order (the coordinator may
+ * splice pre-encoded pieces), and a netmap that comes in two parts is merged,
+ * as protobuf decoders do.
+ */
+export function scanSync(buf: Uint8Array, known: (id: string) => boolean = () => false): SyncView {
+  const r = new BinaryReader(buf);
+  const v: SyncView = {
+    seq: 0n,
+    full: null,
+    changed: [],
+    removed: [],
+    patches: 0,
+    packetFilter: false,
+    keepalive: false,
+    bytes: buf.length,
+  };
+  while (r.pos < r.len) {
+    const [no, wt] = r.tag();
+    switch (no) {
+      case SYNC.seq.number:
+        v.seq = BigInt(r.uint64());
+        break;
+      case SYNC.full.number: {
+        v.full ??= [];
+        const end = endOf(r);
+        while (r.pos < end) {
+          const [n, w] = r.tag();
+          if (n === NETMAP.peers.number) v.full.push(scanPeer(r, known));
+          else r.skip(w, n);
+        }
+        if (r.pos !== end) throw new RangeError('SyncResponse: a field runs past the end of the netmap');
+        break;
+      }
+      case SYNC.peersChanged.number:
+        v.changed.push(scanPeer(r, known));
+        break;
+      case SYNC.peersRemoved.number:
+        v.removed.push(r.string());
+        break;
+      case SYNC.peerPatches.number:
+        r.skip(wt, no);
+        v.patches++;
+        break;
+      case SYNC.packetFilter.number:
+        r.skip(wt, no);
+        v.packetFilter = true;
+        break;
+      case SYNC.keepalive.number:
+        v.keepalive = r.bool();
+        break;
+      default:
+        r.skip(wt, no);
+    }
+  }
+  return v;
+}
+
+const peerView = (p: Peer): PeerView => ({ id: p.id, name: p.name, tag: p.tags[0] ?? '' });
+
+/**
+ * The same view of a decoded message (the `agent` signer mode receives those
+ * from ControlClient). `bytes` is 0 unless `measure`, which encodes it again.
+ */
+export function syncViewOf(msg: SyncResponse, measure: boolean): SyncView {
+  return {
+    seq: msg.seq,
+    full: msg.full ? msg.full.peers.map(peerView) : null,
+    changed: msg.peersChanged.map(peerView),
+    removed: [...msg.peersRemoved],
+    patches: msg.peerPatches.length,
+    packetFilter: msg.packetFilter !== undefined,
+    keepalive: msg.keepalive,
+    bytes: measure ? toBinary(SyncResponseSchema, msg).length : 0,
+  };
+}
+
+function samplePeer(i: number, tags: string[]): MessageInitShape<typeof PeerSchema> {
+  return {
+    id: `0123456789abcde${i}`,
+    name: `agent-${i}`,
+    nodeKey: 'nodekey:'.padEnd(52, 'x'),
+    ipAddresses: [`100.64.0.${i}`, `fd7a:115c:a1e0::${i}`],
+    allowedIps: [`100.64.0.${i}/32`, `fd7a:115c:a1e0::${i}/128`],
+    endpoints: ['192.0.2.10:41641'],
+    online: true,
+    tags,
+    lastSeen: timestampFromMs(1_700_000_000_000 + i),
+    version: '0.1.0',
+    relay: true,
+  };
+}
+
+/**
+ * Throws if the scanner reads a message differently from protobuf-es, so that
+ * it cannot drift from the proto unnoticed. The messages carry every field
+ * the scanner reads and, around them, fields it has to skip.
+ */
+export function checkScanner(): void {
+  const self = { id: 'self', name: 'self', project: 'p', tags: ['tag:a'], createdAt: timestampFromMs(1) };
+  const filter = {
+    rules: [{ srcCidrs: ['100.64.0.0/10'], ports: [{ first: 22, last: 22 }], protocols: [Protocol.TCP] }],
+  };
+  const samples: MessageInitShape<typeof SyncResponseSchema>[] = [
+    {
+      seq: 2n ** 40n + 7n,
+      full: {
+        self,
+        peers: [samplePeer(1, ['tag:b', 'tag:c']), samplePeer(2, [])],
+        packetFilter: filter,
+        dns: [{ name: 'agent-1', ipAddresses: ['100.64.0.1'] }],
+        desiredVersion: '0.2.0',
+        domain: 'mesh.internal',
+        keepaliveSeconds: 25,
+        relay: { enabled: true },
+      },
+      peersChanged: [samplePeer(3, ['tag:a'])],
+      peersRemoved: ['0123456789abcde4', '0123456789abcde5'],
+      peerPatches: [
+        { id: '0123456789abcde1', online: false },
+        { id: '0123456789abcde2', endpointsChanged: true },
+      ],
+      packetFilter: filter,
+      desiredVersion: '0.2.0',
+      self,
+      dns: [{ name: 'agent-3', ipAddresses: ['100.64.0.3'] }],
+      dnsChanged: true,
+      keepalive: true,
+    },
+    // The first message in a project of one node: a full netmap without peers.
+    { seq: 1n, full: {} },
+    { seq: 3n, keepalive: true },
+  ];
+  for (const init of samples) {
+    const bytes = toBinary(SyncResponseSchema, create(SyncResponseSchema, init));
+    const want = syncViewOf(fromBinary(SyncResponseSchema, bytes), true);
+    const anon = (p: PeerView) => ({ id: p.id, name: '', tag: '' });
+    const cases: [SyncView, SyncView][] = [
+      [scanSync(bytes), want],
+      [
+        scanSync(bytes, () => true),
+        { ...want, full: want.full ? want.full.map(anon) : null, changed: want.changed.map(anon) },
+      ],
+    ];
+    for (const [got, expected] of cases)
+      if (!isDeepStrictEqual(got, expected))
+        throw new Error(
+          `bench/lib/wire.ts reads a SyncResponse differently from protobuf-es: ${JSON.stringify(
+            { got, expected },
+            (_, x) => (typeof x === 'bigint' ? `${x}` : x),
+          )}`,
+        );
+  }
+}
