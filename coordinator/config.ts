@@ -34,6 +34,7 @@ export const ConfigSchema = z
     logLevel: z.enum(['trace', 'debug', 'info', 'warn', 'error', 'fatal']).default('info'),
     ephemeralTimeout: duration.default('30m'),
     coalesceWindow: duration.default('20ms'),
+    presenceWindow: duration.default('1s'),
     keepalive: duration.default('25s'),
     clockSkew: duration.default('2m'),
     apiKeyExpiryWarning: duration.default('14d'),

@@ -57,14 +57,22 @@ interface Pending {
   patched: Map<string, boolean>;
   policy: boolean;
   versions: boolean;
-  firstAt: number;
+  /** When the first change other than presence arrived; null while there is none. */
+  urgentAt: number | null;
 }
 
 export interface MapperOptions extends NetMapOptions {
   /** How long changes are collected before they are sent. */
   coalesceMs: number;
+  /**
+   * How long a batch waits that only says nodes went online or offline.
+   * Agents use presence for display only, and when many agents connect at
+   * once, each of them would otherwise cost a message to every connected agent
+   * per coalescing window.
+   */
+  presenceMs: number;
   keepaliveMs: number;
-  /** Called with the time from the first change in a batch to its delivery. */
+  /** Called with the time from the first change other than presence in a batch to its delivery. */
   onDelivered?: (latencyMs: number, sessions: number) => void;
 }
 
@@ -96,6 +104,8 @@ export class Mapper {
   private readonly delivered = new Map<string, CompiledPolicy>();
   private readonly encoded = new Map<string, Encoded>();
   private timer: NodeJS.Timeout | null = null;
+  /** When the timer fires (Date.now() time). */
+  private due = Number.POSITIVE_INFINITY;
   /** How long the last flush took: the next batch waits at least as long. */
   private lastFlushMs = 0;
   private readonly keepalive: NodeJS.Timeout;
@@ -201,7 +211,7 @@ export class Mapper {
         patched: new Map(),
         policy: false,
         versions: false,
-        firstAt: Date.now(),
+        urgentAt: null,
       };
       this.pending.set(project, p);
     }
@@ -226,13 +236,24 @@ export class Mapper {
         p.versions = true;
         break;
     }
+    const presence = e.type === 'node-patched' && !e.endpointsChanged;
+    if (!presence) p.urgentAt ??= Date.now();
     // Under load a flush of a large project takes longer than the window;
     // waiting as long as the last flush took keeps fan-out to at most about
     // half of the coordinator's time, so registrations and streams still get
     // served, and batches grow instead of messages multiplying.
-    if (!this.timer) {
-      this.timer = setTimeout(() => this.flush(), Math.max(this.opts.coalesceMs, this.lastFlushMs));
+    this.schedule(Math.max(presence ? this.opts.presenceMs : this.opts.coalesceMs, this.lastFlushMs));
+  }
+
+  /** Flushes in `delayMs` unless a flush is already due sooner. */
+  private schedule(delayMs: number): void {
+    const at = Date.now() + delayMs;
+    if (this.timer) {
+      if (at >= this.due) return;
+      clearTimeout(this.timer);
     }
+    this.due = at;
+    this.timer = setTimeout(() => this.flush(), delayMs);
   }
 
   /** Delivers everything pending now; also used by tests and at attach. */
@@ -241,6 +262,7 @@ export class Mapper {
       clearTimeout(this.timer);
       this.timer = null;
     }
+    this.due = Number.POSITIVE_INFINITY;
     const t0 = performance.now();
     for (const project of [...this.pending.keys()]) this.flushProject(project);
     this.lastFlushMs = performance.now() - t0;
@@ -376,7 +398,7 @@ export class Mapper {
       );
       sent++;
     }
-    if (sent) this.opts.onDelivered?.(Date.now() - p.firstAt, sent);
+    if (sent && p.urgentAt !== null) this.opts.onDelivered?.(Date.now() - p.urgentAt, sent);
   }
 
   private diffVisibility(

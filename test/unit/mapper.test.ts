@@ -56,6 +56,7 @@ describe('mapper fan-out', () => {
     state = await State.load(store.db, { ephemeralTimeoutMs: 60_000 });
     mapper = new Mapper(state, {
       coalesceMs: 5,
+      presenceMs: 5,
       keepaliveMs: 60_000,
       keepaliveSeconds: 25,
       relay: false,
@@ -151,6 +152,7 @@ describe('mapper fan-out', () => {
   it('ends streams on shutdown so that agents retry', () => {
     const m = new Mapper(state, {
       coalesceMs: 5,
+      presenceMs: 5,
       keepaliveMs: 60_000,
       keepaliveSeconds: 25,
       relay: false,
@@ -161,5 +163,33 @@ describe('mapper fan-out', () => {
     m.close();
     assert.equal(ops.closedAs, 'retry');
     assert.match(ops.closed, /shutting down/);
+  });
+
+  it('holds presence-only batches for the presence window, and sends them with the next other change', async () => {
+    const m = new Mapper(state, {
+      coalesceMs: 5,
+      presenceMs: 10_000,
+      keepaliveMs: 60_000,
+      keepaliveSeconds: 25,
+      relay: false,
+      domainSuffix: 'mesh',
+    });
+    try {
+      const ops = new FakeSession(ids.ops!);
+      m.attach(ops);
+      state.setOnline(ids.fw2!, true);
+      await new Promise((r) => setTimeout(r, 100));
+      assert.equal(ops.sent.length, 1, 'only the full netmap: presence waits');
+      await state.updateEndpoints(ids.fw2!, ['198.51.100.9:41641']);
+      await new Promise((r) => setTimeout(r, 100));
+      assert.equal(ops.sent.length, 2, 'an endpoint change goes out within the coalescing window');
+      assert.deepEqual(
+        ops.sent[1]!.peerPatches.map((p) => [p.online, p.endpoints]),
+        [[true, ['198.51.100.9:41641']]],
+        'with the presence change that was waiting',
+      );
+    } finally {
+      m.close();
+    }
   });
 });
