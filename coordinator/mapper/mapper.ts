@@ -4,25 +4,25 @@
 // full netmap is rebuilt for a change.
 import { create, toBinary } from '@bufbuild/protobuf';
 import { timestampFromMs } from '@bufbuild/protobuf/wkt';
-import {
-  DnsRecordSchema,
-  PacketFilterSchema,
-  PeerPatchSchema,
-  PeerSchema,
-} from '../../proto/gen/meshgate/v1/types_pb.js';
-import type { CompiledPolicy } from '../policy/index.js';
+import { SyncResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
+import { DnsRecordSchema, PeerPatchSchema, PeerSchema } from '../../proto/gen/meshgate/v1/types_pb.js';
+import type { CompiledPolicy, FilterRuleSpec } from '../policy/index.js';
 import type { NodeRecord } from '../state/records.js';
 import type { State, StateEvent } from '../state/state.js';
 import {
   dnsRecord,
   domainOf,
-  filterMessage,
+  type EncodedPeer,
+  filterKey,
+  filterPieces,
   type NetMapOptions,
-  netMapHead,
+  netMapPieces,
   nodeMessage,
   peerMessage,
 } from './netmap.js';
-import { deltaBody, framed, fullBody, KEEPALIVE_BODY } from './wire.js';
+import { assemble, KEEPALIVE, type Piece, seqField } from './wire.js';
+
+const SYNC = SyncResponseSchema.field;
 
 /** One agent's open stream, as the mapper needs it. */
 export interface Session {
@@ -34,12 +34,6 @@ export interface Session {
    * again; `retry`: the stream was replaced or the coordinator is stopping.
    */
   close(reason: string, why: 'gone' | 'retry'): void;
-}
-
-/** A node as its peers receive it, encoded once and reused until the node changes. */
-interface Encoded {
-  peer: Uint8Array;
-  dns: Uint8Array;
 }
 
 interface Attached {
@@ -81,7 +75,8 @@ class Delta {
   readonly removed = new Set<string>();
   readonly patches: Uint8Array[] = [];
   self = false;
-  filter = false;
+  /** The node's new packet filter, when it differs from what the stream has. */
+  filter: FilterRuleSpec[] | null = null;
   version = false;
 
   empty(): boolean {
@@ -102,7 +97,7 @@ export class Mapper {
   private readonly pending = new Map<string, Pending>();
   /** The policy each project's sessions were last brought up to date with. */
   private readonly delivered = new Map<string, CompiledPolicy>();
-  private readonly encoded = new Map<string, Encoded>();
+  private readonly encoded = new Map<string, EncodedPeer>();
   private timer: NodeJS.Timeout | null = null;
   /** When the timer fires (Date.now() time). */
   private due = Number.POSITIVE_INFINITY;
@@ -145,20 +140,19 @@ export class Mapper {
     if (!this.delivered.has(node.project))
       this.delivered.set(node.project, this.state.compiled(node.project));
     const compiled = this.state.compiled(node.project);
-    const head = netMapHead(this.state, node, this.opts);
-    const peers = compiled
-      .visiblePeers(node.id)
-      .map((id) => this.state.getNode(id))
-      .filter((n): n is NodeRecord => n !== undefined)
-      .map((n) => this.encode(n));
-    const body = fullBody({ head, peers: peers.map((p) => p.peer), dns: peers.map((p) => p.dns) });
+    const rules = compiled.filterFor(node.id);
+    const peers: EncodedPeer[] = [];
+    for (const id of compiled.visiblePeers(node.id)) {
+      const n = this.state.getNode(id);
+      if (n) peers.push(this.encode(n));
+    }
     const entry: Attached = {
       session,
       project: node.project,
       seq: 0n,
       lastSent: 0,
-      filterKey: filterKey(compiled.filterFor(node.id)),
-      desiredVersion: head.desiredVersion ?? '',
+      filterKey: filterKey(rules),
+      desiredVersion: this.state.desiredVersionFor(node),
     };
     this.sessions.set(node.id, entry);
     let set = this.byProject.get(node.project);
@@ -167,11 +161,13 @@ export class Mapper {
       this.byProject.set(node.project, set);
     }
     set.add(node.id);
-    this.write(entry, body);
+    this.write(entry, [
+      { field: SYNC.full.number, message: netMapPieces(this.state, node, this.opts, rules, peers) },
+    ]);
   }
 
   /** The node's Peer and DNS record, encoded once until the node changes. */
-  private encode(n: NodeRecord): Encoded {
+  private encode(n: NodeRecord): EncodedPeer {
     let e = this.encoded.get(n.id);
     if (!e) {
       e = {
@@ -358,10 +354,11 @@ export class Mapper {
       const entry = this.sessions.get(id);
       const d = delta(id);
       if (!entry || !d) continue;
-      const key = filterKey(newC.filterFor(id));
+      const rules = newC.filterFor(id);
+      const key = filterKey(rules);
       if (key !== entry.filterKey) {
         entry.filterKey = key;
-        d.filter = true;
+        d.filter = rules;
       }
     }
     if (p.versions) {
@@ -376,26 +373,34 @@ export class Mapper {
         }
       }
     }
+    const idBytes = new Map<string, Uint8Array>();
+    const idOf = (id: string): Uint8Array => {
+      let b = idBytes.get(id);
+      if (!b) {
+        b = Buffer.from(id);
+        idBytes.set(id, b);
+      }
+      return b;
+    };
     let sent = 0;
     for (const [id, d] of deltas) {
       const entry = this.sessions.get(id);
       const node = this.state.getNode(id);
       if (!entry || !node || d.empty()) continue;
-      this.write(
-        entry,
-        deltaBody({
-          head: {
-            packetFilter: d.filter
-              ? create(PacketFilterSchema, { rules: filterMessage(newC.filterFor(id)) })
-              : undefined,
-            desiredVersion: d.version ? entry.desiredVersion : undefined,
-            self: d.self ? nodeMessage(this.state, node) : undefined,
-          },
-          changed: d.changed.values(),
-          removed: d.removed,
-          patches: d.patches,
-        }),
-      );
+      const pieces: Piece[] = [];
+      if (d.filter) pieces.push({ field: SYNC.packetFilter.number, message: filterPieces(d.filter) });
+      if (d.version || d.self) {
+        const head = create(SyncResponseSchema, {
+          desiredVersion: d.version ? entry.desiredVersion : undefined,
+          self: d.self ? nodeMessage(this.state, node) : undefined,
+        });
+        pieces.push(toBinary(SyncResponseSchema, head));
+      }
+      if (d.changed.size) pieces.push({ field: SYNC.peersChanged.number, elements: [...d.changed.values()] });
+      if (d.removed.size)
+        pieces.push({ field: SYNC.peersRemoved.number, elements: Array.from(d.removed, idOf) });
+      if (d.patches.length) pieces.push({ field: SYNC.peerPatches.number, elements: d.patches });
+      this.write(entry, pieces);
       sent++;
     }
     if (sent && p.urgentAt !== null) this.opts.onDelivered?.(Date.now() - p.urgentAt, sent);
@@ -411,26 +416,25 @@ export class Mapper {
     if (oldC === newC) return;
     const d = delta(id);
     if (!d) return;
-    const before = new Set(oldC.visiblePeers(id));
-    const after = new Set(newC.visiblePeers(id));
-    for (const other of after) {
-      if (before.has(other)) continue;
+    // canSee answers in O(rules) without building sets of the whole project per node.
+    for (const other of newC.visiblePeers(id)) {
+      if (oldC.canSee(id, other)) continue;
       const n = this.state.getNode(other);
       if (n) d.changed.set(other, peerOf(n));
     }
-    for (const other of before) if (!after.has(other)) d.removed.add(other);
+    for (const other of oldC.visiblePeers(id)) if (!newC.canSee(id, other)) d.removed.add(other);
   }
 
-  private write(entry: Attached, body: Uint8Array): void {
+  private write(entry: Attached, pieces: Piece[]): void {
     entry.seq += 1n;
     entry.lastSent = Date.now();
-    entry.session.send(framed(entry.seq, body));
+    entry.session.send(assemble([seqField(entry.seq), ...pieces]));
   }
 
   private sendKeepalives(): void {
     const due = Date.now() - this.opts.keepaliveMs;
     for (const entry of this.sessions.values()) {
-      if (entry.lastSent <= due) this.write(entry, KEEPALIVE_BODY);
+      if (entry.lastSent <= due) this.write(entry, [KEEPALIVE]);
     }
   }
 }
@@ -439,8 +443,4 @@ function union(a: string[], b: string[]): Set<string> {
   const s = new Set(a);
   for (const x of b) s.add(x);
   return s;
-}
-
-function filterKey(rules: unknown[]): string {
-  return JSON.stringify(rules);
 }

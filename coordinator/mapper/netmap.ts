@@ -1,12 +1,12 @@
 // Turns the state's records into the protobuf shapes an agent receives.
-import { create, type MessageInitShape } from '@bufbuild/protobuf';
+import { createHash } from 'node:crypto';
+import { create, toBinary } from '@bufbuild/protobuf';
 import { timestampFromMs } from '@bufbuild/protobuf/wkt';
 import {
   type DnsRecord,
   DnsRecordSchema,
-  type FilterRule,
   FilterRuleSchema,
-  type NetMapSchema,
+  NetMapSchema,
   type Node,
   NodeSchema,
   PacketFilterSchema,
@@ -18,6 +18,7 @@ import {
 import type { FilterRuleSpec } from '../policy/index.js';
 import type { NodeRecord } from '../state/records.js';
 import type { State } from '../state/state.js';
+import type { Piece } from './wire.js';
 
 export interface NetMapOptions {
   keepaliveSeconds: number;
@@ -67,19 +68,6 @@ export function peerMessage(state: State, n: NodeRecord, relay: boolean): Peer {
   });
 }
 
-const PROTOCOLS = { tcp: Protocol.TCP, udp: Protocol.UDP, icmp: Protocol.ICMP } as const;
-
-export function filterMessage(rules: FilterRuleSpec[]): FilterRule[] {
-  return rules.map((r) =>
-    create(FilterRuleSchema, {
-      srcCidrs: r.srcCidrs,
-      dstCidrs: r.dstCidrs,
-      ports: r.ports,
-      protocols: r.protocols.map((p) => PROTOCOLS[p]),
-    }),
-  );
-}
-
 export function domainOf(project: string, opts: NetMapOptions): string {
   return `${project}.${opts.domainSuffix}`;
 }
@@ -88,22 +76,81 @@ export function dnsRecord(n: NodeRecord, domain: string): DnsRecord {
   return create(DnsRecordSchema, { name: `${n.name}.${domain}`, ipAddresses: [n.ipv4, n.ipv6] });
 }
 
-/** The singular fields of a node's netmap; its peers and their DNS records are added as encoded pieces. */
-export function netMapHead(
+/**
+ * A rule's sources, encoded, with a digest of them. With a policy, a rule's
+ * sources are one array shared by every node the rule opens, and can hold
+ * the addresses of thousands of nodes; encoding or comparing them again for
+ * every node was the bulk of a policy change in a large project.
+ */
+const sources = new WeakMap<readonly string[], { bytes: Uint8Array; digest: string }>();
+
+function sourcesOf(cidrs: readonly string[]): { bytes: Uint8Array; digest: string } {
+  let s = sources.get(cidrs);
+  if (!s) {
+    const bytes = toBinary(FilterRuleSchema, create(FilterRuleSchema, { srcCidrs: [...cidrs] }));
+    s = { bytes, digest: createHash('sha256').update(bytes).digest('base64') };
+    sources.set(cidrs, s);
+  }
+  return s;
+}
+
+const PROTOCOLS = { tcp: Protocol.TCP, udp: Protocol.UDP, icmp: Protocol.ICMP } as const;
+const RULES = PacketFilterSchema.field.rules.number;
+
+/** A PacketFilter's fields, as pieces of the message that carries it. */
+export function filterPieces(rules: FilterRuleSpec[]): Piece[] {
+  return rules.map((r) => ({
+    field: RULES,
+    message: [
+      sourcesOf(r.srcCidrs).bytes,
+      toBinary(
+        FilterRuleSchema,
+        create(FilterRuleSchema, {
+          dstCidrs: r.dstCidrs,
+          ports: r.ports,
+          protocols: r.protocols.map((p) => PROTOCOLS[p]),
+        }),
+      ),
+    ],
+  }));
+}
+
+/** Equal for equal filters, whichever policy compiled them. */
+export function filterKey(rules: FilterRuleSpec[]): string {
+  return rules
+    .map((r) => `${sourcesOf(r.srcCidrs).digest}${JSON.stringify([r.dstCidrs, r.ports, r.protocols])}`)
+    .join('|');
+}
+
+/** A node as its peers receive it, encoded once and reused until the node changes. */
+export interface EncodedPeer {
+  peer: Uint8Array;
+  dns: Uint8Array;
+}
+
+const NETMAP = NetMapSchema.field;
+
+/** A node's netmap as pieces of the message that carries it. */
+export function netMapPieces(
   state: State,
   self: NodeRecord,
   opts: NetMapOptions,
-): MessageInitShape<typeof NetMapSchema> {
+  rules: FilterRuleSpec[],
+  peers: EncodedPeer[],
+): Piece[] {
   const domain = domainOf(self.project, opts);
-  return {
+  const head = create(NetMapSchema, {
     self: nodeMessage(state, self),
-    packetFilter: create(PacketFilterSchema, {
-      rules: filterMessage(state.compiled(self.project).filterFor(self.id)),
-    }),
     dns: [dnsRecord(self, domain)],
     desiredVersion: state.desiredVersionFor(self),
     domain,
     keepaliveSeconds: opts.keepaliveSeconds,
     relay: create(RelayInfoSchema, { enabled: opts.relay }),
-  };
+  });
+  return [
+    toBinary(NetMapSchema, head),
+    { field: NETMAP.packetFilter.number, message: filterPieces(rules) },
+    { field: NETMAP.peers.number, elements: peers.map((p) => p.peer) },
+    { field: NETMAP.dns.number, elements: peers.map((p) => p.dns) },
+  ];
 }

@@ -1,62 +1,94 @@
 // The bytes of the messages the mapper sends, put together from pieces that
-// are encoded once. In a project every agent receives the same peers: encoding
-// each Peer again for every recipient was most of the coordinator's CPU in
-// policy changes and reconnect storms. A repeated field on the wire is just
-// its elements one after another, and fields may come in any order, so a
-// message is the encoding of its singular fields followed by the cached
-// encodings of its repeated elements.
-import { create, type MessageInitShape, toBinary } from '@bufbuild/protobuf';
+// are encoded once. In a project every agent receives the same peers (and
+// often the same packet-filter sources): encoding them again for every
+// recipient was most of the coordinator's CPU in policy changes and reconnect
+// storms. A repeated field on the wire is just its elements one after
+// another, and fields may come in any order, so a message is the encoding of
+// its singular fields followed by the cached encodings of its repeated
+// elements. Each message is written into one buffer of its exact size: a full
+// netmap of 10,000 peers is 2.7 MB, and growing a buffer for it and copying
+// it between stages cost more than encoding it.
+import { create, toBinary } from '@bufbuild/protobuf';
 import { BinaryWriter, WireType } from '@bufbuild/protobuf/wire';
 import { SyncResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
-import { NetMapSchema } from '../../proto/gen/meshgate/v1/types_pb.js';
 
-const SYNC = SyncResponseSchema.field;
-const NETMAP = NetMapSchema.field;
+/** Part of a message on the wire. */
+export type Piece =
+  /** Fields already encoded. */
+  | Uint8Array
+  /** One length-delimited field `field` per element: repeated messages, strings or bytes. */
+  | { readonly field: number; readonly elements: readonly Uint8Array[] }
+  /** A submessage in field `field`, itself put together from pieces. */
+  | { readonly field: number; readonly message: readonly Piece[] };
 
-/** Appends one length-delimited element of a repeated field per chunk. */
-function repeated(w: BinaryWriter, fieldNo: number, chunks: Iterable<Uint8Array>): void {
-  for (const c of chunks) w.tag(fieldNo, WireType.LengthDelimited).bytes(c);
+function varintSize(n: number): number {
+  let size = 1;
+  while (n >= 0x80) {
+    n = Math.floor(n / 0x80);
+    size++;
+  }
+  return size;
 }
 
-export interface NetMapPieces {
-  /** The singular fields (self, packet filter, versions, domain, relay) and self's DNS record. */
-  head: MessageInitShape<typeof NetMapSchema>;
-  peers: Iterable<Uint8Array>;
-  dns: Iterable<Uint8Array>;
+function writeVarint(buf: Uint8Array, pos: number, n: number): number {
+  while (n >= 0x80) {
+    buf[pos++] = (n & 0x7f) | 0x80;
+    n = Math.floor(n / 0x80);
+  }
+  buf[pos++] = n;
+  return pos;
 }
 
-/** A SyncResponse carrying a full netmap, without its sequence number. */
-export function fullBody(map: NetMapPieces): Uint8Array {
-  const w = new BinaryWriter();
-  w.raw(toBinary(NetMapSchema, create(NetMapSchema, map.head)));
-  repeated(w, NETMAP.peers.number, map.peers);
-  repeated(w, NETMAP.dns.number, map.dns);
-  const netmap = w.finish();
-  return new BinaryWriter().tag(SYNC.full.number, WireType.LengthDelimited).bytes(netmap).finish();
+const delimited = (field: number) => field * 8 + WireType.LengthDelimited;
+
+function sizeOf(pieces: readonly Piece[]): number {
+  let total = 0;
+  for (const p of pieces) {
+    if (p instanceof Uint8Array) {
+      total += p.length;
+    } else if ('elements' in p) {
+      const tag = varintSize(delimited(p.field));
+      for (const e of p.elements) total += tag + varintSize(e.length) + e.length;
+    } else {
+      const inner = sizeOf(p.message);
+      total += varintSize(delimited(p.field)) + varintSize(inner) + inner;
+    }
+  }
+  return total;
 }
 
-export interface DeltaPieces {
-  /** The singular fields: packet filter, desired version, self. */
-  head: MessageInitShape<typeof SyncResponseSchema>;
-  changed: Iterable<Uint8Array>;
-  removed: Iterable<string>;
-  patches: Iterable<Uint8Array>;
+function writePieces(buf: Uint8Array, pos: number, pieces: readonly Piece[]): number {
+  for (const p of pieces) {
+    if (p instanceof Uint8Array) {
+      buf.set(p, pos);
+      pos += p.length;
+    } else if ('elements' in p) {
+      const tag = delimited(p.field);
+      for (const e of p.elements) {
+        pos = writeVarint(buf, pos, tag);
+        pos = writeVarint(buf, pos, e.length);
+        buf.set(e, pos);
+        pos += e.length;
+      }
+    } else {
+      pos = writeVarint(buf, pos, delimited(p.field));
+      pos = writeVarint(buf, pos, sizeOf(p.message));
+      pos = writePieces(buf, pos, p.message);
+    }
+  }
+  return pos;
 }
 
-/** A SyncResponse carrying changes, without its sequence number. */
-export function deltaBody(d: DeltaPieces): Uint8Array {
-  const w = new BinaryWriter();
-  w.raw(toBinary(SyncResponseSchema, create(SyncResponseSchema, d.head)));
-  repeated(w, SYNC.peersChanged.number, d.changed);
-  for (const id of d.removed) w.tag(SYNC.peersRemoved.number, WireType.LengthDelimited).string(id);
-  repeated(w, SYNC.peerPatches.number, d.patches);
-  return w.finish();
+/** One message from its pieces, in a buffer of exactly its size. */
+export function assemble(pieces: readonly Piece[]): Uint8Array {
+  const buf = Buffer.allocUnsafe(sizeOf(pieces));
+  writePieces(buf, 0, pieces);
+  return buf;
 }
 
-export const KEEPALIVE_BODY = toBinary(SyncResponseSchema, create(SyncResponseSchema, { keepalive: true }));
-
-/** The message as sent on one stream: its sequence number, then the shared body. */
-export function framed(seq: bigint, body: Uint8Array): Uint8Array {
-  const head = new BinaryWriter().tag(SYNC.seq.number, WireType.Varint).uint64(seq).finish();
-  return Buffer.concat([head, body]);
+/** The sequence number of a SyncResponse, which differs per stream. */
+export function seqField(seq: bigint): Uint8Array {
+  return new BinaryWriter().tag(SyncResponseSchema.field.seq.number, WireType.Varint).uint64(seq).finish();
 }
+
+export const KEEPALIVE = toBinary(SyncResponseSchema, create(SyncResponseSchema, { keepalive: true }));

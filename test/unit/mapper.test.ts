@@ -1,10 +1,13 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
-import { fromBinary } from '@bufbuild/protobuf';
+import { create, equals, fromBinary, toBinary } from '@bufbuild/protobuf';
 import { Mapper, type Session } from '../../coordinator/mapper/mapper.js';
+import { filterPieces } from '../../coordinator/mapper/netmap.js';
+import { assemble, seqField } from '../../coordinator/mapper/wire.js';
 import { State } from '../../coordinator/state/state.js';
 import { openStore, type Store } from '../../coordinator/store/db.js';
 import { type SyncResponse, SyncResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
+import { PeerSchema, Protocol } from '../../proto/gen/meshgate/v1/types_pb.js';
 import { encodeWgKey, generateMachineKey, generateNodeKey } from '../../proto/keys.js';
 
 class FakeSession implements Session {
@@ -191,5 +194,43 @@ describe('mapper fan-out', () => {
     } finally {
       m.close();
     }
+  });
+});
+
+describe('messages spliced from encoded pieces', () => {
+  it('decode like the same message encoded whole, also with lengths of several bytes', () => {
+    const peers = Array.from({ length: 3 }, (_, i) =>
+      create(PeerSchema, {
+        id: `peer-${i}`,
+        name: 'x'.repeat(i * 9000),
+        endpoints: [`192.0.2.${i}:41641`],
+      }),
+    );
+    const rule = {
+      srcCidrs: ['100.64.0.1/32'],
+      dstCidrs: [],
+      ports: [{ first: 22, last: 22 }],
+      protocols: [],
+    };
+    const bytes = assemble([
+      seqField(300n),
+      {
+        field: SyncResponseSchema.field.packetFilter.number,
+        message: filterPieces([{ ...rule, protocols: ['tcp'] }]),
+      },
+      {
+        field: SyncResponseSchema.field.peersChanged.number,
+        elements: peers.map((p) => toBinary(PeerSchema, p)),
+      },
+      { field: SyncResponseSchema.field.peersRemoved.number, elements: [Buffer.from('gone')] },
+    ]);
+    const whole = create(SyncResponseSchema, {
+      seq: 300n,
+      packetFilter: { rules: [{ ...rule, protocols: [Protocol.TCP] }] },
+      peersChanged: peers,
+      peersRemoved: ['gone'],
+    });
+    assert.ok(equals(SyncResponseSchema, fromBinary(SyncResponseSchema, bytes), whole));
+    assert.equal(bytes.length, toBinary(SyncResponseSchema, whole).length);
   });
 });
