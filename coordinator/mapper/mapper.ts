@@ -65,6 +65,13 @@ export interface MapperOptions extends NetMapOptions {
    * per coalescing window.
    */
   presenceMs: number;
+  /**
+   * A batch for a large project (a policy change at 10,000 nodes is tens of
+   * seconds of work) is sent in slices of about this long, with the event
+   * loop running between them: a coordinator that stops answering for longer
+   * than the agents' keepalive timeout loses every connection.
+   */
+  sliceMs: number;
   keepaliveMs: number;
   /** Called with the time from the first change other than presence in a batch to its delivery. */
   onDelivered?: (latencyMs: number, sessions: number) => void;
@@ -101,8 +108,10 @@ export class Mapper {
   private timer: NodeJS.Timeout | null = null;
   /** When the timer fires (Date.now() time). */
   private due = Number.POSITIVE_INFINITY;
-  /** How long the last flush took: the next batch waits at least as long. */
+  /** CPU time of the last flush: the next batch waits at least as long. */
   private lastFlushMs = 0;
+  /** The flush under way, project by project, one session per step. */
+  private flushing: Iterator<void>[] | null = null;
   private readonly keepalive: NodeJS.Timeout;
 
   constructor(
@@ -192,6 +201,7 @@ export class Mapper {
   close(): void {
     clearInterval(this.keepalive);
     if (this.timer) clearTimeout(this.timer);
+    this.flushing = null;
     for (const e of [...this.sessions.values()]) e.session.close('coordinator is shutting down', 'retry');
     this.sessions.clear();
   }
@@ -252,19 +262,42 @@ export class Mapper {
     this.timer = setTimeout(() => this.flush(), delayMs);
   }
 
-  /** Delivers everything pending now; also used by tests and at attach. */
+  /**
+   * Delivers everything pending: at once when it fits in one slice, which is
+   * always so in tests, otherwise over several turns of the event loop. One
+   * flush runs at a time, so every stream gets its batches in order; what
+   * arrives meanwhile waits for the next one.
+   */
   flush(): void {
     if (this.timer) {
       clearTimeout(this.timer);
       this.timer = null;
     }
     this.due = Number.POSITIVE_INFINITY;
-    const t0 = performance.now();
-    for (const project of [...this.pending.keys()]) this.flushProject(project);
-    this.lastFlushMs = performance.now() - t0;
+    if (this.flushing) return;
+    this.flushing = [...this.pending.keys()].map((project) => this.flushProject(project));
+    this.lastFlushMs = 0;
+    this.continueFlush();
   }
 
-  private flushProject(project: string): void {
+  private continueFlush(): void {
+    const work = this.flushing;
+    if (!work) return;
+    const start = performance.now();
+    while (work.length) {
+      if (work[0]!.next().done) work.shift();
+      else if (performance.now() - start >= this.opts.sliceMs) break;
+    }
+    this.lastFlushMs += performance.now() - start;
+    if (work.length) {
+      setImmediate(() => this.continueFlush());
+      return;
+    }
+    this.flushing = null;
+    if (this.pending.size) this.schedule(Math.max(this.opts.coalesceMs, this.lastFlushMs));
+  }
+
+  private *flushProject(project: string): Generator<void> {
     const p = this.pending.get(project);
     const newC = this.state.compiled(project);
     const oldC = this.delivered.get(project) ?? newC;
@@ -288,12 +321,6 @@ export class Mapper {
     const filterCheck = new Set<string>();
     const rulesChanged = oldC !== newC && !(oldC.allowAll && newC.allowAll);
 
-    if (p.policy) {
-      for (const id of members) {
-        this.diffVisibility(id, oldC, newC, delta, peerOf);
-        filterCheck.add(id);
-      }
-    }
     for (const id of p.upserted) {
       const node = this.state.getNode(id);
       if (!node) continue;
@@ -350,17 +377,6 @@ export class Mapper {
         if (d && !d.changed.has(id)) d.patches.push(patch);
       }
     }
-    for (const id of filterCheck) {
-      const entry = this.sessions.get(id);
-      const d = delta(id);
-      if (!entry || !d) continue;
-      const rules = newC.filterFor(id);
-      const key = filterKey(rules);
-      if (key !== entry.filterKey) {
-        entry.filterKey = key;
-        d.filter = rules;
-      }
-    }
     if (p.versions) {
       for (const id of members) {
         const node = this.state.getNode(id);
@@ -383,10 +399,25 @@ export class Mapper {
       return b;
     };
     let sent = 0;
-    for (const [id, d] of deltas) {
+    // After a policy change every member's view is compared, one session per
+    // step: that is the part that grows with the square of the project.
+    for (const id of p.policy ? [...members] : [...deltas.keys()]) {
+      yield;
       const entry = this.sessions.get(id);
       const node = this.state.getNode(id);
-      if (!entry || !node || d.empty()) continue;
+      if (!entry || !node) continue;
+      if (p.policy) this.diffVisibility(id, oldC, newC, delta, peerOf);
+      const d = delta(id);
+      if (!d) continue;
+      if (p.policy || filterCheck.has(id)) {
+        const rules = newC.filterFor(id);
+        const key = filterKey(rules);
+        if (key !== entry.filterKey) {
+          entry.filterKey = key;
+          d.filter = rules;
+        }
+      }
+      if (d.empty()) continue;
       const pieces: Piece[] = [];
       if (d.filter) pieces.push({ field: SYNC.packetFilter.number, message: filterPieces(d.filter) });
       if (d.version || d.self) {

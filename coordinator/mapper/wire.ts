@@ -67,7 +67,9 @@ function writePieces(buf: Uint8Array, pos: number, pieces: readonly Piece[]): nu
       for (const e of p.elements) {
         pos = writeVarint(buf, pos, tag);
         pos = writeVarint(buf, pos, e.length);
-        buf.set(e, pos);
+        // set() costs more than a loop for the short elements (ids, patches) that deltas are made of.
+        if (e.length < 64) for (let k = 0; k < e.length; k++) buf[pos + k] = e[k]!;
+        else buf.set(e, pos);
         pos += e.length;
       }
     } else {

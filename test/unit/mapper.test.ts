@@ -60,6 +60,7 @@ describe('mapper fan-out', () => {
     mapper = new Mapper(state, {
       coalesceMs: 5,
       presenceMs: 5,
+      sliceMs: 60_000,
       keepaliveMs: 60_000,
       keepaliveSeconds: 25,
       relay: false,
@@ -156,6 +157,7 @@ describe('mapper fan-out', () => {
     const m = new Mapper(state, {
       coalesceMs: 5,
       presenceMs: 5,
+      sliceMs: 60_000,
       keepaliveMs: 60_000,
       keepaliveSeconds: 25,
       relay: false,
@@ -172,6 +174,7 @@ describe('mapper fan-out', () => {
     const m = new Mapper(state, {
       coalesceMs: 5,
       presenceMs: 10_000,
+      sliceMs: 60_000,
       keepaliveMs: 60_000,
       keepaliveSeconds: 25,
       relay: false,
@@ -190,6 +193,39 @@ describe('mapper fan-out', () => {
         ops.sent[1]!.peerPatches.map((p) => [p.online, p.endpoints]),
         [[true, ['198.51.100.9:41641']]],
         'with the presence change that was waiting',
+      );
+    } finally {
+      m.close();
+    }
+  });
+
+  it('sends a large batch in slices, letting the event loop run between them', async () => {
+    const m = new Mapper(state, {
+      coalesceMs: 5,
+      presenceMs: 5,
+      sliceMs: 0,
+      keepaliveMs: 60_000,
+      keepaliveSeconds: 25,
+      relay: false,
+      domainSuffix: 'mesh',
+    });
+    try {
+      const sessions = ['ops', 'fw2', 'm1'].map((n) => new FakeSession(ids[n]!));
+      for (const x of sessions) m.attach(x);
+      await state.setPolicy('test', 'p', '');
+      m.flush();
+      const atOnce = sessions.filter((x) => x.sent.length > 1).length;
+      assert.ok(atOnce < sessions.length, `all ${atOnce} sessions were served in one turn`);
+      for (let i = 0; i < 10; i++) await new Promise((r) => setImmediate(r));
+      assert.deepEqual(
+        sessions.map((x) =>
+          x.sent
+            .at(-1)!
+            .peersChanged.map((p) => p.name)
+            .sort(),
+        ),
+        [['m1'], ['m1'], ['fw2', 'ops']],
+        'every session got the peers the removed policy had hidden',
       );
     } finally {
       m.close();
