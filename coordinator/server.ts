@@ -107,6 +107,7 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
   const mapper = new Mapper(state, {
     coalesceMs: parseDuration(config.coalesceWindow),
     sliceMs: 20,
+    fullNetmapBudget: 64 * 2 ** 20,
     presenceMs: parseDuration(config.presenceWindow),
     keepaliveMs: parseDuration(config.keepalive),
     keepaliveSeconds: config.wireguardKeepalive,

@@ -115,8 +115,9 @@ export function controlImplementation(deps: ControlDeps): grpc.UntypedServiceImp
       const session: Session = {
         nodeId,
         // The mapper hands over encoded messages; the service's serializer passes them through.
-        send: (msg) => {
-          if (!closed) call.write(msg as unknown as SyncResponse);
+        send: (msg, sent) => {
+          if (closed) sent?.();
+          else call.write(msg as unknown as SyncResponse, () => sent?.());
         },
         close: (reason, why) => {
           if (closed) return;

@@ -27,8 +27,8 @@ const SYNC = SyncResponseSchema.field;
 /** One agent's open stream, as the mapper needs it. */
 export interface Session {
   readonly nodeId: string;
-  /** One encoded SyncResponse. */
-  send(msg: Uint8Array): void;
+  /** One encoded SyncResponse; `sent` is called once the transport has taken it. */
+  send(msg: Uint8Array, sent?: () => void): void;
   /**
    * Ends the stream. `gone`: the node was deleted or expired and must register
    * again; `retry`: the stream was replaced or the coordinator is stopping.
@@ -43,6 +43,8 @@ interface Attached {
   lastSent: number;
   filterKey: string;
   desiredVersion: string;
+  /** Bytes of the full netmap the transport has not taken yet. */
+  unsent: number;
 }
 
 interface Pending {
@@ -72,6 +74,13 @@ export interface MapperOptions extends NetMapOptions {
    * than the agents' keepalive timeout loses every connection.
    */
   sliceMs: number;
+  /**
+   * Full netmaps being sent at once, in bytes. At 10,000 nodes one is 2.7 MB:
+   * when every agent reconnects at once, building them all up front held tens
+   * of gigabytes, and sharing the connections among all of them delayed
+   * every one. Streams beyond the budget wait their turn.
+   */
+  fullNetmapBudget: number;
   keepaliveMs: number;
   /** Called with the time from the first change other than presence in a batch to its delivery. */
   onDelivered?: (latencyMs: number, sessions: number) => void;
@@ -105,6 +114,10 @@ export class Mapper {
   /** The policy each project's sessions were last brought up to date with. */
   private readonly delivered = new Map<string, CompiledPolicy>();
   private readonly encoded = new Map<string, EncodedPeer>();
+  /** Streams waiting for their full netmap, oldest first. */
+  private readonly waiting = new Map<string, Session>();
+  /** Bytes of full netmaps handed to streams and not yet taken by the transport. */
+  private unsentFull = 0;
   private timer: NodeJS.Timeout | null = null;
   /** When the timer fires (Date.now() time). */
   private due = Number.POSITIVE_INFINITY;
@@ -124,24 +137,50 @@ export class Mapper {
   }
 
   hasSession(nodeId: string): boolean {
-    return this.sessions.has(nodeId);
+    return this.sessions.has(nodeId) || this.waiting.has(nodeId);
   }
 
   get sessionCount(): number {
-    return this.sessions.size;
+    return this.sessions.size + this.waiting.size;
   }
 
-  /** Sends the full netmap and starts delivering deltas; replaces an older stream of the same node. */
+  /**
+   * Queues the stream for its full netmap, after which it gets deltas;
+   * replaces an older stream of the same node.
+   */
   attach(session: Session): void {
+    if (!this.state.getNode(session.nodeId)) {
+      session.close('node does not exist', 'gone');
+      return;
+    }
+    const old = this.sessions.get(session.nodeId);
+    if (old) {
+      this.detachEntry(old);
+      old.session.close('replaced by a newer stream of the same node', 'retry');
+    }
+    const queued = this.waiting.get(session.nodeId);
+    if (queued) {
+      this.waiting.delete(session.nodeId);
+      queued.close('replaced by a newer stream of the same node', 'retry');
+    }
+    this.waiting.set(session.nodeId, session);
+    this.admit();
+  }
+
+  /** Sends full netmaps to waiting streams, oldest first, while the budget allows. */
+  private admit(): void {
+    for (const [id, session] of this.waiting) {
+      if (this.unsentFull > 0 && this.unsentFull >= this.opts.fullNetmapBudget) return;
+      this.waiting.delete(id);
+      this.sendFull(session);
+    }
+  }
+
+  private sendFull(session: Session): void {
     const node = this.state.getNode(session.nodeId);
     if (!node) {
       session.close('node does not exist', 'gone');
       return;
-    }
-    const old = this.sessions.get(node.id);
-    if (old) {
-      this.detachEntry(old);
-      old.session.close('replaced by a newer stream of the same node', 'retry');
     }
     // Pending changes stay in their window: the full netmap already shows them,
     // and applying them again as deltas is harmless. Flushing here instead sent
@@ -162,6 +201,7 @@ export class Mapper {
       lastSent: 0,
       filterKey: filterKey(rules),
       desiredVersion: this.state.desiredVersionFor(node),
+      unsent: 0,
     };
     this.sessions.set(node.id, entry);
     let set = this.byProject.get(node.project);
@@ -170,9 +210,20 @@ export class Mapper {
       this.byProject.set(node.project, set);
     }
     set.add(node.id);
-    this.write(entry, [
+    const msg = this.frame(entry, [
       { field: SYNC.full.number, message: netMapPieces(this.state, node, this.opts, rules, peers) },
     ]);
+    entry.unsent = msg.length;
+    this.unsentFull += msg.length;
+    session.send(msg, () => this.fullSent(entry));
+  }
+
+  /** The transport took a full netmap, or its stream ended: the next waiting stream may have its turn. */
+  private fullSent(entry: Attached): void {
+    if (!entry.unsent) return;
+    this.unsentFull -= entry.unsent;
+    entry.unsent = 0;
+    this.admit();
   }
 
   /** The node's Peer and DNS record, encoded once until the node changes. */
@@ -189,6 +240,7 @@ export class Mapper {
   }
 
   detach(session: Session): void {
+    if (this.waiting.get(session.nodeId) === session) this.waiting.delete(session.nodeId);
     const entry = this.sessions.get(session.nodeId);
     if (entry && entry.session === session) this.detachEntry(entry);
   }
@@ -196,14 +248,17 @@ export class Mapper {
   private detachEntry(entry: Attached): void {
     this.sessions.delete(entry.session.nodeId);
     this.byProject.get(entry.project)?.delete(entry.session.nodeId);
+    this.fullSent(entry);
   }
 
   close(): void {
     clearInterval(this.keepalive);
     if (this.timer) clearTimeout(this.timer);
     this.flushing = null;
-    for (const e of [...this.sessions.values()]) e.session.close('coordinator is shutting down', 'retry');
+    const open = [...this.waiting.values(), ...Array.from(this.sessions.values(), (e) => e.session)];
+    this.waiting.clear();
     this.sessions.clear();
+    for (const session of open) session.close('coordinator is shutting down', 'retry');
   }
 
   private enqueue(e: StateEvent): void {
@@ -457,9 +512,14 @@ export class Mapper {
   }
 
   private write(entry: Attached, pieces: Piece[]): void {
+    entry.session.send(this.frame(entry, pieces));
+  }
+
+  /** The next message of the stream, numbered. */
+  private frame(entry: Attached, pieces: Piece[]): Uint8Array {
     entry.seq += 1n;
     entry.lastSent = Date.now();
-    entry.session.send(assemble([seqField(entry.seq), ...pieces]));
+    return assemble([seqField(entry.seq), ...pieces]);
   }
 
   private sendKeepalives(): void {

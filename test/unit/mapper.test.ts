@@ -15,8 +15,16 @@ class FakeSession implements Session {
   closed = '';
   closedAs = '';
   constructor(readonly nodeId: string) {}
-  send(msg: Uint8Array) {
+  /** Until `hold` is cleared, the transport keeps full netmaps and calls back only on release(). */
+  hold = false;
+  private held: (() => void)[] = [];
+  send(msg: Uint8Array, sent?: () => void) {
     this.sent.push(fromBinary(SyncResponseSchema, msg));
+    if (this.hold && sent) this.held.push(sent);
+    else sent?.();
+  }
+  release() {
+    for (const f of this.held.splice(0)) f();
   }
   close(reason: string, why: string) {
     this.closed = reason;
@@ -61,6 +69,7 @@ describe('mapper fan-out', () => {
       coalesceMs: 5,
       presenceMs: 5,
       sliceMs: 60_000,
+      fullNetmapBudget: 2 ** 30,
       keepaliveMs: 60_000,
       keepaliveSeconds: 25,
       relay: false,
@@ -158,6 +167,7 @@ describe('mapper fan-out', () => {
       coalesceMs: 5,
       presenceMs: 5,
       sliceMs: 60_000,
+      fullNetmapBudget: 2 ** 30,
       keepaliveMs: 60_000,
       keepaliveSeconds: 25,
       relay: false,
@@ -175,6 +185,7 @@ describe('mapper fan-out', () => {
       coalesceMs: 5,
       presenceMs: 10_000,
       sliceMs: 60_000,
+      fullNetmapBudget: 2 ** 30,
       keepaliveMs: 60_000,
       keepaliveSeconds: 25,
       relay: false,
@@ -204,6 +215,7 @@ describe('mapper fan-out', () => {
       coalesceMs: 5,
       presenceMs: 5,
       sliceMs: 0,
+      fullNetmapBudget: 2 ** 30,
       keepaliveMs: 60_000,
       keepaliveSeconds: 25,
       relay: false,
@@ -227,6 +239,45 @@ describe('mapper fan-out', () => {
         [['m1'], ['m1'], ['fw2', 'ops']],
         'every session got the peers the removed policy had hidden',
       );
+    } finally {
+      m.close();
+    }
+  });
+
+  it('sends full netmaps in turn when more are being sent than the budget allows', () => {
+    const m = new Mapper(state, {
+      coalesceMs: 5,
+      presenceMs: 5,
+      sliceMs: 60_000,
+      fullNetmapBudget: 1,
+      keepaliveMs: 60_000,
+      keepaliveSeconds: 25,
+      relay: false,
+      domainSuffix: 'mesh',
+    });
+    try {
+      const [a, b, c] = ['ops', 'fw2', 'm1'].map((n) => new FakeSession(ids[n]!));
+      a!.hold = true;
+      b!.hold = true;
+      for (const x of [a!, b!, c!]) m.attach(x);
+      assert.deepEqual(
+        [a, b, c].map((x) => x!.sent.length),
+        [1, 0, 0],
+        'the first full netmap fills the budget',
+      );
+      assert.ok(m.hasSession(ids.m1!), 'a waiting stream counts as connected');
+      a!.release();
+      assert.deepEqual(
+        [a, b, c].map((x) => x!.sent.length),
+        [1, 1, 0],
+      );
+      m.detach(b!);
+      assert.deepEqual(
+        [a, b, c].map((x) => x!.sent.length),
+        [1, 1, 1],
+        'a stream that ends gives its turn back',
+      );
+      assert.ok(c!.sent[0]!.full, 'and the next one starts with its full netmap');
     } finally {
       m.close();
     }
