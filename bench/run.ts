@@ -22,6 +22,9 @@ const { values } = parseArgs({
     'per-conn': { type: 'string' },
     'idle-seconds': { type: 'string' },
     trials: { type: 'string' },
+    'policy-trials': { type: 'string' },
+    'storm-trials': { type: 'string' },
+    concurrency: { type: 'string' },
     'cpu-prof': { type: 'string' },
     signer: { type: 'string' },
     /** Per size; a size that takes longer is stopped and reported with what it measured. */
@@ -37,7 +40,18 @@ const projects = Number(values.projects);
 if (!Number.isInteger(projects) || projects < 1 || projects > Math.min(...sizes))
   throw new Error('--projects must be a positive integer no larger than the smallest size');
 const passThrough = (
-  ['projects', 'only', 'per-conn', 'idle-seconds', 'trials', 'cpu-prof', 'signer'] as const
+  [
+    'projects',
+    'only',
+    'per-conn',
+    'idle-seconds',
+    'trials',
+    'policy-trials',
+    'storm-trials',
+    'concurrency',
+    'cpu-prof',
+    'signer',
+  ] as const
 ).flatMap((k) => (values[k] === undefined ? [] : [`--${k}`, values[k]!]));
 const timeoutMs = Number(values['size-timeout-minutes']) * 60_000;
 
