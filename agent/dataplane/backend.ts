@@ -1,6 +1,7 @@
 // Creates the WireGuard interface: a kernel link where the module exists, otherwise a supervised
 // wireguard-go process that is started again, with backoff, whenever it dies.
 import { type ChildProcess, spawn } from 'node:child_process';
+import { mkdirSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { CommandError, inNetns, MissingToolError, run } from './exec.js';
@@ -107,6 +108,10 @@ class WireGuardGo implements WgInterface {
   }
 
   async start(): Promise<void> {
+    // wireguard-go makes this directory itself. Once, the second of two
+    // started together in different namespaces could not listen on its socket
+    // ("no such file or directory"); making it first leaves them nothing to race on.
+    mkdirSync(WIREGUARD_GO_SOCKET_DIR, { recursive: true, mode: 0o755 });
     const [file, args] = inNetns('wireguard-go', ['-f', this.name], this.options.netns);
     // The variable only silences wireguard-go's banner that recommends the kernel module.
     const child = spawn(file, args, {
