@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { create, equals, fromBinary, toBinary } from '@bufbuild/protobuf';
-import { Mapper, type Session } from '../../coordinator/mapper/mapper.js';
+import { Mapper, type MapperOptions, type Session } from '../../coordinator/mapper/mapper.js';
 import { filterPieces } from '../../coordinator/mapper/netmap.js';
 import { assemble, seqField } from '../../coordinator/mapper/wire.js';
 import { State } from '../../coordinator/state/state.js';
@@ -36,6 +36,19 @@ describe('mapper fan-out', () => {
   let store: Store;
   let state: State;
   let mapper: Mapper;
+  /** Small windows, everything in one slice, no budget to speak of, unless a test says otherwise. */
+  const newMapper = (options: Partial<MapperOptions> = {}) =>
+    new Mapper(state, {
+      coalesceMs: 5,
+      presenceMs: 5,
+      sliceMs: 60_000,
+      fullNetmapBudget: 2 ** 30,
+      keepaliveMs: 60_000,
+      keepaliveSeconds: 25,
+      relay: false,
+      domainSuffix: 'mesh',
+      ...options,
+    });
   const ids: Record<string, string> = {};
 
   const register = async (name: string, tags: string[]) => {
@@ -65,16 +78,7 @@ describe('mapper fan-out', () => {
   before(async () => {
     store = await openStore({ url: ':memory:' });
     state = await State.load(store.db, { ephemeralTimeoutMs: 60_000 });
-    mapper = new Mapper(state, {
-      coalesceMs: 5,
-      presenceMs: 5,
-      sliceMs: 60_000,
-      fullNetmapBudget: 2 ** 30,
-      keepaliveMs: 60_000,
-      keepaliveSeconds: 25,
-      relay: false,
-      domainSuffix: 'mesh',
-    });
+    mapper = newMapper();
     await state.createProject('test', 'p');
     await register('ops', ['tag:ops']);
     await register('fw', ['tag:firewall']);
@@ -163,16 +167,7 @@ describe('mapper fan-out', () => {
   });
 
   it('ends streams on shutdown so that agents retry', () => {
-    const m = new Mapper(state, {
-      coalesceMs: 5,
-      presenceMs: 5,
-      sliceMs: 60_000,
-      fullNetmapBudget: 2 ** 30,
-      keepaliveMs: 60_000,
-      keepaliveSeconds: 25,
-      relay: false,
-      domainSuffix: 'mesh',
-    });
+    const m = newMapper();
     const ops = new FakeSession(ids.ops!);
     m.attach(ops);
     m.close();
@@ -181,16 +176,7 @@ describe('mapper fan-out', () => {
   });
 
   it('holds presence-only batches for the presence window, and sends them with the next other change', async () => {
-    const m = new Mapper(state, {
-      coalesceMs: 5,
-      presenceMs: 10_000,
-      sliceMs: 60_000,
-      fullNetmapBudget: 2 ** 30,
-      keepaliveMs: 60_000,
-      keepaliveSeconds: 25,
-      relay: false,
-      domainSuffix: 'mesh',
-    });
+    const m = newMapper({ presenceMs: 10_000 });
     try {
       const ops = new FakeSession(ids.ops!);
       m.attach(ops);
@@ -211,16 +197,7 @@ describe('mapper fan-out', () => {
   });
 
   it('sends a large batch in slices, letting the event loop run between them', async () => {
-    const m = new Mapper(state, {
-      coalesceMs: 5,
-      presenceMs: 5,
-      sliceMs: 0,
-      fullNetmapBudget: 2 ** 30,
-      keepaliveMs: 60_000,
-      keepaliveSeconds: 25,
-      relay: false,
-      domainSuffix: 'mesh',
-    });
+    const m = newMapper({ sliceMs: 0 });
     try {
       const sessions = ['ops', 'fw2', 'm1'].map((n) => new FakeSession(ids[n]!));
       for (const x of sessions) m.attach(x);
@@ -245,16 +222,7 @@ describe('mapper fan-out', () => {
   });
 
   it('sends full netmaps in turn when more are being sent than the budget allows', () => {
-    const m = new Mapper(state, {
-      coalesceMs: 5,
-      presenceMs: 5,
-      sliceMs: 60_000,
-      fullNetmapBudget: 1,
-      keepaliveMs: 60_000,
-      keepaliveSeconds: 25,
-      relay: false,
-      domainSuffix: 'mesh',
-    });
+    const m = newMapper({ fullNetmapBudget: 1 });
     try {
       const [a, b, c] = ['ops', 'fw2', 'm1'].map((n) => new FakeSession(ids[n]!));
       a!.hold = true;
