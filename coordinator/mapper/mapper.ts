@@ -185,9 +185,8 @@ export class Mapper {
     // Pending changes stay in their window: the full netmap already shows them,
     // and applying them again as deltas is harmless. Flushing here instead sent
     // one message to every connected agent per connecting agent.
-    if (!this.delivered.has(node.project))
-      this.delivered.set(node.project, this.state.compiled(node.project));
     const compiled = this.state.compiled(node.project);
+    if (!this.delivered.has(node.project)) this.delivered.set(node.project, compiled);
     const rules = compiled.filterFor(node.id);
     const peers: EncodedPeer[] = [];
     for (const id of compiled.visiblePeers(node.id)) {
