@@ -123,6 +123,8 @@ export class Mapper {
   private due = Number.POSITIVE_INFINITY;
   /** CPU time of the last flush: the next batch waits at least as long. */
   private lastFlushMs = 0;
+  /** When the last flush ended (performance.now() time). */
+  private lastFlushEnd = 0;
   /** The flush under way, project by project, one session per step. */
   private flushing: Iterator<void>[] | null = null;
   private readonly keepalive: NodeJS.Timeout;
@@ -302,7 +304,16 @@ export class Mapper {
     // waiting as long as the last flush took keeps fan-out to at most about
     // half of the coordinator's time, so registrations and streams still get
     // served, and batches grow instead of messages multiplying.
-    this.schedule(Math.max(presence ? this.opts.presenceMs : this.opts.coalesceMs, this.lastFlushMs));
+    this.schedule(Math.max(presence ? this.opts.presenceMs : this.opts.coalesceMs, this.backoffMs()));
+  }
+
+  /**
+   * What is left of the wait that the last flush's duration asks for. Time
+   * since it ended counts towards it: after a quiet spell, a large flush long
+   * ago must not delay the next change.
+   */
+  private backoffMs(): number {
+    return Math.max(0, this.lastFlushMs - (performance.now() - this.lastFlushEnd));
   }
 
   /** Flushes in `delayMs` unless a flush is already due sooner. */
@@ -348,7 +359,8 @@ export class Mapper {
       return;
     }
     this.flushing = null;
-    if (this.pending.size) this.schedule(Math.max(this.opts.coalesceMs, this.lastFlushMs));
+    this.lastFlushEnd = performance.now();
+    if (this.pending.size) this.schedule(Math.max(this.opts.coalesceMs, this.backoffMs()));
   }
 
   private *flushProject(project: string): Generator<void> {

@@ -196,6 +196,39 @@ describe('mapper fan-out', () => {
     }
   });
 
+  it('does not hold a change back for a long flush that ended before a quiet spell', async () => {
+    const quiet = await register('quiet', ['tag:firewall']);
+    const m = newMapper({ coalesceMs: 5 });
+    try {
+      const ops = new FakeSession(ids.ops!);
+      m.attach(ops);
+      const send = ops.send.bind(ops);
+      // One flush that takes 400 ms of CPU, like a large project's fan-out.
+      ops.send = (msg, sent) => {
+        const until = performance.now() + 400;
+        while (performance.now() < until);
+        send(msg, sent);
+      };
+      await state.updateEndpoints(quiet.id, ['198.51.100.10:41641']);
+      m.flush();
+      ops.send = send;
+      const before = ops.sent.length;
+      assert.equal(before, 2, 'the full netmap and the slow batch');
+      // Quiet for longer than that flush took.
+      await new Promise((r) => setTimeout(r, 600));
+      const changed = performance.now();
+      await state.updateEndpoints(quiet.id, ['198.51.100.11:41641']);
+      while (ops.sent.length === before && performance.now() - changed < 5_000)
+        await new Promise((r) => setTimeout(r, 1));
+      const waited = performance.now() - changed;
+      assert.equal(ops.sent.length, before + 1, 'the change was delivered');
+      assert.ok(waited < 250, `the change waited ${waited.toFixed(0)} ms for a flush that ended 600 ms ago`);
+    } finally {
+      m.close();
+      await state.deleteNode('test', quiet.id);
+    }
+  });
+
   it('sends a large batch in slices, letting the event loop run between them', async () => {
     const m = newMapper({ sliceMs: 0 });
     try {
