@@ -137,9 +137,9 @@ export class Topology {
   }
 
   /** Starts a long-running process in `host`; destroy() stops it. */
-  spawn(host: string, cmd: string, args: string[]): ChildProcess {
+  spawn(host: string, cmd: string, args: string[], options: { stdin?: boolean } = {}): ChildProcess {
     const child = spawnChild('ip', ['netns', 'exec', this.ns(host), cmd, ...args], {
-      stdio: ['ignore', 'pipe', 'pipe'],
+      stdio: [options.stdin ? 'pipe' : 'ignore', 'pipe', 'pipe'],
     });
     this.processes.add(child);
     child.on('exit', () => this.processes.delete(child));
