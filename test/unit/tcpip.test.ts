@@ -55,7 +55,7 @@ describe('userspace IP layer', () => {
     assert.equal(ip.version, 6);
     assert.deepEqual(parseEcho(ip), { reply: false, id: 9, seq: 3, data: new Uint8Array([7, 7]) });
     const corrupt = req.slice();
-    corrupt[corrupt.length - 1] ^= 1;
+    corrupt[corrupt.length - 1]! ^= 1;
     assert.equal(parseEcho(parseIp(corrupt)!), null);
   });
 
