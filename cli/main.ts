@@ -5,6 +5,7 @@ import { registerAdminCommands } from './commands/admin.js';
 import { registerAgentCommand } from './commands/agent.js';
 import { registerCoordinatorCommands } from './commands/coordinator.js';
 import { registerLocalCommands } from './commands/local.js';
+import { registerUserspaceCommands } from './commands/userspace.js';
 import { describeError } from './errors.js';
 
 export function buildProgram(): Command {
@@ -18,6 +19,7 @@ export function buildProgram(): Command {
   registerAdminCommands(program);
   registerAgentCommand(program);
   registerLocalCommands(program);
+  registerUserspaceCommands(program);
   return program;
 }
 

@@ -1,11 +1,13 @@
 // Commands that talk to the agent on this host: status, ping, ssh, down.
 import { spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import type { Command } from 'commander';
 import { agentDown, agentStatus } from '../../agent/localapi/client.js';
 import type { AgentStatus, PeerStatus } from '../../agent/localapi/types.js';
 import { CliError } from '../errors.js';
 import { ago, type Column, FORMATS, parseFormat, render } from '../output.js';
 import { DEFAULT_AGENT_SOCKET } from './agent.js';
+import { joinFromOptions, sshOverMesh, type UserspaceOptions, userspaceOptions } from './userspace.js';
 
 const socketOption = (cmd: Command) =>
   cmd.option('--socket <path>', "the agent's local API socket", DEFAULT_AGENT_SOCKET);
@@ -95,24 +97,56 @@ export function registerLocalCommands(program: Command): void {
       ]);
     });
 
-  socketOption(
-    program
-      .command('ssh <node> [sshArgs...]')
-      .description(
-        'ssh to a peer over the mesh; arguments after -- go to ssh, e.g. meshgate ssh fw1 -- -l root uptime',
-      ),
-  ).action(async (node: string, sshArgs: string[], o: { socket: string }) => {
-    const at = node.lastIndexOf('@');
-    const user = at >= 0 ? node.slice(0, at + 1) : '';
-    const peer = resolvePeer(await agentStatus(o.socket), node.slice(at + 1));
-    const [options, command] = splitSshArgs(sshArgs);
-    process.exitCode = await runInherit('ssh', [
-      ...options,
-      '--',
-      `${user}${peer.ipAddresses[0]}`,
-      ...command,
-    ]);
-  });
+  userspaceOptions(
+    socketOption(
+      program
+        .command('ssh <node> [sshArgs...]')
+        .description(
+          'ssh to a peer over the mesh; arguments after -- go to ssh, e.g. meshgate ssh fw1 -- -l root uptime',
+        ),
+    ),
+  )
+    .option('--userspace', 'join the mesh in this process even if an agent runs here (no root needed)')
+    .addHelpText(
+      'after',
+      `
+With an agent on this host, ssh goes through its interface. Without one (or with
+--userspace) meshgate joins the mesh in this process as an ordinary user, with
+--coordinator, --fingerprint and --auth-key-file (- reads the key from stdin),
+finds the node by exact name, unique name prefix or mesh IP, runs the system ssh
+through the mesh with host key checking under the node's name, and logs out at
+the end:
+  metalctl vpn key ... | meshgate ssh --auth-key-file - fw1 -- -l metal hostname`,
+    )
+    .action(
+      async (
+        node: string,
+        sshArgs: string[],
+        o: { socket: string; userspace?: boolean } & UserspaceOptions,
+      ) => {
+        const at = node.lastIndexOf('@');
+        const user = at >= 0 ? node.slice(0, at + 1) : '';
+        const [options, command] = splitSshArgs(sshArgs);
+        const status = o.userspace ? null : await agentStatus(o.socket).catch((e: Error) => e);
+        if (status === null || (status instanceof Error && !existsSync(o.socket))) {
+          const mesh = await joinFromOptions(o);
+          try {
+            process.exitCode = await sshOverMesh(mesh, node.slice(at + 1), user, options, command);
+          } finally {
+            await mesh.close();
+          }
+          return;
+        }
+        if (status instanceof Error) throw status;
+        const peer = resolvePeer(status, node.slice(at + 1));
+        process.exitCode = await runInherit('ssh', [
+          ...options,
+          '--',
+          `${user}${peer.ipAddresses[0]}`,
+          ...command,
+        ]);
+      },
+    );
 
   socketOption(
     program

@@ -51,7 +51,7 @@ const SYN_RETRIES = 6;
 const DELAYED_ACK_MS = 20;
 const TIME_WAIT_MS = 30_000;
 const WINDOW_SCALE = 7;
-const DEFAULT_RECEIVE_BUFFER = 4 * 1024 * 1024;
+const DEFAULT_RECEIVE_BUFFER = 256 * 1024;
 
 interface InFlight {
   seq: number;
@@ -114,8 +114,9 @@ export class TcpConnection {
     this.sendSyn(nowMs);
   }
 
-  get key(): string {
-    return `${this.o.localPort}:${this.o.remotePort}`;
+  /** Bytes written and not yet acknowledged. */
+  get buffered(): number {
+    return this.unsentBytes + seq.diff(this.sndNxt, this.sndUna);
   }
 
   /** Queues data to send; false once the connection no longer sends. */
@@ -200,7 +201,8 @@ export class TcpConnection {
 
   nextDeadline(): number {
     let at = Number.POSITIVE_INFINITY;
-    for (const t of [this.rtoAt, this.ackAt, this.keepaliveAt, this.timeWaitAt]) if (t !== null && t < at) at = t;
+    for (const t of [this.rtoAt, this.ackAt, this.keepaliveAt, this.timeWaitAt])
+      if (t !== null && t < at) at = t;
     return at;
   }
 
@@ -251,7 +253,8 @@ export class TcpConnection {
   private acceptable(s: Segment): boolean {
     const len = s.payload.length + (s.flags & Flags.FIN ? 1 : 0);
     const wnd = this.window();
-    if (len === 0) return wnd === 0 ? s.seq === this.rcvNxt : inWindow(s.seq, this.rcvNxt, wnd) || s.seq === this.rcvNxt;
+    if (len === 0)
+      return wnd === 0 ? s.seq === this.rcvNxt : inWindow(s.seq, this.rcvNxt, wnd) || s.seq === this.rcvNxt;
     if (wnd === 0) return false;
     return inWindow(s.seq, this.rcvNxt, wnd) || inWindow(seq.add(s.seq, len - 1), this.rcvNxt, wnd);
   }
@@ -265,7 +268,11 @@ export class TcpConnection {
     }
     if (seq.le(s.ack, this.sndUna)) {
       const duplicate =
-        s.ack === this.sndUna && s.payload.length === 0 && !(s.flags & Flags.FIN) && newWnd === this.sndWnd && this.inFlight.length > 0;
+        s.ack === this.sndUna &&
+        s.payload.length === 0 &&
+        !(s.flags & Flags.FIN) &&
+        newWnd === this.sndWnd &&
+        this.inFlight.length > 0;
       this.sndWnd = newWnd;
       if (duplicate) this.duplicateAck(nowMs);
       return;
@@ -305,7 +312,10 @@ export class TcpConnection {
       }
     } else {
       this.dupAcks = 0;
-      this.cwnd += this.cwnd < this.ssthresh ? Math.min(acked, this.peerMss) : Math.max(1, Math.floor((this.peerMss * this.peerMss) / this.cwnd));
+      this.cwnd +=
+        this.cwnd < this.ssthresh
+          ? Math.min(acked, this.peerMss)
+          : Math.max(1, Math.floor((this.peerMss * this.peerMss) / this.cwnd));
     }
     this.rtoAt = this.inFlight.length ? nowMs + this.rto : null;
     if (this.finSent && this.inFlight.length === 0) this.finAcknowledged(nowMs);
@@ -350,18 +360,24 @@ export class TcpConnection {
     }
     if (start !== this.rcvNxt) {
       // Out of order: hold it, and ACK at once so the sender counts duplicates.
-      if (!this.outOfOrder.has(start) && this.outOfOrder.size < 1024) this.outOfOrder.set(start, { data: data.slice(), fin });
+      if (!this.outOfOrder.has(start) && this.outOfOrder.size < 1024)
+        this.outOfOrder.set(start, { data: data.slice(), fin });
       this.sendAck();
       return;
     }
     const filledHole = this.outOfOrder.size > 0;
     let gotFin = this.accept(data, fin);
-    for (let next = this.outOfOrder.get(this.rcvNxt); next && !gotFin; next = this.outOfOrder.get(this.rcvNxt)) {
+    for (
+      let next = this.outOfOrder.get(this.rcvNxt);
+      next && !gotFin;
+      next = this.outOfOrder.get(this.rcvNxt)
+    ) {
       this.outOfOrder.delete(this.rcvNxt);
       gotFin = this.accept(next.data, next.fin);
     }
     // Drop held segments that are now wholly behind rcvNxt.
-    for (const [k, v] of this.outOfOrder) if (seq.le(seq.add(k, v.data.length), this.rcvNxt)) this.outOfOrder.delete(k);
+    for (const [k, v] of this.outOfOrder)
+      if (seq.le(seq.add(k, v.data.length), this.rcvNxt)) this.outOfOrder.delete(k);
     if (gotFin) {
       this.events.push({ kind: 'end' });
       if (this.state === 'ESTABLISHED') this.state = 'CLOSE-WAIT';
@@ -453,10 +469,19 @@ export class TcpConnection {
   private retransmitTimeout(nowMs: number): void {
     this.rtoAt = null;
     if (this.state === 'SYN-SENT') {
-      if (++this.retransmits > SYN_RETRIES) return this.fail('ETIMEDOUT', 'connection timed out');
+      if (++this.retransmits > SYN_RETRIES) {
+        this.fail('ETIMEDOUT', 'connection timed out');
+        return;
+      }
       this.rto = Math.min(this.rto * 2, MAX_RTO_MS);
       this.timed = null;
-      this.emitSegment({ flags: Flags.SYN, seq: this.sndUna, ack: 0, mss: this.o.mss, windowScale: WINDOW_SCALE });
+      this.emitSegment({
+        flags: Flags.SYN,
+        seq: this.sndUna,
+        ack: 0,
+        mss: this.o.mss,
+        windowScale: WINDOW_SCALE,
+      });
       this.rtoAt = nowMs + this.rto;
       return;
     }
@@ -469,7 +494,10 @@ export class TcpConnection {
       }
       return;
     }
-    if (++this.retransmits > MAX_RETRANSMITS) return this.fail('ETIMEDOUT', 'connection timed out');
+    if (++this.retransmits > MAX_RETRANSMITS) {
+      this.fail('ETIMEDOUT', 'connection timed out');
+      return;
+    }
     this.ssthresh = Math.max(Math.floor(this.flight() / 2), 2 * this.peerMss);
     this.cwnd = this.peerMss;
     this.recover = null;
@@ -509,7 +537,10 @@ export class TcpConnection {
   }
 
   private emitSegment(s: Partial<Segment> & { flags: number; seq: number; ack: number }): void {
-    const wnd = this.state === 'SYN-SENT' && s.flags & Flags.SYN ? Math.min(this.window(), 65_535) : this.window() >> this.rcvScale;
+    const wnd =
+      this.state === 'SYN-SENT' && s.flags & Flags.SYN
+        ? Math.min(this.window(), 65_535)
+        : this.window() >> this.rcvScale;
     const window = Math.min(wnd, 65_535);
     if (!(s.flags & Flags.SYN)) this.lastAdvertised = window << this.rcvScale;
     if (s.flags & Flags.ACK) {

@@ -1,0 +1,527 @@
+// A mesh node inside one process, without TUN or root: it registers like an
+// agent, keeps the netmap, carries WireGuard over an unprivileged UDP socket
+// (and the coordinator's relay), and runs TCP connections and pings on top.
+import { randomBytes, randomInt } from 'node:crypto';
+import { createSocket, type Socket } from 'node:dgram';
+import { hostname as osHostname } from 'node:os';
+import { Duplex } from 'node:stream';
+import { ControlClient } from '../agent/control/client.js';
+import { formatEndpoint, localAddresses } from '../agent/control/endpoints.js';
+import { ControlSession } from '../agent/control/session.js';
+import { AGENT_VERSION } from '../agent/daemon.js';
+import { RelayConnection } from '../agent/relay/connection.js';
+import type { NetMap, Node } from '../proto/gen/meshgate/v1/types_pb.js';
+import { decodeWgKey, encodeWgKey, generateMachineKey, generateNodeKey } from '../proto/keys.js';
+import { TcpConnection } from './tcpip/connection.js';
+import { buildEcho, parseEcho } from './tcpip/icmp.js';
+import { formatAddress, type IpPacket, Protocol, parseAddress, parseIp } from './tcpip/ip.js';
+import { buildSegment, Flags, parseSegment } from './tcpip/segment.js';
+import { Device, type Output, type Peer as WgPeer } from './wireguard/device.js';
+import { MessageType, messageType } from './wireguard/messages.js';
+
+/** Mesh interfaces carry 1420-byte packets (WireGuard over a 1500-byte path). */
+const MESH_MTU = 1420;
+const DIAL_TIMEOUT_MS = 15_000;
+/** A stream's writes wait while this much is queued in its connection. */
+const SEND_HIGH_WATER = 1024 * 1024;
+const RELAY = 'relay:';
+
+export class MeshError extends Error {
+  override name = 'MeshError';
+}
+
+export interface JoinOptions {
+  coordinator: string;
+  fingerprint?: string;
+  authKey: string;
+  /** Name asked for at registration; the coordinator may add a suffix. */
+  hostname?: string;
+  /** Called with one line per notable event. */
+  log?: (line: string) => void;
+}
+
+export interface MeshPeer {
+  id: string;
+  name: string;
+  ipAddresses: string[];
+  online: boolean;
+  tags: string[];
+}
+
+interface PeerEntry {
+  info: MeshPeer;
+  wg: WgPeer;
+  addresses: Uint8Array[];
+  candidates: string[];
+}
+
+/** Joins the mesh; resolves once the first netmap has arrived. */
+export async function joinMesh(o: JoinOptions): Promise<Mesh> {
+  const mesh = new Mesh(o);
+  try {
+    await mesh.start();
+  } catch (e) {
+    await mesh.close();
+    throw e;
+  }
+  return mesh;
+}
+
+export class Mesh {
+  private readonly machine = generateMachineKey();
+  private readonly nodeKey = generateNodeKey();
+  private readonly device = new Device({ privateKey: this.nodeKey.secretKey });
+  private readonly client: ControlClient;
+  private readonly session: ControlSession;
+  private readonly relay: RelayConnection;
+  private readonly socket: Socket;
+  private self: Node | null = null;
+  private readonly own: Uint8Array[] = [];
+  private relayEnabled = false;
+  private readonly entries = new Map<string, PeerEntry>();
+  private readonly byKey = new Map<string, PeerEntry>();
+  private readonly connections = new Map<string, TcpConnection>();
+  /** Each connection's stream and the id of the peer it goes to. */
+  private readonly streams = new Map<TcpConnection, { socket: MeshSocket; peerId: string }>();
+  private readonly pings = new Map<number, () => void>();
+  private timer: NodeJS.Timeout | null = null;
+  private timerAt = Number.POSITIVE_INFINITY;
+  private closed = false;
+
+  constructor(private readonly o: JoinOptions) {
+    this.client = new ControlClient({
+      url: o.coordinator,
+      fingerprint: o.fingerprint,
+      machineSecretKey: this.machine.secretKey,
+    });
+    this.relay = new RelayConnection(this.client);
+    this.relay.on('datagram', (peerId, payload) => {
+      if (this.entries.has(peerId)) this.handle(this.device.receive(payload, RELAY + peerId, Date.now()));
+    });
+    this.socket = createSocket('udp4');
+    this.socket.on('message', (msg, r) =>
+      this.handle(this.device.receive(msg, `${r.address}:${r.port}`, Date.now())),
+    );
+    this.socket.on('error', (e) => this.log(`UDP socket: ${e.message}`));
+    this.session = new ControlSession(
+      this.client,
+      {
+        authKey: () => o.authKey,
+        nodePublic: this.nodeKey.publicKey,
+        machinePublic: this.machine.publicKey,
+        hostname: o.hostname ?? osHostname(),
+        os: process.platform,
+        version: AGENT_VERSION,
+        requestedTags: [],
+        advertisedRoutes: [],
+        endpoints: () => this.localEndpoints(),
+      },
+      false,
+    );
+  }
+
+  async start(): Promise<void> {
+    await new Promise<void>((resolve, reject) => {
+      this.socket.once('error', reject);
+      this.socket.bind(0, () => {
+        this.socket.off('error', reject);
+        resolve();
+      });
+    });
+    const first = new Promise<void>((resolve, reject) => {
+      this.session.once('netmap', () => resolve());
+      this.session.on('state', (s, detail) => {
+        if (s === 'offline' && !this.self) reject(new MeshError(`cannot join the mesh: ${detail}`));
+      });
+    });
+    this.session.on('registered', (node) => {
+      this.self = node;
+      this.client.nodeId = node.id;
+    });
+    this.session.on('netmap', (map) => this.onNetMap(map));
+    await this.session.start();
+    await first;
+  }
+
+  /** This node as the coordinator sees it. */
+  get node(): Node | null {
+    return this.self;
+  }
+
+  peers(): MeshPeer[] {
+    return [...this.entries.values()].map((e) => e.info);
+  }
+
+  /**
+   * The peer that `target` names: an exact node name, else a unique name
+   * prefix, else a mesh address.
+   */
+  resolve(target: string): MeshPeer {
+    const all = this.peers();
+    const exact = all.find((p) => p.name === target);
+    if (exact) return exact;
+    const byAddress = all.find((p) => p.ipAddresses.includes(target));
+    if (byAddress) return byAddress;
+    const prefixed = all.filter((p) => p.name.startsWith(target));
+    if (prefixed.length === 1) return prefixed[0]!;
+    if (prefixed.length > 1)
+      throw new MeshError(
+        `"${target}" matches ${prefixed.length} nodes: ${prefixed
+          .map((p) => p.name)
+          .sort()
+          .join(', ')}`,
+      );
+    throw new MeshError(
+      `no node "${target}" in this mesh (peers: ${
+        all
+          .map((p) => p.name)
+          .sort()
+          .join(', ') || 'none'
+      })`,
+    );
+  }
+
+  /** A TCP connection to `port` on `target` over the mesh. */
+  dial(target: string, port: number, timeoutMs = DIAL_TIMEOUT_MS): Promise<Duplex> {
+    const peer = this.entries.get(this.resolve(target).id)!;
+    const [remote, local] = this.route(peer);
+    let localPort: number;
+    do localPort = randomInt(49152, 65536);
+    while (this.connections.has(connKey(remote, port, localPort)));
+    const socket = new MeshSocket(this);
+    const conn = new TcpConnection(
+      {
+        localAddress: local,
+        remoteAddress: remote,
+        localPort,
+        remotePort: port,
+        iss: randomBytes(4).readUInt32BE(0),
+        mss: MESH_MTU - (remote.length === 4 ? 40 : 60),
+        unread: () => socket.readableLength,
+      },
+      Date.now(),
+    );
+    socket.attach(conn);
+    this.connections.set(connKey(remote, port, localPort), conn);
+    this.streams.set(conn, { socket, peerId: peer.info.id });
+    this.flushTcp(conn);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        socket.destroy();
+        reject(
+          new MeshError(
+            `${peer.info.name}:${port} did not answer over the mesh within ${timeoutMs / 1000} s`,
+          ),
+        );
+      }, timeoutMs);
+      socket.once('connect', () => {
+        clearTimeout(timer);
+        resolve(socket);
+      });
+      socket.once('error', (e) => {
+        clearTimeout(timer);
+        reject(e);
+      });
+    });
+  }
+
+  /** Round trip of one ICMP echo to `target` in ms. */
+  ping(target: string, timeoutMs = 5_000): Promise<number> {
+    const peer = this.entries.get(this.resolve(target).id)!;
+    const [remote, local] = this.route(peer);
+    const id = randomInt(1, 65536);
+    const started = performance.now();
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pings.delete(id);
+        reject(new MeshError(`no answer from ${peer.info.name} within ${timeoutMs / 1000} s`));
+      }, timeoutMs);
+      this.pings.set(id, () => {
+        clearTimeout(timer);
+        resolve(performance.now() - started);
+      });
+      this.handle(
+        this.device.send(
+          peer.wg,
+          buildEcho(local, remote, { reply: false, id, seq: 1, data: new Uint8Array(16) }),
+          Date.now(),
+        ),
+      );
+    });
+  }
+
+  /** Leaves the mesh: connections are reset and the coordinator forgets an ephemeral node at once. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    for (const conn of this.connections.values()) conn.abort();
+    if (this.self) await this.session.logout().catch(() => {});
+    this.session.stop();
+    this.relay.stop();
+    if (this.timer) clearTimeout(this.timer);
+    this.socket.close();
+  }
+
+  /** Sends what the connection has queued, then hands its events to its stream. */
+  flushTcp(conn: TcpConnection): void {
+    const stream = this.streams.get(conn);
+    const entry = stream && this.entries.get(stream.peerId);
+    const now = Date.now();
+    const packets = conn.out.splice(0);
+    if (entry) for (const p of packets) this.handle(this.device.send(entry.wg, p, now));
+    for (const e of conn.events.splice(0)) stream?.socket.event(e);
+    stream?.socket.progress();
+    if (conn.state === 'CLOSED') {
+      for (const [k, c] of this.connections) if (c === conn) this.connections.delete(k);
+      this.streams.delete(conn);
+    }
+    this.schedule();
+  }
+
+  private route(peer: PeerEntry): [Uint8Array, Uint8Array] {
+    for (const remote of peer.addresses) {
+      const local = this.own.find((a) => a.length === remote.length);
+      if (local) return [remote, local];
+    }
+    throw new MeshError(`${peer.info.name} has no mesh address this node can reach`);
+  }
+
+  private onNetMap(map: NetMap): void {
+    this.relayEnabled = map.relay?.enabled === true;
+    if (this.relayEnabled) this.relay.start();
+    if (map.self) {
+      this.self = map.self;
+      this.own.length = 0;
+      for (const a of map.self.ipAddresses) {
+        const b = parseAddress(a);
+        if (b) this.own.push(b);
+      }
+    }
+    const seen = new Set<string>();
+    for (const p of map.peers) {
+      seen.add(p.id);
+      let entry = this.entries.get(p.id);
+      if (entry && encodeWgKey(entry.wg.publicKey) !== p.nodeKey) {
+        this.device.removePeer(entry.wg.key);
+        this.byKey.delete(entry.wg.key);
+        entry = undefined;
+      }
+      const candidates = [
+        ...p.endpoints.map(unbracket),
+        ...(this.relayEnabled && p.relay ? [RELAY + p.id] : []),
+      ];
+      const info = {
+        id: p.id,
+        name: p.name,
+        ipAddresses: [...p.ipAddresses],
+        online: p.online,
+        tags: [...p.tags],
+      };
+      const addresses = p.ipAddresses.map(parseAddress).filter((a): a is Uint8Array => a !== null);
+      if (!entry) {
+        const wg = this.device.addPeer({
+          publicKey: decodeWgKey(p.nodeKey),
+          persistentKeepaliveSeconds: map.keepaliveSeconds || 25,
+        });
+        entry = { info, wg, addresses, candidates };
+        this.entries.set(p.id, entry);
+        this.byKey.set(wg.key, entry);
+      } else Object.assign(entry, { info, addresses, candidates });
+      entry.wg.endpoint ??= candidates[0] ?? null;
+      if (entry.wg.endpoint && !candidates.includes(entry.wg.endpoint))
+        entry.wg.endpoint = candidates[0] ?? null;
+    }
+    for (const [id, e] of this.entries) {
+      if (seen.has(id)) continue;
+      this.device.removePeer(e.wg.key);
+      this.byKey.delete(e.wg.key);
+      this.entries.delete(id);
+    }
+  }
+
+  private handle(outputs: Output[]): void {
+    for (const o of outputs) {
+      if (o.kind === 'transmit') this.transmit(o.to, o.data);
+      else if (o.kind === 'deliver') this.deliver(o.peer, o.packet);
+    }
+    this.schedule();
+  }
+
+  /** Handshake initiations go to every candidate at once; the path that answers first wins (WireGuard roams to it). */
+  private transmit(to: string, data: Uint8Array): void {
+    if (messageType(data) === MessageType.Initiation) {
+      const entry = [...this.entries.values()].find((e) => e.wg.endpoint === to || e.candidates.includes(to));
+      for (const c of entry?.candidates ?? [to]) this.sendTo(c, data);
+      return;
+    }
+    this.sendTo(to, data);
+  }
+
+  private sendTo(to: string, data: Uint8Array): void {
+    if (to.startsWith(RELAY)) {
+      this.relay.send(to.slice(RELAY.length), data);
+      return;
+    }
+    const i = to.lastIndexOf(':');
+    const host = to.slice(0, i);
+    if (host.includes(':')) return;
+    this.socket.send(data, Number(to.slice(i + 1)), host);
+  }
+
+  private deliver(wg: WgPeer, packet: Uint8Array): void {
+    const entry = this.byKey.get(wg.key);
+    const ip = parseIp(packet);
+    // Cryptokey routing: a peer may only send from its own mesh addresses.
+    if (!entry || !ip || !entry.addresses.some((a) => Buffer.from(a).equals(ip.source))) return;
+    if (ip.protocol === Protocol.TCP) this.deliverTcp(entry, ip);
+    else {
+      const echo = parseEcho(ip);
+      if (echo?.reply) this.pings.get(echo.id)?.();
+    }
+  }
+
+  private deliverTcp(entry: PeerEntry, ip: IpPacket): void {
+    const seg = parseSegment(ip.source, ip.destination, ip.payload);
+    if (!seg) return;
+    const conn = this.connections.get(connKey(ip.source, seg.sourcePort, seg.destinationPort));
+    if (conn) {
+      conn.receive(seg, Date.now());
+      this.flushTcp(conn);
+      return;
+    }
+    if (seg.flags & Flags.RST) return;
+    // Nothing listens here: refuse, as a host would.
+    const len = seg.payload.length + (seg.flags & Flags.SYN ? 1 : 0) + (seg.flags & Flags.FIN ? 1 : 0);
+    const rst =
+      seg.flags & Flags.ACK
+        ? { flags: Flags.RST, seq: seg.ack, ack: 0 }
+        : { flags: Flags.RST | Flags.ACK, seq: 0, ack: (seg.seq + len) >>> 0 };
+    const reply = buildSegment(ip.destination, ip.source, {
+      sourcePort: seg.destinationPort,
+      destinationPort: seg.sourcePort,
+      window: 0,
+      payload: new Uint8Array(0),
+      ...rst,
+    });
+    this.handle(this.device.send(entry.wg, reply, Date.now()));
+  }
+
+  private schedule(): void {
+    if (this.closed) return;
+    let at = this.device.nextDeadline();
+    for (const c of this.connections.values()) at = Math.min(at, c.nextDeadline());
+    if (at >= this.timerAt && this.timer) return;
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+    this.timerAt = at;
+    if (!Number.isFinite(at)) return;
+    this.timer = setTimeout(() => this.tick(), Math.max(0, at - Date.now()));
+  }
+
+  private tick(): void {
+    this.timer = null;
+    this.timerAt = Number.POSITIVE_INFINITY;
+    const now = Date.now();
+    this.handle(this.device.tick(now));
+    for (const c of [...this.connections.values()]) {
+      if (c.nextDeadline() <= now) {
+        c.tick(now);
+        this.flushTcp(c);
+      }
+    }
+    this.schedule();
+  }
+
+  private localEndpoints(): string[] {
+    const port = this.socket.address().port;
+    return localAddresses('')
+      .filter((a) => a.family === 4)
+      .map((a) => formatEndpoint(a.address, port));
+  }
+
+  private log(line: string): void {
+    this.o.log?.(line);
+  }
+}
+
+/** A TCP connection over the mesh as a Node stream. */
+export class MeshSocket extends Duplex {
+  private conn!: TcpConnection;
+  private pendingWrite: (() => void) | null = null;
+
+  constructor(private readonly mesh: Mesh) {
+    super({ allowHalfOpen: true });
+  }
+
+  attach(conn: TcpConnection): void {
+    this.conn = conn;
+  }
+
+  event(e: TcpConnection['events'][number]): void {
+    switch (e.kind) {
+      case 'connected':
+        this.emit('connect');
+        break;
+      case 'data':
+        this.push(e.data);
+        break;
+      case 'end':
+        this.push(null);
+        break;
+      case 'error':
+        this.destroy(Object.assign(new MeshError(e.message), { code: e.code }));
+        break;
+      case 'closed':
+        if (!this.destroyed && this.readableEnded) this.destroy();
+        break;
+    }
+  }
+
+  /** Lets a held-back write go on once the connection has room again. */
+  progress(): void {
+    if (this.pendingWrite && this.conn.buffered < SEND_HIGH_WATER) {
+      const cb = this.pendingWrite;
+      this.pendingWrite = null;
+      cb();
+    }
+  }
+
+  override _write(chunk: Buffer, _enc: BufferEncoding, cb: (e?: Error | null) => void): void {
+    if (!this.conn.write(new Uint8Array(chunk), Date.now())) {
+      cb(new MeshError('the connection is closed'));
+      return;
+    }
+    this.mesh.flushTcp(this.conn);
+    if (this.conn.buffered < SEND_HIGH_WATER) cb();
+    else this.pendingWrite = () => cb();
+  }
+
+  override _read(): void {
+    if (!this.conn) return;
+    this.conn.windowOpened();
+    this.mesh.flushTcp(this.conn);
+  }
+
+  override _final(cb: (e?: Error | null) => void): void {
+    this.conn.end(Date.now());
+    this.mesh.flushTcp(this.conn);
+    cb();
+  }
+
+  override _destroy(err: Error | null, cb: (e?: Error | null) => void): void {
+    if (this.conn && this.conn.state !== 'CLOSED') {
+      this.conn.abort();
+      this.mesh.flushTcp(this.conn);
+    }
+    cb(err);
+  }
+}
+
+function connKey(remote: Uint8Array, remotePort: number, localPort: number): string {
+  return `${formatAddress(remote)}|${remotePort}|${localPort}`;
+}
+
+/** "[v6]:port" as "v6:port"; the socket layer splits at the last colon. */
+function unbracket(endpoint: string): string {
+  return endpoint.replace(/^\[(.*)\]:(\d+)$/, '$1:$2');
+}
