@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { after, before, describe } from 'node:test';
+import { parseSecret } from '../../coordinator/state/secrets.js';
 import { TOOLS } from './harness/datacenter.js';
 import { buildOnce, labSteps, MeshLab, until } from './harness/mesh.js';
 import { Topology } from './harness/netns.js';
@@ -39,7 +40,7 @@ describe('agent', { skip: suiteSkip(TOOLS) }, () => {
       await lab.topo.exec('a', 'ping', ['-c', '1', '-W', '1', ipB]);
       return true;
     });
-    const secret = readFileSync(key, 'utf8').trim().split('-').pop()!;
+    const { secret } = parseSecret('auth', readFileSync(key, 'utf8'))!;
     const ps = execFileSync('ps', ['-eo', 'args'], { encoding: 'utf8' });
     assert.ok(ps.includes('meshgate agent') || ps.includes('bin/meshgate agent'), 'the agents show up in ps');
     assert.ok(!ps.includes(secret), 'the auth key secret is in no process argument');

@@ -91,7 +91,7 @@ describe('meshgate CLI against a coordinator process', () => {
       ['vpn', 'key', '--project', 'demo', '--ephemeral', '--expiration', '1h', ...remote],
       env,
     );
-    assert.match(vpn.stdout, /^mgkey-auth-[0-9a-f]{12}-[A-Za-z0-9_-]{43}\n$/, 'vpn key prints the key alone');
+    assert.match(vpn.stdout, /^mgkey-auth-[0-9a-f]{12}-[A-Za-z0-9]{43}\n$/, 'vpn key prints the key alone');
 
     const nodes = await meshgate(['nodes', 'list', '-o', 'json', ...remote], env);
     assert.equal(nodes.code, 0, nodes.stderr);
