@@ -2,7 +2,7 @@
 // coordinator, make an API key over the local socket, then a project and an
 // auth key from "another shell" with the pinned fingerprint.
 import assert from 'node:assert/strict';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { request } from 'node:https';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -15,6 +15,7 @@ function https(
   port: number,
   path: string,
   apiKey?: string,
+  body?: object,
 ): Promise<{ status: number; body: string }> {
   return new Promise((resolve, reject) => {
     const req = request(
@@ -22,9 +23,13 @@ function https(
         host: '127.0.0.1',
         port,
         path,
+        method: body ? 'POST' : 'GET',
         ca: readFileSync(join(dataDir, 'tls.crt')),
         servername: 'localhost',
-        headers: apiKey ? { authorization: `Bearer ${apiKey}` } : {},
+        headers: {
+          ...(apiKey ? { authorization: `Bearer ${apiKey}` } : {}),
+          ...(body ? { 'content-type': 'application/json' } : {}),
+        },
       },
       (res) => {
         let body = '';
@@ -35,7 +40,7 @@ function https(
       },
     );
     req.on('error', reject);
-    req.end();
+    req.end(body ? JSON.stringify(body) : undefined);
   });
 }
 
@@ -171,6 +176,101 @@ describe('meshgate CLI against a coordinator process', () => {
     assert.deepEqual(
       JSON.parse(rest.body).projects.map((p: { name: string }) => p.name),
       ['demo'],
+    );
+  });
+
+  it('refuses a policy whose tests fail or that cuts SSH to a locked-down node, unless forced', async () => {
+    const socket = ['--socket', join(dataDir, 'admin.sock')];
+    const project = ['--project', 'locked', ...socket];
+    assert.equal((await meshgate(['projects', 'create', 'locked', ...socket])).code, 0);
+    const key = JSON.parse(
+      (await meshgate(['keys', 'create', '--reusable', '-o', 'json', ...project])).stdout,
+    ).key;
+    const url = `grpcs://127.0.0.1:${c.grpcPort}`;
+    const fw = new SimAgent(url, c.fingerprint);
+    const ops = new SimAgent(url, c.fingerprint);
+    await fw.register(key, 'fw');
+    await ops.register(key, 'ops');
+    await fw.connect([22]);
+    await ops.connect();
+    const deadline = Date.now() + 10_000;
+    for (;;) {
+      const nodes = JSON.parse((await meshgate(['nodes', 'list', '-o', 'json', ...project])).stdout);
+      if (nodes.find((n: { name: string }) => n.name === 'fw')?.lockdownPorts?.[0] === 22) break;
+      assert.ok(Date.now() < deadline, 'the coordinator learns that fw is locked down');
+    }
+    const file = join(dataDir, 'policy.hujson');
+    const set = async (policy: string, ...extra: string[]) => {
+      writeFileSync(file, policy);
+      return meshgate(['policy', 'set', file, ...project, ...extra]);
+    };
+
+    const failing = await set(`{
+      "acls": [{ "action": "accept", "src": ["ops"], "dst": ["fw:22"] }],
+      "tests": [{ "src": "ops", "deny": ["fw:22"] }],
+    }`);
+    assert.equal(failing.code, 1);
+    assert.equal(
+      failing.stderr,
+      'meshgate: policy not set: 1 of its tests fails: deny fw:22 from ops: expected deny, got accept; fix it, or set it anyway with --force\n',
+    );
+    const none = await meshgate(['policy', 'get', ...project]);
+    assert.equal(none.code, 0);
+    assert.equal(none.stdout, '', 'no policy: nothing on stdout');
+    assert.equal(
+      none.stderr,
+      'project locked has no policy: every node of the project reaches every other\n',
+    );
+
+    const empty = await set('{"acls":[]}');
+    assert.equal(empty.code, 1);
+    assert.equal(
+      empty.stderr,
+      'meshgate: policy not set: it leaves no path from any other node of the project to locked-down fw (tcp 22); fix it, or set it anyway with --force\n',
+    );
+    const rest = await https(dataDir, c.httpPort, '/api/v1/SetPolicy', apiKey, {
+      project: 'locked',
+      policy: '{"acls":[]}',
+    });
+    assert.equal(rest.status, 412, rest.body);
+    assert.match(
+      JSON.parse(rest.body).error,
+      /^policy not set: it leaves no path .* locked-down fw \(tcp 22\)/,
+    );
+
+    const keepsSsh = await set('{"acls":[{ "action": "accept", "src": ["ops"], "dst": ["fw:22"] }]}');
+    assert.equal(keepsSsh.code, 0, keepsSsh.stderr);
+    const forced = await set('{"acls":[]}', '--force');
+    assert.equal(forced.code, 0, forced.stderr);
+    assert.equal(forced.stderr, 'policy of locked updated\n');
+
+    // What `policy get` prints sets the same policy again, and so does "no policy".
+    const got = await meshgate(['policy', 'get', ...project]);
+    assert.equal(got.stdout, '{"acls":[]}\n');
+    assert.equal((await set(got.stdout)).code, 0, 'a policy that cuts nothing new needs no --force');
+    assert.equal((await set('')).code, 0);
+    assert.equal((await set((await meshgate(['policy', 'get', ...project])).stdout)).code, 0);
+    assert.equal((await meshgate(['policy', 'get', ...project])).stdout, '');
+    fw.close();
+    ops.close();
+
+    const { default: Database } = await import('better-sqlite3');
+    const db = new Database(join(dataDir, 'meshgate.db'), { readonly: true });
+    const rows = db
+      .prepare("select detail from audit_log where action = 'policy.set' and target = 'locked'")
+      .all() as { detail: string }[];
+    db.close();
+    assert.deepEqual(
+      rows.map((r) => JSON.parse(r.detail)),
+      [
+        {},
+        {
+          force: true,
+          failedTests: [],
+          cut: ['fw (tcp 22)'],
+        },
+        {},
+      ],
     );
   });
 
