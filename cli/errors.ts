@@ -14,6 +14,9 @@ const EXPECTED = new Set([
   'MissingToolError',
   'AgentError',
   'TlsError',
+  'ListenError',
+  'DataDirError',
+  'LocalApiError',
 ]);
 
 export function describeError(err: unknown, coordinator?: string): string {

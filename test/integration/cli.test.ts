@@ -4,6 +4,7 @@
 import assert from 'node:assert/strict';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { request } from 'node:https';
+import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -170,6 +171,9 @@ describe('meshgate CLI against a coordinator process', () => {
     assert.match(metrics.body, /^meshgate_nodes_online \d+$/m);
     assert.match(metrics.body, /^meshgate_registrations_total\{result="new"\} 1$/m);
     assert.match(metrics.body, /^meshgate_api_key_expiry_seconds\{id="[0-9a-f]{12}"\} \d+$/m);
+    assert.match(metrics.body, /^meshgate_process_cpu_seconds_total \S+$/m);
+    assert.match(metrics.body, /^meshgate_nodejs_heap_size_used_bytes \S+$/m);
+    assert.doesNotMatch(metrics.body, /meshgate_process_(process|nodejs)_/, 'no doubled words in names');
     assert.equal((await https(dataDir, c.httpPort, '/api/v1/projects')).status, 401);
     const rest = await https(dataDir, c.httpPort, '/api/v1/projects', apiKey);
     assert.equal(rest.status, 200);
@@ -272,6 +276,125 @@ describe('meshgate CLI against a coordinator process', () => {
         {},
       ],
     );
+  });
+
+  it('says HTTPS for its HTTPS listener', () => {
+    assert.match(c.banner, new RegExp(`^  HTTPS         127\\.0\\.0\\.1:${c.httpPort}$`, 'm'));
+  });
+
+  it('keeps a second coordinator off its data dir and goes on serving', async () => {
+    const second = await meshgate([
+      'coordinator',
+      '--data-dir',
+      dataDir,
+      '--grpc-listen',
+      '127.0.0.1:0',
+      '--http-listen',
+      '127.0.0.1:0',
+    ]);
+    assert.equal(second.code, 1);
+    assert.equal(
+      second.stderr,
+      `meshgate: another coordinator (PID ${c.proc.pid}) is running with data dir ${dataDir}; stop it first, or give this one its own --data-dir\n`,
+    );
+    assert.equal(second.stdout, '');
+    const listed = await meshgate([
+      'projects',
+      'list',
+      '-o',
+      'json',
+      '--socket',
+      join(dataDir, 'admin.sock'),
+    ]);
+    assert.equal(listed.code, 0, `the first one's admin socket still answers: ${listed.stderr}`);
+    const remote = await meshgate(
+      [
+        'projects',
+        'list',
+        '--coordinator',
+        `grpcs://127.0.0.1:${c.grpcPort}`,
+        '--fingerprint',
+        c.fingerprint,
+      ],
+      env,
+    );
+    assert.equal(remote.code, 0, remote.stderr);
+  });
+
+  it('explains connection and start-up mistakes in one line', async () => {
+    const at = `127.0.0.1:${c.grpcPort}`;
+    const noEnv = { MESHGATE_COORDINATOR: '', MESHGATE_FINGERPRINT: '' };
+    const lines: [string, string[], string][] = [
+      [
+        'agent without --coordinator',
+        ['agent', '--auth-key-file', join(dataDir, 'nokey')],
+        'meshgate: no coordinator given: pass --coordinator grpcs://HOST:PORT, set MESHGATE_COORDINATOR, or put coordinator: in the --config file\n',
+      ],
+      [
+        'self-signed certificate without --fingerprint',
+        ['projects', 'list', '--coordinator', `grpcs://${at}`],
+        `meshgate: coordinator at ${at} has a self-signed certificate: pin its key with --fingerprint sha256:… (or MESHGATE_FINGERPRINT): the coordinator prints it when it starts, and "meshgate coordinator fingerprint" prints it on its host\n`,
+      ],
+      [
+        'grpc:// against the TLS port',
+        ['projects', 'list', '--coordinator', `grpc://${at}`],
+        `meshgate: coordinator at ${at} speaks TLS: use grpcs://${at} with --fingerprint (grpc:// is for a coordinator started with --plaintext)\n`,
+      ],
+      [
+        'status without an agent',
+        ['status', '--socket', join(dataDir, 'agent.sock')],
+        `meshgate: no agent is running (no socket at ${join(dataDir, 'agent.sock')}); start one with "meshgate agent"\n`,
+      ],
+    ];
+    for (const [what, args, line] of lines) {
+      const r = await meshgate(args, { ...env, ...noEnv });
+      assert.equal(r.code, 1, what);
+      assert.equal(r.stderr, line, what);
+    }
+
+    const plaintext = createServer((s) => s.end('HTTP/1.1 400 Bad Request\r\n\r\n'));
+    await new Promise<void>((r) => plaintext.listen(0, '127.0.0.1', r));
+    const plainAt = `127.0.0.1:${(plaintext.address() as { port: number }).port}`;
+    try {
+      for (const pin of [[], ['--fingerprint', c.fingerprint]]) {
+        const r = await meshgate(['projects', 'list', '--coordinator', `grpcs://${plainAt}`, ...pin], env);
+        assert.equal(r.code, 1);
+        assert.equal(
+          r.stderr,
+          `meshgate: coordinator at ${plainAt} does not speak TLS: use grpc://${plainAt} if it was started with --plaintext\n`,
+        );
+      }
+    } finally {
+      plaintext.close();
+    }
+
+    const otherDir = mkdtempSync(join(tmpdir(), 'meshgate-cli-'));
+    try {
+      for (const [flag, taken] of [
+        ['--grpc-listen', c.grpcPort],
+        ['--http-listen', c.httpPort],
+      ] as const) {
+        const free = flag === '--grpc-listen' ? '--http-listen' : '--grpc-listen';
+        const r = await meshgate([
+          'coordinator',
+          '--data-dir',
+          otherDir,
+          flag,
+          `127.0.0.1:${taken}`,
+          free,
+          '127.0.0.1:0',
+          '--log-level',
+          'warn',
+        ]);
+        assert.equal(r.code, 1, 'exits, does not hang');
+        assert.equal(
+          r.stderr,
+          `meshgate: cannot listen on 127.0.0.1:${taken}: the port is in use; stop what listens there or choose another with ${flag}\n`,
+        );
+      }
+    } finally {
+      rmSync(otherDir, { recursive: true, force: true });
+    }
   });
 
   it('writes every admin mutation to the audit log with its actor', async () => {
