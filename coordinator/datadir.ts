@@ -19,7 +19,13 @@ export class DataDirError extends Error {
 
 /** Creates the data dir, or refuses one that others can read: it holds the TLS key and the database. */
 export function prepareDataDir(dir: string): void {
-  if (!existsSync(dir)) mkdirSync(dir, { recursive: true, mode: 0o700 });
+  if (!existsSync(dir)) {
+    try {
+      mkdirSync(dir, { recursive: true, mode: 0o700 });
+    } catch (err) {
+      throw new DataDirError(`cannot create data dir ${dir}: ${(err as NodeJS.ErrnoException).code ?? err}`);
+    }
+  }
   for (const f of [dir, join(dir, 'tls.key'), join(dir, 'meshgate.db')]) {
     if (existsSync(f) && (statSync(f).mode & 0o077) !== 0) {
       throw new DataDirError(`${f} is accessible by group or others; run: chmod go-rwx ${f}`);

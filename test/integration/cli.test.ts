@@ -341,6 +341,11 @@ describe('meshgate CLI against a coordinator process', () => {
         `meshgate: coordinator at ${at} speaks TLS: use grpcs://${at} with --fingerprint (grpc:// is for a coordinator started with --plaintext)\n`,
       ],
       [
+        'a data dir that cannot be made',
+        ['coordinator', '--data-dir', '/dev/null/data'],
+        'meshgate: cannot create data dir /dev/null/data: ENOTDIR\n',
+      ],
+      [
         'status without an agent',
         ['status', '--socket', join(dataDir, 'agent.sock')],
         `meshgate: no agent is running (no socket at ${join(dataDir, 'agent.sock')}); start one with "meshgate agent"\n`,
