@@ -136,6 +136,7 @@ export class Agent {
         requestedTags: this.opts.advertiseTags,
         advertisedRoutes: this.opts.advertiseRoutes,
         endpoints: () => this.localEndpoints(),
+        lockdownPorts: this.opts.lockdownPorts,
       },
       identity.node !== null,
     );

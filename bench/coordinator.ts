@@ -225,9 +225,9 @@ export async function runSuite(
     }
 
     await sleep(1000);
-    const HEAP = 'meshgate_process_nodejs_heap_size_used_bytes';
-    const HEAP_TOTAL = 'meshgate_process_nodejs_heap_size_total_bytes';
-    const EXTERNAL = 'meshgate_process_nodejs_external_memory_bytes';
+    const HEAP = 'meshgate_nodejs_heap_size_used_bytes';
+    const HEAP_TOTAL = 'meshgate_nodejs_heap_size_total_bytes';
+    const EXTERNAL = 'meshgate_nodejs_external_memory_bytes';
     const rssBefore = c.rssBytes();
     const heapBefore = await c.metric(HEAP);
     phase(`connect: ${n} agents over ${fleet.connections} connections`);

@@ -4,7 +4,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { create, type MessageInitShape } from '@bufbuild/protobuf';
 import * as grpc from '@grpc/grpc-js';
 import type { Command } from 'commander';
-import { dial } from '../proto/dial.js';
+import { dial, explainUnavailable } from '../proto/dial.js';
 import { AdminService } from '../proto/gen/meshgate/v1/admin_pb.js';
 import { CLIENT_RECEIVE_LIMIT, makeClient, type Out, unary } from '../proto/grpc.js';
 import { CliError } from './errors.js';
@@ -77,7 +77,8 @@ export async function connectAdmin(flags: AdminFlags, env = process.env): Promis
     throw new CliError(
       'an API key is needed for a remote coordinator: set MESHGATE_API_KEY or pass --api-key-file',
     );
-  const endpoint = await dial(url, { fingerprint: flags.fingerprint ?? env.MESHGATE_FINGERPRINT });
+  const fingerprint = flags.fingerprint ?? env.MESHGATE_FINGERPRINT;
+  const endpoint = await dial(url, { fingerprint });
   const client = makeClient(AdminService, endpoint.target, endpoint.credentials, {
     ...CLIENT_RECEIVE_LIMIT,
     ...endpoint.options,
@@ -91,6 +92,10 @@ export async function connectAdmin(flags: AdminFlags, env = process.env): Promis
       const m = AdminService.method[method];
       return unary(client, AdminService, method, create(m.input, req as never) as never, md, {
         deadline: Date.now() + 15_000,
+      }).catch(async (err: Partial<grpc.ServiceError>) => {
+        if (err?.code === grpc.status.UNAVAILABLE)
+          throw (await explainUnavailable(url, { fingerprint })) ?? err;
+        throw err;
       });
     },
     close: () => client.close(),

@@ -15,6 +15,9 @@ const EXPECTED = new Set([
   'AgentError',
   'TlsError',
   'MeshError',
+  'ListenError',
+  'DataDirError',
+  'LocalApiError',
 ]);
 
 export function describeError(err: unknown, coordinator?: string): string {

@@ -1,7 +1,7 @@
 // Starts and stops the coordinator: store, state, mapper, the gRPC servers
 // (TLS on TCP, plaintext on the 0600 local admin socket), the HTTP listener
 // and the lifecycle timers.
-import { chmodSync, existsSync, mkdirSync, statSync, unlinkSync } from 'node:fs';
+import { chmodSync, existsSync, unlinkSync } from 'node:fs';
 import { createServer as createHttpServer, type Server as HttpServer } from 'node:http';
 import { createServer as createHttpsServer } from 'node:https';
 import { join } from 'node:path';
@@ -20,6 +20,7 @@ import { Metrics } from './api/metrics.js';
 import { RateLimiter } from './api/ratelimit.js';
 import { RelayHub } from './api/relay.js';
 import type { CoordinatorConfig } from './config.js';
+import { lockDataDir, prepareDataDir } from './datadir.js';
 import type { Logger } from './log.js';
 import { Mapper } from './mapper/mapper.js';
 import { State } from './state/state.js';
@@ -52,10 +53,31 @@ function splitHostPort(hp: string): { host: string; port: number } {
   return { host: hp.slice(0, i).replace(/^\[|\]$/g, '') || '0.0.0.0', port: Number(hp.slice(i + 1)) };
 }
 
-function bind(server: grpc.Server, address: string, creds: grpc.ServerCredentials): Promise<number> {
+export class ListenError extends Error {
+  override name = 'ListenError';
+}
+
+/** `flag` names the setting that picks the address, for the advice. */
+function listenError(address: string, flag: string, reason: string): ListenError {
+  const why = /EADDRINUSE/.test(reason)
+    ? `the port is in use; stop what listens there or choose another with ${flag}`
+    : /EACCES/.test(reason)
+      ? `permission denied; ports below 1024 need root, or choose another with ${flag}`
+      : /EADDRNOTAVAIL/.test(reason)
+        ? `this host has no such address; choose another with ${flag}`
+        : reason;
+  return new ListenError(`cannot listen on ${address}: ${why}`);
+}
+
+function bind(
+  server: grpc.Server,
+  address: string,
+  creds: grpc.ServerCredentials,
+  flag: string,
+): Promise<number> {
   return new Promise((resolve, reject) =>
     server.bindAsync(address, creds, (err, port) =>
-      err ? reject(new Error(`cannot listen on ${address}: ${err.message}`)) : resolve(port),
+      err ? reject(listenError(address, flag, err.message)) : resolve(port),
     ),
   );
 }
@@ -74,25 +96,59 @@ function shutdown(server: grpc.Server, graceMs = 3000): Promise<void> {
   });
 }
 
-/** Refuses a data dir that others can read: it holds the TLS key and the database. */
-function prepareDataDir(dir: string): void {
-  if (!existsSync(dir)) mkdirSync(dir, { recursive: true, mode: 0o700 });
-  for (const f of [dir, join(dir, 'tls.key'), join(dir, 'meshgate.db')]) {
-    if (existsSync(f) && (statSync(f).mode & 0o077) !== 0) {
-      throw new Error(`${f} is accessible by group or others; run: chmod go-rwx ${f}`);
-    }
-  }
+/**
+ * grpc-js writes its own messages to stderr, outside the log's format. A failed bind is one of them, and
+ * bind() already reports it in words a person can act on.
+ */
+function routeGrpcLogs(log: Logger): void {
+  grpc.setLogger({
+    error: (message: string) => {
+      if (!message.startsWith('No address added')) log.warn({ grpc: message }, 'grpc');
+    },
+    info: (message: string) => log.debug({ grpc: message }, 'grpc'),
+    debug: (message: string) => log.trace({ grpc: message }, 'grpc'),
+  });
 }
 
 export async function startCoordinator(config: CoordinatorConfig, log: Logger): Promise<Coordinator> {
   process.umask(0o077);
   tls.DEFAULT_MIN_VERSION = 'TLSv1.3';
   prepareDataDir(config.dataDir);
+  const lock = lockDataDir(config.dataDir);
+  routeGrpcLogs(log);
+  // What a failed start has to undo, newest first, so that the process can exit.
+  const undo: (() => unknown)[] = [() => lock.release()];
+  try {
+    const c = await start(config, log, undo);
+    return {
+      ...c,
+      async close() {
+        try {
+          await c.close();
+        } finally {
+          lock.release();
+        }
+      },
+    };
+  } catch (err) {
+    for (const step of undo.reverse()) {
+      try {
+        await step();
+      } catch {
+        // The start error is the one worth reporting.
+      }
+    }
+    throw err;
+  }
+}
+
+async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknown)[]): Promise<Coordinator> {
   const identity = config.plaintext ? null : await ensureTlsIdentity(config.dataDir, config.serverNames);
   if (identity?.created)
     log.info({ fingerprint: identity.fingerprint }, 'created TLS key and self-signed certificate');
 
   const store = await openStore({ url: config.database });
+  undo.push(() => store.close());
   const state = await State.load(store.db, { ephemeralTimeoutMs: parseDuration(config.ephemeralTimeout) });
   const metrics = new Metrics({
     nodesOnline: () => state.onlineCount(),
@@ -115,6 +171,7 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
     domainSuffix: config.domain,
     onDelivered: (ms) => metrics.deltaLatency.observe(ms / 1000),
   });
+  undo.push(() => mapper.close());
   const databaseOk = () => store.ping();
   const handlers = adminHandlers({ state, version: VERSION, databaseOk });
 
@@ -123,7 +180,9 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
     { bytesPerSecond: config.relay.bytesPerSecond, burstBytes: config.relay.burstBytes },
     metrics,
   );
+  undo.push(() => relay.close());
   const server = new grpc.Server(SERVER_OPTIONS);
+  undo.push(() => server.forceShutdown());
   server.addService(serviceDefinition(AdminService), adminImplementation(handlers, state, log, false));
   server.addService(
     serviceDefinition(ControlService),
@@ -144,13 +203,15 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
         false,
       )
     : grpc.ServerCredentials.createInsecure();
-  const grpcPort = await bind(server, config.grpcListen, creds);
+  const grpcPort = await bind(server, config.grpcListen, creds, '--grpc-listen');
 
   const adminSocket = join(config.dataDir, 'admin.sock');
   if (existsSync(adminSocket)) unlinkSync(adminSocket);
   const local = new grpc.Server(SERVER_OPTIONS);
+  undo.push(() => local.forceShutdown());
   local.addService(serviceDefinition(AdminService), adminImplementation(handlers, state, log, true));
-  await bind(local, `unix://${adminSocket}`, grpc.ServerCredentials.createInsecure());
+  await bind(local, `unix://${adminSocket}`, grpc.ServerCredentials.createInsecure(), '--data-dir');
+  undo.push(() => existsSync(adminSocket) && unlinkSync(adminSocket));
   chmodSync(adminSocket, 0o600);
 
   const app = httpApp({ handlers, state, metrics, databaseOk, log });
@@ -159,7 +220,7 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
     : createHttpServer(app);
   const { host, port } = splitHostPort(config.httpListen);
   await new Promise<void>((resolve, reject) => {
-    http.once('error', (err) => reject(new Error(`cannot listen on ${config.httpListen}: ${err.message}`)));
+    http.once('error', (err) => reject(listenError(config.httpListen, '--http-listen', err.message)));
     http.listen(port, host, resolve);
   });
   const httpPort = (http.address() as { port: number }).port;

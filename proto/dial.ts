@@ -4,7 +4,7 @@
 // coordinator's local admin socket).
 import { X509Certificate } from 'node:crypto';
 import { isIP } from 'node:net';
-import { connect } from 'node:tls';
+import { checkServerIdentity, connect } from 'node:tls';
 import * as grpc from '@grpc/grpc-js';
 import { spkiOf } from './fingerprint.js';
 
@@ -92,7 +92,11 @@ function fetchPinnedCertificate(
     });
     socket.once('error', (err: NodeJS.ErrnoException) => {
       clearTimeout(timer);
-      reject(new DialError(`cannot reach coordinator at ${host}:${port}: ${err.code ?? err.message}`));
+      reject(
+        NOT_TLS.has(err.code ?? '')
+          ? notTls(`${host}:${port}`)
+          : new DialError(`cannot reach coordinator at ${host}:${port}: ${err.code ?? err.message}`),
+      );
     });
   });
 }
@@ -109,8 +113,16 @@ export async function dial(url: string, opts: DialOptions = {}): Promise<Endpoin
   const target = `${u.host}:${u.port}`;
   if (u.scheme === 'grpc')
     return { target, credentials: grpc.credentials.createInsecure(), display: target, options: {} };
-  if (!opts.fingerprint)
-    return { target, credentials: grpc.credentials.createSsl(), display: target, options: {} };
+  const ip = isIP(u.host.replace(/^\[|\]$/g, '')) !== 0;
+  if (!opts.fingerprint) {
+    if (!ip) return { target, credentials: grpc.credentials.createSsl(), display: target, options: {} };
+    // SNI must not be an IP address (Node warns); the certificate is still checked against the IP itself.
+    const address = u.host.replace(/^\[|\]$/g, '');
+    const credentials = grpc.credentials.createSsl(null, null, null, {
+      checkServerIdentity: (_host, cert) => checkServerIdentity(address, cert),
+    });
+    return { target, credentials, display: target, options: { 'grpc.ssl_target_name_override': SNI } };
+  }
   const pin = normalizeFingerprint(opts.fingerprint);
   const pem = await fetchPinnedCertificate(u.host, u.port, pin, opts.timeoutMs ?? 10_000);
   const credentials = grpc.credentials.createSsl(Buffer.from(pem), null, null, {
@@ -121,8 +133,89 @@ export async function dial(url: string, opts: DialOptions = {}): Promise<Endpoin
         : new DialError('coordinator key changed during connect'),
   });
   // SNI must not be an IP address; with a pin the name is not checked anyway.
-  const options = isIP(u.host.replace(/^\[|\]$/g, ''))
-    ? { 'grpc.ssl_target_name_override': 'meshgate-coordinator' }
-    : {};
+  const options = ip ? { 'grpc.ssl_target_name_override': SNI } : {};
   return { target, credentials, display: target, options };
+}
+
+const SNI = 'meshgate-coordinator';
+
+/** What a TLS client sees when the other side answers its hello with plaintext, or hangs up on it. */
+const NOT_TLS = new Set(['ERR_SSL_WRONG_VERSION_NUMBER', 'ERR_SSL_PACKET_LENGTH_TOO_LONG', 'ECONNRESET']);
+
+const notTls = (at: string) =>
+  new DialError(
+    `coordinator at ${at} does not speak TLS: use grpc://${at} if it was started with --plaintext`,
+  );
+
+/** What one TLS handshake with rejectUnauthorized off tells about an address. */
+type Probe =
+  | { kind: 'tls'; authorizationError: string | null }
+  | { kind: 'not-tls' }
+  | { kind: 'unreachable'; reason: string };
+
+function probeTls(host: string, port: number, timeoutMs: number): Promise<Probe> {
+  return new Promise((resolve) => {
+    const address = host.replace(/^\[|\]$/g, '');
+    const socket = connect({
+      host: address,
+      port,
+      rejectUnauthorized: false,
+      ALPNProtocols: ['h2'],
+      servername: isIP(address) ? undefined : address,
+    });
+    const done = (p: Probe) => {
+      clearTimeout(timer);
+      socket.destroy();
+      resolve(p);
+    };
+    const timer = setTimeout(
+      () => done({ kind: 'unreachable', reason: `timed out after ${timeoutMs / 1000}s` }),
+      timeoutMs,
+    );
+    socket.once('secureConnect', () => {
+      const e = socket.authorizationError as (Error & { code?: string }) | string | null;
+      done({
+        kind: 'tls',
+        authorizationError: e ? (typeof e === 'string' ? e : (e.code ?? e.message)) : null,
+      });
+    });
+    socket.once('error', (err: NodeJS.ErrnoException) =>
+      done(
+        NOT_TLS.has(err.code ?? '')
+          ? { kind: 'not-tls' }
+          : { kind: 'unreachable', reason: err.code ?? err.message },
+      ),
+    );
+  });
+}
+
+const SELF_SIGNED = new Set(['DEPTH_ZERO_SELF_SIGNED_CERT', 'SELF_SIGNED_CERT_IN_CHAIN']);
+
+/**
+ * Why a call to `url` found the coordinator unavailable, in words a person can act on: one TLS handshake
+ * tells a closed port from a TLS port dialled as plaintext, a plaintext port dialled as TLS, and a
+ * certificate that needs a pinned fingerprint. Null when the probe sees nothing wrong.
+ */
+export async function explainUnavailable(url: string, opts: DialOptions = {}): Promise<DialError | null> {
+  const u = parseCoordinatorUrl(url);
+  if (u.scheme === 'unix') return null;
+  const at = `${u.host}:${u.port}`;
+  const probe = await probeTls(u.host, u.port, opts.timeoutMs ?? 5_000);
+  if (probe.kind === 'unreachable')
+    return new DialError(`cannot reach coordinator at ${at}: ${probe.reason}`);
+  if (u.scheme === 'grpc')
+    return probe.kind === 'tls'
+      ? new DialError(
+          `coordinator at ${at} speaks TLS: use grpcs://${at} with --fingerprint (grpc:// is for a coordinator started with --plaintext)`,
+        )
+      : null;
+  if (probe.kind === 'not-tls') return notTls(at);
+  if (opts.fingerprint || !probe.authorizationError) return null;
+  const pin =
+    'pin its key with --fingerprint sha256:… (or MESHGATE_FINGERPRINT): the coordinator prints it when it starts, and "meshgate coordinator fingerprint" prints it on its host';
+  return SELF_SIGNED.has(probe.authorizationError)
+    ? new DialError(`coordinator at ${at} has a self-signed certificate: ${pin}`)
+    : new DialError(
+        `coordinator at ${at} has a certificate this host does not trust (${probe.authorizationError}): ${pin}`,
+      );
 }

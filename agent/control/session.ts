@@ -29,6 +29,8 @@ export interface RegistrationInfo {
   requestedTags: string[];
   advertisedRoutes: string[];
   endpoints: () => string[];
+  /** Told to the coordinator so that it can refuse a policy that would cut SSH to this node. */
+  lockdownPorts: number[];
 }
 
 export type ConnectionState = 'connecting' | 'connected' | 'offline';
@@ -155,7 +157,11 @@ export class ControlSession extends EventEmitter<SessionEvents> {
           create(SyncRequestSchema, {
             message: {
               case: 'hello',
-              value: { version: this.info.version, endpoints: this.info.endpoints() },
+              value: {
+                version: this.info.version,
+                endpoints: this.info.endpoints(),
+                lockdownPorts: this.info.lockdownPorts,
+              },
             },
           }),
         );

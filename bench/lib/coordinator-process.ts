@@ -106,7 +106,7 @@ export class CoordinatorProcess {
       let out = '';
       proc.stdout!.setEncoding('utf8').on('data', (d: string) => {
         out += d;
-        const http = /HTTP\s+\S+:(\d+)/.exec(out);
+        const http = /HTTPS?\s+\S+:(\d+)/.exec(out);
         const fp = /fingerprint\s+(sha256:[0-9a-f]{64})/.exec(out);
         if (http && fp) {
           this.httpPort = Number(http[1]);
@@ -140,7 +140,7 @@ export class CoordinatorProcess {
     return Number(m?.[1] ?? 0) * 1024;
   }
 
-  /** A value from the coordinator's /metrics, e.g. meshgate_process_nodejs_heap_size_used_bytes. */
+  /** A value from the coordinator's /metrics, e.g. meshgate_nodejs_heap_size_used_bytes. */
   metric(name: string): Promise<number> {
     return new Promise((resolve, reject) => {
       get(

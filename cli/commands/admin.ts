@@ -118,6 +118,7 @@ const NODE_COLUMNS: Column<Node>[] = [
   { header: 'EXPIRES', value: (n) => (n.expired ? 'expired' : iso(n.expiresAt)), wide: true },
   { header: 'ENDPOINTS', value: (n) => n.endpoints.join(','), wide: true },
   { header: 'ROUTES', value: (n) => n.approvedRoutes.join(','), wide: true },
+  { header: 'LOCKDOWN', value: (n) => n.lockdownPorts.map((p) => `tcp ${p}`).join(','), wide: true },
   { header: 'FULL ID', value: (n) => n.id, wide: true },
 ];
 
@@ -331,17 +332,29 @@ export function registerAdminCommands(program: Command): void {
       const r = await c.call('getPolicy', { project: String(o.project) });
       if (c.format === 'json' || c.format === 'yaml')
         out(render(c.format, { policy: r.policy, updatedAt: iso(r.updatedAt) }, [], []));
-      else out(r.policy || '(no policy: every node of the project reaches every other)');
+      // Nothing on stdout, so that `policy get > f && policy set f` restores "no policy" too.
+      else if (!r.policy)
+        process.stderr.write(
+          `project ${String(o.project)} has no policy: every node of the project reaches every other\n`,
+        );
+      else process.stdout.write(r.policy.endsWith('\n') ? r.policy : `${r.policy}\n`);
     },
   );
   withAdmin(
     policy
       .command('set [file]')
-      .description('validate and set the policy from FILE (- for stdin); empty FILE removes it')
-      .requiredOption('--project <project>', 'project'),
+      .description(
+        "validate and set the policy from FILE (- for stdin); empty FILE removes it. Refused when the policy's tests fail or it cuts every SSH path to a locked-down node",
+      )
+      .requiredOption('--project <project>', 'project')
+      .option('--force', 'set it even then (recorded in the audit log)'),
     async (c, [file], o) => {
       if (!file) throw new CliError('give a policy file, or - to read it from stdin');
-      await c.call('setPolicy', { project: String(o.project), policy: readPolicyFile(file) });
+      await c.call('setPolicy', {
+        project: String(o.project),
+        policy: readPolicyFile(file),
+        force: o.force === true,
+      });
       process.stderr.write(`policy of ${String(o.project)} updated\n`);
     },
   );

@@ -134,7 +134,12 @@ Example (what install.sh runs under systemd):
           logLevel: o.logLevel,
         }).filter(([, v]) => v !== undefined),
       );
-      const parsed = AgentConfig.safeParse({ ...fromFile, ...flags });
+      const merged = { ...fromFile, ...flags };
+      if (!merged.coordinator)
+        throw new CliError(
+          'no coordinator given: pass --coordinator grpcs://HOST:PORT, set MESHGATE_COORDINATOR, or put coordinator: in the --config file',
+        );
+      const parsed = AgentConfig.safeParse(merged);
       if (!parsed.success) {
         const issue = parsed.error.issues[0]!;
         throw new CliError(`${issue.path.join('.') || 'configuration'}: ${issue.message}`);

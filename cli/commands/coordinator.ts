@@ -51,7 +51,8 @@ socket (0600) in the data dir needs no API key: use it to create the first one:
         [
           `meshgate coordinator ${VERSION}`,
           `  gRPC          ${config.grpcListen.replace(/:\d+$/, `:${c.grpcPort}`)}${config.plaintext ? ' (plaintext)' : ' (TLS 1.3)'}`,
-          `  HTTP          ${config.httpListen.replace(/:\d+$/, `:${c.httpPort}`)}`,
+          // The HTTP listener serves TLS with the same certificate unless --plaintext.
+          `  ${config.plaintext ? 'HTTP ' : 'HTTPS'}         ${config.httpListen.replace(/:\d+$/, `:${c.httpPort}`)}`,
           `  admin socket  ${c.adminSocket}`,
           `  database      ${config.database.replace(/\/\/[^@/]*@/, '//***@')}`,
           ...(c.fingerprint ? [`  fingerprint   ${c.fingerprint}`] : []),

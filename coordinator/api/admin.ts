@@ -198,7 +198,12 @@ export function adminHandlers({ state, version, databaseOk }: AdminDeps): AdminH
       });
     },
     async setPolicy(req, { actor }) {
-      const at = await state.setPolicy(actor, req.project, sized('policy', req.policy, LIMITS.policy));
+      const at = await state.setPolicy(
+        actor,
+        req.project,
+        sized('policy', req.policy, LIMITS.policy),
+        req.force,
+      );
       return msg(pb.SetPolicyResponseSchema, { updatedAt: ts(at) });
     },
     async checkPolicy(req) {

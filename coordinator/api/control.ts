@@ -27,7 +27,7 @@ import type { Metrics } from './metrics.js';
 import type { RateLimiter } from './ratelimit.js';
 import type { RelayHub } from './relay.js';
 import { grpcError, toStatus } from './status.js';
-import { isCidr, isEndpoint, key32, LIMITS, list, tags, text } from './validate.js';
+import { isCidr, isEndpoint, key32, LIMITS, list, lockdownPorts, tags, text } from './validate.js';
 
 export interface ControlDeps {
   state: State;
@@ -206,8 +206,10 @@ export function controlImplementation(deps: ControlDeps): grpc.UntypedServiceImp
     const m = req.message;
     if (m.case === 'hello' || m.case === 'endpoints') {
       const eps = list('endpoints', m.value.endpoints, LIMITS.endpoints, isEndpoint, 'host:port');
-      if (m.case === 'hello')
+      if (m.case === 'hello') {
         await state.updateVersion(nodeId, text('version', m.value.version, LIMITS.version));
+        await state.updateLockdownPorts(nodeId, lockdownPorts(m.value.lockdownPorts));
+      }
       await state.updateEndpoints(nodeId, eps);
       state.setObservedEndpoint(nodeId, observedEndpoint(peer, eps));
     } else if (m.case === 'health' && !m.value.ok) {

@@ -20,7 +20,8 @@ export class Metrics {
 
   constructor(src: MetricSources) {
     const registers = [this.registry];
-    collectDefaultMetrics({ register: this.registry, prefix: 'meshgate_process_' });
+    // prom-client's own names start with process_ or nodejs_ already.
+    collectDefaultMetrics({ register: this.registry, prefix: 'meshgate_' });
     new Gauge({
       name: 'meshgate_nodes_online',
       help: 'Nodes with an open control stream',

@@ -11,6 +11,7 @@ export const LIMITS = {
   endpoints: 16,
   routes: 64,
   tags: 32,
+  lockdownPorts: 16,
   reason: 256,
   description: 256,
   policy: 1024 * 1024,
@@ -46,6 +47,14 @@ export function isEndpoint(v: string): boolean {
   const host = m[1] ?? m[2]!;
   const port = Number(m[3]);
   return isIP(host) === (m[1] ? 6 : 4) && port > 0 && port < 65536;
+}
+
+/** Sorted and without duplicates, so that an unchanged setting compares equal. */
+export function lockdownPorts(values: number[]): number[] {
+  if (values.length > LIMITS.lockdownPorts)
+    throw invalid(`lockdown_ports: at most ${LIMITS.lockdownPorts} entries`);
+  for (const p of values) if (p < 1 || p > 65535) throw invalid(`lockdown_ports: ${p} is not a TCP port`);
+  return [...new Set(values)].sort((a, b) => a - b);
 }
 
 export function isCidr(v: string): boolean {

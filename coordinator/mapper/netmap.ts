@@ -49,6 +49,7 @@ export function nodeMessage(state: State, n: NodeRecord): Node {
     advertisedRoutes: n.advertisedRoutes,
     approvedRoutes: n.approvedRoutes,
     authKeyId: n.authKeyId,
+    lockdownPorts: n.lockdownPorts,
   });
 }
 

@@ -25,6 +25,8 @@ export interface NodeRecord {
   createdAt: number;
   lastSeen: number | null;
   expiresAt: number | null;
+  /** TCP ports the node closes everywhere but on the mesh, as its agent last reported them. */
+  lockdownPorts: number[];
 }
 
 export interface AuthKeyRecord {
@@ -64,6 +66,7 @@ export function nodeFromRow(r: NodeTable): NodeRecord {
     createdAt: Number(r.created_at),
     lastSeen: r.last_seen === null ? null : Number(r.last_seen),
     expiresAt: r.expires_at === null ? null : Number(r.expires_at),
+    lockdownPorts: JSON.parse(r.lockdown_ports) as number[],
   };
 }
 
@@ -89,6 +92,7 @@ export function nodeToRow(n: NodeRecord): NodeTable {
     created_at: n.createdAt,
     last_seen: n.lastSeen,
     expires_at: n.expiresAt,
+    lockdown_ports: JSON.stringify(n.lockdownPorts),
   };
 }
 

@@ -1,7 +1,10 @@
 // Auth keys and API keys: "mgkey-<kind>-<prefix>-<secret>". The prefix is
-// public and used for lookup; only SHA-256 of the 32-byte secret is stored
-// (a random 256-bit secret needs no slow hash), and it is compared in
-// constant time.
+// public and used for lookup; only SHA-256 of the secret is stored (a random
+// 256-bit secret needs no slow hash), and it is compared in constant time.
+// Secrets are 43 base62 characters (256 bits): no '-' or '_', so a
+// double-click selects the whole secret and splitting the key on '-' cannot
+// cut it. Keys issued before had base64url secrets of the same length; they
+// still parse, and their stored hashes still match.
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
 
 export type SecretKind = 'auth' | 'api';
@@ -14,7 +17,7 @@ export interface IssuedSecret {
 
 export function issueSecret(kind: SecretKind): IssuedSecret {
   const id = randomBytes(6).toString('hex');
-  const secret = randomBytes(32).toString('base64url');
+  const secret = randomBase62(SECRET_LENGTH);
   return { id, key: `mgkey-${kind}-${id}-${secret}`, hash: hashSecret(secret) };
 }
 
@@ -23,6 +26,22 @@ export interface ParsedSecret {
   secret: string;
 }
 
+const BASE62 = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789';
+/** 62^43 > 2^256. */
+const SECRET_LENGTH = 43;
+
+/** Uniform: bytes at or above 248 (4 x 62) are dropped rather than folded, which would bias the first letters. */
+function randomBase62(length: number): string {
+  let out = '';
+  while (out.length < length) {
+    for (const b of randomBytes(length)) {
+      if (b < 248 && out.length < length) out += BASE62[b % 62];
+    }
+  }
+  return out;
+}
+
+// The secret class is base64url's so that keys issued before base62 keep working.
 const FORMAT = /^mgkey-(auth|api)-([0-9a-f]{12})-([A-Za-z0-9_-]{43})$/;
 
 /** Null when `text` is not a key of this kind; never echoes the text. */

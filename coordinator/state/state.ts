@@ -17,6 +17,7 @@ import {
   type PolicyTestOutcome,
   parsePolicy,
   runPolicyTests,
+  TcpPaths,
 } from '../policy/index.js';
 import type { Database } from '../store/schema.js';
 import { audit } from './audit.js';
@@ -314,6 +315,7 @@ export class State {
       createdAt: now,
       lastSeen: now,
       expiresAt: null,
+      lockdownPorts: [],
     };
     // Claim the name before awaiting so a concurrent registration picks another.
     this.indexNode(node);
@@ -442,6 +444,18 @@ export class State {
       .where('id', '=', id)
       .execute();
     this.emit({ type: 'node-patched', node: n, endpointsChanged: true });
+  }
+
+  /** Peers do not see it; only policy changes are checked against it. */
+  async updateLockdownPorts(id: string, ports: number[]): Promise<void> {
+    const n = this.nodes.get(id);
+    if (!n || sameList(ports, n.lockdownPorts)) return;
+    await this.db
+      .updateTable('nodes')
+      .set({ lockdown_ports: JSON.stringify(ports) })
+      .where('id', '=', id)
+      .execute();
+    n.lockdownPorts = ports;
   }
 
   async updateVersion(id: string, version: string): Promise<void> {
@@ -614,19 +628,45 @@ export class State {
     return this.policies.get(project);
   }
 
-  async setPolicy(actor: string, project: string, source: string): Promise<number> {
+  /**
+   * Refuses, unless forced, a policy whose own tests fail or that leaves a locked-down node with no path
+   * from the rest of the project on a port it closes elsewhere: that node would be reachable from nowhere.
+   */
+  async setPolicy(actor: string, project: string, source: string, force = false): Promise<number> {
     this.requireProject(project);
     const now = this.now();
     const parsed = source.trim() ? parseOrInvalid(source) : null;
+    const objections = parsed ? this.policyObjections(project, parsed) : { failedTests: [], cut: [] };
+    const objected = objections.failedTests.length > 0 || objections.cut.length > 0;
+    if (objected && !force) throw precondition(`policy not set: ${describeObjections(objections)}`);
     await this.db.transaction().execute(async (tx) => {
       await tx.deleteFrom('policies').where('project', '=', project).execute();
       if (parsed) await tx.insertInto('policies').values({ project, source, updated_at: now }).execute();
-      await audit(tx, this.now(), actor, parsed ? 'policy.set' : 'policy.remove', project);
+      const detail = objected ? { force: true, ...objections } : force ? { force: true } : {};
+      await audit(tx, this.now(), actor, parsed ? 'policy.set' : 'policy.remove', project, detail);
     });
     if (parsed) this.policies.set(project, { source, parsed, updatedAt: now });
     else this.policies.delete(project);
     this.emit({ type: 'policy-changed', project });
     return now;
+  }
+
+  private policyObjections(project: string, policy: Policy): PolicyObjections {
+    const nodes = this.activeProjectNodes(project);
+    const members = nodes.map(policyNode);
+    const failedTests = runPolicyTests(policy, members)
+      .filter((t) => !t.passed)
+      .map((t) => t.message);
+    const locked = nodes.filter((n) => n.lockdownPorts.length > 0);
+    if (locked.length === 0) return { failedTests, cut: [] };
+    const before = new TcpPaths(this.policies.get(project)?.parsed ?? null, members);
+    const after = new TcpPaths(policy, members);
+    const cut = locked.flatMap((n) =>
+      n.lockdownPorts
+        .filter((port) => before.hasPath(n.id, port) && !after.hasPath(n.id, port))
+        .map((port) => `${n.name} (tcp ${port})`),
+    );
+    return { failedTests, cut };
   }
 
   checkPolicy(project: string, source: string | undefined): PolicyTestOutcome[] {
@@ -802,6 +842,27 @@ export function policyNode(n: NodeRecord): PolicyNode {
   };
 }
 
+interface PolicyObjections {
+  /** Messages of the policy's own tests that fail. */
+  failedTests: string[];
+  /** "node (tcp PORT)" for each locked-down port that has a path from another node now and would have none. */
+  cut: string[];
+}
+
+function describeObjections({ failedTests, cut }: PolicyObjections): string {
+  const few = (items: string[]) =>
+    items.length > 3 ? `${items.slice(0, 3).join('; ')}; and ${items.length - 3} more` : items.join('; ');
+  const reasons = [
+    ...(failedTests.length
+      ? [`${failedTests.length} of its tests fail${failedTests.length > 1 ? '' : 's'}: ${few(failedTests)}`]
+      : []),
+    ...(cut.length
+      ? [`it leaves no path from any other node of the project to locked-down ${few(cut)}`]
+      : []),
+  ];
+  return `${reasons.join('; and ')}; fix it, or set it anyway with --force`;
+}
+
 function parseOrInvalid(source: string): Policy {
   try {
     return parsePolicy(source);
@@ -811,7 +872,7 @@ function parseOrInvalid(source: string): Policy {
   }
 }
 
-function sameList(a: string[], b: string[]): boolean {
+function sameList<T>(a: readonly T[], b: readonly T[]): boolean {
   return a.length === b.length && a.every((x, i) => x === b[i]);
 }
 

@@ -96,6 +96,14 @@ function migrations(dialect: Dialect): Record<string, Migration> {
           .execute();
       },
     },
+    '0002_node_lockdown_ports': {
+      async up(db: Kysely<unknown>) {
+        await db.schema
+          .alterTable('nodes')
+          .addColumn('lockdown_ports', 'text', (c) => c.notNull().defaultTo('[]'))
+          .execute();
+      },
+    },
   };
 }
 

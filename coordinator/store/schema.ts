@@ -53,6 +53,8 @@ export interface NodeTable {
   created_at: number;
   last_seen: number | null;
   expires_at: number | null;
+  /** JSON list of the TCP ports the agent reachable only over the mesh (--lockdown-ssh). */
+  lockdown_ports: string;
 }
 
 export interface PolicyTable {

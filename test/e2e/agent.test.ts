@@ -4,8 +4,10 @@
 // on the mesh, and the mesh survives the coordinator going away.
 import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { after, before, describe } from 'node:test';
+import { parseSecret } from '../../coordinator/state/secrets.js';
 import { TOOLS } from './harness/datacenter.js';
 import { buildOnce, labSteps, MeshLab, until } from './harness/mesh.js';
 import { Topology } from './harness/netns.js';
@@ -39,7 +41,7 @@ describe('agent', { skip: suiteSkip(TOOLS) }, () => {
       await lab.topo.exec('a', 'ping', ['-c', '1', '-W', '1', ipB]);
       return true;
     });
-    const secret = readFileSync(key, 'utf8').trim().split('-').pop()!;
+    const { secret } = parseSecret('auth', readFileSync(key, 'utf8'))!;
     const ps = execFileSync('ps', ['-eo', 'args'], { encoding: 'utf8' });
     assert.ok(ps.includes('meshgate agent') || ps.includes('bin/meshgate agent'), 'the agents show up in ps');
     assert.ok(!ps.includes(secret), 'the auth key secret is in no process argument');
@@ -72,6 +74,24 @@ describe('agent', { skip: suiteSkip(TOOLS) }, () => {
     assert.equal(await lab.meshSsh('a', 'a', 'b'), 0, 'meshgate ssh b works');
     assert.equal(await lab.ssh('a', ipB), 0, 'ssh to the mesh address works');
     assert.notEqual(await lab.ssh('a', addr.b!), 0, "ssh to b's other address is dropped");
+  });
+
+  step('the coordinator refuses a policy that would leave locked-down b with no SSH path', async () => {
+    const nodes = JSON.parse(await lab.adminAsync(['nodes', 'list', '--project', 'dc1', '-o', 'json']));
+    assert.deepEqual(
+      nodes.find((n: { name: string }) => n.name === 'b').lockdownPorts,
+      [22],
+      'the agent reports its lockdown',
+    );
+    const file = join(lab.dataDir, 'no-acls.hujson');
+    writeFileSync(file, '{"acls":[]}');
+    await assert.rejects(
+      lab.adminAsync(['policy', 'set', file, '--project', 'dc1']),
+      (err: { stderr: string }) =>
+        err.stderr ===
+        'meshgate: policy not set: it leaves no path from any other node of the project to locked-down b (tcp 22); fix it, or set it anyway with --force\n',
+    );
+    assert.equal(await lab.ssh('a', await lab.meshIp('b')), 0, 'ssh over the mesh still works');
   });
 
   step(

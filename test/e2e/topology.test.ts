@@ -30,9 +30,14 @@ import { Topology } from './harness/netns.js';
 import { suiteSkip } from './harness/tools.js';
 
 const PROJECT = 'dc';
+// The firewall keeps a way to SSH into the locked-down machine: a policy that leaves m1 no SSH path from
+// any node is refused without --force.
 const POLICY = JSON.stringify({
   tagOwners: { 'tag:ops': [], 'tag:firewall': [], 'tag:machine': [] },
-  acls: [{ action: 'accept', src: ['tag:ops'], dst: ['tag:firewall:22'] }],
+  acls: [
+    { action: 'accept', src: ['tag:ops'], dst: ['tag:firewall:22'] },
+    { action: 'accept', src: ['tag:firewall'], dst: ['tag:machine:22'] },
+  ],
 });
 
 /** Resolves with the exit code once `proc` exited (a signal counts as 128). */

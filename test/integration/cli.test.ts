@@ -2,8 +2,9 @@
 // coordinator, make an API key over the local socket, then a project and an
 // auth key from "another shell" with the pinned fingerprint.
 import assert from 'node:assert/strict';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { request } from 'node:https';
+import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -15,6 +16,7 @@ function https(
   port: number,
   path: string,
   apiKey?: string,
+  body?: object,
 ): Promise<{ status: number; body: string }> {
   return new Promise((resolve, reject) => {
     const req = request(
@@ -22,9 +24,13 @@ function https(
         host: '127.0.0.1',
         port,
         path,
+        method: body ? 'POST' : 'GET',
         ca: readFileSync(join(dataDir, 'tls.crt')),
         servername: 'localhost',
-        headers: apiKey ? { authorization: `Bearer ${apiKey}` } : {},
+        headers: {
+          ...(apiKey ? { authorization: `Bearer ${apiKey}` } : {}),
+          ...(body ? { 'content-type': 'application/json' } : {}),
+        },
       },
       (res) => {
         let body = '';
@@ -35,7 +41,7 @@ function https(
       },
     );
     req.on('error', reject);
-    req.end();
+    req.end(body ? JSON.stringify(body) : undefined);
   });
 }
 
@@ -91,7 +97,7 @@ describe('meshgate CLI against a coordinator process', () => {
       ['vpn', 'key', '--project', 'demo', '--ephemeral', '--expiration', '1h', ...remote],
       env,
     );
-    assert.match(vpn.stdout, /^mgkey-auth-[0-9a-f]{12}-[A-Za-z0-9_-]{43}\n$/, 'vpn key prints the key alone');
+    assert.match(vpn.stdout, /^mgkey-auth-[0-9a-f]{12}-[A-Za-z0-9]{43}\n$/, 'vpn key prints the key alone');
 
     const nodes = await meshgate(['nodes', 'list', '-o', 'json', ...remote], env);
     assert.equal(nodes.code, 0, nodes.stderr);
@@ -165,6 +171,9 @@ describe('meshgate CLI against a coordinator process', () => {
     assert.match(metrics.body, /^meshgate_nodes_online \d+$/m);
     assert.match(metrics.body, /^meshgate_registrations_total\{result="new"\} 1$/m);
     assert.match(metrics.body, /^meshgate_api_key_expiry_seconds\{id="[0-9a-f]{12}"\} \d+$/m);
+    assert.match(metrics.body, /^meshgate_process_cpu_seconds_total \S+$/m);
+    assert.match(metrics.body, /^meshgate_nodejs_heap_size_used_bytes \S+$/m);
+    assert.doesNotMatch(metrics.body, /meshgate_process_(process|nodejs)_/, 'no doubled words in names');
     assert.equal((await https(dataDir, c.httpPort, '/api/v1/projects')).status, 401);
     const rest = await https(dataDir, c.httpPort, '/api/v1/projects', apiKey);
     assert.equal(rest.status, 200);
@@ -172,6 +181,225 @@ describe('meshgate CLI against a coordinator process', () => {
       JSON.parse(rest.body).projects.map((p: { name: string }) => p.name),
       ['demo'],
     );
+  });
+
+  it('refuses a policy whose tests fail or that cuts SSH to a locked-down node, unless forced', async () => {
+    const socket = ['--socket', join(dataDir, 'admin.sock')];
+    const project = ['--project', 'locked', ...socket];
+    assert.equal((await meshgate(['projects', 'create', 'locked', ...socket])).code, 0);
+    const key = JSON.parse(
+      (await meshgate(['keys', 'create', '--reusable', '-o', 'json', ...project])).stdout,
+    ).key;
+    const url = `grpcs://127.0.0.1:${c.grpcPort}`;
+    const fw = new SimAgent(url, c.fingerprint);
+    const ops = new SimAgent(url, c.fingerprint);
+    await fw.register(key, 'fw');
+    await ops.register(key, 'ops');
+    await fw.connect([22]);
+    await ops.connect();
+    const deadline = Date.now() + 10_000;
+    for (;;) {
+      const nodes = JSON.parse((await meshgate(['nodes', 'list', '-o', 'json', ...project])).stdout);
+      if (nodes.find((n: { name: string }) => n.name === 'fw')?.lockdownPorts?.[0] === 22) break;
+      assert.ok(Date.now() < deadline, 'the coordinator learns that fw is locked down');
+    }
+    const file = join(dataDir, 'policy.hujson');
+    const set = async (policy: string, ...extra: string[]) => {
+      writeFileSync(file, policy);
+      return meshgate(['policy', 'set', file, ...project, ...extra]);
+    };
+
+    const failing = await set(`{
+      "acls": [{ "action": "accept", "src": ["ops"], "dst": ["fw:22"] }],
+      "tests": [{ "src": "ops", "deny": ["fw:22"] }],
+    }`);
+    assert.equal(failing.code, 1);
+    assert.equal(
+      failing.stderr,
+      'meshgate: policy not set: 1 of its tests fails: deny fw:22 from ops: expected deny, got accept; fix it, or set it anyway with --force\n',
+    );
+    const none = await meshgate(['policy', 'get', ...project]);
+    assert.equal(none.code, 0);
+    assert.equal(none.stdout, '', 'no policy: nothing on stdout');
+    assert.equal(
+      none.stderr,
+      'project locked has no policy: every node of the project reaches every other\n',
+    );
+
+    const empty = await set('{"acls":[]}');
+    assert.equal(empty.code, 1);
+    assert.equal(
+      empty.stderr,
+      'meshgate: policy not set: it leaves no path from any other node of the project to locked-down fw (tcp 22); fix it, or set it anyway with --force\n',
+    );
+    const rest = await https(dataDir, c.httpPort, '/api/v1/SetPolicy', apiKey, {
+      project: 'locked',
+      policy: '{"acls":[]}',
+    });
+    assert.equal(rest.status, 412, rest.body);
+    assert.match(
+      JSON.parse(rest.body).error,
+      /^policy not set: it leaves no path .* locked-down fw \(tcp 22\)/,
+    );
+
+    const keepsSsh = await set('{"acls":[{ "action": "accept", "src": ["ops"], "dst": ["fw:22"] }]}');
+    assert.equal(keepsSsh.code, 0, keepsSsh.stderr);
+    const forced = await set('{"acls":[]}', '--force');
+    assert.equal(forced.code, 0, forced.stderr);
+    assert.equal(forced.stderr, 'policy of locked updated\n');
+
+    // What `policy get` prints sets the same policy again, and so does "no policy".
+    const got = await meshgate(['policy', 'get', ...project]);
+    assert.equal(got.stdout, '{"acls":[]}\n');
+    assert.equal((await set(got.stdout)).code, 0, 'a policy that cuts nothing new needs no --force');
+    assert.equal((await set('')).code, 0);
+    assert.equal((await set((await meshgate(['policy', 'get', ...project])).stdout)).code, 0);
+    assert.equal((await meshgate(['policy', 'get', ...project])).stdout, '');
+    fw.close();
+    ops.close();
+
+    const { default: Database } = await import('better-sqlite3');
+    const db = new Database(join(dataDir, 'meshgate.db'), { readonly: true });
+    const rows = db
+      .prepare("select detail from audit_log where action = 'policy.set' and target = 'locked'")
+      .all() as { detail: string }[];
+    db.close();
+    assert.deepEqual(
+      rows.map((r) => JSON.parse(r.detail)),
+      [
+        {},
+        {
+          force: true,
+          failedTests: [],
+          cut: ['fw (tcp 22)'],
+        },
+        {},
+      ],
+    );
+  });
+
+  it('says HTTPS for its HTTPS listener', () => {
+    assert.match(c.banner, new RegExp(`^  HTTPS         127\\.0\\.0\\.1:${c.httpPort}$`, 'm'));
+  });
+
+  it('keeps a second coordinator off its data dir and goes on serving', async () => {
+    const second = await meshgate([
+      'coordinator',
+      '--data-dir',
+      dataDir,
+      '--grpc-listen',
+      '127.0.0.1:0',
+      '--http-listen',
+      '127.0.0.1:0',
+    ]);
+    assert.equal(second.code, 1);
+    assert.equal(
+      second.stderr,
+      `meshgate: another coordinator (PID ${c.proc.pid}) is running with data dir ${dataDir}; stop it first, or give this one its own --data-dir\n`,
+    );
+    assert.equal(second.stdout, '');
+    const listed = await meshgate([
+      'projects',
+      'list',
+      '-o',
+      'json',
+      '--socket',
+      join(dataDir, 'admin.sock'),
+    ]);
+    assert.equal(listed.code, 0, `the first one's admin socket still answers: ${listed.stderr}`);
+    const remote = await meshgate(
+      [
+        'projects',
+        'list',
+        '--coordinator',
+        `grpcs://127.0.0.1:${c.grpcPort}`,
+        '--fingerprint',
+        c.fingerprint,
+      ],
+      env,
+    );
+    assert.equal(remote.code, 0, remote.stderr);
+  });
+
+  it('explains connection and start-up mistakes in one line', async () => {
+    const at = `127.0.0.1:${c.grpcPort}`;
+    const noEnv = { MESHGATE_COORDINATOR: '', MESHGATE_FINGERPRINT: '' };
+    const lines: [string, string[], string][] = [
+      [
+        'agent without --coordinator',
+        ['agent', '--auth-key-file', join(dataDir, 'nokey')],
+        'meshgate: no coordinator given: pass --coordinator grpcs://HOST:PORT, set MESHGATE_COORDINATOR, or put coordinator: in the --config file\n',
+      ],
+      [
+        'self-signed certificate without --fingerprint',
+        ['projects', 'list', '--coordinator', `grpcs://${at}`],
+        `meshgate: coordinator at ${at} has a self-signed certificate: pin its key with --fingerprint sha256:… (or MESHGATE_FINGERPRINT): the coordinator prints it when it starts, and "meshgate coordinator fingerprint" prints it on its host\n`,
+      ],
+      [
+        'grpc:// against the TLS port',
+        ['projects', 'list', '--coordinator', `grpc://${at}`],
+        `meshgate: coordinator at ${at} speaks TLS: use grpcs://${at} with --fingerprint (grpc:// is for a coordinator started with --plaintext)\n`,
+      ],
+      [
+        'a data dir that cannot be made',
+        ['coordinator', '--data-dir', '/dev/null/data'],
+        'meshgate: cannot create data dir /dev/null/data: ENOTDIR\n',
+      ],
+      [
+        'status without an agent',
+        ['status', '--socket', join(dataDir, 'agent.sock')],
+        `meshgate: no agent is running (no socket at ${join(dataDir, 'agent.sock')}); start one with "meshgate agent"\n`,
+      ],
+    ];
+    for (const [what, args, line] of lines) {
+      const r = await meshgate(args, { ...env, ...noEnv });
+      assert.equal(r.code, 1, what);
+      assert.equal(r.stderr, line, what);
+    }
+
+    const plaintext = createServer((s) => s.end('HTTP/1.1 400 Bad Request\r\n\r\n'));
+    await new Promise<void>((r) => plaintext.listen(0, '127.0.0.1', r));
+    const plainAt = `127.0.0.1:${(plaintext.address() as { port: number }).port}`;
+    try {
+      for (const pin of [[], ['--fingerprint', c.fingerprint]]) {
+        const r = await meshgate(['projects', 'list', '--coordinator', `grpcs://${plainAt}`, ...pin], env);
+        assert.equal(r.code, 1);
+        assert.equal(
+          r.stderr,
+          `meshgate: coordinator at ${plainAt} does not speak TLS: use grpc://${plainAt} if it was started with --plaintext\n`,
+        );
+      }
+    } finally {
+      plaintext.close();
+    }
+
+    const otherDir = mkdtempSync(join(tmpdir(), 'meshgate-cli-'));
+    try {
+      for (const [flag, taken] of [
+        ['--grpc-listen', c.grpcPort],
+        ['--http-listen', c.httpPort],
+      ] as const) {
+        const free = flag === '--grpc-listen' ? '--http-listen' : '--grpc-listen';
+        const r = await meshgate([
+          'coordinator',
+          '--data-dir',
+          otherDir,
+          flag,
+          `127.0.0.1:${taken}`,
+          free,
+          '127.0.0.1:0',
+          '--log-level',
+          'warn',
+        ]);
+        assert.equal(r.code, 1, 'exits, does not hang');
+        assert.equal(
+          r.stderr,
+          `meshgate: cannot listen on 127.0.0.1:${taken}: the port is in use; stop what listens there or choose another with ${flag}\n`,
+        );
+      }
+    } finally {
+      rmSync(otherDir, { recursive: true, force: true });
+    }
   });
 
   it('writes every admin mutation to the audit log with its actor', async () => {

@@ -142,7 +142,8 @@ export class SimAgent {
     });
   }
 
-  async connect(): Promise<void> {
+  /** `lockdownPorts`: what an agent started with --lockdown-ssh reports. */
+  async connect(lockdownPorts: number[] = []): Promise<void> {
     this.ended = null;
     const stream = await this.client.sync();
     this.stream = stream;
@@ -162,7 +163,10 @@ export class SimAgent {
     });
     stream.write(
       create(SyncRequestSchema, {
-        message: { case: 'hello', value: { version: '0.1.0', endpoints: ['192.0.2.10:41641'] } },
+        message: {
+          case: 'hello',
+          value: { version: '0.1.0', endpoints: ['192.0.2.10:41641'], lockdownPorts },
+        },
       }),
     );
     await this.waitFor(() => this.netmap !== null || this.ended !== null, 5000, 'full netmap');

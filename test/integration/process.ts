@@ -27,6 +27,8 @@ export interface Started {
   grpcPort: number;
   httpPort: number;
   fingerprint: string;
+  /** What it printed on stdout when it was ready. */
+  banner: string;
 }
 
 export function startCoordinator(dataDir: string): Promise<Started> {
@@ -55,10 +57,16 @@ export function startCoordinator(dataDir: string): Promise<Started> {
     proc.stdout!.on('data', (d) => {
       out += d;
       const grpc = /gRPC\s+\S+:(\d+)/.exec(out);
-      const http = /HTTP\s+\S+:(\d+)/.exec(out);
+      const http = /HTTPS?\s+\S+:(\d+)/.exec(out);
       const fp = /fingerprint\s+(sha256:[0-9a-f]{64})/.exec(out);
       if (grpc && http && fp)
-        resolve({ proc, grpcPort: Number(grpc[1]), httpPort: Number(http[1]), fingerprint: fp[1]! });
+        resolve({
+          proc,
+          grpcPort: Number(grpc[1]),
+          httpPort: Number(http[1]),
+          fingerprint: fp[1]!,
+          banner: out,
+        });
     });
     proc.once('exit', (code) => reject(new Error(`coordinator exited with ${code}: ${err}`)));
   });

@@ -20,7 +20,7 @@ import { signCall, verifyCallSignature } from '../../proto/signing.js';
 describe('secrets', () => {
   it('issues keys in the documented format and stores only a hash', () => {
     const s = issueSecret('auth');
-    assert.match(s.key, /^mgkey-auth-[0-9a-f]{12}-[A-Za-z0-9_-]{43}$/);
+    assert.match(s.key, /^mgkey-auth-[0-9a-f]{12}-[A-Za-z0-9]{43}$/);
     const parsed = parseSecret('auth', s.key)!;
     assert.equal(parsed.id, s.id);
     assert.equal(s.hash, hashSecret(parsed.secret));
@@ -31,6 +31,18 @@ describe('secrets', () => {
       !secretMatches(`${parsed.secret.slice(0, -1)}${other}`, s.hash),
       'one character off is refused',
     );
+  });
+  it('makes secrets without - or _, so a double-click selects them whole', () => {
+    for (let i = 0; i < 500; i++) {
+      const s = issueSecret(i % 2 ? 'api' : 'auth');
+      assert.match(parseSecret(i % 2 ? 'api' : 'auth', s.key)!.secret, /^[A-Za-z0-9]{43}$/);
+    }
+  });
+  it('still accepts keys issued with base64url secrets, and their stored hashes', () => {
+    const secret = `Ab-_${'x'.repeat(38)}-`;
+    const parsed = parseSecret('api', `mgkey-api-0123456789ab-${secret}`)!;
+    assert.deepEqual(parsed, { id: '0123456789ab', secret });
+    assert.ok(secretMatches(parsed.secret, hashSecret(secret)));
   });
   it('does not accept one kind of key for another', () => {
     assert.equal(parseSecret('api', issueSecret('auth').key), null);
