@@ -114,6 +114,7 @@ export class Mesh {
         version: AGENT_VERSION,
         requestedTags: [],
         advertisedRoutes: [],
+        lockdownPorts: [],
         endpoints: () => this.localEndpoints(),
       },
       false,
