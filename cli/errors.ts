@@ -14,6 +14,8 @@ const EXPECTED = new Set([
   'MissingToolError',
   'AgentError',
   'TlsError',
+  'ReleaseError',
+  'SemVerError',
 ]);
 
 export function describeError(err: unknown, coordinator?: string): string {

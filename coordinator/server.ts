@@ -11,6 +11,7 @@ import { parseDuration } from '../proto/duration.js';
 import { AdminService } from '../proto/gen/meshgate/v1/admin_pb.js';
 import { ControlService } from '../proto/gen/meshgate/v1/control_pb.js';
 import { serviceDefinition } from '../proto/grpc.js';
+import { VERSION } from '../release/version.js';
 import { adminHandlers } from './api/admin.js';
 import { CallVerifier } from './api/auth.js';
 import { controlImplementation } from './api/control.js';
@@ -25,8 +26,6 @@ import { Mapper } from './mapper/mapper.js';
 import { State } from './state/state.js';
 import { openStore } from './store/db.js';
 import { ensureTlsIdentity } from './tls.js';
-
-export const VERSION = '0.1.0';
 
 export interface Coordinator {
   fingerprint: string | null;

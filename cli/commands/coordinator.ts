@@ -2,8 +2,7 @@
 import type { Command } from 'commander';
 import { loadConfig } from '../../coordinator/config.js';
 import { createLogger } from '../../coordinator/log.js';
-import { startCoordinator, VERSION } from '../../coordinator/server.js';
-import { loadTlsIdentity } from '../../coordinator/tls.js';
+import { VERSION } from '../../release/version.js';
 
 export function registerCoordinatorCommands(program: Command): void {
   const cmd = program
@@ -46,6 +45,8 @@ socket (0600) in the data dir needs no API key: use it to create the first one:
         ephemeralTimeout: o.ephemeralTimeout,
       });
       const log = createLogger(config.logLevel);
+      // Loaded here: the release artifact leaves the coordinator (and its SQLite addon) out.
+      const { startCoordinator } = await import('../../coordinator/server.js');
       const c = await startCoordinator(config, log);
       process.stdout.write(
         [
@@ -75,7 +76,8 @@ socket (0600) in the data dir needs no API key: use it to create the first one:
     .command('fingerprint')
     .description("print the SPKI SHA-256 fingerprint of the coordinator's TLS key, for --fingerprint")
     .option('--data-dir <dir>', 'data dir of the coordinator', '/var/lib/meshgate')
-    .action((o: { dataDir: string }) => {
+    .action(async (o: { dataDir: string }) => {
+      const { loadTlsIdentity } = await import('../../coordinator/tls.js');
       process.stdout.write(`${loadTlsIdentity(o.dataDir).fingerprint}\n`);
     });
 }
