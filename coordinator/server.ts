@@ -20,6 +20,7 @@ import { httpApp } from './api/http.js';
 import { Metrics } from './api/metrics.js';
 import { RateLimiter } from './api/ratelimit.js';
 import { RelayHub } from './api/relay.js';
+import { ReleaseDir } from './api/releases.js';
 import type { CoordinatorConfig } from './config.js';
 import type { Logger } from './log.js';
 import { Mapper } from './mapper/mapper.js';
@@ -115,7 +116,8 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
     onDelivered: (ms) => metrics.deltaLatency.observe(ms / 1000),
   });
   const databaseOk = () => store.ping();
-  const handlers = adminHandlers({ state, version: VERSION, databaseOk });
+  const releases = new ReleaseDir(config.releasesDir ?? null);
+  const handlers = adminHandlers({ state, version: VERSION, databaseOk, releases });
 
   const relay = new RelayHub(
     state,
@@ -152,7 +154,7 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
   await bind(local, `unix://${adminSocket}`, grpc.ServerCredentials.createInsecure());
   chmodSync(adminSocket, 0o600);
 
-  const app = httpApp({ handlers, state, metrics, databaseOk, log });
+  const app = httpApp({ handlers, state, metrics, databaseOk, log, releases });
   const http: HttpServer = identity
     ? createHttpsServer({ key: identity.key, cert: identity.cert, minVersion: 'TLSv1.3' }, app)
     : createHttpServer(app);

@@ -19,6 +19,10 @@ export function registerCoordinatorCommands(program: Command): void {
       '--http-listen <host:port>',
       'HTTP listener for /healthz, /readyz, /metrics and /api/v1 (default 0.0.0.0:7480)',
     )
+    .option(
+      '--releases-dir <dir>',
+      'serve release artifacts from DIR under /releases/ on the HTTP port (see meshgate release pack)',
+    )
     .option('--plaintext', 'serve without TLS (only behind a TLS-terminating proxy or on a trusted network)')
     .option('--log-level <level>', 'trace, debug, info, warn, error')
     .option('--ephemeral-timeout <duration>', 'remove ephemeral nodes offline this long (default 30m)')
@@ -27,7 +31,7 @@ export function registerCoordinatorCommands(program: Command): void {
       `
 Settings come from defaults, then --config, then MESHGATE_* environment
 variables (MESHGATE_DATA_DIR, MESHGATE_DATABASE, MESHGATE_GRPC_LISTEN,
-MESHGATE_HTTP_LISTEN, MESHGATE_LOG_LEVEL, MESHGATE_EPHEMERAL_TIMEOUT), then flags.
+MESHGATE_HTTP_LISTEN, MESHGATE_RELEASES_DIR, MESHGATE_LOG_LEVEL, MESHGATE_EPHEMERAL_TIMEOUT), then flags.
 
 On first start a TLS key and a self-signed certificate are made in the data
 dir; clients pin the printed fingerprint with --fingerprint. The local admin
@@ -40,6 +44,7 @@ socket (0600) in the data dir needs no API key: use it to create the first one:
         database: o.database,
         grpcListen: o.grpcListen,
         httpListen: o.httpListen,
+        releasesDir: o.releasesDir,
         plaintext: o.plaintext,
         logLevel: o.logLevel,
         ephemeralTimeout: o.ephemeralTimeout,

@@ -66,6 +66,10 @@ export interface DesiredVersionTable {
   tag: string;
   version: string;
   updated_at: number;
+  artifact_url: string;
+  sha256: string;
+  /** 0 or 1. */
+  allow_downgrade: number;
 }
 
 export interface AuditTable {
