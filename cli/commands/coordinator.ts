@@ -81,8 +81,11 @@ socket (0600) in the data dir needs no API key: use it to create the first one:
     .command('fingerprint')
     .description("print the SPKI SHA-256 fingerprint of the coordinator's TLS key, for --fingerprint")
     .option('--data-dir <dir>', 'data dir of the coordinator', '/var/lib/meshgate')
-    .action(async (o: { dataDir: string }) => {
+    .option('--curl', 'print it as curl --pinnedpubkey wants it: sha256//BASE64')
+    .action(async (o: { dataDir: string; curl?: boolean }) => {
       const { loadTlsIdentity } = await import('../../coordinator/tls.js');
-      process.stdout.write(`${loadTlsIdentity(o.dataDir).fingerprint}\n`);
+      const fp = loadTlsIdentity(o.dataDir).fingerprint;
+      const pin = `sha256//${Buffer.from(fp.slice('sha256:'.length), 'hex').toString('base64')}`;
+      process.stdout.write(`${o.curl ? pin : fp}\n`);
     });
 }
