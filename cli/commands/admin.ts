@@ -107,10 +107,7 @@ const NODE_COLUMNS: Column<Node>[] = [
   { header: 'LAST SEEN', value: (n) => (n.online ? 'now' : ago(iso(n.lastSeen))) },
   {
     header: 'VERSION',
-    value: (n) =>
-      n.desiredVersion && n.desiredVersion !== n.version
-        ? `${n.version} (want ${n.desiredVersion})`
-        : n.version,
+    value: (n) => (n.drifting ? `${n.version} (want ${n.desiredVersion})` : n.version),
   },
   { header: 'TAGS', value: (n) => n.tags.join(',') },
   { header: 'IPV6', value: (n) => n.ipAddresses[1] ?? '', wide: true },

@@ -37,6 +37,7 @@ export function nodeMessage(state: State, n: NodeRecord): Node {
     createdAt: timestampFromMs(n.createdAt),
     version: n.version,
     desiredVersion: state.desiredVersionFor(n),
+    drifting: state.isDrifting(n),
     tags: n.tags,
     ephemeral: n.ephemeral,
     machineKey: `mkey:${n.machineKey}`,

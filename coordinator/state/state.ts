@@ -734,16 +734,18 @@ export class State {
    * stored before then is compared as a plain string.
    */
   driftingNodes(project?: string): NodeRecord[] {
-    return this.listNodes(project).filter((n) => {
-      const want = this.desiredEntryFor(n);
-      if (!want) return false;
-      const target = parseSemVer(want.version);
-      if (!target) return want.version !== n.version;
-      const running = parseSemVer(n.version);
-      if (!running) return true;
-      const c = compareSemVer(running, target);
-      return c < 0 || (c > 0 && want.allowDowngrade);
-    });
+    return this.listNodes(project).filter((n) => this.isDrifting(n));
+  }
+
+  isDrifting(n: NodeRecord): boolean {
+    const want = this.desiredEntryFor(n);
+    if (!want) return false;
+    const target = parseSemVer(want.version);
+    if (!target) return want.version !== n.version;
+    const running = parseSemVer(n.version);
+    if (!running) return true;
+    const c = compareSemVer(running, target);
+    return c < 0 || (c > 0 && want.allowDowngrade);
   }
 
   /** The most specific entry wins: a tag of the node (first in name order), then the project's. */

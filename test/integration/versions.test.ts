@@ -159,6 +159,14 @@ describe('desired versions and served releases', () => {
       allowDowngrade: true,
     });
     assert.deepEqual(await names(), ['legacy', 'newer', 'old']);
+    const listed = (await t.admin.call('listNodes', { project: 'p2' })).nodes;
+    assert.deepEqual(
+      listed
+        .filter((n) => n.drifting)
+        .map((n) => n.name)
+        .sort(),
+      ['legacy', 'newer', 'old'],
+    );
   });
 
   it('serves the releases, their manifests and install.sh without authentication', async () => {
