@@ -59,7 +59,7 @@ function snapshot(dir: string): Record<string, string> {
   return out;
 }
 
-describe('install.sh from the coordinator', { skip: suiteSkip([...TOOLS, 'curl']) }, () => {
+describe('install.sh from the coordinator', { skip: suiteSkip([...TOOLS, 'curl', 'openssl']) }, () => {
   let lab: MeshLab;
   let addr: Record<string, string>;
   let releaseKey = '';
@@ -86,7 +86,13 @@ describe('install.sh from the coordinator', { skip: suiteSkip([...TOOLS, 'curl']
    * environment only. A curl wrapper first on PATH records what every curl
    * started by install.sh saw: its arguments and environment.
    */
-  const install = (host: string, p: Prefix, args: string[], authKey?: string): Promise<Result> => {
+  const install = (
+    host: string,
+    p: Prefix,
+    args: string[],
+    authKey?: string,
+    coordinatorFlag = true,
+  ): Promise<Result> => {
     const fake = join(lab.dir, `fakebin-${basename(p.root)}`);
     const keyFile = join(lab.dir, `operator-key-${host}`);
     if (authKey) writeFileSync(keyFile, authKey, { mode: 0o600 });
@@ -99,7 +105,8 @@ describe('install.sh from the coordinator', { skip: suiteSkip([...TOOLS, 'curl']
     const line = [
       `/usr/bin/curl -fsSL -k --pinnedpubkey '${pin}' https://${addr.coord}:7480/install.sh |`,
       authKey ? `MESHGATE_AUTH_KEY="$(cat ${keyFile})"` : '',
-      `sh -s -- --coordinator ${lab.coordinator!.url} --fingerprint ${lab.coordinator!.fingerprint}`,
+      `sh -s -- ${coordinatorFlag ? `--coordinator ${lab.coordinator!.url}` : ''}`,
+      `--fingerprint ${lab.coordinator!.fingerprint}`,
       `--interface ${iface} --state-dir ${p.state} --no-start ${args.join(' ')}`,
     ].join(' ');
     return new Promise((resolve) => {
@@ -237,6 +244,36 @@ describe('install.sh from the coordinator', { skip: suiteSkip([...TOOLS, 'curl']
     assert.deepEqual(managed(), before);
     assert.match(readFileSync(join(m1.etc, 'agent.yaml'), 'utf8'), /logLevel: warn # local edit/);
   });
+
+  step(
+    "metal-stack's install.yaml gives the coordinator, the auth key and the machine UUID as node name",
+    async () => {
+      const p = prefix('metal');
+      const key = readFileSync(lab.authKey('prov'), 'utf8').trim();
+      const uuid = '6c5f2e3a-0d8b-4a7c-9f1e-2b3c4d5e6f70';
+      mkdirSync(join(p.root, 'etc', 'metal'), { recursive: true });
+      writeFileSync(
+        join(p.root, 'etc', 'metal', 'install.yaml'),
+        [
+          '---',
+          'hostname: fw-1',
+          `machineuuid: ${uuid}`,
+          'role: firewall',
+          'vpn:',
+          `  address: ${lab.coordinator!.url}`,
+          `  auth_key: "${key}"`,
+          'devmode: false',
+          '',
+        ].join('\n'),
+      );
+      const r = await install('m1', p, ['--release-key', releaseKey], undefined, false);
+      assert.equal(r.code, 0, r.stderr);
+      assert.equal(readFileSync(join(p.etc, 'authkey'), 'utf8'), `${key}\n`);
+      const config = readFileSync(join(p.etc, 'agent.yaml'), 'utf8');
+      assert.match(config, new RegExp(`^coordinator: ${lab.coordinator!.url}$`, 'm'));
+      assert.match(config, new RegExp(`^hostname: ${uuid}$`, 'm'));
+    },
+  );
 
   step('a wrong release key is refused and installs nothing', async () => {
     const other = join(lab.dir, 'other.key');
