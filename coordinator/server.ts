@@ -124,6 +124,7 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
     { bytesPerSecond: config.relay.bytesPerSecond, burstBytes: config.relay.burstBytes },
     metrics,
   );
+  const limiter = new RateLimiter(config.registrationRate.perSecond, config.registrationRate.burst);
   const server = new grpc.Server(SERVER_OPTIONS);
   server.addService(serviceDefinition(AdminService), adminImplementation(handlers, state, log, false));
   server.addService(
@@ -133,7 +134,7 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
       mapper,
       relay,
       verifier: new CallVerifier(state, { clockSkewMs: parseDuration(config.clockSkew) }),
-      limiter: new RateLimiter(config.registrationRate.perSecond, config.registrationRate.burst),
+      limiter,
       metrics,
       log,
     }),
@@ -154,7 +155,7 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
   await bind(local, `unix://${adminSocket}`, grpc.ServerCredentials.createInsecure());
   chmodSync(adminSocket, 0o600);
 
-  const app = httpApp({ handlers, state, metrics, databaseOk, log, releases });
+  const app = httpApp({ handlers, state, metrics, databaseOk, log, releases, limiter });
   const http: HttpServer = identity
     ? createHttpsServer({ key: identity.key, cert: identity.cert, minVersion: 'TLSv1.3' }, app)
     : createHttpServer(app);

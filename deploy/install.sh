@@ -15,7 +15,8 @@
 #   --fingerprint sha256:H  pins the coordinator's TLS key (gRPC and HTTPS)
 #   --release-key KEY       ed25519:BASE64 from "meshgate release keygen"; required
 #   --releases-url URL      where releases are served (default https://COORD_HOST:7480)
-#   --version V             release to install (default: the newest one served)
+#   --version V             release to install (default: the desired version of the
+#                           auth key's project, else the newest one served)
 #   --auth-key-file F       file with the auth key (or MESHGATE_AUTH_KEY in the environment)
 #   --hostname NAME         node name (default: machineuuid from the metal install.yaml,
 #                           else the host name)
@@ -189,16 +190,14 @@ node_major=$(node -p 'process.versions.node.split(".")[0]')
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-fetch() { # $1: path under the releases URL, $2: output file
-  if [ -n "$fingerprint" ]; then
-    pin=$(node -e 'process.stdout.write(Buffer.from(process.argv[1].slice(7), "hex").toString("base64"))' "$fingerprint")
-    set -- "$1" "$2" -k --pinnedpubkey "sha256//$pin"
-  else
-    set -- "$1" "$2"
-  fi
+fetch() { # $1: path under the releases URL, $2: output file, then more curl arguments
   url=$releases_url$1
   out=$2
   shift 2
+  if [ -n "$fingerprint" ]; then
+    pin=$(node -e 'process.stdout.write(Buffer.from(process.argv[1].slice(7), "hex").toString("base64"))' "$fingerprint")
+    set -- "$@" -k --pinnedpubkey "sha256//$pin"
+  fi
   curl -fsS --proto =https --retry 5 --retry-connrefused --retry-delay 2 --max-time 120 "$@" -o "$out" "$url"
 }
 
@@ -236,23 +235,37 @@ process.stdout.write(`${m.file} ${m.sha256}\n`);
 
 current_version=
 [ -L "$opt_dir/current" ] && current_version=$(basename "$(readlink "$opt_dir/current")")
+keep_newer=no
+if [ -z "$version" ] && [ -s "$key_file" ] &&
+  fetch /releases/desired "$work/desired.json" -H 'content-type: text/plain' --data-binary "@$key_file" 2>/dev/null; then
+  # The version set for this key's project (and tags) with "meshgate versions set".
+  desired=$(node -e 'const d = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));
+if (typeof d.version === "string" && d.served) process.stdout.write(`${d.version} ${d.allowDowngrade === true}`)' "$work/desired.json")
+  if [ -n "$desired" ]; then
+    version=${desired% *}
+    printf '%s' "$version" | grep -Eq "$semver" || die "$releases_url names an invalid desired release"
+    [ "${desired#* }" = true ] || keep_newer=yes
+  fi
+fi
 if [ -z "$version" ]; then
   if fetch /releases/ "$work/index.json"; then
     version=$(node -e 'const v = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8")).latest; process.stdout.write(typeof v === "string" ? v : "")' "$work/index.json")
     [ -n "$version" ] || die "$releases_url serves no release"
     printf '%s' "$version" | grep -Eq "$semver" || die "$releases_url names an invalid latest release"
-    # Not back to an older one that a later install or update replaced.
-    if [ -n "$current_version" ] && [ -f "$opt_dir/$current_version/meshgate.mjs" ] &&
-      node -e 'const p = (v) => v.split(/[-+]/)[0].split(".").map(Number); const [a, b] = process.argv.slice(1).map(p);
-process.exit((a[0] - b[0] || a[1] - b[1] || a[2] - b[2]) > 0 ? 0 : 1)' "$current_version" "$version"; then
-      version=$current_version
-    fi
+    keep_newer=yes
   elif [ -n "$current_version" ]; then
     say "cannot reach $releases_url; keeping meshgate $current_version"
     version=$current_version
   else
     die "cannot reach $releases_url to download meshgate"
   fi
+fi
+# Not back to an older version that a later install or update put in place,
+# unless asked for (--version, or a desired version that allows a downgrade).
+if [ "$keep_newer" = yes ] && [ -n "$current_version" ] && [ -f "$opt_dir/$current_version/meshgate.mjs" ] &&
+  node -e 'const p = (v) => v.split(/[-+]/)[0].split(".").map(Number); const [a, b] = process.argv.slice(1).map(p);
+process.exit((a[0] - b[0] || a[1] - b[1] || a[2] - b[2]) > 0 ? 0 : 1)' "$current_version" "$version"; then
+  version=$current_version
 fi
 
 dest=$opt_dir/$version

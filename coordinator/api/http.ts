@@ -9,6 +9,7 @@ import type { State } from '../state/state.js';
 import type { AdminHandlers } from './admin.js';
 import { adminActor } from './auth.js';
 import type { Metrics } from './metrics.js';
+import { RateLimiter } from './ratelimit.js';
 import { ReleaseDir, releaseRoutes } from './releases.js';
 import { toStatus } from './status.js';
 
@@ -19,6 +20,7 @@ export interface HttpDeps {
   databaseOk: () => Promise<boolean>;
   log: Logger;
   releases?: ReleaseDir;
+  limiter?: RateLimiter;
 }
 
 const GET_SHORTCUTS: Record<string, { method: string; query: string[] }> = {
@@ -38,6 +40,7 @@ export function httpApp({
   databaseOk,
   log,
   releases = new ReleaseDir(null),
+  limiter = new RateLimiter(10, 100),
 }: HttpDeps): express.Express {
   const app = express();
   app.disable('x-powered-by');
@@ -55,7 +58,7 @@ export function httpApp({
     res.type(metrics.registry.contentType).send(await metrics.registry.metrics());
   });
 
-  app.use(releaseRoutes(releases));
+  app.use(releaseRoutes({ releases, state, limiter, log }));
 
   const methods = new Map<string, DescMethod>(AdminService.methods.map((m) => [m.name, m]));
   const api = express.Router();

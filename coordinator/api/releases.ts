@@ -4,15 +4,21 @@
 //   GET /releases/VERSION/manifest.json  the signed manifest
 //   GET /releases/VERSION/meshgate-VERSION.mjs
 //   GET /install.sh                      the provisioning script
-// No authentication: artifacts are public and carry their own signature,
-// which install.sh and agents check against a pinned key.
+//   POST /releases/desired               body: an auth key; the desired version
+//                                        for a machine joining with it
+// No authentication for the files: artifacts are public and carry their own
+// signature, which install.sh and agents check against a pinned key.
 import { createHash } from 'node:crypto';
 import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import express from 'express';
+import type { Logger } from 'pino';
 import { MANIFEST_FILE, parseManifest, type ReleaseManifest } from '../../release/manifest.js';
 import { compareVersions, isSemVer } from '../../release/semver.js';
 import { packageRoot } from '../../release/version.js';
+import type { State } from '../state/state.js';
+import type { RateLimiter } from './ratelimit.js';
+import { toStatus } from './status.js';
 
 interface Cached {
   mtimeMs: number;
@@ -81,7 +87,15 @@ function installScript(): string | null {
   return path && existsSync(path) ? readFileSync(path, 'utf8') : null;
 }
 
-export function releaseRoutes(releases: ReleaseDir): express.Router {
+export interface ReleaseRouteDeps {
+  releases: ReleaseDir;
+  state: State;
+  /** Shared with registration: both let a caller try auth keys. */
+  limiter: RateLimiter;
+  log: Logger;
+}
+
+export function releaseRoutes({ releases, state, limiter, log }: ReleaseRouteDeps): express.Router {
   const router = express.Router();
   const script = installScript();
   router.get('/install.sh', (_req, res) => {
@@ -95,6 +109,31 @@ export function releaseRoutes(releases: ReleaseDir): express.Router {
     const versions = releases.versions();
     res.set('cache-control', 'no-cache').json({ versions, latest: versions.at(-1) ?? null });
   });
+  router.post(
+    '/releases/desired',
+    express.text({ type: () => true, limit: 1024 }),
+    async (req: express.Request, res: express.Response) => {
+      const peer = req.socket.remoteAddress ?? 'unknown';
+      if (!limiter.take(peer)) {
+        log.warn({ peer, reason: 'rate limited' }, 'refused desired version lookup');
+        res.status(429).json({ error: 'too many attempts; slow down' });
+        return;
+      }
+      try {
+        const entry = await state.desiredEntryForAuthKey(typeof req.body === 'string' ? req.body.trim() : '');
+        const served = entry && !entry.artifactUrl ? releases.lookup(entry.version) : null;
+        res.set('cache-control', 'no-store').json({
+          version: entry?.version ?? null,
+          served: served !== null,
+          allowDowngrade: entry?.allowDowngrade ?? false,
+        });
+      } catch (err) {
+        const s = toStatus(err, log, { http: 'releases/desired' });
+        if (s.http === 401) log.warn({ peer, reason: s.details }, 'refused desired version lookup');
+        res.status(s.http).json({ error: s.details });
+      }
+    },
+  );
   router.get('/releases/:version/:file', (req, res) => {
     // Both parts are checked against the manifest before a path is built, so
     // nothing but a release's own two files can be named.

@@ -750,13 +750,26 @@ export class State {
 
   /** The most specific entry wins: a tag of the node (first in name order), then the project's. */
   desiredEntryFor(n: NodeRecord): DesiredVersionRecord | undefined {
-    const m = this.versions.get(n.project);
+    return this.desiredEntry(n.project, n.tags);
+  }
+
+  private desiredEntry(project: string, tags: string[]): DesiredVersionRecord | undefined {
+    const m = this.versions.get(project);
     if (!m) return undefined;
-    for (const t of n.tags) {
+    for (const t of tags) {
       const v = m.get(t);
       if (v) return v;
     }
     return m.get('');
+  }
+
+  /**
+   * The desired version for a machine that joins with this auth key (its
+   * project and the key's tags), before it has a node: what install.sh installs.
+   */
+  async desiredEntryForAuthKey(text: string): Promise<DesiredVersionRecord | undefined> {
+    const key = await this.keys.heldAuthKey(text);
+    return this.desiredEntry(key.project, [...key.tags].sort());
   }
 
   desiredVersionFor(n: NodeRecord): string {

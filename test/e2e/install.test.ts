@@ -172,6 +172,7 @@ describe('install.sh from the coordinator', { skip: suiteSkip([...TOOLS, 'curl',
 
   step('a fresh machine installs 0.1.0 with one line and joins the mesh', async () => {
     const key = readFileSync(lab.authKey('prov', { reusable: true }), 'utf8').trim();
+    lab.admin(['versions', 'set', '--project', 'prov', '0.1.0']);
     const m1 = prefix('m1');
     const r = await install('m1', m1, ['--release-key', releaseKey, '--lockdown-ssh', 'yes'], key);
     assert.equal(r.code, 0, r.stderr);
@@ -189,6 +190,11 @@ describe('install.sh from the coordinator', { skip: suiteSkip([...TOOLS, 'curl',
       /^ExecStart=.*\/usr\/local\/bin\/meshgate agent --config .*agent\.yaml$/m,
     );
     const curlLog = readFileSync(join(lab.dir, 'fakebin-m1', 'curl.log'), 'utf8');
+    assert.match(
+      curlLog,
+      /--data-binary @\S*authkey .*\/releases\/desired\n/,
+      'asks for the desired version',
+    );
     assert.match(curlLog, /releases\/0\.1\.0\/meshgate-0\.1\.0\.mjs/);
     assert.ok(
       !curlLog.includes(key.split('-').pop()!),

@@ -17,13 +17,18 @@ import {
 } from '../../release/manifest.js';
 import { authKey, SimAgent, startTestCoordinator, type TestCoordinator } from './harness.js';
 
-function get(t: TestCoordinator, path: string): Promise<{ status: number; body: Buffer; type: string }> {
+function get(
+  t: TestCoordinator,
+  path: string,
+  body?: string,
+): Promise<{ status: number; body: Buffer; type: string }> {
   return new Promise((resolve, reject) => {
     const req = request(
       {
         host: '127.0.0.1',
         port: t.c.httpPort,
         path,
+        method: body === undefined ? 'GET' : 'POST',
         ca: readFileSync(join(t.dataDir, 'tls.crt')),
         servername: 'localhost',
       },
@@ -40,7 +45,7 @@ function get(t: TestCoordinator, path: string): Promise<{ status: number; body: 
       },
     );
     req.on('error', reject);
-    req.end();
+    req.end(body);
   });
 }
 
@@ -185,6 +190,36 @@ describe('desired versions and served releases', () => {
     const script = await get(t, '/install.sh');
     assert.equal(script.status, 200);
     assert.match(script.body.toString(), /^#!\/bin\/sh/);
+  });
+
+  it('tells install.sh the desired version for an auth key, also a spent one', async () => {
+    const desired = async (key: string) => {
+      const r = await get(t, '/releases/desired', `${key}\n`);
+      return { status: r.status, body: JSON.parse(r.body.toString()) };
+    };
+    const plain = await authKey(t, 'p3');
+    assert.deepEqual((await desired(plain)).body, { version: null, served: false, allowDowngrade: false });
+    await t.admin.call('setDesiredVersion', { project: 'p3', tag: '', version: '0.1.0' });
+    const fw = await authKey(t, 'p3', { tags: ['tag:fw'] });
+    await t.admin.call('setDesiredVersion', {
+      project: 'p3',
+      tag: 'tag:fw',
+      version: '0.2.0',
+      allowDowngrade: true,
+    });
+    assert.deepEqual((await desired(plain)).body, { version: '0.1.0', served: true, allowDowngrade: false });
+    assert.deepEqual((await desired(fw)).body, { version: '0.2.0', served: true, allowDowngrade: true });
+    const spent = new SimAgent(t.url, t.fingerprint);
+    agents.push(spent);
+    await spent.register(plain, 'spent');
+    assert.equal((await desired(plain)).body.version, '0.1.0');
+    const unknown = await desired(`${plain.slice(0, -4)}AAAA`);
+    assert.equal(unknown.status, 401);
+    assert.deepEqual(unknown.body, { error: 'unknown auth key' });
+    assert.ok(
+      t.logs.some((l) => l.includes('refused desired version lookup')),
+      'the refusal is logged',
+    );
   });
 
   it("serves nothing but a release's own two files", async () => {
