@@ -352,6 +352,15 @@ export class Agent {
       },
       version: VERSION,
       desiredVersion: map?.desiredVersion ?? '',
+      desiredRelease: map?.desiredRelease
+        ? {
+            version: map.desiredRelease.version,
+            artifactUrl: map.desiredRelease.artifactUrl,
+            sha256: map.desiredRelease.sha256,
+            manifest: map.desiredRelease.manifest,
+            allowDowngrade: map.desiredRelease.allowDowngrade,
+          }
+        : null,
       coordinator: {
         url: this.opts.coordinator,
         state: this.session?.state ?? 'connecting',

@@ -74,3 +74,19 @@ export function compareSemVer(a: SemVer, b: SemVer): number {
 export function compareVersions(a: string, b: string): number {
   return compareSemVer(requireSemVer(a), requireSemVer(b));
 }
+
+/**
+ * Whether a node running `running` drifts from `desired`: it is older, or
+ * newer with a downgrade allowed. A version that is not semver drifts; a
+ * desired one that is not (stored before versions were checked) is compared
+ * as a plain string.
+ */
+export function drifts(running: string, desired: string, allowDowngrade: boolean): boolean {
+  if (!desired) return false;
+  const target = parseSemVer(desired);
+  if (!target) return desired !== running;
+  const have = parseSemVer(running);
+  if (!have) return true;
+  const c = compareSemVer(have, target);
+  return c < 0 || (c > 0 && allowDowngrade);
+}

@@ -224,6 +224,7 @@ export function adminHandlers({
 
     async setDesiredVersion(req, { actor }) {
       let { artifactUrl, sha256 } = req;
+      let manifest = '';
       if (isSemVer(req.version)) {
         if (!artifactUrl !== !sha256)
           throw invalid('give --artifact-url and --sha256 together, or neither to use a served release');
@@ -234,12 +235,14 @@ export function adminHandlers({
               `release ${req.version} is not served by this coordinator (${releases.dir ? `no valid release in ${releases.dir}/${req.version}` : 'no --releases-dir'}); pack it there, or give --artifact-url URL --sha256 HEX`,
             );
           sha256 = m.sha256;
+          manifest = JSON.stringify(m);
         }
       }
       const v = await state.setDesiredVersion(actor, req.project, req.tag, req.version, {
         artifactUrl,
         sha256,
         allowDowngrade: req.allowDowngrade,
+        manifest,
       });
       return msg(pb.SetDesiredVersionResponseSchema, { desiredVersion: versionMessage(v) });
     },

@@ -8,7 +8,7 @@
 import { randomBytes } from 'node:crypto';
 import type { Kysely } from 'kysely';
 import { isDnsLabel, isTag, toDnsLabel } from '../../proto/names.js';
-import { compareSemVer, parseSemVer, requireSemVer, type SemVerError } from '../../release/semver.js';
+import { drifts, requireSemVer, type SemVerError } from '../../release/semver.js';
 import {
   type CompiledPolicy,
   compilePolicy,
@@ -65,12 +65,15 @@ export interface DesiredVersionRecord {
   sha256: string;
   /** Nodes running a newer version drift too: they are to go back to this one. */
   allowDowngrade: boolean;
+  /** The signed manifest (JSON) of a served release, as it was when the entry was set. */
+  manifest: string;
 }
 
 export interface DesiredArtifact {
   artifactUrl: string;
   sha256: string;
   allowDowngrade: boolean;
+  manifest?: string;
 }
 
 export interface RegisterInput {
@@ -150,6 +153,7 @@ export class State {
         artifactUrl: v.artifact_url,
         sha256: v.sha256,
         allowDowngrade: Boolean(v.allow_downgrade),
+        manifest: v.manifest,
       });
     }
     return s;
@@ -667,7 +671,7 @@ export class State {
     project: string,
     tag: string,
     version: string,
-    artifact: DesiredArtifact = { artifactUrl: '', sha256: '', allowDowngrade: false },
+    artifact: DesiredArtifact = { artifactUrl: '', sha256: '', allowDowngrade: false, manifest: '' },
   ): Promise<DesiredVersionRecord> {
     this.requireProject(project);
     if (tag && !isTag(tag)) throw invalid(`"${tag}" is not a tag (tag:NAME)`);
@@ -690,6 +694,7 @@ export class State {
       artifactUrl: version ? artifactUrl : '',
       sha256: version ? sha256 : '',
       allowDowngrade: version ? artifact.allowDowngrade : false,
+      manifest: version && !artifactUrl ? (artifact.manifest ?? '') : '',
     };
     await this.db.transaction().execute(async (tx) => {
       await tx.deleteFrom('desired_versions').where('project', '=', project).where('tag', '=', tag).execute();
@@ -704,6 +709,7 @@ export class State {
             artifact_url: rec.artifactUrl,
             sha256: rec.sha256,
             allow_downgrade: rec.allowDowngrade ? 1 : 0,
+            manifest: rec.manifest,
           })
           .execute();
       await audit(tx, this.now(), actor, version ? 'version.set' : 'version.remove', project, {
@@ -727,25 +733,14 @@ export class State {
     return all.sort((a, b) => a.project.localeCompare(b.project) || a.tag.localeCompare(b.tag));
   }
 
-  /**
-   * Nodes that run an older version than the one they should run, or
-   * another one when the entry allows a downgrade. A version that is not
-   * semver (an agent from before versions were checked) drifts; an entry
-   * stored before then is compared as a plain string.
-   */
+  /** Nodes that run an older version than desired, or a newer one when a downgrade is allowed. */
   driftingNodes(project?: string): NodeRecord[] {
     return this.listNodes(project).filter((n) => this.isDrifting(n));
   }
 
   isDrifting(n: NodeRecord): boolean {
     const want = this.desiredEntryFor(n);
-    if (!want) return false;
-    const target = parseSemVer(want.version);
-    if (!target) return want.version !== n.version;
-    const running = parseSemVer(n.version);
-    if (!running) return true;
-    const c = compareSemVer(running, target);
-    return c < 0 || (c > 0 && want.allowDowngrade);
+    return want !== undefined && drifts(n.version, want.version, want.allowDowngrade);
   }
 
   /** The most specific entry wins: a tag of the node (first in name order), then the project's. */

@@ -111,6 +111,10 @@ function migrations(dialect: Dialect): Record<string, Migration> {
           .alterTable('desired_versions')
           .addColumn('allow_downgrade', 'integer', (c) => c.notNull().defaultTo(0))
           .execute();
+        await db.schema
+          .alterTable('desired_versions')
+          .addColumn('manifest', 'text', (c) => c.notNull().defaultTo(''))
+          .execute();
       },
     },
   };

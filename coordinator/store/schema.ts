@@ -70,6 +70,8 @@ export interface DesiredVersionTable {
   sha256: string;
   /** 0 or 1. */
   allow_downgrade: number;
+  /** The signed manifest of a served release, as JSON; empty for an artifact elsewhere. */
+  manifest: string;
 }
 
 export interface AuditTable {

@@ -231,6 +231,25 @@ describe('install.sh from the coordinator', { skip: suiteSkip([...TOOLS, 'curl',
       version: string;
     }[];
     assert.equal(nodes.find((n) => n.name === 'm1')?.version, '0.1.0');
+    // What an external controller reads: the desired release, from the installed CLI.
+    const status = JSON.parse(
+      await lab.topo.exec('m1', installed, ['status', '-o', 'json', '--socket', socket]),
+    ) as {
+      version: string;
+      desiredRelease: { version: string; artifactUrl: string; sha256: string; manifest: string };
+    };
+    const manifest = JSON.parse(readFileSync(join(releases(), '0.1.0', 'manifest.json'), 'utf8'));
+    assert.equal(status.version, '0.1.0');
+    assert.deepEqual(
+      { ...status.desiredRelease, manifest: JSON.parse(status.desiredRelease.manifest) },
+      {
+        version: '0.1.0',
+        artifactUrl: '/releases/0.1.0/meshgate-0.1.0.mjs',
+        sha256: manifest.sha256,
+        manifest,
+        allowDowngrade: false,
+      },
+    );
     const ipB = await lab.meshIp('b');
     await until('ping m1 -> b over the mesh', async () => {
       await lab.topo.exec('m1', 'ping', ['-c', '1', '-W', '1', ipB]);

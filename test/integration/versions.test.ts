@@ -13,6 +13,7 @@ import {
   generateSigningKey,
   loadSigningKey,
   MANIFEST_FORMAT,
+  parseManifest,
   signManifest,
 } from '../../release/manifest.js';
 import { authKey, SimAgent, startTestCoordinator, type TestCoordinator } from './harness.js';
@@ -220,6 +221,33 @@ describe('desired versions and served releases', () => {
       t.logs.some((l) => l.includes('refused desired version lookup')),
       'the refusal is logged',
     );
+  });
+
+  it('sends the desired release to the nodes: version, artifact path, sha256 and signed manifest', async () => {
+    const key = await authKey(t, 'p4', { reusable: true });
+    const early = new SimAgent(t.url, t.fingerprint);
+    agents.push(early);
+    await early.register(key, 'early');
+    await early.connect();
+    assert.equal(early.netmap!.desiredRelease, undefined);
+    await t.admin.call('setDesiredVersion', { project: 'p4', tag: '', version: '0.2.0' });
+    await early.waitFor(
+      () => early.netmap?.desiredRelease?.version === '0.2.0',
+      5000,
+      'desired release delta',
+    );
+    const r = early.netmap!.desiredRelease!;
+    assert.equal(r.artifactUrl, '/releases/0.2.0/meshgate-0.2.0.mjs');
+    const manifest = parseManifest(r.manifest);
+    assert.equal(manifest.sha256, r.sha256);
+    assert.equal(manifest.version, '0.2.0');
+    const late = new SimAgent(t.url, t.fingerprint);
+    agents.push(late);
+    await late.register(key, 'late');
+    await late.connect();
+    assert.equal(late.netmap!.desiredRelease?.sha256, r.sha256, 'the full netmap carries it too');
+    await t.admin.call('setDesiredVersion', { project: 'p4', tag: '', version: '' });
+    await early.waitFor(() => early.netmap?.desiredRelease === undefined, 5000, 'desired release removed');
   });
 
   it("serves nothing but a release's own two files", async () => {

@@ -12,7 +12,7 @@ import {
   verifyArtifact,
   verifyManifest,
 } from '../../release/manifest.js';
-import { compareVersions, isSemVer, requireSemVer } from '../../release/semver.js';
+import { compareVersions, drifts, isSemVer, requireSemVer } from '../../release/semver.js';
 
 describe('semantic versions', () => {
   it('accepts MAJOR.MINOR.PATCH with pre-release and build metadata', () => {
@@ -56,6 +56,15 @@ describe('semantic versions', () => {
       assert.equal(compareVersions(ordered[i + 1]!, ordered[i]!), 1);
     }
     assert.equal(compareVersions('1.0.0+a', '1.0.0+b'), 0);
+  });
+
+  it('drift: older drifts, newer only with a downgrade, not-semver always', () => {
+    assert.equal(drifts('0.1.0', '0.2.0', false), true);
+    assert.equal(drifts('0.2.0', '0.2.0', false), false);
+    assert.equal(drifts('0.10.0', '0.2.0', false), false);
+    assert.equal(drifts('0.10.0', '0.2.0', true), true);
+    assert.equal(drifts('banana', '0.2.0', false), true);
+    assert.equal(drifts('0.1.0', '', false), false);
   });
 });
 
