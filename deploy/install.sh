@@ -54,12 +54,16 @@ die() {
 # command started below (apt-get, curl, node, systemctl) inherits it.
 install -d -m 0700 "$etc_dir"
 key_changed=no
+key_given=no
 write_key() { # stdin: the key
   tmp_key=$(mktemp "$etc_dir/.authkey.XXXXXX")
   cat >"$tmp_key"
   if [ ! -s "$tmp_key" ]; then
     rm -f "$tmp_key"
-  elif cmp -s "$tmp_key" "$key_file"; then
+    return 0
+  fi
+  key_given=yes
+  if cmp -s "$tmp_key" "$key_file"; then
     rm -f "$tmp_key"
   else
     chmod 0600 "$tmp_key"
@@ -127,9 +131,11 @@ metal_value() { # $1: key under vpn: or a top-level key with $2=top
 if [ -r "$metal_install" ]; then
   [ -n "$coordinator" ] || coordinator=$(metal_value address)
   [ -n "$hostname" ] || hostname=$(metal_value machineuuid top)
-  metal_value auth_key >"$etc_dir/.metal-authkey"
-  write_key <"$etc_dir/.metal-authkey"
-  rm -f "$etc_dir/.metal-authkey"
+  if [ "$key_given" = no ]; then
+    metal_value auth_key >"$etc_dir/.metal-authkey"
+    write_key <"$etc_dir/.metal-authkey"
+    rm -f "$etc_dir/.metal-authkey"
+  fi
 fi
 
 case $lockdown in
