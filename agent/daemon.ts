@@ -7,6 +7,7 @@ import type { Logger } from 'pino';
 import type { NetMap, Node, Peer } from '../proto/gen/meshgate/v1/types_pb.js';
 import { Protocol } from '../proto/gen/meshgate/v1/types_pb.js';
 import { encodeWgKey } from '../proto/keys.js';
+import { VERSION } from '../release/version.js';
 import { ControlClient } from './control/client.js';
 import {
   defaultListenPort,
@@ -29,8 +30,6 @@ import { type LocalApi, startLocalApi } from './localapi/server.js';
 import type { AgentStatus, PeerStatus } from './localapi/types.js';
 import { RelayConnection } from './relay/connection.js';
 import { RelayProxies } from './relay/proxy.js';
-
-export const AGENT_VERSION = '0.1.0';
 
 export interface AgentOptions {
   coordinator: string;
@@ -132,7 +131,7 @@ export class Agent {
         machinePublic: identity.machine.publicKey,
         hostname: this.opts.hostname ?? osHostname(),
         os: process.platform,
-        version: AGENT_VERSION,
+        version: VERSION,
         requestedTags: this.opts.advertiseTags,
         advertisedRoutes: this.opts.advertiseRoutes,
         endpoints: () => this.localEndpoints(),
@@ -352,8 +351,17 @@ export class Agent {
         ephemeral: this.self?.ephemeral ?? false,
         nodeKey: this.nodePublic,
       },
-      version: AGENT_VERSION,
+      version: VERSION,
       desiredVersion: map?.desiredVersion ?? '',
+      desiredRelease: map?.desiredRelease
+        ? {
+            version: map.desiredRelease.version,
+            artifactUrl: map.desiredRelease.artifactUrl,
+            sha256: map.desiredRelease.sha256,
+            manifest: map.desiredRelease.manifest,
+            allowDowngrade: map.desiredRelease.allowDowngrade,
+          }
+        : null,
       coordinator: {
         url: this.opts.coordinator,
         state: this.session?.state ?? 'connecting',

@@ -18,6 +18,8 @@ const EXPECTED = new Set([
   'ListenError',
   'DataDirError',
   'LocalApiError',
+  'ReleaseError',
+  'SemVerError',
 ]);
 
 export function describeError(err: unknown, coordinator?: string): string {

@@ -1,25 +1,31 @@
 // The `meshgate` command: coordinator, agent and admin commands in one.
 import { Command, CommanderError } from 'commander';
-import { VERSION } from '../coordinator/server.js';
+import { versionLine } from '../release/version.js';
 import { registerAdminCommands } from './commands/admin.js';
 import { registerAgentCommand } from './commands/agent.js';
 import { registerCoordinatorCommands } from './commands/coordinator.js';
 import { registerLocalCommands } from './commands/local.js';
+import { registerReleaseCommands } from './commands/release.js';
 import { registerUserspaceCommands } from './commands/userspace.js';
 import { describeError } from './errors.js';
 
 export function buildProgram(): Command {
   const program = new Command('meshgate')
     .description('WireGuard mesh that replaces open management ports in a data center')
-    .version(VERSION)
+    .option('-V, --version', 'print the version, git commit and Node version')
     .showHelpAfterError('(run with --help for usage)')
     .enablePositionalOptions()
-    .exitOverride();
+    .exitOverride()
+    .action((o: { version?: boolean }) => {
+      if (!o.version) program.help();
+      process.stdout.write(`${versionLine()}\n`);
+    });
   registerCoordinatorCommands(program);
   registerAdminCommands(program);
   registerAgentCommand(program);
   registerLocalCommands(program);
   registerUserspaceCommands(program);
+  registerReleaseCommands(program);
   return program;
 }
 

@@ -11,6 +11,7 @@ import { parseDuration } from '../proto/duration.js';
 import { AdminService } from '../proto/gen/meshgate/v1/admin_pb.js';
 import { ControlService } from '../proto/gen/meshgate/v1/control_pb.js';
 import { serviceDefinition } from '../proto/grpc.js';
+import { VERSION } from '../release/version.js';
 import { adminHandlers } from './api/admin.js';
 import { CallVerifier } from './api/auth.js';
 import { controlImplementation } from './api/control.js';
@@ -19,6 +20,7 @@ import { httpApp } from './api/http.js';
 import { Metrics } from './api/metrics.js';
 import { RateLimiter } from './api/ratelimit.js';
 import { RelayHub } from './api/relay.js';
+import { ReleaseDir } from './api/releases.js';
 import type { CoordinatorConfig } from './config.js';
 import { lockDataDir, prepareDataDir } from './datadir.js';
 import type { Logger } from './log.js';
@@ -26,8 +28,6 @@ import { Mapper } from './mapper/mapper.js';
 import { State } from './state/state.js';
 import { openStore } from './store/db.js';
 import { ensureTlsIdentity } from './tls.js';
-
-export const VERSION = '0.1.0';
 
 export interface Coordinator {
   fingerprint: string | null;
@@ -173,7 +173,8 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
   });
   undo.push(() => mapper.close());
   const databaseOk = () => store.ping();
-  const handlers = adminHandlers({ state, version: VERSION, databaseOk });
+  const releases = new ReleaseDir(config.releasesDir ?? null);
+  const handlers = adminHandlers({ state, version: VERSION, databaseOk, releases });
 
   const relay = new RelayHub(
     state,
@@ -181,6 +182,7 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
     metrics,
   );
   undo.push(() => relay.close());
+  const limiter = new RateLimiter(config.registrationRate.perSecond, config.registrationRate.burst);
   const server = new grpc.Server(SERVER_OPTIONS);
   undo.push(() => server.forceShutdown());
   server.addService(serviceDefinition(AdminService), adminImplementation(handlers, state, log, false));
@@ -191,7 +193,7 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
       mapper,
       relay,
       verifier: new CallVerifier(state, { clockSkewMs: parseDuration(config.clockSkew) }),
-      limiter: new RateLimiter(config.registrationRate.perSecond, config.registrationRate.burst),
+      limiter,
       metrics,
       log,
     }),
@@ -214,7 +216,7 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
   undo.push(() => existsSync(adminSocket) && unlinkSync(adminSocket));
   chmodSync(adminSocket, 0o600);
 
-  const app = httpApp({ handlers, state, metrics, databaseOk, log });
+  const app = httpApp({ handlers, state, metrics, databaseOk, log, releases, limiter });
   const http: HttpServer = identity
     ? createHttpsServer({ key: identity.key, cert: identity.cert, minVersion: 'TLSv1.3' }, app)
     : createHttpServer(app);

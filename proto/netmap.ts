@@ -41,7 +41,10 @@ export function applySync(current: NetMap | null, lastSeq: bigint, msg: SyncResp
     next.peers = [...byId.values()];
   }
   if (msg.packetFilter) next.packetFilter = msg.packetFilter;
-  if (msg.desiredVersion !== undefined) next.desiredVersion = msg.desiredVersion;
+  if (msg.desiredVersion !== undefined) {
+    next.desiredVersion = msg.desiredVersion;
+    next.desiredRelease = msg.desiredRelease;
+  }
   if (msg.self) next.self = msg.self;
   if (msg.dnsChanged) next.dns = msg.dns;
   return next;

@@ -8,7 +8,7 @@ import { Duplex } from 'node:stream';
 import { ControlClient } from '../agent/control/client.js';
 import { formatEndpoint, localAddresses } from '../agent/control/endpoints.js';
 import { ControlSession } from '../agent/control/session.js';
-import { AGENT_VERSION } from '../agent/daemon.js';
+import { VERSION } from '../release/version.js';
 import { RelayConnection } from '../agent/relay/connection.js';
 import type { NetMap, Node } from '../proto/gen/meshgate/v1/types_pb.js';
 import { decodeWgKey, encodeWgKey, generateMachineKey, generateNodeKey } from '../proto/keys.js';
@@ -111,7 +111,7 @@ export class Mesh {
         machinePublic: this.machine.publicKey,
         hostname: o.hostname ?? osHostname(),
         os: process.platform,
-        version: AGENT_VERSION,
+        version: VERSION,
         requestedTags: [],
         advertisedRoutes: [],
         lockdownPorts: [],

@@ -28,6 +28,17 @@ export interface AgentStatus {
   };
   version: string;
   desiredVersion: string;
+  /**
+   * Where the desired version is and how to check it, for an external
+   * controller that installs it (docs/agent.md); null without one.
+   */
+  desiredRelease: {
+    version: string;
+    artifactUrl: string;
+    sha256: string;
+    manifest: string;
+    allowDowngrade: boolean;
+  } | null;
   coordinator: { url: string; state: string; error: string };
   interface: { name: string; backend: string; listenPort: number };
   lockdownPorts: number[];

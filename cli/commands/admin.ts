@@ -107,10 +107,7 @@ const NODE_COLUMNS: Column<Node>[] = [
   { header: 'LAST SEEN', value: (n) => (n.online ? 'now' : ago(iso(n.lastSeen))) },
   {
     header: 'VERSION',
-    value: (n) =>
-      n.desiredVersion && n.desiredVersion !== n.version
-        ? `${n.version} (want ${n.desiredVersion})`
-        : n.version,
+    value: (n) => (n.drifting ? `${n.version} (want ${n.desiredVersion})` : n.version),
   },
   { header: 'TAGS', value: (n) => n.tags.join(',') },
   { header: 'IPV6', value: (n) => n.ipAddresses[1] ?? '', wide: true },
@@ -125,8 +122,10 @@ const NODE_COLUMNS: Column<Node>[] = [
 const VERSION_COLUMNS: Column<DesiredVersion>[] = [
   { header: 'PROJECT', value: (v) => v.project },
   { header: 'TAG', value: (v) => v.tag || '(all)' },
-  { header: 'VERSION', value: (v) => v.version },
+  { header: 'VERSION', value: (v) => v.version + (v.allowDowngrade ? ' (downgrade)' : '') },
   { header: 'UPDATED', value: (v) => iso(v.updatedAt) },
+  { header: 'ARTIFACT', value: (v) => v.artifactUrl || '(served by the coordinator)', wide: true },
+  { header: 'SHA256', value: (v) => v.sha256, wide: true },
 ];
 
 function readPolicyFile(file: string): string {
@@ -389,14 +388,25 @@ export function registerAdminCommands(program: Command): void {
   withAdmin(
     versions
       .command('set <version>')
-      .description('set the desired agent version (empty string removes the entry)')
+      .description(
+        'set the desired agent version, a semantic version the coordinator serves (empty string removes the entry)',
+      )
       .requiredOption('--project <project>', 'project')
-      .option('--tag <tag>', 'only for nodes with this tag', ''),
+      .option('--tag <tag>', 'only for nodes with this tag', '')
+      .option(
+        '--artifact-url <url>',
+        'the artifact is not served by the coordinator but here (with --sha256)',
+      )
+      .option('--sha256 <hex>', 'SHA-256 of the artifact at --artifact-url')
+      .option('--allow-downgrade', 'nodes that run a newer version are to go back to this one'),
     async (c, [version], o) => {
       const r = await c.call('setDesiredVersion', {
         project: String(o.project),
         tag: String(o.tag),
         version,
+        artifactUrl: String(o.artifactUrl ?? ''),
+        sha256: String(o.sha256 ?? '').toLowerCase(),
+        allowDowngrade: o.allowDowngrade === true,
       });
       printOne(c, DesiredVersionSchema, r.desiredVersion!, VERSION_COLUMNS);
     },

@@ -2,8 +2,7 @@
 import type { Command } from 'commander';
 import { loadConfig } from '../../coordinator/config.js';
 import { createLogger } from '../../coordinator/log.js';
-import { startCoordinator, VERSION } from '../../coordinator/server.js';
-import { loadTlsIdentity } from '../../coordinator/tls.js';
+import { VERSION } from '../../release/version.js';
 
 export function registerCoordinatorCommands(program: Command): void {
   const cmd = program
@@ -20,6 +19,10 @@ export function registerCoordinatorCommands(program: Command): void {
       '--http-listen <host:port>',
       'HTTP listener for /healthz, /readyz, /metrics and /api/v1 (default 0.0.0.0:7480)',
     )
+    .option(
+      '--releases-dir <dir>',
+      'serve release artifacts from DIR under /releases/ on the HTTP port (see meshgate release pack)',
+    )
     .option('--plaintext', 'serve without TLS (only behind a TLS-terminating proxy or on a trusted network)')
     .option('--log-level <level>', 'trace, debug, info, warn, error')
     .option('--ephemeral-timeout <duration>', 'remove ephemeral nodes offline this long (default 30m)')
@@ -28,7 +31,7 @@ export function registerCoordinatorCommands(program: Command): void {
       `
 Settings come from defaults, then --config, then MESHGATE_* environment
 variables (MESHGATE_DATA_DIR, MESHGATE_DATABASE, MESHGATE_GRPC_LISTEN,
-MESHGATE_HTTP_LISTEN, MESHGATE_LOG_LEVEL, MESHGATE_EPHEMERAL_TIMEOUT), then flags.
+MESHGATE_HTTP_LISTEN, MESHGATE_RELEASES_DIR, MESHGATE_LOG_LEVEL, MESHGATE_EPHEMERAL_TIMEOUT), then flags.
 
 On first start a TLS key and a self-signed certificate are made in the data
 dir; clients pin the printed fingerprint with --fingerprint. The local admin
@@ -41,11 +44,14 @@ socket (0600) in the data dir needs no API key: use it to create the first one:
         database: o.database,
         grpcListen: o.grpcListen,
         httpListen: o.httpListen,
+        releasesDir: o.releasesDir,
         plaintext: o.plaintext,
         logLevel: o.logLevel,
         ephemeralTimeout: o.ephemeralTimeout,
       });
       const log = createLogger(config.logLevel);
+      // Loaded here: the release artifact leaves the coordinator (and its SQLite addon) out.
+      const { startCoordinator } = await import('../../coordinator/server.js');
       const c = await startCoordinator(config, log);
       process.stdout.write(
         [
@@ -76,7 +82,11 @@ socket (0600) in the data dir needs no API key: use it to create the first one:
     .command('fingerprint')
     .description("print the SPKI SHA-256 fingerprint of the coordinator's TLS key, for --fingerprint")
     .option('--data-dir <dir>', 'data dir of the coordinator', '/var/lib/meshgate')
-    .action((o: { dataDir: string }) => {
-      process.stdout.write(`${loadTlsIdentity(o.dataDir).fingerprint}\n`);
+    .option('--curl', 'print it as curl --pinnedpubkey wants it: sha256//BASE64')
+    .action(async (o: { dataDir: string; curl?: boolean }) => {
+      const { loadTlsIdentity } = await import('../../coordinator/tls.js');
+      const fp = loadTlsIdentity(o.dataDir).fingerprint;
+      const pin = `sha256//${Buffer.from(fp.slice('sha256:'.length), 'hex').toString('base64')}`;
+      process.stdout.write(`${o.curl ? pin : fp}\n`);
     });
 }

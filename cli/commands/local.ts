@@ -4,6 +4,7 @@ import { existsSync } from 'node:fs';
 import type { Command } from 'commander';
 import { agentDown, agentStatus } from '../../agent/localapi/client.js';
 import type { AgentStatus, PeerStatus } from '../../agent/localapi/types.js';
+import { drifts } from '../../release/semver.js';
 import { CliError } from '../errors.js';
 import { ago, type Column, FORMATS, parseFormat, render } from '../output.js';
 import { DEFAULT_AGENT_SOCKET } from './agent.js';
@@ -39,7 +40,9 @@ export function resolvePeer(status: AgentStatus, ref: string): PeerStatus {
 }
 
 function statusText(s: AgentStatus, wide: boolean): string {
-  const drift = s.desiredVersion && s.desiredVersion !== s.version ? ` (desired ${s.desiredVersion})` : '';
+  const drift = drifts(s.version, s.desiredVersion, s.desiredRelease?.allowDowngrade ?? false)
+    ? ` (desired ${s.desiredVersion})`
+    : '';
   const lines = [
     `node         ${s.self.name || '(not registered)'} ${s.self.ipAddresses.join(' ')}`,
     `project      ${s.self.project}`,

@@ -14,9 +14,12 @@ import {
   type Project,
   ProjectSchema,
 } from '../../proto/gen/meshgate/v1/admin_pb.js';
+import { isSemVer } from '../../release/semver.js';
 import { nodeMessage } from '../mapper/netmap.js';
+import { invalid, precondition } from '../state/errors.js';
 import type { AuthKeyRecord } from '../state/records.js';
 import type { ApiKeyRecord, DesiredVersionRecord, State } from '../state/state.js';
+import { ReleaseDir } from './releases.js';
 import { duration, isCidr, LIMITS, list, sized, tags, text } from './validate.js';
 
 const HOUR = 3_600_000;
@@ -30,6 +33,8 @@ export interface AdminDeps {
   state: State;
   version: string;
   databaseOk: () => Promise<boolean>;
+  /** Releases this coordinator serves; none when absent. */
+  releases?: ReleaseDir;
 }
 
 type Methods = (typeof AdminService)['method'];
@@ -79,6 +84,9 @@ function versionMessage(v: DesiredVersionRecord) {
     tag: v.tag,
     version: v.version,
     updatedAt: ts(v.updatedAt),
+    artifactUrl: v.artifactUrl,
+    sha256: v.sha256,
+    allowDowngrade: v.allowDowngrade,
   });
 }
 
@@ -86,7 +94,12 @@ function msg<D extends DescMessage>(schema: D, init: Parameters<typeof create<D>
   return create(schema, init);
 }
 
-export function adminHandlers({ state, version, databaseOk }: AdminDeps): AdminHandlers {
+export function adminHandlers({
+  state,
+  version,
+  databaseOk,
+  releases = new ReleaseDir(null),
+}: AdminDeps): AdminHandlers {
   const node = (n: Parameters<typeof nodeMessage>[1]) => nodeMessage(state, n);
   return {
     async health() {
@@ -215,7 +228,27 @@ export function adminHandlers({ state, version, databaseOk }: AdminDeps): AdminH
     },
 
     async setDesiredVersion(req, { actor }) {
-      const v = await state.setDesiredVersion(actor, req.project, req.tag, req.version);
+      let { artifactUrl, sha256 } = req;
+      let manifest = '';
+      if (isSemVer(req.version)) {
+        if (!artifactUrl !== !sha256)
+          throw invalid('give --artifact-url and --sha256 together, or neither to use a served release');
+        if (!artifactUrl) {
+          const m = releases.lookup(req.version);
+          if (!m)
+            throw precondition(
+              `release ${req.version} is not served by this coordinator (${releases.dir ? `no valid release in ${releases.dir}/${req.version}` : 'no --releases-dir'}); pack it there, or give --artifact-url URL --sha256 HEX`,
+            );
+          sha256 = m.sha256;
+          manifest = JSON.stringify(m);
+        }
+      }
+      const v = await state.setDesiredVersion(actor, req.project, req.tag, req.version, {
+        artifactUrl,
+        sha256,
+        allowDowngrade: req.allowDowngrade,
+        manifest,
+      });
       return msg(pb.SetDesiredVersionResponseSchema, { desiredVersion: versionMessage(v) });
     },
     async listDesiredVersions(req) {

@@ -9,6 +9,8 @@ import type { State } from '../state/state.js';
 import type { AdminHandlers } from './admin.js';
 import { adminActor } from './auth.js';
 import type { Metrics } from './metrics.js';
+import { RateLimiter } from './ratelimit.js';
+import { ReleaseDir, releaseRoutes } from './releases.js';
 import { toStatus } from './status.js';
 
 export interface HttpDeps {
@@ -17,6 +19,8 @@ export interface HttpDeps {
   metrics: Metrics;
   databaseOk: () => Promise<boolean>;
   log: Logger;
+  releases?: ReleaseDir;
+  limiter?: RateLimiter;
 }
 
 const GET_SHORTCUTS: Record<string, { method: string; query: string[] }> = {
@@ -29,7 +33,15 @@ const GET_SHORTCUTS: Record<string, { method: string; query: string[] }> = {
   '/health': { method: 'Health', query: [] },
 };
 
-export function httpApp({ handlers, state, metrics, databaseOk, log }: HttpDeps): express.Express {
+export function httpApp({
+  handlers,
+  state,
+  metrics,
+  databaseOk,
+  log,
+  releases = new ReleaseDir(null),
+  limiter = new RateLimiter(10, 100),
+}: HttpDeps): express.Express {
   const app = express();
   app.disable('x-powered-by');
   app.get('/healthz', (_req, res) => {
@@ -45,6 +57,8 @@ export function httpApp({ handlers, state, metrics, databaseOk, log }: HttpDeps)
   app.get('/metrics', async (_req, res) => {
     res.type(metrics.registry.contentType).send(await metrics.registry.metrics());
   });
+
+  app.use(releaseRoutes({ releases, state, limiter, log }));
 
   const methods = new Map<string, DescMethod>(AdminService.methods.map((m) => [m.name, m]));
   const api = express.Router();

@@ -8,8 +8,9 @@ import { SyncResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
 import { DnsRecordSchema, PeerPatchSchema, PeerSchema } from '../../proto/gen/meshgate/v1/types_pb.js';
 import type { CompiledPolicy, FilterRuleSpec } from '../policy/index.js';
 import type { NodeRecord } from '../state/records.js';
-import type { State, StateEvent } from '../state/state.js';
+import type { DesiredVersionRecord, State, StateEvent } from '../state/state.js';
 import {
+  desiredReleaseMessage,
   dnsRecord,
   domainOf,
   type EncodedPeer,
@@ -42,7 +43,8 @@ interface Attached {
   seq: bigint;
   lastSent: number;
   filterKey: string;
-  desiredVersion: string;
+  /** The desired-version entry last sent; a new entry is a new object. */
+  desired: DesiredVersionRecord | undefined;
   /** Bytes of the full netmap the transport has not taken yet. */
   unsent: number;
 }
@@ -201,7 +203,7 @@ export class Mapper {
       seq: 0n,
       lastSent: 0,
       filterKey: filterKey(rules),
-      desiredVersion: this.state.desiredVersionFor(node),
+      desired: this.state.desiredEntryFor(node),
       unsent: 0,
     };
     this.sessions.set(node.id, entry);
@@ -448,9 +450,9 @@ export class Mapper {
         const node = this.state.getNode(id);
         const entry = this.sessions.get(id);
         if (!node || !entry) continue;
-        const v = this.state.desiredVersionFor(node);
-        if (v !== entry.desiredVersion) {
-          entry.desiredVersion = v;
+        const v = this.state.desiredEntryFor(node);
+        if (v !== entry.desired) {
+          entry.desired = v;
           delta(id)!.version = true;
         }
       }
@@ -488,7 +490,8 @@ export class Mapper {
       if (d.filter) pieces.push({ field: SYNC.packetFilter.number, message: filterPieces(d.filter) });
       if (d.version || d.self) {
         const head = create(SyncResponseSchema, {
-          desiredVersion: d.version ? entry.desiredVersion : undefined,
+          desiredVersion: d.version ? (entry.desired?.version ?? '') : undefined,
+          desiredRelease: d.version ? desiredReleaseMessage(entry.desired) : undefined,
           self: d.self ? nodeMessage(this.state, node) : undefined,
         });
         pieces.push(toBinary(SyncResponseSchema, head));

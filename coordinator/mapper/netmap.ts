@@ -3,6 +3,8 @@ import { createHash } from 'node:crypto';
 import { create, toBinary } from '@bufbuild/protobuf';
 import { timestampFromMs } from '@bufbuild/protobuf/wkt';
 import {
+  type DesiredRelease,
+  DesiredReleaseSchema,
   type DnsRecord,
   DnsRecordSchema,
   FilterRuleSchema,
@@ -17,13 +19,25 @@ import {
 } from '../../proto/gen/meshgate/v1/types_pb.js';
 import type { FilterRuleSpec } from '../policy/index.js';
 import type { NodeRecord } from '../state/records.js';
-import type { State } from '../state/state.js';
+import type { DesiredVersionRecord, State } from '../state/state.js';
 import type { Piece } from './wire.js';
 
 export interface NetMapOptions {
   keepaliveSeconds: number;
   relay: boolean;
   domainSuffix: string;
+}
+
+/** What a node needs to fetch and check its desired release; undefined without one. */
+export function desiredReleaseMessage(v: DesiredVersionRecord | undefined): DesiredRelease | undefined {
+  if (!v) return undefined;
+  return create(DesiredReleaseSchema, {
+    version: v.version,
+    artifactUrl: v.artifactUrl || `/releases/${v.version}/meshgate-${v.version}.mjs`,
+    sha256: v.sha256,
+    manifest: v.manifest,
+    allowDowngrade: v.allowDowngrade,
+  });
 }
 
 export function nodeMessage(state: State, n: NodeRecord): Node {
@@ -37,6 +51,7 @@ export function nodeMessage(state: State, n: NodeRecord): Node {
     createdAt: timestampFromMs(n.createdAt),
     version: n.version,
     desiredVersion: state.desiredVersionFor(n),
+    drifting: state.isDrifting(n),
     tags: n.tags,
     ephemeral: n.ephemeral,
     machineKey: `mkey:${n.machineKey}`,
@@ -144,6 +159,7 @@ export function netMapPieces(
     self: nodeMessage(state, self),
     dns: [dnsRecord(self, domain)],
     desiredVersion: state.desiredVersionFor(self),
+    desiredRelease: desiredReleaseMessage(state.desiredEntryFor(self)),
     domain,
     keepaliveSeconds: opts.keepaliveSeconds,
     relay: create(RelayInfoSchema, { enabled: opts.relay }),

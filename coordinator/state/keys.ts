@@ -231,6 +231,16 @@ export class KeyStore {
     return key;
   }
 
+  /**
+   * The auth key `text` names, also when spent or past its expiry: it proves
+   * that the caller was given a key of the project (install.sh at a later boot).
+   */
+  async heldAuthKey(text: string): Promise<AuthKeyRecord> {
+    const key = authKeyFromRow(await this.lookup('auth', text));
+    if (key.revokedAt !== null) throw unauthenticated(`auth key ${key.id} was expired by an admin`);
+    return key;
+  }
+
   /** Counts a use inside the registration's transaction; a single-use key can be spent once. */
   async spend(tx: Transaction<Database>, key: AuthKeyRecord): Promise<void> {
     let q = tx

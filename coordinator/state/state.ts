@@ -8,6 +8,7 @@
 import { randomBytes } from 'node:crypto';
 import type { Kysely } from 'kysely';
 import { isDnsLabel, isTag, toDnsLabel } from '../../proto/names.js';
+import { drifts, requireSemVer, type SemVerError } from '../../release/semver.js';
 import {
   type CompiledPolicy,
   compilePolicy,
@@ -60,6 +61,20 @@ export interface DesiredVersionRecord {
   tag: string;
   version: string;
   updatedAt: number;
+  /** Empty when the coordinator serves the artifact from its releases dir. */
+  artifactUrl: string;
+  sha256: string;
+  /** Nodes running a newer version drift too: they are to go back to this one. */
+  allowDowngrade: boolean;
+  /** The signed manifest (JSON) of a served release, as it was when the entry was set. */
+  manifest: string;
+}
+
+export interface DesiredArtifact {
+  artifactUrl: string;
+  sha256: string;
+  allowDowngrade: boolean;
+  manifest?: string;
 }
 
 export interface RegisterInput {
@@ -136,6 +151,10 @@ export class State {
         tag: v.tag,
         version: v.version,
         updatedAt: Number(v.updated_at),
+        artifactUrl: v.artifact_url,
+        sha256: v.sha256,
+        allowDowngrade: Boolean(v.allow_downgrade),
+        manifest: v.manifest,
       });
     }
     return s;
@@ -692,22 +711,52 @@ export class State {
     project: string,
     tag: string,
     version: string,
+    artifact: DesiredArtifact = { artifactUrl: '', sha256: '', allowDowngrade: false, manifest: '' },
   ): Promise<DesiredVersionRecord> {
     this.requireProject(project);
     if (tag && !isTag(tag)) throw invalid(`"${tag}" is not a tag (tag:NAME)`);
-    if (version.length > 64 || /\s/.test(version))
-      throw invalid('version must be at most 64 characters without spaces');
-    const rec = { project, tag, version, updatedAt: this.now() };
+    if (version) {
+      try {
+        requireSemVer(version);
+      } catch (err) {
+        throw invalid((err as SemVerError).message);
+      }
+    }
+    const { artifactUrl, sha256 } = artifact;
+    if (artifactUrl && (artifactUrl.length > 2048 || !/^https?:\/\/[^\s]+$/.test(artifactUrl)))
+      throw invalid('artifact URL must be an http(s) URL of at most 2048 characters');
+    if (sha256 && !/^[0-9a-f]{64}$/.test(sha256)) throw invalid('sha256 must be 64 lowercase hex digits');
+    const rec: DesiredVersionRecord = {
+      project,
+      tag,
+      version,
+      updatedAt: this.now(),
+      artifactUrl: version ? artifactUrl : '',
+      sha256: version ? sha256 : '',
+      allowDowngrade: version ? artifact.allowDowngrade : false,
+      manifest: version && !artifactUrl ? (artifact.manifest ?? '') : '',
+    };
     await this.db.transaction().execute(async (tx) => {
       await tx.deleteFrom('desired_versions').where('project', '=', project).where('tag', '=', tag).execute();
       if (version)
         await tx
           .insertInto('desired_versions')
-          .values({ project, tag, version, updated_at: rec.updatedAt })
+          .values({
+            project,
+            tag,
+            version,
+            updated_at: rec.updatedAt,
+            artifact_url: rec.artifactUrl,
+            sha256: rec.sha256,
+            allow_downgrade: rec.allowDowngrade ? 1 : 0,
+            manifest: rec.manifest,
+          })
           .execute();
       await audit(tx, this.now(), actor, version ? 'version.set' : 'version.remove', project, {
         tag,
         version,
+        ...(rec.artifactUrl ? { artifactUrl: rec.artifactUrl } : {}),
+        ...(rec.allowDowngrade ? { allowDowngrade: true } : {}),
       });
     });
     if (version) this.versionMap(project).set(tag, rec);
@@ -724,23 +773,42 @@ export class State {
     return all.sort((a, b) => a.project.localeCompare(b.project) || a.tag.localeCompare(b.tag));
   }
 
-  /** Nodes whose reported agent version differs from the one they should run. */
+  /** Nodes that run an older version than desired, or a newer one when a downgrade is allowed. */
   driftingNodes(project?: string): NodeRecord[] {
-    return this.listNodes(project).filter((n) => {
-      const want = this.desiredVersionFor(n);
-      return want !== '' && want !== n.version;
-    });
+    return this.listNodes(project).filter((n) => this.isDrifting(n));
+  }
+
+  isDrifting(n: NodeRecord): boolean {
+    const want = this.desiredEntryFor(n);
+    return want !== undefined && drifts(n.version, want.version, want.allowDowngrade);
   }
 
   /** The most specific entry wins: a tag of the node (first in name order), then the project's. */
-  desiredVersionFor(n: NodeRecord): string {
-    const m = this.versions.get(n.project);
-    if (!m) return '';
-    for (const t of n.tags) {
+  desiredEntryFor(n: NodeRecord): DesiredVersionRecord | undefined {
+    return this.desiredEntry(n.project, n.tags);
+  }
+
+  private desiredEntry(project: string, tags: string[]): DesiredVersionRecord | undefined {
+    const m = this.versions.get(project);
+    if (!m) return undefined;
+    for (const t of tags) {
       const v = m.get(t);
-      if (v) return v.version;
+      if (v) return v;
     }
-    return m.get('')?.version ?? '';
+    return m.get('');
+  }
+
+  /**
+   * The desired version for a machine that joins with this auth key (its
+   * project and the key's tags), before it has a node: what install.sh installs.
+   */
+  async desiredEntryForAuthKey(text: string): Promise<DesiredVersionRecord | undefined> {
+    const key = await this.keys.heldAuthKey(text);
+    return this.desiredEntry(key.project, [...key.tags].sort());
+  }
+
+  desiredVersionFor(n: NodeRecord): string {
+    return this.desiredEntryFor(n)?.version ?? '';
   }
 
   // ---- lifecycle

@@ -104,6 +104,27 @@ function migrations(dialect: Dialect): Record<string, Migration> {
           .execute();
       },
     },
+    '0003_release_artifacts': {
+      async up(db: Kysely<unknown>) {
+        // Where the desired version's artifact is and whether newer nodes go back to it.
+        await db.schema
+          .alterTable('desired_versions')
+          .addColumn('artifact_url', 'text', (c) => c.notNull().defaultTo(''))
+          .execute();
+        await db.schema
+          .alterTable('desired_versions')
+          .addColumn('sha256', 'text', (c) => c.notNull().defaultTo(''))
+          .execute();
+        await db.schema
+          .alterTable('desired_versions')
+          .addColumn('allow_downgrade', 'integer', (c) => c.notNull().defaultTo(0))
+          .execute();
+        await db.schema
+          .alterTable('desired_versions')
+          .addColumn('manifest', 'text', (c) => c.notNull().defaultTo(''))
+          .execute();
+      },
+    },
   };
 }
 

@@ -68,6 +68,12 @@ export interface DesiredVersionTable {
   tag: string;
   version: string;
   updated_at: number;
+  artifact_url: string;
+  sha256: string;
+  /** 0 or 1. */
+  allow_downgrade: number;
+  /** The signed manifest of a served release, as JSON; empty for an artifact elsewhere. */
+  manifest: string;
 }
 
 export interface AuditTable {

@@ -100,6 +100,8 @@ export class SimAgent {
   readonly nodeKey = generateNodeKey();
   readonly client: ControlClient;
   netmap: NetMap | null = null;
+  /** The agent version it reports. */
+  version = '0.1.0';
   seq = 0n;
   messages: SyncResponse[] = [];
   stream: grpc.ClientDuplexStream<SyncRequest, SyncResponse> | null = null;
@@ -136,7 +138,7 @@ export class SimAgent {
       nodeKey: this.nodeKey.publicKey,
       hostname,
       os: 'linux',
-      version: '0.1.0',
+      version: this.version,
       requestedTags: extra.tags ?? [],
       endpoints: extra.endpoints ?? ['192.0.2.10:41641'],
     });
@@ -165,7 +167,7 @@ export class SimAgent {
       create(SyncRequestSchema, {
         message: {
           case: 'hello',
-          value: { version: '0.1.0', endpoints: ['192.0.2.10:41641'], lockdownPorts },
+          value: { version: this.version, endpoints: ['192.0.2.10:41641'], lockdownPorts },
         },
       }),
     );

@@ -91,7 +91,7 @@ export class MeshLab {
     return join(this.dir, 'coordinator');
   }
 
-  async startCoordinator(host: string, address: string): Promise<void> {
+  async startCoordinator(host: string, address: string, extra: string[] = []): Promise<void> {
     const proc = this.topo.spawn(host, process.execPath, [
       BIN,
       'coordinator',
@@ -103,6 +103,7 @@ export class MeshLab {
       `${address}:7480`,
       '--log-level',
       'warn',
+      ...extra,
     ]);
     proc.stderr?.on('data', (d) => {
       this.coordLog.push(String(d));

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file meshgate/v1/types.proto.
  */
 export const file_meshgate_v1_types: GenFile = /*@__PURE__*/
-  fileDesc("ChdtZXNoZ2F0ZS92MS90eXBlcy5wcm90bxILbWVzaGdhdGUudjEi+wMKBE5vZGUSCgoCaWQYASABKAkSDAoEbmFtZRgCIAEoCRIPCgdwcm9qZWN0GAMgASgJEhQKDGlwX2FkZHJlc3NlcxgEIAMoCRIOCgZvbmxpbmUYBSABKAgSLQoJbGFzdF9zZWVuGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpjcmVhdGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgd2ZXJzaW9uGAggASgJEhcKD2Rlc2lyZWRfdmVyc2lvbhgJIAEoCRIMCgR0YWdzGAogAygJEhEKCWVwaGVtZXJhbBgLIAEoCBITCgttYWNoaW5lX2tleRgMIAEoCRIQCghub2RlX2tleRgNIAEoCRIRCgllbmRwb2ludHMYDiADKAkSLgoKZXhwaXJlc19hdBgPIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHZXhwaXJlZBgQIAEoCBIKCgJvcxgRIAEoCRIQCghob3N0bmFtZRgSIAEoCRIZChFhZHZlcnRpc2VkX3JvdXRlcxgTIAMoCRIXCg9hcHByb3ZlZF9yb3V0ZXMYFCADKAkSEwoLYXV0aF9rZXlfaWQYFSABKAkSFgoObG9ja2Rvd25fcG9ydHMYFiADKA0i3QEKBFBlZXISCgoCaWQYASABKAkSDAoEbmFtZRgCIAEoCRIQCghub2RlX2tleRgDIAEoCRIUCgxpcF9hZGRyZXNzZXMYBCADKAkSEwoLYWxsb3dlZF9pcHMYBSADKAkSEQoJZW5kcG9pbnRzGAYgAygJEg4KBm9ubGluZRgHIAEoCBIMCgR0YWdzGAggAygJEi0KCWxhc3Rfc2VlbhgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHdmVyc2lvbhgKIAEoCRINCgVyZWxheRgLIAEoCCKUAQoJUGVlclBhdGNoEgoKAmlkGAEgASgJEhEKCWVuZHBvaW50cxgCIAMoCRIZChFlbmRwb2ludHNfY2hhbmdlZBgDIAEoCBITCgZvbmxpbmUYBCABKAhIAIgBARItCglsYXN0X3NlZW4YBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgkKB19vbmxpbmUiKAoJUG9ydFJhbmdlEg0KBWZpcnN0GAEgASgNEgwKBGxhc3QYAiABKA0igwEKCkZpbHRlclJ1bGUSEQoJc3JjX2NpZHJzGAEgAygJEhEKCWRzdF9jaWRycxgCIAMoCRIlCgVwb3J0cxgDIAMoCzIWLm1lc2hnYXRlLnYxLlBvcnRSYW5nZRIoCglwcm90b2NvbHMYBCADKA4yFS5tZXNoZ2F0ZS52MS5Qcm90b2NvbCI2CgxQYWNrZXRGaWx0ZXISJgoFcnVsZXMYASADKAsyFy5tZXNoZ2F0ZS52MS5GaWx0ZXJSdWxlIi8KCURuc1JlY29yZBIMCgRuYW1lGAEgASgJEhQKDGlwX2FkZHJlc3NlcxgCIAMoCSIcCglSZWxheUluZm8SDwoHZW5hYmxlZBgBIAEoCCKNAgoGTmV0TWFwEh8KBHNlbGYYASABKAsyES5tZXNoZ2F0ZS52MS5Ob2RlEiAKBXBlZXJzGAIgAygLMhEubWVzaGdhdGUudjEuUGVlchIwCg1wYWNrZXRfZmlsdGVyGAMgASgLMhkubWVzaGdhdGUudjEuUGFja2V0RmlsdGVyEiMKA2RucxgEIAMoCzIWLm1lc2hnYXRlLnYxLkRuc1JlY29yZBIXCg9kZXNpcmVkX3ZlcnNpb24YBSABKAkSDgoGZG9tYWluGAYgASgJEhkKEWtlZXBhbGl2ZV9zZWNvbmRzGAcgASgNEiUKBXJlbGF5GAggASgLMhYubWVzaGdhdGUudjEuUmVsYXlJbmZvKlsKCFByb3RvY29sEhgKFFBST1RPQ09MX1VOU1BFQ0lGSUVEEAASEAoMUFJPVE9DT0xfVENQEAESEAoMUFJPVE9DT0xfVURQEAISEQoNUFJPVE9DT0xfSUNNUBADYgZwcm90bzM", [file_google_protobuf_timestamp]);
+  fileDesc("ChdtZXNoZ2F0ZS92MS90eXBlcy5wcm90bxILbWVzaGdhdGUudjEijQQKBE5vZGUSCgoCaWQYASABKAkSDAoEbmFtZRgCIAEoCRIPCgdwcm9qZWN0GAMgASgJEhQKDGlwX2FkZHJlc3NlcxgEIAMoCRIOCgZvbmxpbmUYBSABKAgSLQoJbGFzdF9zZWVuGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpjcmVhdGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgd2ZXJzaW9uGAggASgJEhcKD2Rlc2lyZWRfdmVyc2lvbhgJIAEoCRIMCgR0YWdzGAogAygJEhEKCWVwaGVtZXJhbBgLIAEoCBITCgttYWNoaW5lX2tleRgMIAEoCRIQCghub2RlX2tleRgNIAEoCRIRCgllbmRwb2ludHMYDiADKAkSLgoKZXhwaXJlc19hdBgPIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHZXhwaXJlZBgQIAEoCBIKCgJvcxgRIAEoCRIQCghob3N0bmFtZRgSIAEoCRIZChFhZHZlcnRpc2VkX3JvdXRlcxgTIAMoCRIXCg9hcHByb3ZlZF9yb3V0ZXMYFCADKAkSEwoLYXV0aF9rZXlfaWQYFSABKAkSFgoObG9ja2Rvd25fcG9ydHMYFiADKA0SEAoIZHJpZnRpbmcYFyABKAgi3QEKBFBlZXISCgoCaWQYASABKAkSDAoEbmFtZRgCIAEoCRIQCghub2RlX2tleRgDIAEoCRIUCgxpcF9hZGRyZXNzZXMYBCADKAkSEwoLYWxsb3dlZF9pcHMYBSADKAkSEQoJZW5kcG9pbnRzGAYgAygJEg4KBm9ubGluZRgHIAEoCBIMCgR0YWdzGAggAygJEi0KCWxhc3Rfc2VlbhgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHdmVyc2lvbhgKIAEoCRINCgVyZWxheRgLIAEoCCKUAQoJUGVlclBhdGNoEgoKAmlkGAEgASgJEhEKCWVuZHBvaW50cxgCIAMoCRIZChFlbmRwb2ludHNfY2hhbmdlZBgDIAEoCBITCgZvbmxpbmUYBCABKAhIAIgBARItCglsYXN0X3NlZW4YBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgkKB19vbmxpbmUiKAoJUG9ydFJhbmdlEg0KBWZpcnN0GAEgASgNEgwKBGxhc3QYAiABKA0igwEKCkZpbHRlclJ1bGUSEQoJc3JjX2NpZHJzGAEgAygJEhEKCWRzdF9jaWRycxgCIAMoCRIlCgVwb3J0cxgDIAMoCzIWLm1lc2hnYXRlLnYxLlBvcnRSYW5nZRIoCglwcm90b2NvbHMYBCADKA4yFS5tZXNoZ2F0ZS52MS5Qcm90b2NvbCI2CgxQYWNrZXRGaWx0ZXISJgoFcnVsZXMYASADKAsyFy5tZXNoZ2F0ZS52MS5GaWx0ZXJSdWxlIi8KCURuc1JlY29yZBIMCgRuYW1lGAEgASgJEhQKDGlwX2FkZHJlc3NlcxgCIAMoCSIcCglSZWxheUluZm8SDwoHZW5hYmxlZBgBIAEoCCLDAgoGTmV0TWFwEh8KBHNlbGYYASABKAsyES5tZXNoZ2F0ZS52MS5Ob2RlEiAKBXBlZXJzGAIgAygLMhEubWVzaGdhdGUudjEuUGVlchIwCg1wYWNrZXRfZmlsdGVyGAMgASgLMhkubWVzaGdhdGUudjEuUGFja2V0RmlsdGVyEiMKA2RucxgEIAMoCzIWLm1lc2hnYXRlLnYxLkRuc1JlY29yZBIXCg9kZXNpcmVkX3ZlcnNpb24YBSABKAkSDgoGZG9tYWluGAYgASgJEhkKEWtlZXBhbGl2ZV9zZWNvbmRzGAcgASgNEiUKBXJlbGF5GAggASgLMhYubWVzaGdhdGUudjEuUmVsYXlJbmZvEjQKD2Rlc2lyZWRfcmVsZWFzZRgJIAEoCzIbLm1lc2hnYXRlLnYxLkRlc2lyZWRSZWxlYXNlInIKDkRlc2lyZWRSZWxlYXNlEg8KB3ZlcnNpb24YASABKAkSFAoMYXJ0aWZhY3RfdXJsGAIgASgJEg4KBnNoYTI1NhgDIAEoCRIQCghtYW5pZmVzdBgEIAEoCRIXCg9hbGxvd19kb3duZ3JhZGUYBSABKAgqWwoIUHJvdG9jb2wSGAoUUFJPVE9DT0xfVU5TUEVDSUZJRUQQABIQCgxQUk9UT0NPTF9UQ1AQARIQCgxQUk9UT0NPTF9VRFAQAhIRCg1QUk9UT0NPTF9JQ01QEANiBnByb3RvMw", [file_google_protobuf_timestamp]);
 
 /**
  * A member of a project's mesh as the admin API shows it.
@@ -140,6 +140,14 @@ export type Node = Message<"meshgate.v1.Node"> & {
    * @generated from field: repeated uint32 lockdown_ports = 22;
    */
   lockdownPorts: number[];
+
+  /**
+   * The node runs an older version than desired_version (or another one when
+   * the entry allows a downgrade).
+   *
+   * @generated from field: bool drifting = 23;
+   */
+  drifting: boolean;
 };
 
 /**
@@ -432,6 +440,13 @@ export type NetMap = Message<"meshgate.v1.NetMap"> & {
    * @generated from field: meshgate.v1.RelayInfo relay = 8;
    */
   relay?: RelayInfo | undefined;
+
+  /**
+   * Where desired_version is and how to check it; unset without one.
+   *
+   * @generated from field: meshgate.v1.DesiredRelease desired_release = 9;
+   */
+  desiredRelease?: DesiredRelease | undefined;
 };
 
 /**
@@ -440,6 +455,55 @@ export type NetMap = Message<"meshgate.v1.NetMap"> & {
  */
 export const NetMapSchema: GenMessage<NetMap> = /*@__PURE__*/
   messageDesc(file_meshgate_v1_types, 8);
+
+/**
+ * The release a node should run, for the agent or an external controller.
+ *
+ * @generated from message meshgate.v1.DesiredRelease
+ */
+export type DesiredRelease = Message<"meshgate.v1.DesiredRelease"> & {
+  /**
+   * @generated from field: string version = 1;
+   */
+  version: string;
+
+  /**
+   * An absolute URL for an artifact elsewhere, or a path on the coordinator's
+   * HTTPS port (/releases/VERSION/meshgate-VERSION.mjs) for a served one.
+   *
+   * @generated from field: string artifact_url = 2;
+   */
+  artifactUrl: string;
+
+  /**
+   * SHA-256 (hex) of the artifact.
+   *
+   * @generated from field: string sha256 = 3;
+   */
+  sha256: string;
+
+  /**
+   * The signed manifest (JSON) of a served release: its Ed25519 signature
+   * covers version, size and sha256. Empty for an artifact elsewhere.
+   *
+   * @generated from field: string manifest = 4;
+   */
+  manifest: string;
+
+  /**
+   * Nodes that run a newer version are to go back to this one.
+   *
+   * @generated from field: bool allow_downgrade = 5;
+   */
+  allowDowngrade: boolean;
+};
+
+/**
+ * Describes the message meshgate.v1.DesiredRelease.
+ * Use `create(DesiredReleaseSchema)` to create a new message.
+ */
+export const DesiredReleaseSchema: GenMessage<DesiredRelease> = /*@__PURE__*/
+  messageDesc(file_meshgate_v1_types, 9);
 
 /**
  * @generated from enum meshgate.v1.Protocol
