@@ -6,7 +6,7 @@ import express, { type NextFunction, type Request, type Response } from 'express
 import type { Logger } from 'pino';
 import { AdminService } from '../../proto/gen/meshgate/v1/admin_pb.js';
 import type { State } from '../state/state.js';
-import type { AdminHandlers } from './admin.js';
+import type { AdminContext, AdminHandlers } from './admin.js';
 import { adminActor } from './auth.js';
 import type { Metrics } from './metrics.js';
 import { toStatus } from './status.js';
@@ -27,6 +27,7 @@ const GET_SHORTCUTS: Record<string, { method: string; query: string[] }> = {
   '/policy': { method: 'GetPolicy', query: ['project'] },
   '/versions': { method: 'ListDesiredVersions', query: ['project'] },
   '/health': { method: 'Health', query: [] },
+  '/audit': { method: 'ListAuditEntries', query: ['project', 'since', 'limit'] },
 };
 
 export function httpApp({ handlers, state, metrics, databaseOk, log }: HttpDeps): express.Express {
@@ -51,7 +52,7 @@ export function httpApp({ handlers, state, metrics, databaseOk, log }: HttpDeps)
   api.use(express.json({ limit: '2mb' }));
   api.use(async (req: Request, res: Response, next: NextFunction) => {
     try {
-      res.locals.actor = await adminActor(state, req.get('authorization'), false);
+      res.locals.ctx = await adminActor(state, req.get('authorization'), false);
       next();
     } catch (err) {
       send(res, err, req.path);
@@ -73,9 +74,9 @@ export function httpApp({ handlers, state, metrics, databaseOk, log }: HttpDeps)
       }
       const handler = handlers[m.localName as keyof AdminHandlers] as (
         r: unknown,
-        c: { actor: string },
+        c: AdminContext,
       ) => Promise<never>;
-      const out = await handler(req, { actor: res.locals.actor as string });
+      const out = await handler(req, res.locals.ctx as AdminContext);
       res.json(toJson(m.output, out, { alwaysEmitImplicit: true }));
     } catch (err) {
       send(res, err, name);
@@ -83,7 +84,13 @@ export function httpApp({ handlers, state, metrics, databaseOk, log }: HttpDeps)
   };
   for (const [path, { method, query }] of Object.entries(GET_SHORTCUTS)) {
     api.get(path, (req, res) =>
-      call(res, method, Object.fromEntries(query.map((q) => [q, String(req.query[q] ?? '')]))),
+      call(
+        res,
+        method,
+        Object.fromEntries(
+          query.filter((q) => req.query[q] !== undefined).map((q) => [q, String(req.query[q])]),
+        ),
+      ),
     );
   }
   api.post('/:method', (req, res) => call(res, String(req.params.method), req.body as JsonValue));

@@ -19,7 +19,7 @@ import {
   runPolicyTests,
 } from '../policy/index.js';
 import type { Database } from '../store/schema.js';
-import { audit } from './audit.js';
+import { type AuditEntry, type AuditQuery, audit, readAudit } from './audit.js';
 import {
   CoordinatorError,
   denied,
@@ -701,6 +701,12 @@ export class State {
       if (v) return v.version;
     }
     return m.get('')?.version ?? '';
+  }
+
+  // ---- audit log
+
+  auditLog(q: AuditQuery): Promise<AuditEntry[]> {
+    return readAudit(this.db, q);
   }
 
   // ---- lifecycle
