@@ -14,6 +14,7 @@ const EXPECTED = new Set([
   'MissingToolError',
   'AgentError',
   'TlsError',
+  'DatabaseError',
 ]);
 
 export function describeError(err: unknown, coordinator?: string): string {

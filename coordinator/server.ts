@@ -22,6 +22,7 @@ import { RelayHub } from './api/relay.js';
 import type { CoordinatorConfig } from './config.js';
 import type { Logger } from './log.js';
 import { Mapper } from './mapper/mapper.js';
+import { readSecretFile } from './secret-file.js';
 import { State } from './state/state.js';
 import { openStore } from './store/db.js';
 import { ensureTlsIdentity } from './tls.js';
@@ -88,11 +89,17 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
   process.umask(0o077);
   tls.DEFAULT_MIN_VERSION = 'TLSv1.3';
   prepareDataDir(config.dataDir);
+  const metricsToken = config.metricsTokenFile
+    ? readSecretFile(config.metricsTokenFile, 'metrics token')
+    : undefined;
   const identity = config.plaintext ? null : await ensureTlsIdentity(config.dataDir, config.serverNames);
   if (identity?.created)
     log.info({ fingerprint: identity.fingerprint }, 'created TLS key and self-signed certificate');
 
-  const store = await openStore({ url: config.database });
+  const store = await openStore({
+    url: config.database,
+    key: config.databaseKeyFile ? readSecretFile(config.databaseKeyFile, 'database key') : undefined,
+  });
   const state = await State.load(store.db, { ephemeralTimeoutMs: parseDuration(config.ephemeralTimeout) });
   const metrics = new Metrics({
     nodesOnline: () => state.onlineCount(),
@@ -153,7 +160,7 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
   await bind(local, `unix://${adminSocket}`, grpc.ServerCredentials.createInsecure());
   chmodSync(adminSocket, 0o600);
 
-  const app = httpApp({ handlers, state, metrics, databaseOk, log });
+  const app = httpApp({ handlers, state, metrics, databaseOk, log, metricsToken });
   const http: HttpServer = identity
     ? createHttpsServer({ key: identity.key, cert: identity.cert, minVersion: 'TLSv1.3' }, app)
     : createHttpServer(app);

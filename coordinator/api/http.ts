@@ -8,6 +8,7 @@ import { AdminService } from '../../proto/gen/meshgate/v1/admin_pb.js';
 import type { State } from '../state/state.js';
 import type { AdminContext, AdminHandlers } from './admin.js';
 import { adminActor } from './auth.js';
+import { bearerMatches } from './bearer.js';
 import type { Metrics } from './metrics.js';
 import { toStatus } from './status.js';
 
@@ -17,6 +18,8 @@ export interface HttpDeps {
   metrics: Metrics;
   databaseOk: () => Promise<boolean>;
   log: Logger;
+  /** When set, /metrics answers only requests with "Authorization: Bearer <token>". */
+  metricsToken?: string;
 }
 
 const GET_SHORTCUTS: Record<string, { method: string; query: string[] }> = {
@@ -30,7 +33,14 @@ const GET_SHORTCUTS: Record<string, { method: string; query: string[] }> = {
   '/audit': { method: 'ListAuditEntries', query: ['project', 'since', 'limit'] },
 };
 
-export function httpApp({ handlers, state, metrics, databaseOk, log }: HttpDeps): express.Express {
+export function httpApp({
+  handlers,
+  state,
+  metrics,
+  databaseOk,
+  log,
+  metricsToken,
+}: HttpDeps): express.Express {
   const app = express();
   app.disable('x-powered-by');
   app.get('/healthz', (_req, res) => {
@@ -43,7 +53,19 @@ export function httpApp({ handlers, state, metrics, databaseOk, log }: HttpDeps)
       .type('text/plain')
       .send(ok ? 'ready\n' : 'database unreachable\n');
   });
-  app.get('/metrics', async (_req, res) => {
+  app.get('/metrics', async (req, res) => {
+    if (metricsToken !== undefined && !bearerMatches(req.get('authorization'), metricsToken)) {
+      log.warn(
+        { peer: req.socket.remoteAddress, reason: 'bad or missing metrics token' },
+        'refused metrics scrape',
+      );
+      res
+        .status(401)
+        .set('www-authenticate', 'Bearer')
+        .type('text/plain')
+        .send('metrics need a bearer token\n');
+      return;
+    }
     res.type(metrics.registry.contentType).send(await metrics.registry.metrics());
   });
 

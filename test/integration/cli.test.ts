@@ -231,7 +231,7 @@ describe('meshgate CLI against a coordinator process', () => {
   });
 
   it('writes every admin mutation to the audit log with its actor', async () => {
-    const { default: Database } = await import('better-sqlite3');
+    const { default: Database } = await import('better-sqlite3-multiple-ciphers');
     const db = new Database(join(dataDir, 'meshgate.db'), { readonly: true });
     const rows = db.prepare('select actor, action from audit_log order by id').all() as {
       actor: string;
