@@ -1,7 +1,7 @@
 // The SQLite file: opened plain or encrypted, and encrypted or re-keyed in
 // place. Encryption is SQLite3MultipleCiphers in its SQLCipher 4 mode
 // (AES-256-CBC, HMAC-SHA512 per page, PBKDF2-HMAC-SHA512 over the key file's
-// text), so `sqlcipher` opens the same file with the same passphrase.
+// text), so SQLCipher 4 tools open the same file with the same passphrase.
 import { chmodSync, closeSync, existsSync, openSync, readSync, statSync } from 'node:fs';
 import SQLite from 'better-sqlite3-multiple-ciphers';
 
