@@ -16,6 +16,7 @@ import {
   type Project,
   ProjectSchema,
 } from '../../proto/gen/meshgate/v1/admin_pb.js';
+import { isDnsLabel } from '../../proto/names.js';
 import { nodeMessage } from '../mapper/netmap.js';
 import type { AuditEntry } from '../state/audit.js';
 import { invalid } from '../state/errors.js';
@@ -29,6 +30,8 @@ export type { AdminContext } from './scope.js';
 const HOUR = 3_600_000;
 const DAY = 24 * HOUR;
 
+/** Projects one API key may be limited to. */
+const MAX_KEY_PROJECTS = 256;
 /** Entries ListAuditEntries returns without a limit, and at most. */
 const AUDIT_LIMIT = { fallback: 100, max: 10_000 };
 
@@ -157,7 +160,12 @@ export function adminHandlers({ state, version, databaseOk }: AdminDeps): AdminH
         actor,
         duration('expiration', req.expiration, 90 * DAY),
         text('description', req.description, LIMITS.description),
-        { projects: req.projects.length ? req.projects : null, readOnly: req.readOnly },
+        {
+          projects: req.projects.length
+            ? list('projects', req.projects, MAX_KEY_PROJECTS, isDnsLabel, 'a project name')
+            : null,
+          readOnly: req.readOnly,
+        },
       );
       return msg(pb.CreateApiKeyResponseSchema, { apiKey: apiKeyMessage(record, state.now(), key) });
     },

@@ -4,7 +4,7 @@ import { type Kysely, type Migration, type MigrationProvider, Migrator, sql } fr
 
 export type Dialect = 'sqlite' | 'postgres';
 
-function migrations(dialect: Dialect): Record<string, Migration> {
+export function migrations(dialect: Dialect): Record<string, Migration> {
   return {
     '0001_initial': {
       async up(db: Kysely<unknown>) {

@@ -132,6 +132,21 @@ describe('scoped API keys', () => {
     });
   });
 
+  it('a rotated key keeps its scope', async () => {
+    const made = (await t.admin.call('createApiKey', { projects: ['beta', 'alpha'], readOnly: true }))
+      .apiKey!;
+    assert.deepEqual(made.projects, ['alpha', 'beta']);
+    const rotated = (await t.admin.call('rotateApiKey', { id: made.id })).apiKey!;
+    assert.deepEqual([rotated.projects, rotated.readOnly], [['alpha', 'beta'], true]);
+    const r = await grpcCall(rotated.key, 'ListProjects', {});
+    assert.ok(r.ok);
+    assert.deepEqual(
+      (r.body.projects as { name: string }[]).map((p) => p.name),
+      ['alpha', 'beta'],
+    );
+    await t.admin.call('expireApiKey', { id: rotated.id });
+  });
+
   for (const [transport, callOf] of [
     ['gRPC', () => grpcCall],
     ['REST', () => restCall],
