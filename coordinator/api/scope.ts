@@ -41,14 +41,20 @@ interface Rule<K extends keyof Methods> {
   /** The request names a node (id, prefix or name): it is looked up in scope only. */
   node?: true;
   /** For listings across projects: drops what the caller may not see. */
-  filter?: (res: Res<K>, sees: (project: string) => boolean) => void;
+  filter?: (res: Res<K>, sees: (project: string) => boolean, state: State) => void;
 }
 
 const byProject = <K extends keyof Methods>(req: Req<K>) => (req as { project: string }).project;
 const node = <K extends keyof Methods>(write: boolean): Rule<K> => ({ write, node: true });
 
 const RULES: { [K in keyof Methods]: Rule<K> } = {
-  health: { write: false },
+  health: {
+    write: false,
+    // The count of other tenants' nodes is theirs too.
+    filter: (res, sees, state) => {
+      res.nodesOnline = state.listNodes().filter((n) => sees(n.project) && state.isOnline(n.id)).length;
+    },
+  },
 
   createProject: { write: true, global: true },
   listProjects: {
@@ -131,7 +137,7 @@ export function scoped(handlers: Handlers, state: State): Handlers {
         if (project) requireVisible(state, sees, project);
       }
       const res = await handler(req, ctx);
-      rule.filter?.(res, sees);
+      rule.filter?.(res, sees, state);
       return res;
     };
   }

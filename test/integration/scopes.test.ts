@@ -102,6 +102,9 @@ describe('scoped API keys', () => {
     ids.alphaNode = (await a.register(await authKey(t, 'alpha'), 'web')).node!.id;
     // The same name in beta: a scoped key must resolve "web" to alpha's node without --project.
     ids.betaNode = (await b.register(await authKey(t, 'beta'), 'web')).node!.id;
+    await a.connect();
+    await b.connect();
+    await a.waitFor(() => t.c.state.onlineCount() === 2, 5000, 'both nodes online');
     await t.admin.call('createProject', { name: 'gamma' });
     ids.betaAuthKey = (await t.admin.call('createAuthKey', { project: 'beta', expiration: '1h' }))
       .authKey!.id;
@@ -195,7 +198,8 @@ describe('scoped API keys', () => {
         assert.ok(authKeys.length > 0 && authKeys.every((k) => k.project === 'alpha'));
         assert.equal(((await ok(s, 'GetNode', { id: 'web' })).node as { id: string }).id, ids.alphaNode);
         await ok(s, 'GetPolicy', { project: 'alpha' });
-        await ok(s, 'Health');
+        const health = await ok(s, 'Health');
+        assert.equal(health.nodesOnline, 1, "only alpha's node counts");
         const audit = (await ok(s, 'ListAuditEntries', {})).entries as { project: string }[];
         assert.ok(audit.length > 0);
         assert.deepEqual([...new Set(audit.map((e) => e.project))], ['alpha']);
@@ -304,6 +308,7 @@ describe('scoped API keys', () => {
         const k = keys.global;
         assert.deepEqual(names((await ok(k, 'ListProjects')).projects, 'name'), ['alpha', 'beta', 'gamma']);
         assert.equal(((await ok(k, 'ListNodes', { project: '' })).nodes as unknown[]).length, 2);
+        assert.equal((await ok(k, 'Health')).nodesOnline, 2);
         await ok(k, 'GetPolicy', { project: 'beta' });
         const audit = (await ok(k, 'ListAuditEntries', {})).entries as { action: string }[];
         assert.ok(audit.some((e) => e.action === 'apikey.create'));
