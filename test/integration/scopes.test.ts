@@ -60,15 +60,22 @@ describe('scoped API keys', () => {
     }
   };
 
-  const restCall: Call = (key, method, req) =>
+  const restCall: Call = (key, method, req) => rest(key, 'POST', `/api/v1/${method}`, req);
+
+  const rest = (
+    key: string,
+    verb: 'GET' | 'POST',
+    path: string,
+    req: Record<string, unknown> = {},
+  ): Promise<Outcome> =>
     new Promise((resolve, reject) => {
       const body = JSON.stringify(req);
       const r = request(
         {
           host: '127.0.0.1',
           port: t.c.httpPort,
-          path: `/api/v1/${method}`,
-          method: 'POST',
+          path,
+          method: verb,
           ca: readFileSync(join(t.dataDir, 'tls.crt')),
           servername: 'localhost',
           headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
@@ -91,7 +98,7 @@ describe('scoped API keys', () => {
         },
       );
       r.on('error', reject);
-      r.end(body);
+      r.end(verb === 'POST' ? body : undefined);
     });
 
   before(async () => {
@@ -133,6 +140,24 @@ describe('scoped API keys', () => {
       assert.match(e.details, /project "nope" does not exist/);
       return true;
     });
+  });
+
+  it('REST GET shortcuts answer within the scope too', async () => {
+    const nodes = await rest(keys.scoped, 'GET', '/api/v1/nodes');
+    assert.ok(nodes.ok);
+    assert.deepEqual(
+      (nodes.body.nodes as { project: string }[]).map((n) => n.project),
+      ['alpha'],
+    );
+    const audit = await rest(keys.scoped, 'GET', '/api/v1/audit?since=1h&limit=2');
+    assert.ok(audit.ok);
+    const entries = audit.body.entries as { project: string }[];
+    assert.equal(entries.length, 2);
+    assert.ok(entries.every((e) => e.project === 'alpha'));
+    const other = await rest(keys.scoped, 'GET', '/api/v1/audit?project=beta');
+    assert.deepEqual(other.ok ? null : other.code, 'NOT_FOUND');
+    const keysList = await rest(keys.scoped, 'GET', '/api/v1/apikeys');
+    assert.deepEqual(keysList.ok ? null : keysList.code, 'PERMISSION_DENIED');
   });
 
   it('a rotated key keeps its scope', async () => {
