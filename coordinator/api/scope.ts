@@ -125,7 +125,8 @@ export function scoped(handlers: Handlers, state: State): Handlers {
         throw denied(
           `this API key is limited to ${describe(projects)}; projects and API keys need a global key`,
         );
-      const sees = (p: string) => projects.includes(p);
+      const visible = new Set(projects);
+      const sees = (p: string) => visible.has(p);
       if (rule.node) {
         const r = req as { id: string; project: string };
         if (r.project) requireVisible(state, sees, r.project);
