@@ -20,6 +20,7 @@ const EXPECTED = new Set([
   'LocalApiError',
   'ReleaseError',
   'SemVerError',
+  'DatabaseError',
 ]);
 
 export function describeError(err: unknown, coordinator?: string): string {

@@ -27,6 +27,10 @@ export const ConfigSchema = z
     database: z.string().optional(),
     /** Release artifacts served under /releases/ (made by `meshgate release pack --out`). */
     releasesDir: z.string().min(1).optional(),
+    /** File (0600) with the key that encrypts the SQLite database; unused with PostgreSQL. */
+    databaseKeyFile: z.string().min(1).optional(),
+    /** File (0600) with a token that /metrics then requires as "Authorization: Bearer <token>". */
+    metricsTokenFile: z.string().min(1).optional(),
     grpcListen: hostPort.default('0.0.0.0:7443'),
     httpListen: hostPort.default('0.0.0.0:7480'),
     /** Serve gRPC and HTTP without TLS. Only for a trusted network or a TLS-terminating proxy. */
@@ -80,6 +84,8 @@ const ENV: Record<string, keyof z.infer<typeof ConfigSchema>> = {
   MESHGATE_DATA_DIR: 'dataDir',
   MESHGATE_DATABASE: 'database',
   MESHGATE_RELEASES_DIR: 'releasesDir',
+  MESHGATE_DATABASE_KEY_FILE: 'databaseKeyFile',
+  MESHGATE_METRICS_TOKEN_FILE: 'metricsTokenFile',
   MESHGATE_GRPC_LISTEN: 'grpcListen',
   MESHGATE_HTTP_LISTEN: 'httpListen',
   MESHGATE_LOG_LEVEL: 'logLevel',

@@ -11,7 +11,7 @@
 // only lets the second coordinator say who holds the lock.
 import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import Database from 'better-sqlite3';
+import Database from 'better-sqlite3-multiple-ciphers';
 
 export class DataDirError extends Error {
   override name = 'DataDirError';

@@ -25,6 +25,7 @@ import type { CoordinatorConfig } from './config.js';
 import { lockDataDir, prepareDataDir } from './datadir.js';
 import type { Logger } from './log.js';
 import { Mapper } from './mapper/mapper.js';
+import { readSecretFile } from './secret-file.js';
 import { State } from './state/state.js';
 import { openStore } from './store/db.js';
 import { ensureTlsIdentity } from './tls.js';
@@ -143,11 +144,17 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
 }
 
 async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknown)[]): Promise<Coordinator> {
+  const metricsToken = config.metricsTokenFile
+    ? readSecretFile(config.metricsTokenFile, 'metrics token')
+    : undefined;
   const identity = config.plaintext ? null : await ensureTlsIdentity(config.dataDir, config.serverNames);
   if (identity?.created)
     log.info({ fingerprint: identity.fingerprint }, 'created TLS key and self-signed certificate');
 
-  const store = await openStore({ url: config.database });
+  const store = await openStore({
+    url: config.database,
+    key: config.databaseKeyFile ? readSecretFile(config.databaseKeyFile, 'database key') : undefined,
+  });
   undo.push(() => store.close());
   const state = await State.load(store.db, { ephemeralTimeoutMs: parseDuration(config.ephemeralTimeout) });
   const metrics = new Metrics({
@@ -216,7 +223,7 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
   undo.push(() => existsSync(adminSocket) && unlinkSync(adminSocket));
   chmodSync(adminSocket, 0o600);
 
-  const app = httpApp({ handlers, state, metrics, databaseOk, log, releases, limiter });
+  const app = httpApp({ handlers, state, metrics, databaseOk, log, releases, limiter, metricsToken });
   const http: HttpServer = identity
     ? createHttpsServer({ key: identity.key, cert: identity.cert, minVersion: 'TLSv1.3' }, app)
     : createHttpServer(app);

@@ -46,6 +46,8 @@ const CHECKOUT_ONLY: Record<string, string> = {
     'meshgate coordinator is not part of the release artifact: run it from the npm package',
   'coordinator/tls.ts':
     'meshgate coordinator is not part of the release artifact: run it from the npm package',
+  'coordinator/store/sqlite.ts':
+    'meshgate coordinator db is not part of the release artifact: run it from the npm package',
   'release/pack.ts': 'meshgate release pack runs from a checkout of meshgate (it needs its dev dependencies)',
 };
 
@@ -108,7 +110,7 @@ export async function pack(opts: PackOptions): Promise<PackResult> {
     plugins: [checkoutOnly(root)],
   });
   const inputs = Object.keys(result.metafile.inputs);
-  const native = inputs.find((p) => p.endsWith('.node') || p.includes('node_modules/better-sqlite3/'));
+  const native = inputs.find((p) => p.endsWith('.node') || p.includes('node_modules/better-sqlite3'));
   if (native)
     throw new ReleaseError(
       `the bundle would need a native module (${native}); keep it out of the CLI's imports`,

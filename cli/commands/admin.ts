@@ -1,4 +1,4 @@
-// Admin commands: projects, keys, apikeys, nodes, policy, versions, vpn.
+// Admin commands: projects, keys, apikeys, nodes, policy, versions, vpn, audit.
 import { readFileSync } from 'node:fs';
 import { type DescMessage, type MessageShape, toJson } from '@bufbuild/protobuf';
 import type { Timestamp } from '@bufbuild/protobuf/wkt';
@@ -7,6 +7,8 @@ import type { Command } from 'commander';
 import {
   type ApiKey,
   ApiKeySchema,
+  type AuditEntry,
+  AuditEntrySchema,
   type AuthKey,
   AuthKeySchema,
   type DesiredVersion,
@@ -44,6 +46,7 @@ const list = (v: string) =>
     .map((s) => s.trim())
     .filter(Boolean);
 const out = (s: string) => process.stdout.write(`${s}\n`);
+const repeated = (v: string, prev: string[]) => [...prev, v];
 
 function printList<D extends DescMessage, T extends MessageShape<D>>(
   client: AdminClient,
@@ -94,6 +97,8 @@ const API_KEY_COLUMNS: Column<ApiKey>[] = [
   { header: 'EXPIRES', value: (k) => iso(k.expiresAt) },
   { header: 'EXPIRED', value: (k) => String(k.expired) },
   { header: 'LAST SEEN', value: (k) => ago(iso(k.lastSeen)) },
+  { header: 'PROJECTS', value: (k) => (k.projects.length ? k.projects.join(',') : '(all)') },
+  { header: 'ACCESS', value: (k) => (k.readOnly ? 'read-only' : 'read-write') },
   { header: 'DESCRIPTION', value: (k) => k.description, wide: true },
   { header: 'CREATED', value: (k) => iso(k.createdAt), wide: true },
 ];
@@ -119,6 +124,16 @@ const NODE_COLUMNS: Column<Node>[] = [
   { header: 'FULL ID', value: (n) => n.id, wide: true },
 ];
 
+const AUDIT_COLUMNS: Column<AuditEntry>[] = [
+  { header: 'TIME', value: (e) => iso(e.at) },
+  { header: 'ACTOR', value: (e) => e.actor },
+  { header: 'ACTION', value: (e) => e.action },
+  { header: 'PROJECT', value: (e) => e.project },
+  { header: 'TARGET', value: (e) => e.target },
+  { header: 'DETAIL', value: (e) => (e.detail === '{}' ? '' : escapeUnsafe(e.detail)), wide: true },
+  { header: 'ID', value: (e) => String(e.id), wide: true },
+];
+
 const VERSION_COLUMNS: Column<DesiredVersion>[] = [
   { header: 'PROJECT', value: (v) => v.project },
   { header: 'TAG', value: (v) => v.tag || '(all)' },
@@ -127,6 +142,15 @@ const VERSION_COLUMNS: Column<DesiredVersion>[] = [
   { header: 'ARTIFACT', value: (v) => v.artifactUrl || '(served by the coordinator)', wide: true },
   { header: 'SHA256', value: (v) => v.sha256, wide: true },
 ];
+
+/** Details quote what admins and agents sent, possibly before such text was refused: keep terminal controls inert. */
+function escapeUnsafe(text: string): string {
+  return text.replace(
+    // biome-ignore lint/suspicious/noControlCharactersInRegex: control characters are exactly what is escaped
+    /[\u0000-\u001f\u007f-\u009f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g,
+    (ch) => `\\u${ch.charCodeAt(0).toString(16).padStart(4, '0')}`,
+  );
+}
 
 function readPolicyFile(file: string): string {
   try {
@@ -210,10 +234,22 @@ export function registerAdminCommands(program: Command): void {
       .command('create')
       .description('create an API key; the key is shown only this once')
       .option('--expiration <duration>', 'lifetime, e.g. 90d', '90d')
-      .option('--description <text>', 'what the key is for', ''),
+      .option('--description <text>', 'what the key is for', '')
+      .option(
+        '--project <project>',
+        'limit the key to this project (repeat for more); without it the key is global',
+        repeated,
+        [],
+      )
+      .option('--read-only', 'the key may only read'),
     async (c, _a, o) => {
       const k = (
-        await c.call('createApiKey', { expiration: String(o.expiration), description: String(o.description) })
+        await c.call('createApiKey', {
+          expiration: String(o.expiration),
+          description: String(o.description),
+          projects: o.project as string[],
+          readOnly: Boolean(o.readOnly),
+        })
       ).apiKey!;
       printCreatedApiKey(c, k);
     },
@@ -438,6 +474,28 @@ export function registerAdminCommands(program: Command): void {
         out(`\n${r.drift.length} node(s) drift from their desired version:`);
         out(render(c.format, null, r.drift, NODE_COLUMNS));
       }
+    },
+  );
+
+  const auditCmd = program.command('audit').description('the audit log of admin changes');
+  withAdmin(
+    auditCmd
+      .command('list')
+      .alias('ls')
+      .description('list audit entries, oldest first')
+      .option('--project <project>', 'only this project')
+      .option('--since <duration>', 'only entries younger than this, e.g. 1h, 7d')
+      .option('--limit <n>', 'the newest N entries (at most 10000)', '100'),
+    async (c, _a, o) => {
+      const limit = Number(o.limit);
+      if (!Number.isInteger(limit) || limit < 1) throw new CliError('--limit must be a positive integer');
+      const r = await c.call('listAuditEntries', {
+        project: String(o.project ?? ''),
+        since: String(o.since ?? ''),
+        limit,
+      });
+      const data = r.entries.map((e) => ({ ...json(AuditEntrySchema, e), detail: JSON.parse(e.detail) }));
+      out(render(c.format, data, r.entries, AUDIT_COLUMNS));
     },
   );
 

@@ -1,8 +1,11 @@
-// `meshgate coordinator`: run the control plane, or print its fingerprint.
+// `meshgate coordinator`: run the control plane, print its fingerprint, or
+// encrypt and re-key its SQLite database.
 import type { Command } from 'commander';
 import { loadConfig } from '../../coordinator/config.js';
 import { createLogger } from '../../coordinator/log.js';
+import { readSecretFile } from '../../coordinator/secret-file.js';
 import { VERSION } from '../../release/version.js';
+import { CliError } from '../errors.js';
 
 export function registerCoordinatorCommands(program: Command): void {
   const cmd = program
@@ -14,6 +17,7 @@ export function registerCoordinatorCommands(program: Command): void {
       'state: database, TLS key and certificate, admin socket (default /var/lib/meshgate)',
     )
     .option('--database <url>', 'sqlite:///path/file.db (default in the data dir) or postgres://…')
+    .option('--database-key-file <file>', 'encrypt the SQLite database with the key in this file (0600)')
     .option('--grpc-listen <host:port>', 'gRPC listener (default 0.0.0.0:7443)')
     .option(
       '--http-listen <host:port>',
@@ -26,12 +30,17 @@ export function registerCoordinatorCommands(program: Command): void {
     .option('--plaintext', 'serve without TLS (only behind a TLS-terminating proxy or on a trusted network)')
     .option('--log-level <level>', 'trace, debug, info, warn, error')
     .option('--ephemeral-timeout <duration>', 'remove ephemeral nodes offline this long (default 30m)')
+    .option(
+      '--metrics-token-file <file>',
+      '/metrics requires "Authorization: Bearer <token in this file>" (0600)',
+    )
     .addHelpText(
       'after',
       `
 Settings come from defaults, then --config, then MESHGATE_* environment
-variables (MESHGATE_DATA_DIR, MESHGATE_DATABASE, MESHGATE_GRPC_LISTEN,
-MESHGATE_HTTP_LISTEN, MESHGATE_RELEASES_DIR, MESHGATE_LOG_LEVEL, MESHGATE_EPHEMERAL_TIMEOUT), then flags.
+variables (MESHGATE_DATA_DIR, MESHGATE_DATABASE, MESHGATE_DATABASE_KEY_FILE,
+MESHGATE_GRPC_LISTEN, MESHGATE_HTTP_LISTEN, MESHGATE_RELEASES_DIR, MESHGATE_LOG_LEVEL,
+MESHGATE_EPHEMERAL_TIMEOUT, MESHGATE_METRICS_TOKEN_FILE), then flags.
 
 On first start a TLS key and a self-signed certificate are made in the data
 dir; clients pin the printed fingerprint with --fingerprint. The local admin
@@ -42,6 +51,8 @@ socket (0600) in the data dir needs no API key: use it to create the first one:
       const config = loadConfig(o.config as string | undefined, process.env, {
         dataDir: o.dataDir,
         database: o.database,
+        databaseKeyFile: o.databaseKeyFile,
+        metricsTokenFile: o.metricsTokenFile,
         grpcListen: o.grpcListen,
         httpListen: o.httpListen,
         releasesDir: o.releasesDir,
@@ -89,4 +100,47 @@ socket (0600) in the data dir needs no API key: use it to create the first one:
       const pin = `sha256//${Buffer.from(fp.slice('sha256:'.length), 'hex').toString('base64')}`;
       process.stdout.write(`${o.curl ? pin : fp}\n`);
     });
+
+  const db = cmd.command('db').description("the coordinator's SQLite database (stop the coordinator first)");
+  const dbOptions = (c: Command) =>
+    c
+      .option('--data-dir <dir>', 'data dir of the coordinator', '/var/lib/meshgate')
+      .option('--database <url>', 'sqlite:///path/file.db (default: meshgate.db in the data dir)');
+  const databasePath = (o: { dataDir: string; database?: string }) => {
+    const url = loadConfig(undefined, {}, { dataDir: o.dataDir, database: o.database }).database;
+    if (!url.startsWith('sqlite://'))
+      throw new CliError('only a SQLite database can be encrypted here; see docs/security.md for PostgreSQL');
+    return url.replace(/^sqlite:\/\//, '');
+  };
+  // Loaded here, like the coordinator itself: the release artifact has no SQLite addon.
+  const sqlite = () => import('../../coordinator/store/sqlite.js');
+  dbOptions(
+    db
+      .command('encrypt')
+      .description('encrypt a plain database in place with the key in a file')
+      .requiredOption('--database-key-file <file>', 'file (0600) with the new key'),
+  ).action(async (o: { dataDir: string; database?: string; databaseKeyFile: string }) => {
+    const path = databasePath(o);
+    (await sqlite()).rekeySqliteFile(path, undefined, readSecretFile(o.databaseKeyFile, 'database key'));
+    process.stderr.write(
+      `encrypted ${path}; start the coordinator with --database-key-file ${o.databaseKeyFile}\n`,
+    );
+  });
+  dbOptions(
+    db
+      .command('rekey')
+      .description('change the key of an encrypted database')
+      .requiredOption('--database-key-file <file>', 'file (0600) with the current key')
+      .requiredOption('--new-key-file <file>', 'file (0600) with the new key'),
+  ).action(async (o: { dataDir: string; database?: string; databaseKeyFile: string; newKeyFile: string }) => {
+    const path = databasePath(o);
+    (await sqlite()).rekeySqliteFile(
+      path,
+      readSecretFile(o.databaseKeyFile, 'database key'),
+      readSecretFile(o.newKeyFile, 'new database key'),
+    );
+    process.stderr.write(
+      `re-keyed ${path}; start the coordinator with --database-key-file ${o.newKeyFile}\n`,
+    );
+  });
 }

@@ -1,5 +1,6 @@
 // The admin API's handlers, shared by gRPC (TCP and local socket) and the
-// REST mirror. Each takes a request message and the caller's identity.
+// REST mirror. Each takes a request message and the caller's identity; what
+// a caller may do is decided in scope.ts before a handler runs.
 import { create, type DescMessage, type MessageShape } from '@bufbuild/protobuf';
 import { timestampFromMs } from '@bufbuild/protobuf/wkt';
 import * as pb from '../../proto/gen/meshgate/v1/admin_pb.js';
@@ -7,6 +8,7 @@ import {
   type AdminService,
   type ApiKey,
   ApiKeySchema,
+  AuditEntrySchema,
   type AuthKey,
   AuthKeySchema,
   DesiredVersionSchema,
@@ -14,20 +16,26 @@ import {
   type Project,
   ProjectSchema,
 } from '../../proto/gen/meshgate/v1/admin_pb.js';
+import { isDnsLabel } from '../../proto/names.js';
 import { isSemVer } from '../../release/semver.js';
 import { nodeMessage } from '../mapper/netmap.js';
+import type { AuditEntry } from '../state/audit.js';
 import { invalid, precondition } from '../state/errors.js';
 import type { AuthKeyRecord } from '../state/records.js';
 import type { ApiKeyRecord, DesiredVersionRecord, State } from '../state/state.js';
 import { ReleaseDir } from './releases.js';
+import { type AdminContext, scoped } from './scope.js';
 import { duration, isCidr, LIMITS, list, sized, tags, text } from './validate.js';
+
+export type { AdminContext } from './scope.js';
 
 const HOUR = 3_600_000;
 const DAY = 24 * HOUR;
 
-export interface AdminContext {
-  actor: string;
-}
+/** Projects one API key may be limited to. */
+const MAX_KEY_PROJECTS = 256;
+/** Entries ListAuditEntries returns without a limit, and at most. */
+const AUDIT_LIMIT = { fallback: 100, max: 10_000 };
 
 export interface AdminDeps {
   state: State;
@@ -75,6 +83,20 @@ function apiKeyMessage(k: ApiKeyRecord, now: number, key = ''): ApiKey {
     expired: k.revokedAt !== null || k.expiresAt <= now,
     description: k.description,
     key,
+    projects: k.projects ?? [],
+    readOnly: k.readOnly,
+  });
+}
+
+function auditMessage(e: AuditEntry) {
+  return create(AuditEntrySchema, {
+    id: BigInt(e.id),
+    at: ts(e.at),
+    actor: e.actor,
+    action: e.action,
+    target: e.target,
+    project: e.project ?? '',
+    detail: e.detail,
   });
 }
 
@@ -101,7 +123,7 @@ export function adminHandlers({
   releases = new ReleaseDir(null),
 }: AdminDeps): AdminHandlers {
   const node = (n: Parameters<typeof nodeMessage>[1]) => nodeMessage(state, n);
-  return {
+  const handlers: AdminHandlers = {
     async health() {
       return msg(pb.HealthResponseSchema, {
         databaseOk: await databaseOk(),
@@ -150,6 +172,12 @@ export function adminHandlers({
         actor,
         duration('expiration', req.expiration, 90 * DAY),
         text('description', req.description, LIMITS.description),
+        {
+          projects: req.projects.length
+            ? list('projects', req.projects, MAX_KEY_PROJECTS, isDnsLabel, 'a project name')
+            : null,
+          readOnly: req.readOnly,
+        },
       );
       return msg(pb.CreateApiKeyResponseSchema, { apiKey: apiKeyMessage(record, state.now(), key) });
     },
@@ -259,5 +287,19 @@ export function adminHandlers({
         drift,
       });
     },
+
+    async listAuditEntries(req, { scope }) {
+      if (req.project) state.requireProject(req.project);
+      const limit = req.limit || AUDIT_LIMIT.fallback;
+      if (limit > AUDIT_LIMIT.max) throw invalid(`limit must be at most ${AUDIT_LIMIT.max}`);
+      const since = req.since ? Math.max(0, state.now() - duration('since', req.since, 0)) : null;
+      const entries = await state.auditLog({
+        projects: req.project ? [req.project] : scope.projects,
+        since,
+        limit,
+      });
+      return msg(pb.ListAuditEntriesResponseSchema, { entries: entries.map(auditMessage) });
+    },
   };
+  return scoped(handlers, state);
 }

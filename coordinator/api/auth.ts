@@ -13,6 +13,7 @@ import {
 import { unauthenticated } from '../state/errors.js';
 import type { NodeRecord } from '../state/records.js';
 import type { State } from '../state/state.js';
+import { type AdminContext, GLOBAL_SCOPE } from './scope.js';
 
 export const LOCAL_ACTOR = 'local-socket';
 
@@ -20,12 +21,13 @@ export async function adminActor(
   state: State,
   authorization: string | undefined,
   local: boolean,
-): Promise<string> {
-  if (local) return LOCAL_ACTOR;
+): Promise<AdminContext> {
+  if (local) return { actor: LOCAL_ACTOR, scope: GLOBAL_SCOPE };
   if (!authorization) throw unauthenticated('missing API key: pass --api-key or set MESHGATE_API_KEY');
   const m = /^Bearer\s+(\S+)$/i.exec(authorization);
   if (!m) throw unauthenticated('authorization must be "Bearer <api key>"');
-  return `apikey:${await state.keys.authenticateApiKey(m[1]!)}`;
+  const key = await state.keys.authenticateApiKey(m[1]!);
+  return { actor: `apikey:${key.id}`, scope: { projects: key.projects, readOnly: key.readOnly } };
 }
 
 export function header(md: grpc.Metadata, name: string): string | undefined {

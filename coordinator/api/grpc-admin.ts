@@ -3,7 +3,7 @@ import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
 import { AdminService } from '../../proto/gen/meshgate/v1/admin_pb.js';
 import type { State } from '../state/state.js';
-import type { AdminHandlers } from './admin.js';
+import type { AdminContext, AdminHandlers } from './admin.js';
 import { adminActor, header } from './auth.js';
 import { grpcError, toStatus } from './status.js';
 
@@ -17,15 +17,15 @@ export function adminImplementation(
   for (const m of AdminService.methods) {
     const handler = handlers[m.localName as keyof AdminHandlers] as (
       req: unknown,
-      ctx: { actor: string },
+      ctx: AdminContext,
     ) => Promise<unknown>;
     impl[m.localName] = async (
       call: grpc.ServerUnaryCall<unknown, unknown>,
       cb: grpc.sendUnaryData<unknown>,
     ) => {
       try {
-        const actor = await adminActor(state, header(call.metadata, 'authorization'), local);
-        cb(null, await handler(call.request, { actor }));
+        const ctx = await adminActor(state, header(call.metadata, 'authorization'), local);
+        cb(null, await handler(call.request, ctx));
       } catch (err) {
         const s = toStatus(err, log, { method: m.name });
         if (s.code === grpc.status.UNAUTHENTICATED)

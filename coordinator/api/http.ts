@@ -6,8 +6,9 @@ import express, { type NextFunction, type Request, type Response } from 'express
 import type { Logger } from 'pino';
 import { AdminService } from '../../proto/gen/meshgate/v1/admin_pb.js';
 import type { State } from '../state/state.js';
-import type { AdminHandlers } from './admin.js';
+import type { AdminContext, AdminHandlers } from './admin.js';
 import { adminActor } from './auth.js';
+import { bearerMatches } from './bearer.js';
 import type { Metrics } from './metrics.js';
 import { RateLimiter } from './ratelimit.js';
 import { ReleaseDir, releaseRoutes } from './releases.js';
@@ -21,6 +22,8 @@ export interface HttpDeps {
   log: Logger;
   releases?: ReleaseDir;
   limiter?: RateLimiter;
+  /** When set, /metrics answers only requests with "Authorization: Bearer <token>". */
+  metricsToken?: string;
 }
 
 const GET_SHORTCUTS: Record<string, { method: string; query: string[] }> = {
@@ -31,6 +34,7 @@ const GET_SHORTCUTS: Record<string, { method: string; query: string[] }> = {
   '/policy': { method: 'GetPolicy', query: ['project'] },
   '/versions': { method: 'ListDesiredVersions', query: ['project'] },
   '/health': { method: 'Health', query: [] },
+  '/audit': { method: 'ListAuditEntries', query: ['project', 'since', 'limit'] },
 };
 
 export function httpApp({
@@ -41,6 +45,7 @@ export function httpApp({
   log,
   releases = new ReleaseDir(null),
   limiter = new RateLimiter(10, 100),
+  metricsToken,
 }: HttpDeps): express.Express {
   const app = express();
   app.disable('x-powered-by');
@@ -54,7 +59,19 @@ export function httpApp({
       .type('text/plain')
       .send(ok ? 'ready\n' : 'database unreachable\n');
   });
-  app.get('/metrics', async (_req, res) => {
+  app.get('/metrics', async (req, res) => {
+    if (metricsToken !== undefined && !bearerMatches(req.get('authorization'), metricsToken)) {
+      log.warn(
+        { peer: req.socket.remoteAddress, reason: 'bad or missing metrics token' },
+        'refused metrics scrape',
+      );
+      res
+        .status(401)
+        .set('www-authenticate', 'Bearer')
+        .type('text/plain')
+        .send('metrics need a bearer token\n');
+      return;
+    }
     res.type(metrics.registry.contentType).send(await metrics.registry.metrics());
   });
 
@@ -65,7 +82,7 @@ export function httpApp({
   api.use(express.json({ limit: '2mb' }));
   api.use(async (req: Request, res: Response, next: NextFunction) => {
     try {
-      res.locals.actor = await adminActor(state, req.get('authorization'), false);
+      res.locals.ctx = await adminActor(state, req.get('authorization'), false);
       next();
     } catch (err) {
       send(res, err, req.path);
@@ -87,9 +104,9 @@ export function httpApp({
       }
       const handler = handlers[m.localName as keyof AdminHandlers] as (
         r: unknown,
-        c: { actor: string },
+        c: AdminContext,
       ) => Promise<never>;
-      const out = await handler(req, { actor: res.locals.actor as string });
+      const out = await handler(req, res.locals.ctx as AdminContext);
       res.json(toJson(m.output, out, { alwaysEmitImplicit: true }));
     } catch (err) {
       send(res, err, name);
@@ -97,7 +114,13 @@ export function httpApp({
   };
   for (const [path, { method, query }] of Object.entries(GET_SHORTCUTS)) {
     api.get(path, (req, res) =>
-      call(res, method, Object.fromEntries(query.map((q) => [q, String(req.query[q] ?? '')]))),
+      call(
+        res,
+        method,
+        Object.fromEntries(
+          query.filter((q) => req.query[q] !== undefined).map((q) => [q, String(req.query[q])]),
+        ),
+      ),
     );
   }
   api.post('/:method', (req, res) => call(res, String(req.params.method), req.body as JsonValue));

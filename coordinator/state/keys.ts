@@ -16,6 +16,14 @@ export interface ApiKeyRecord {
   expiresAt: number;
   lastSeen: number | null;
   revokedAt: number | null;
+  /** Projects the key may see and change; null for a global key. */
+  projects: string[] | null;
+  readOnly: boolean;
+}
+
+export interface ApiKeyScope {
+  projects: string[] | null;
+  readOnly: boolean;
 }
 
 const DAY = 86_400_000;
@@ -119,9 +127,12 @@ export class KeyStore {
     actor: string,
     expiresInMs: number,
     description: string,
+    scope: ApiKeyScope = { projects: null, readOnly: false },
   ): Promise<{ record: ApiKeyRecord; key: string }> {
     if (expiresInMs <= 0 || expiresInMs > 3650 * DAY)
       throw invalid('expiration must be between 1s and 3650d');
+    const projects = scope.projects === null ? null : [...new Set(scope.projects)].sort();
+    for (const p of projects ?? []) this.requireProject(p);
     const issued = issueSecret('api');
     const now = this.now();
     const record: ApiKeyRecord = {
@@ -131,6 +142,8 @@ export class KeyStore {
       expiresAt: now + expiresInMs,
       lastSeen: null,
       revokedAt: null,
+      projects,
+      readOnly: scope.readOnly,
     };
     await this.db.transaction().execute(async (tx) => {
       await tx
@@ -143,11 +156,15 @@ export class KeyStore {
           expires_at: record.expiresAt,
           last_seen: null,
           revoked_at: null,
+          projects: projects === null ? null : JSON.stringify(projects),
+          read_only: scope.readOnly ? 1 : 0,
         })
         .execute();
       await audit(tx, this.now(), actor, 'apikey.create', record.id, {
         description,
         expiresAt: record.expiresAt,
+        projects,
+        readOnly: scope.readOnly,
       });
     });
     return { record, key: issued.key };
@@ -183,7 +200,7 @@ export class KeyStore {
   ): Promise<{ record: ApiKeyRecord; key: string }> {
     const old = await this.requireApiKey(id);
     const lifetime = expiresInMs ?? old.expiresAt - old.createdAt;
-    const created = await this.createApiKey(actor, lifetime, old.description);
+    const created = await this.createApiKey(actor, lifetime, old.description, old);
     await this.expireApiKey(actor, id);
     return created;
   }
@@ -207,8 +224,18 @@ export class KeyStore {
     return row;
   }
 
-  /** Returns the key id; throws unauthenticated without saying which check failed beyond what helps the owner. */
-  async authenticateApiKey(text: string): Promise<string> {
+  /** The project of auth key `id`, if it exists. */
+  async authKeyProject(id: string): Promise<string | undefined> {
+    const row = await this.db
+      .selectFrom('auth_keys')
+      .select('project')
+      .where('id', '=', id)
+      .executeTakeFirst();
+    return row?.project;
+  }
+
+  /** Returns the key; throws unauthenticated without saying which check failed beyond what helps the owner. */
+  async authenticateApiKey(text: string): Promise<ApiKeyRecord> {
     const row = await this.lookup('api', text);
     const now = this.now();
     if (row.revoked_at !== null) throw unauthenticated(`API key ${row.id} was expired`);
@@ -218,7 +245,7 @@ export class KeyStore {
       this.apiKeySeen.set(row.id, now);
       await this.db.updateTable('api_keys').set({ last_seen: now }).where('id', '=', row.id).execute();
     }
-    return row.id;
+    return apiKeyFromRow(row);
   }
 
   /** The auth key `text` names, if it may join a machine now; throws with the reason otherwise. */
@@ -262,5 +289,7 @@ function apiKeyFromRow(r: Database['api_keys']): ApiKeyRecord {
     expiresAt: Number(r.expires_at),
     lastSeen: r.last_seen === null ? null : Number(r.last_seen),
     revokedAt: r.revoked_at === null ? null : Number(r.revoked_at),
+    projects: r.projects === null ? null : (JSON.parse(r.projects) as string[]),
+    readOnly: Number(r.read_only) === 1,
   };
 }

@@ -21,7 +21,7 @@ import {
   TcpPaths,
 } from '../policy/index.js';
 import type { Database } from '../store/schema.js';
-import { audit } from './audit.js';
+import { type AuditEntry, type AuditQuery, audit, readAudit } from './audit.js';
 import {
   CoordinatorError,
   denied,
@@ -809,6 +809,12 @@ export class State {
 
   desiredVersionFor(n: NodeRecord): string {
     return this.desiredEntryFor(n)?.version ?? '';
+  }
+
+  // ---- audit log
+
+  auditLog(q: AuditQuery): Promise<AuditEntry[]> {
+    return readAudit(this.db, q);
   }
 
   // ---- lifecycle

@@ -1,15 +1,17 @@
-// Opens the database behind the coordinator: SQLite (embedded default) or
-// PostgreSQL. Everything above this file speaks Kysely only.
-import { chmodSync, closeSync, existsSync, openSync } from 'node:fs';
-import SQLite from 'better-sqlite3';
+// Opens the database behind the coordinator: SQLite (embedded default,
+// optionally encrypted, see sqlite.ts) or PostgreSQL. Everything above this
+// file speaks Kysely only.
 import { Kysely, PostgresDialect, SqliteDialect, sql } from 'kysely';
 import pg from 'pg';
 import { type Dialect, migrate } from './migrations.js';
 import type { Database } from './schema.js';
+import { DatabaseError, openSqliteFile, sqlitePath } from './sqlite.js';
 
 export interface StoreOptions {
   /** "sqlite:///path/to/file.db" (or a bare path) or "postgres://…". */
   url: string;
+  /** The key of an encrypted SQLite database. */
+  key?: string;
 }
 
 export interface Store {
@@ -21,7 +23,11 @@ export interface Store {
 
 export async function openStore(opts: StoreOptions): Promise<Store> {
   const dialect: Dialect = /^postgres(ql)?:\/\//.test(opts.url) ? 'postgres' : 'sqlite';
-  const db = dialect === 'postgres' ? openPostgres(opts.url) : openSqlite(opts.url);
+  if (dialect === 'postgres' && opts.key !== undefined)
+    throw new DatabaseError(
+      'a database key file encrypts SQLite only; for PostgreSQL use its own at-rest encryption (see docs/security.md)',
+    );
+  const db = dialect === 'postgres' ? openPostgres(opts.url) : openSqlite(opts.url, opts.key);
   await migrate(db as Kysely<unknown>, dialect);
   return {
     db,
@@ -38,13 +44,8 @@ export async function openStore(opts: StoreOptions): Promise<Store> {
   };
 }
 
-function openSqlite(url: string): Kysely<Database> {
-  const path = url.replace(/^sqlite:\/\//, '');
-  if (path !== ':memory:' && !existsSync(path)) {
-    closeSync(openSync(path, 'a', 0o600));
-  }
-  if (path !== ':memory:') chmodSync(path, 0o600);
-  const conn = new SQLite(path);
+function openSqlite(url: string, key: string | undefined): Kysely<Database> {
+  const conn = openSqliteFile(sqlitePath(url), key);
   // WAL lets readers run beside the writer; synchronous=FULL makes every
   // acknowledged commit survive a power loss, not just a process crash.
   conn.pragma('journal_mode = WAL');

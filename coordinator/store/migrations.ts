@@ -1,10 +1,10 @@
 // Versioned schema migrations, run at start. Never edit a released
 // migration: add a new one.
-import { type Kysely, type Migration, type MigrationProvider, Migrator } from 'kysely';
+import { type Kysely, type Migration, type MigrationProvider, Migrator, sql } from 'kysely';
 
 export type Dialect = 'sqlite' | 'postgres';
 
-function migrations(dialect: Dialect): Record<string, Migration> {
+export function migrations(dialect: Dialect): Record<string, Migration> {
   return {
     '0001_initial': {
       async up(db: Kysely<unknown>) {
@@ -123,6 +123,36 @@ function migrations(dialect: Dialect): Record<string, Migration> {
           .alterTable('desired_versions')
           .addColumn('manifest', 'text', (c) => c.notNull().defaultTo(''))
           .execute();
+      },
+    },
+    '0004_api_key_scopes': {
+      async up(db: Kysely<unknown>) {
+        // NULL keeps every existing key global. A JSON list rather than a
+        // table with a foreign key: deleting a project must never empty a
+        // key's list and so widen it to global.
+        await db.schema.alterTable('api_keys').addColumn('projects', 'text').execute();
+        await db.schema
+          .alterTable('api_keys')
+          .addColumn('read_only', 'integer', (c) => c.notNull().defaultTo(0))
+          .execute();
+      },
+    },
+    '0005_audit_project': {
+      async up(db: Kysely<unknown>) {
+        await db.schema.alterTable('audit_log').addColumn('project', 'text').execute();
+        const fromDetail =
+          dialect === 'postgres'
+            ? sql`(detail::jsonb ->> 'project')`
+            : sql`json_extract(detail, '$.project')`;
+        await sql`update audit_log set project = ${fromDetail}`.execute(db);
+        await sql`update audit_log set project = target
+          where action like 'project.%' or action like 'policy.%' or action like 'version.%'`.execute(db);
+        await db.schema
+          .createIndex('audit_log_project_at')
+          .on('audit_log')
+          .columns(['project', 'at'])
+          .execute();
+        await db.schema.createIndex('audit_log_at').on('audit_log').column('at').execute();
       },
     },
   };

@@ -30,6 +30,9 @@ export interface ApiKeyTable {
   expires_at: number;
   last_seen: number | null;
   revoked_at: number | null;
+  /** JSON list of project names; NULL for a global key. */
+  projects: string | null;
+  read_only: number;
 }
 
 export interface NodeTable {
@@ -82,6 +85,8 @@ export interface AuditTable {
   actor: string;
   action: string;
   target: string;
+  /** The project the change belongs to; NULL for API keys. */
+  project: string | null;
   detail: string;
 }
 

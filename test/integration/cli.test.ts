@@ -258,7 +258,7 @@ describe('meshgate CLI against a coordinator process', () => {
     fw.close();
     ops.close();
 
-    const { default: Database } = await import('better-sqlite3');
+    const { default: Database } = await import('better-sqlite3-multiple-ciphers');
     const db = new Database(join(dataDir, 'meshgate.db'), { readonly: true });
     const rows = db
       .prepare("select detail from audit_log where action = 'policy.set' and target = 'locked'")
@@ -402,8 +402,64 @@ describe('meshgate CLI against a coordinator process', () => {
     }
   });
 
+  it('makes a scoped read-only key and lists the audit log', async () => {
+    const socket = ['--socket', join(dataDir, 'admin.sock')];
+    const created = await meshgate([
+      'apikeys',
+      'create',
+      '--project',
+      'demo',
+      '--read-only',
+      '--description',
+      'monitoring',
+      '-o',
+      'json',
+      ...socket,
+    ]);
+    assert.equal(created.code, 0, created.stderr);
+    const k = JSON.parse(created.stdout);
+    assert.deepEqual([k.projects, k.readOnly], [['demo'], true]);
+    const listed = await meshgate(['apikeys', 'list', ...socket]);
+    assert.match(listed.stdout, new RegExp(`${k.id}.*\\sdemo\\s+read-only`));
+
+    const remote = ['--coordinator', `grpcs://127.0.0.1:${c.grpcPort}`, '--fingerprint', c.fingerprint];
+    const scopedEnv = { MESHGATE_API_KEY: k.key };
+    const refused = await meshgate(['projects', 'create', 'other', ...remote], scopedEnv);
+    assert.equal(refused.code, 1);
+    assert.equal(refused.stderr, 'meshgate: this API key is read-only\n');
+
+    const all = JSON.parse((await meshgate(['audit', 'list', '-o', 'json', ...socket])).stdout);
+    assert.ok(all.some((e: { action: string }) => e.action === 'apikey.create'));
+    const audit = await meshgate(['audit', 'list', '--since', '1h', '-o', 'json', ...remote], scopedEnv);
+    assert.equal(audit.code, 0, audit.stderr);
+    const entries = JSON.parse(audit.stdout) as {
+      project: string;
+      action: string;
+      actor: string;
+      detail: object;
+    }[];
+    assert.ok(entries.length >= 3, 'project.create, authkey.create twice');
+    assert.ok(
+      entries.every((e) => e.project === 'demo'),
+      'a scoped key sees only its projects',
+    );
+    const create = entries.find((e) => e.action === 'authkey.create')!;
+    assert.match(create.actor, /^apikey:[0-9a-f]{12}$/);
+    assert.equal((create.detail as { project: string }).project, 'demo');
+    const last = JSON.parse(
+      (await meshgate(['audit', 'list', '--limit', '1', '-o', 'json', ...socket])).stdout,
+    );
+    assert.equal(last.length, 1);
+    assert.equal(last[0].action, 'apikey.create', 'the newest entry');
+    const table = await meshgate(['audit', 'list', '--project', 'demo', ...socket]);
+    assert.match(table.stdout.split('\n')[0]!, /^TIME\s+ACTOR\s+ACTION\s+PROJECT\s+TARGET$/);
+    assert.match(table.stdout, /apikey:[0-9a-f]{12}\s+project\.create\s+demo\s+demo/);
+    const none = await meshgate(['audit', 'list', '--since', '1ms', '-o', 'json', ...socket]);
+    assert.deepEqual(JSON.parse(none.stdout), []);
+  });
+
   it('writes every admin mutation to the audit log with its actor', async () => {
-    const { default: Database } = await import('better-sqlite3');
+    const { default: Database } = await import('better-sqlite3-multiple-ciphers');
     const db = new Database(join(dataDir, 'meshgate.db'), { readonly: true });
     const rows = db.prepare('select actor, action from audit_log order by id').all() as {
       actor: string;
