@@ -3,6 +3,8 @@ import type { AuthKeyTable, NodeTable } from '../store/schema.js';
 
 export interface NodeRecord {
   id: string;
+  /** Stable and never reused; how Headscale's API addresses the node. */
+  numericId: number;
   project: string;
   name: string;
   /** Ed25519 public key, hex. */
@@ -45,6 +47,7 @@ const list = (text: string): string[] => JSON.parse(text) as string[];
 export function nodeFromRow(r: NodeTable): NodeRecord {
   return {
     id: r.id,
+    numericId: Number(r.numeric_id),
     project: r.project,
     name: r.name,
     machineKey: r.machine_key,
@@ -89,6 +92,7 @@ export function nodeToRow(n: NodeRecord): NodeTable {
     created_at: n.createdAt,
     last_seen: n.lastSeen,
     expires_at: n.expiresAt,
+    numeric_id: n.numericId,
   };
 }
 

@@ -1,6 +1,6 @@
 // Versioned schema migrations, run at start. Never edit a released
 // migration: add a new one.
-import { type Kysely, type Migration, type MigrationProvider, Migrator } from 'kysely';
+import { type Kysely, type Migration, type MigrationProvider, Migrator, sql } from 'kysely';
 
 export type Dialect = 'sqlite' | 'postgres';
 
@@ -93,6 +93,55 @@ function migrations(dialect: Dialect): Record<string, Migration> {
           .addColumn('action', 'text', (c) => c.notNull())
           .addColumn('target', 'text', (c) => c.notNull())
           .addColumn('detail', 'text', (c) => c.notNull())
+          .execute();
+      },
+    },
+    // Headscale's API addresses users (projects) and nodes by number; the
+    // numbers come from counters that only go up, so none is ever reused.
+    '0005_numeric_ids': {
+      async up(db: Kysely<unknown>) {
+        await db.schema.alterTable('projects').addColumn('numeric_id', 'bigint').execute();
+        await db.schema.alterTable('nodes').addColumn('numeric_id', 'bigint').execute();
+        await db.schema
+          .createTable('id_counters')
+          .addColumn('name', 'text', (c) => c.primaryKey())
+          .addColumn('last', 'bigint', (c) => c.notNull())
+          .execute();
+        for (const [table, key] of [
+          ['projects', 'name'],
+          ['nodes', 'id'],
+        ] as const) {
+          const rows = await sql<{
+            key: string;
+          }>`select ${sql.ref(key)} as key from ${sql.table(table)} order by created_at, ${sql.ref(key)}`.execute(
+            db,
+          );
+          let n = 0;
+          for (const r of rows.rows) {
+            n++;
+            await sql`update ${sql.table(table)} set numeric_id = ${n} where ${sql.ref(key)} = ${r.key}`.execute(
+              db,
+            );
+          }
+          await sql`insert into id_counters (name, last) values (${table}, ${n})`.execute(db);
+          await db.schema
+            .createIndex(`${table}_numeric_id`)
+            .on(table)
+            .column('numeric_id')
+            .unique()
+            .execute();
+        }
+      },
+    },
+    // The one policy Headscale's API sets for all users: it applies to every
+    // project that has no policy of its own.
+    '0006_global_policy': {
+      async up(db: Kysely<unknown>) {
+        await db.schema
+          .createTable('global_policy')
+          .addColumn('id', 'integer', (c) => c.primaryKey())
+          .addColumn('source', 'text', (c) => c.notNull())
+          .addColumn('updated_at', 'bigint', (c) => c.notNull())
           .execute();
       },
     },
