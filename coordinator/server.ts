@@ -15,6 +15,7 @@ import { adminHandlers } from './api/admin.js';
 import { CallVerifier } from './api/auth.js';
 import { controlImplementation } from './api/control.js';
 import { adminImplementation } from './api/grpc-admin.js';
+import { headscaleHandlers, headscaleService } from './api/headscale.js';
 import { httpApp } from './api/http.js';
 import { Metrics } from './api/metrics.js';
 import { RateLimiter } from './api/ratelimit.js';
@@ -32,6 +33,8 @@ export interface Coordinator {
   fingerprint: string | null;
   grpcPort: number;
   httpPort: number;
+  /** The Headscale API's port; null when it is off. */
+  headscalePort: number | null;
   adminSocket: string;
   state: State;
   mapper: Mapper;
@@ -53,8 +56,10 @@ function splitHostPort(hp: string): { host: string; port: number } {
 }
 
 function bind(server: grpc.Server, address: string, creds: grpc.ServerCredentials): Promise<number> {
+  // ":50443" means every address, as in Go's listeners; grpc-js wants a host.
+  const target = address.startsWith(':') ? `0.0.0.0${address}` : address;
   return new Promise((resolve, reject) =>
-    server.bindAsync(address, creds, (err, port) =>
+    server.bindAsync(target, creds, (err, port) =>
       err ? reject(new Error(`cannot listen on ${address}: ${err.message}`)) : resolve(port),
     ),
   );
@@ -88,7 +93,9 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
   process.umask(0o077);
   tls.DEFAULT_MIN_VERSION = 'TLSv1.3';
   prepareDataDir(config.dataDir);
-  const identity = config.plaintext ? null : await ensureTlsIdentity(config.dataDir, config.serverNames);
+  const headscaleTls = config.headscaleListen !== undefined && !config.headscaleInsecure;
+  const identity =
+    config.plaintext && !headscaleTls ? null : await ensureTlsIdentity(config.dataDir, config.serverNames);
   if (identity?.created)
     log.info({ fingerprint: identity.fingerprint }, 'created TLS key and self-signed certificate');
 
@@ -137,14 +144,37 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
       log,
     }),
   );
-  const creds = identity
-    ? grpc.ServerCredentials.createSsl(
-        null,
-        [{ private_key: identity.key, cert_chain: identity.cert }],
-        false,
-      )
-    : grpc.ServerCredentials.createInsecure();
-  const grpcPort = await bind(server, config.grpcListen, creds);
+  const tlsCreds = () =>
+    identity
+      ? grpc.ServerCredentials.createSsl(
+          null,
+          [{ private_key: identity.key, cert_chain: identity.cert }],
+          false,
+        )
+      : grpc.ServerCredentials.createInsecure();
+  const grpcPort = await bind(
+    server,
+    config.grpcListen,
+    config.plaintext ? grpc.ServerCredentials.createInsecure() : tlsCreds(),
+  );
+
+  let headscale: grpc.Server | null = null;
+  let headscalePort: number | null = null;
+  if (config.headscaleListen !== undefined) {
+    headscale = new grpc.Server(SERVER_OPTIONS);
+    const hs = headscaleService(headscaleHandlers({ state, databaseOk }), state, log);
+    headscale.addService(hs.definition, hs.implementation);
+    headscalePort = await bind(
+      headscale,
+      config.headscaleListen,
+      config.headscaleInsecure ? grpc.ServerCredentials.createInsecure() : tlsCreds(),
+    );
+    if (config.headscaleInsecure)
+      log.warn(
+        { headscale: headscalePort },
+        'Headscale API served in plaintext (h2c): API keys and auth keys cross the network unencrypted; keep it on a trusted network',
+      );
+  }
 
   const adminSocket = join(config.dataDir, 'admin.sock');
   if (existsSync(adminSocket)) unlinkSync(adminSocket);
@@ -154,9 +184,10 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
   chmodSync(adminSocket, 0o600);
 
   const app = httpApp({ handlers, state, metrics, databaseOk, log });
-  const http: HttpServer = identity
-    ? createHttpsServer({ key: identity.key, cert: identity.cert, minVersion: 'TLSv1.3' }, app)
-    : createHttpServer(app);
+  const http: HttpServer =
+    !config.plaintext && identity
+      ? createHttpsServer({ key: identity.key, cert: identity.cert, minVersion: 'TLSv1.3' }, app)
+      : createHttpServer(app);
   const { host, port } = splitHostPort(config.httpListen);
   await new Promise<void>((resolve, reject) => {
     http.once('error', (err) => reject(new Error(`cannot listen on ${config.httpListen}: ${err.message}`)));
@@ -194,6 +225,7 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
     {
       grpc: grpcPort,
       http: httpPort,
+      headscale: headscalePort,
       adminSocket,
       fingerprint: identity?.fingerprint,
       plaintext: config.plaintext,
@@ -205,6 +237,7 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
     fingerprint: identity?.fingerprint ?? null,
     grpcPort,
     httpPort,
+    headscalePort,
     adminSocket,
     state,
     mapper,
@@ -214,7 +247,12 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
       mapper.close();
       relay.close();
       http.closeAllConnections();
-      await Promise.all([shutdown(server), shutdown(local), new Promise<void>((r) => http.close(() => r()))]);
+      await Promise.all([
+        shutdown(server),
+        shutdown(local),
+        ...(headscale ? [shutdown(headscale)] : []),
+        new Promise<void>((r) => http.close(() => r())),
+      ]);
       // After the servers: closing streams marks nodes offline, and that last_seen must reach the store too.
       try {
         await state.close();

@@ -21,6 +21,11 @@ export function registerCoordinatorCommands(program: Command): void {
       'HTTP listener for /healthz, /readyz, /metrics and /api/v1 (default 0.0.0.0:7480)',
     )
     .option('--plaintext', 'serve without TLS (only behind a TLS-terminating proxy or on a trusted network)')
+    .option(
+      '--headscale-listen <host:port>',
+      "serve Headscale v0.28's gRPC API for metal-api and metal-apiserver, e.g. :50443 (default off)",
+    )
+    .option('--headscale-insecure', 'serve the Headscale API in plaintext HTTP/2 (h2c) instead of TLS')
     .option('--log-level <level>', 'trace, debug, info, warn, error')
     .option('--ephemeral-timeout <duration>', 'remove ephemeral nodes offline this long (default 30m)')
     .addHelpText(
@@ -28,7 +33,7 @@ export function registerCoordinatorCommands(program: Command): void {
       `
 Settings come from defaults, then --config, then MESHGATE_* environment
 variables (MESHGATE_DATA_DIR, MESHGATE_DATABASE, MESHGATE_GRPC_LISTEN,
-MESHGATE_HTTP_LISTEN, MESHGATE_LOG_LEVEL, MESHGATE_EPHEMERAL_TIMEOUT), then flags.
+MESHGATE_HTTP_LISTEN, MESHGATE_HEADSCALE_LISTEN, MESHGATE_LOG_LEVEL, MESHGATE_EPHEMERAL_TIMEOUT), then flags.
 
 On first start a TLS key and a self-signed certificate are made in the data
 dir; clients pin the printed fingerprint with --fingerprint. The local admin
@@ -42,6 +47,8 @@ socket (0600) in the data dir needs no API key: use it to create the first one:
         grpcListen: o.grpcListen,
         httpListen: o.httpListen,
         plaintext: o.plaintext,
+        headscaleListen: o.headscaleListen,
+        headscaleInsecure: o.headscaleInsecure,
         logLevel: o.logLevel,
         ephemeralTimeout: o.ephemeralTimeout,
       });
@@ -52,6 +59,11 @@ socket (0600) in the data dir needs no API key: use it to create the first one:
           `meshgate coordinator ${VERSION}`,
           `  gRPC          ${config.grpcListen.replace(/:\d+$/, `:${c.grpcPort}`)}${config.plaintext ? ' (plaintext)' : ' (TLS 1.3)'}`,
           `  HTTP          ${config.httpListen.replace(/:\d+$/, `:${c.httpPort}`)}`,
+          ...(config.headscaleListen !== undefined
+            ? [
+                `  Headscale API ${config.headscaleListen.replace(/:\d+$/, `:${c.headscalePort}`)}${config.headscaleInsecure ? ' (plaintext h2c)' : ' (TLS 1.3)'}`,
+              ]
+            : []),
           `  admin socket  ${c.adminSocket}`,
           `  database      ${config.database.replace(/\/\/[^@/]*@/, '//***@')}`,
           ...(c.fingerprint ? [`  fingerprint   ${c.fingerprint}`] : []),

@@ -1,58 +1,24 @@
 // The same store on PostgreSQL: a throwaway cluster on a unix socket, the
 // coordinator on top, registrations, a restart that reloads the state.
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
-import { chmodSync, existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { authKey, SimAgent, startTestCoordinator, type TestCoordinator } from './harness.js';
+import { type PostgresCluster, postgresSkip, startPostgres } from './postgres.js';
 
-function pgBin(): string | null {
-  const root = '/usr/lib/postgresql';
-  if (!existsSync(root)) return null;
-  const version = readdirSync(root).sort().pop();
-  return version && existsSync(join(root, version, 'bin', 'initdb')) ? join(root, version, 'bin') : null;
-}
-
-const bin = pgBin();
-const root = process.getuid?.() === 0;
-const skip = !bin
-  ? 'PostgreSQL server binaries not installed'
-  : !root
-    ? 'needs root to run the cluster as postgres'
-    : false;
-if (skip && process.env.MESHGATE_E2E === '1') throw new Error(`PostgreSQL test: ${skip}`);
+const skip = postgresSkip('PostgreSQL test');
 
 describe('coordinator on PostgreSQL', { skip }, () => {
-  const dir = mkdtempSync(join(tmpdir(), 'meshgate-pg-'));
-  const as = (cmd: string, args: string[]) =>
-    execFileSync('runuser', ['-u', 'postgres', '--', join(bin!, cmd), ...args], { stdio: 'pipe' });
-  const url = `postgres://postgres@/meshgate?host=${encodeURIComponent(dir)}&port=55432`;
+  let pg: PostgresCluster;
+  let url: string;
   let t: TestCoordinator | null = null;
 
   before(() => {
-    chmodSync(dir, 0o777);
-    as('initdb', ['-D', join(dir, 'data'), '-A', 'trust', '-U', 'postgres']);
-    as('pg_ctl', [
-      '-D',
-      join(dir, 'data'),
-      '-l',
-      join(dir, 'log'),
-      '-w',
-      '-o',
-      `-k ${dir} -p 55432 -c listen_addresses=''`,
-      'start',
-    ]);
-    as('createdb', ['-h', dir, '-p', '55432', 'meshgate']);
+    pg = startPostgres();
+    url = pg.createDatabase('meshgate');
   });
   after(async () => {
     await t?.close();
-    try {
-      as('pg_ctl', ['-D', join(dir, 'data'), '-m', 'immediate', 'stop']);
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+    pg?.stop();
   });
 
   it('migrates, registers concurrently with distinct addresses, and reloads after a restart', async () => {
