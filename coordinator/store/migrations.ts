@@ -148,9 +148,11 @@ function migrations(dialect: Dialect): Record<string, Migration> {
   };
 }
 
-export async function migrate(db: Kysely<unknown>, dialect: Dialect): Promise<void> {
+/** Runs every migration not run yet; `upTo` stops after that one (tests of upgrades). */
+export async function migrate(db: Kysely<unknown>, dialect: Dialect, upTo?: string): Promise<void> {
   const provider: MigrationProvider = { getMigrations: async () => migrations(dialect) };
-  const { error, results } = await new Migrator({ db, provider }).migrateToLatest();
+  const migrator = new Migrator({ db, provider });
+  const { error, results } = await (upTo ? migrator.migrateTo(upTo) : migrator.migrateToLatest());
   if (error) {
     const failed = results?.find((r) => r.status === 'Error')?.migrationName ?? 'unknown';
     throw new Error(
