@@ -213,6 +213,51 @@ function suite(database: () => string | undefined, label: string) {
 describe('Headscale API on SQLite', () => {
   suite(() => undefined, 'SQLite');
 
+  it("serves the admin UIs' node and user calls and warns about plaintext", async () => {
+    const t = await startTestCoordinator({ headscaleListen: '127.0.0.1:0', headscaleInsecure: true });
+    const hs = await connect(t, false);
+    const agent = new SimAgent(t.url, t.fingerprint);
+    try {
+      assert.ok(t.logs.some((l) => l.includes('"level":40') && l.includes('plaintext (h2c)')));
+      const user = (await hs.call('createUser', { name: 'ui' })).user!;
+      const key = (await hs.call('createPreAuthKey', { user: user.id, aclTags: ['tag:web'] })).preAuthKey!;
+      await agent.register(key.key, 'Web-1.example.net');
+      const [listed] = (await hs.call('listNodes', { user: 'ui' })).nodes;
+      assert.equal(listed?.name, 'Web-1.example.net');
+      assert.equal(listed?.givenName, 'web-1');
+      const id = listed!.id;
+      assert.equal((await hs.call('getNode', { nodeId: id })).node?.name, 'Web-1.example.net');
+      assert.equal((await hs.call('renameNode', { nodeId: id, newName: 'web-a' })).node?.givenName, 'web-a');
+      await rejects(
+        hs.call('renameNode', { nodeId: id, newName: 'Not A Label' }),
+        grpc.status.INVALID_ARGUMENT,
+      );
+      assert.deepEqual((await hs.call('setTags', { nodeId: id, tags: ['tag:db'] })).node?.tags, ['tag:db']);
+      await rejects(hs.call('setTags', { nodeId: id, tags: ['db'] }), grpc.status.INVALID_ARGUMENT);
+      const expired = (await hs.call('expireNode', { nodeId: id })).node!;
+      assert.ok(expired.expiry && timestampDate(expired.expiry).getTime() <= Date.now());
+      await rejects(hs.call('getNode', { nodeId: 0n }), grpc.status.NOT_FOUND);
+      await rejects(
+        hs.call('deleteUser', { id: user.id }),
+        grpc.status.FAILED_PRECONDITION,
+        /still has 1 node/,
+      );
+      await hs.call('deleteNode', { nodeId: id });
+      await hs.call('deleteUser', { id: user.id });
+      assert.deepEqual((await hs.call('listUsers', { name: 'ui' })).users, []);
+      const again = (await hs.call('createUser', { name: 'ui' })).user!;
+      assert.ok(again.id > user.id, 'the number of a deleted user is not given again');
+      const apiKeys = (await hs.call('listApiKeys', {})).apiKeys;
+      assert.equal(apiKeys.length, 1);
+      assert.equal(apiKeys[0]!.id, BigInt(`0x${apiKeys[0]!.prefix}`));
+      assert.ok(apiKeys[0]!.lastSeen, 'the key in use has been seen');
+    } finally {
+      agent.close();
+      hs.close();
+      await t.close();
+    }
+  });
+
   it('applies the global policy to projects without their own, autogroup:self as the project', async () => {
     const t = await startTestCoordinator({ headscaleListen: '127.0.0.1:0', headscaleInsecure: true });
     const hs = await connect(t, false);
