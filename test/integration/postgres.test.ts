@@ -2,6 +2,10 @@
 // coordinator on top, registrations, a restart that reloads the state.
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
+import { Kysely, PostgresDialect, sql } from 'kysely';
+import Pg from 'pg';
+import { openStore } from '../../coordinator/store/db.js';
+import { migrate } from '../../coordinator/store/migrations.js';
 import { authKey, SimAgent, startTestCoordinator, type TestCoordinator } from './harness.js';
 import { type PostgresCluster, postgresSkip, startPostgres } from './postgres.js';
 
@@ -44,5 +48,43 @@ describe('coordinator on PostgreSQL', { skip }, () => {
     again.close();
     assert.equal(r.existing, true);
     assert.deepEqual(r.node!.ipAddresses, regs[0]!.node!.ipAddresses);
+  });
+
+  it('numbers the projects and nodes of an older database on upgrade', async () => {
+    const upgradeUrl = pg.createDatabase('upgrade');
+    const old = new Kysely<unknown>({
+      dialect: new PostgresDialect({ pool: new Pg.Pool({ connectionString: upgradeUrl }) }),
+    });
+    try {
+      await migrate(old, 'postgres', '0001_initial');
+      await sql`insert into projects (name, created_at) values ('second', 2), ('first', 1)`.execute(old);
+      await sql`insert into nodes (id, project, name, machine_key, node_key, ipv4, ipv6, ip_index, tags,
+        ephemeral, auth_key_id, hostname, os, version, endpoints, advertised_routes, approved_routes, created_at)
+        values ('n0', 'first', 'old', 'mk', 'nk', '100.64.0.9', 'fd7a:115c:a1e0::9', 9, '[]',
+        0, 'k', 'old', 'linux', '1', '[]', '[]', '[]', 1)`.execute(old);
+    } finally {
+      await old.destroy();
+    }
+    const store = await openStore({ url: upgradeUrl });
+    try {
+      const projects = await store.db
+        .selectFrom('projects')
+        .select(['name', 'numeric_id'])
+        .orderBy('name')
+        .execute();
+      assert.deepEqual(projects, [
+        { name: 'first', numeric_id: 1 },
+        { name: 'second', numeric_id: 2 },
+      ]);
+      const node = await store.db.selectFrom('nodes').select('numeric_id').executeTakeFirstOrThrow();
+      assert.equal(node.numeric_id, 1);
+      const counters = await store.db.selectFrom('id_counters').selectAll().orderBy('name').execute();
+      assert.deepEqual(counters, [
+        { name: 'nodes', last: 1 },
+        { name: 'projects', last: 2 },
+      ]);
+    } finally {
+      await store.close();
+    }
   });
 });
