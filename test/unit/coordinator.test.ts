@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, it } from 'node:test';
@@ -9,6 +9,7 @@ import { Kysely, SqliteDialect, sql } from 'kysely';
 import { peerAddress } from '../../coordinator/api/auth.js';
 import { RateLimiter } from '../../coordinator/api/ratelimit.js';
 import { isCidr, isEndpoint } from '../../coordinator/api/validate.js';
+import { loadConfig } from '../../coordinator/config.js';
 import { AddressPool, ipv4ForIndex, ipv6ForIndex, MAX_INDEX } from '../../coordinator/state/ipam.js';
 import { hashSecret, issueSecret, parseSecret, secretMatches } from '../../coordinator/state/secrets.js';
 import { type RegisterInput, State, type StateEvent } from '../../coordinator/state/state.js';
@@ -58,6 +59,29 @@ describe('address pool', () => {
       const x = pool.reserve();
       assert.ok(!seen.has(x));
       seen.add(x);
+    }
+  });
+});
+
+describe('coordinator configuration', () => {
+  it('takes the Headscale listener from the file, the environment or a flag', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'meshgate-config-'));
+    try {
+      const file = join(dir, 'coordinator.yaml');
+      writeFileSync(file, 'headscaleListen: ":50443"\nheadscaleInsecure: true\n');
+      const c = loadConfig(file, {}, {});
+      assert.deepEqual([c.headscaleListen, c.headscaleInsecure], [':50443', true]);
+      assert.equal(loadConfig(undefined, {}, {}).headscaleListen, undefined, 'off by default');
+      assert.equal(
+        loadConfig(file, { MESHGATE_HEADSCALE_LISTEN: '10.0.0.1:50443' }, {}).headscaleListen,
+        '10.0.0.1:50443',
+      );
+      assert.throws(
+        () => loadConfig(undefined, {}, { headscaleListen: 'nope' }),
+        /headscaleListen: expected HOST:PORT/,
+      );
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
     }
   });
 });
