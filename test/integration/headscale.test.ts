@@ -188,6 +188,10 @@ async function metalSequence(t: TestCoordinator, hs: HeadscaleClient): Promise<v
     'refusals are logged',
   );
   await rejects(hs.raw('RegisterNode'), grpc.status.UNIMPLEMENTED, /meshgate keys create/);
+
+  const [apiKey] = (await t.admin.call('listApiKeys', {})).apiKeys;
+  await t.admin.call('expireApiKey', { id: apiKey!.id });
+  await rejects(hs.call('health', {}), grpc.status.UNAUTHENTICATED, /was expired/);
 }
 
 function suite(database: () => string | undefined, label: string) {
