@@ -326,6 +326,22 @@ describe('state', () => {
     assert.equal(s.state.nodeByNumber(2), undefined);
   });
 
+  it('answers the loser of two racing creates of one project with "exists"', async () => {
+    fresh();
+    const s = await start({ seenBatchMs: 60_000, now: Date.now });
+    const [a, b] = await Promise.allSettled([
+      s.state.createProject('t', 'x'),
+      s.state.createProject('t', 'x'),
+    ]);
+    assert.equal(a.status, 'fulfilled');
+    assert.equal(b.status, 'rejected');
+    assert.equal((b as PromiseRejectedResult).reason.kind, 'exists');
+    assert.deepEqual(
+      s.state.listProjects().map((p) => p.name),
+      ['x'],
+    );
+  });
+
   it('keeps node names unique per project through renames and deletions', async () => {
     fresh();
     const s = await start({ seenBatchMs: 60_000, now: Date.now });
