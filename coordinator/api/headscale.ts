@@ -199,12 +199,9 @@ export function headscaleHandlers({ state, databaseOk }: HeadscaleDeps): Headsca
       });
     },
     async listNodes(req) {
-      // An unknown user has no nodes; metal-stack asks before the user exists.
-      const nodes = req.user
-        ? state.getProject(req.user)
-          ? state.listNodes(req.user)
-          : []
-        : state.listNodes();
+      // An unknown user has no nodes, which is no error: metal-stack asks before the user exists.
+      if (req.user && !state.getProject(req.user)) return create(hs.ListNodesResponseSchema, {});
+      const nodes = state.listNodes(req.user || undefined);
       return create(hs.ListNodesResponseSchema, { nodes: nodes.map(node) });
     },
 
