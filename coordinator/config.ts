@@ -35,6 +35,10 @@ export const ConfigSchema = z
     httpListen: hostPort.default('0.0.0.0:7480'),
     /** Serve gRPC and HTTP without TLS. Only for a trusted network or a TLS-terminating proxy. */
     plaintext: z.boolean().default(false),
+    /** Serve Headscale v0.28's gRPC API here (metal-stack uses :50443); off when unset. */
+    headscaleListen: hostPort.optional(),
+    /** The Headscale API in plaintext HTTP/2 (h2c), as metal-api and metal-apiserver dial it today. */
+    headscaleInsecure: z.boolean().default(false),
     /** Extra names and addresses for the certificate made on first start. */
     serverNames: z.array(z.string()).default([]),
     logLevel: z.enum(['trace', 'debug', 'info', 'warn', 'error', 'fatal']).default('info'),
@@ -88,6 +92,7 @@ const ENV: Record<string, keyof z.infer<typeof ConfigSchema>> = {
   MESHGATE_METRICS_TOKEN_FILE: 'metricsTokenFile',
   MESHGATE_GRPC_LISTEN: 'grpcListen',
   MESHGATE_HTTP_LISTEN: 'httpListen',
+  MESHGATE_HEADSCALE_LISTEN: 'headscaleListen',
   MESHGATE_LOG_LEVEL: 'logLevel',
   MESHGATE_EPHEMERAL_TIMEOUT: 'ephemeralTimeout',
 };

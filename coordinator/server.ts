@@ -16,6 +16,7 @@ import { adminHandlers } from './api/admin.js';
 import { CallVerifier } from './api/auth.js';
 import { controlImplementation } from './api/control.js';
 import { adminImplementation } from './api/grpc-admin.js';
+import { headscaleHandlers, headscaleService } from './api/headscale.js';
 import { httpApp } from './api/http.js';
 import { Metrics } from './api/metrics.js';
 import { RateLimiter } from './api/ratelimit.js';
@@ -34,6 +35,8 @@ export interface Coordinator {
   fingerprint: string | null;
   grpcPort: number;
   httpPort: number;
+  /** The Headscale API's port; null when it is off. */
+  headscalePort: number | null;
   adminSocket: string;
   state: State;
   mapper: Mapper;
@@ -76,8 +79,10 @@ function bind(
   creds: grpc.ServerCredentials,
   flag: string,
 ): Promise<number> {
+  // ":50443" means every address, as in Go's listeners; grpc-js wants a host.
+  const target = address.startsWith(':') ? `0.0.0.0${address}` : address;
   return new Promise((resolve, reject) =>
-    server.bindAsync(address, creds, (err, port) =>
+    server.bindAsync(target, creds, (err, port) =>
       err ? reject(listenError(address, flag, err.message)) : resolve(port),
     ),
   );
@@ -147,7 +152,9 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
   const metricsToken = config.metricsTokenFile
     ? readSecretFile(config.metricsTokenFile, 'metrics token')
     : undefined;
-  const identity = config.plaintext ? null : await ensureTlsIdentity(config.dataDir, config.serverNames);
+  const headscaleTls = config.headscaleListen !== undefined && !config.headscaleInsecure;
+  const identity =
+    config.plaintext && !headscaleTls ? null : await ensureTlsIdentity(config.dataDir, config.serverNames);
   if (identity?.created)
     log.info({ fingerprint: identity.fingerprint }, 'created TLS key and self-signed certificate');
 
@@ -205,14 +212,41 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
       log,
     }),
   );
-  const creds = identity
-    ? grpc.ServerCredentials.createSsl(
-        null,
-        [{ private_key: identity.key, cert_chain: identity.cert }],
-        false,
-      )
-    : grpc.ServerCredentials.createInsecure();
-  const grpcPort = await bind(server, config.grpcListen, creds, '--grpc-listen');
+  const tlsCreds = () =>
+    identity
+      ? grpc.ServerCredentials.createSsl(
+          null,
+          [{ private_key: identity.key, cert_chain: identity.cert }],
+          false,
+        )
+      : grpc.ServerCredentials.createInsecure();
+  const grpcPort = await bind(
+    server,
+    config.grpcListen,
+    config.plaintext ? grpc.ServerCredentials.createInsecure() : tlsCreds(),
+    '--grpc-listen',
+  );
+
+  let headscale: grpc.Server | null = null;
+  let headscalePort: number | null = null;
+  if (config.headscaleListen !== undefined) {
+    headscale = new grpc.Server(SERVER_OPTIONS);
+    const hsServer = headscale;
+    undo.push(() => hsServer.forceShutdown());
+    const hs = headscaleService(headscaleHandlers({ state, databaseOk }), state, log);
+    headscale.addService(hs.definition, hs.implementation);
+    headscalePort = await bind(
+      headscale,
+      config.headscaleListen,
+      config.headscaleInsecure ? grpc.ServerCredentials.createInsecure() : tlsCreds(),
+      '--headscale-listen',
+    );
+    if (config.headscaleInsecure)
+      log.warn(
+        { headscale: headscalePort },
+        'Headscale API served in plaintext (h2c): API keys and auth keys cross the network unencrypted; keep it on a trusted network',
+      );
+  }
 
   const adminSocket = join(config.dataDir, 'admin.sock');
   if (existsSync(adminSocket)) unlinkSync(adminSocket);
@@ -224,9 +258,10 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
   chmodSync(adminSocket, 0o600);
 
   const app = httpApp({ handlers, state, metrics, databaseOk, log, releases, limiter, metricsToken });
-  const http: HttpServer = identity
-    ? createHttpsServer({ key: identity.key, cert: identity.cert, minVersion: 'TLSv1.3' }, app)
-    : createHttpServer(app);
+  const http: HttpServer =
+    !config.plaintext && identity
+      ? createHttpsServer({ key: identity.key, cert: identity.cert, minVersion: 'TLSv1.3' }, app)
+      : createHttpServer(app);
   const { host, port } = splitHostPort(config.httpListen);
   await new Promise<void>((resolve, reject) => {
     http.once('error', (err) => reject(listenError(config.httpListen, '--http-listen', err.message)));
@@ -264,6 +299,7 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
     {
       grpc: grpcPort,
       http: httpPort,
+      headscale: headscalePort,
       adminSocket,
       fingerprint: identity?.fingerprint,
       plaintext: config.plaintext,
@@ -275,6 +311,7 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
     fingerprint: identity?.fingerprint ?? null,
     grpcPort,
     httpPort,
+    headscalePort,
     adminSocket,
     state,
     mapper,
@@ -284,7 +321,12 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
       mapper.close();
       relay.close();
       http.closeAllConnections();
-      await Promise.all([shutdown(server), shutdown(local), new Promise<void>((r) => http.close(() => r()))]);
+      await Promise.all([
+        shutdown(server),
+        shutdown(local),
+        ...(headscale ? [shutdown(headscale)] : []),
+        new Promise<void>((r) => http.close(() => r())),
+      ]);
       // After the servers: closing streams marks nodes offline, and that last_seen must reach the store too.
       try {
         await state.close();

@@ -232,8 +232,8 @@ export function registerAdminCommands(program: Command): void {
   withAdmin(
     apikeys
       .command('create')
-      .description('create an API key; the key is shown only this once')
-      .option('--expiration <duration>', 'lifetime, e.g. 90d', '90d')
+      .description('create an API key; the key is shown only this once, alone on the last line')
+      .option('-e, --expiration <duration>', 'lifetime, e.g. 90d', '90d')
       .option('--description <text>', 'what the key is for', '')
       .option(
         '--project <project>',
@@ -518,5 +518,6 @@ function printCreatedApiKey(c: AdminClient, k: ApiKey): void {
     return;
   }
   out(render(c.format, null, [k], API_KEY_COLUMNS));
-  out(`\nkey (shown once): ${k.key}`);
+  // Alone on the last line: scripts written for `headscale apikeys create` keep the last line as the key.
+  out(`\nkey (shown once):\n${k.key}`);
 }

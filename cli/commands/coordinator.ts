@@ -28,6 +28,11 @@ export function registerCoordinatorCommands(program: Command): void {
       'serve release artifacts from DIR under /releases/ on the HTTP port (see meshgate release pack)',
     )
     .option('--plaintext', 'serve without TLS (only behind a TLS-terminating proxy or on a trusted network)')
+    .option(
+      '--headscale-listen <host:port>',
+      "serve Headscale v0.28's gRPC API for metal-api and metal-apiserver, e.g. :50443 (default off)",
+    )
+    .option('--headscale-insecure', 'serve the Headscale API in plaintext HTTP/2 (h2c) instead of TLS')
     .option('--log-level <level>', 'trace, debug, info, warn, error')
     .option('--ephemeral-timeout <duration>', 'remove ephemeral nodes offline this long (default 30m)')
     .option(
@@ -39,8 +44,8 @@ export function registerCoordinatorCommands(program: Command): void {
       `
 Settings come from defaults, then --config, then MESHGATE_* environment
 variables (MESHGATE_DATA_DIR, MESHGATE_DATABASE, MESHGATE_DATABASE_KEY_FILE,
-MESHGATE_GRPC_LISTEN, MESHGATE_HTTP_LISTEN, MESHGATE_RELEASES_DIR, MESHGATE_LOG_LEVEL,
-MESHGATE_EPHEMERAL_TIMEOUT, MESHGATE_METRICS_TOKEN_FILE), then flags.
+MESHGATE_GRPC_LISTEN, MESHGATE_HTTP_LISTEN, MESHGATE_HEADSCALE_LISTEN, MESHGATE_RELEASES_DIR,
+MESHGATE_LOG_LEVEL, MESHGATE_EPHEMERAL_TIMEOUT, MESHGATE_METRICS_TOKEN_FILE), then flags.
 
 On first start a TLS key and a self-signed certificate are made in the data
 dir; clients pin the printed fingerprint with --fingerprint. The local admin
@@ -57,6 +62,8 @@ socket (0600) in the data dir needs no API key: use it to create the first one:
         httpListen: o.httpListen,
         releasesDir: o.releasesDir,
         plaintext: o.plaintext,
+        headscaleListen: o.headscaleListen,
+        headscaleInsecure: o.headscaleInsecure,
         logLevel: o.logLevel,
         ephemeralTimeout: o.ephemeralTimeout,
       });
@@ -70,6 +77,11 @@ socket (0600) in the data dir needs no API key: use it to create the first one:
           `  gRPC          ${config.grpcListen.replace(/:\d+$/, `:${c.grpcPort}`)}${config.plaintext ? ' (plaintext)' : ' (TLS 1.3)'}`,
           // The HTTP listener serves TLS with the same certificate unless --plaintext.
           `  ${config.plaintext ? 'HTTP ' : 'HTTPS'}         ${config.httpListen.replace(/:\d+$/, `:${c.httpPort}`)}`,
+          ...(config.headscaleListen !== undefined
+            ? [
+                `  Headscale API ${config.headscaleListen.replace(/:\d+$/, `:${c.headscalePort}`)}${config.headscaleInsecure ? ' (plaintext h2c)' : ' (TLS 1.3)'}`,
+              ]
+            : []),
           `  admin socket  ${c.adminSocket}`,
           `  database      ${config.database.replace(/\/\/[^@/]*@/, '//***@')}`,
           ...(c.fingerprint ? [`  fingerprint   ${c.fingerprint}`] : []),

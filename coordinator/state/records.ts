@@ -3,6 +3,8 @@ import type { AuthKeyTable, NodeTable } from '../store/schema.js';
 
 export interface NodeRecord {
   id: string;
+  /** Stable and never reused; how Headscale's API addresses the node. */
+  numericId: number;
   project: string;
   name: string;
   /** Ed25519 public key, hex. */
@@ -47,6 +49,7 @@ const list = (text: string): string[] => JSON.parse(text) as string[];
 export function nodeFromRow(r: NodeTable): NodeRecord {
   return {
     id: r.id,
+    numericId: Number(r.numeric_id),
     project: r.project,
     name: r.name,
     machineKey: r.machine_key,
@@ -93,6 +96,7 @@ export function nodeToRow(n: NodeRecord): NodeTable {
     last_seen: n.lastSeen,
     expires_at: n.expiresAt,
     lockdown_ports: JSON.stringify(n.lockdownPorts),
+    numeric_id: n.numericId,
   };
 }
 

@@ -6,7 +6,7 @@
 // it is written in batches (see saveSeen) and may lag by one batch interval
 // after a crash.
 import { randomBytes } from 'node:crypto';
-import type { Kysely } from 'kysely';
+import type { Kysely, Transaction } from 'kysely';
 import { isDnsLabel, isTag, toDnsLabel } from '../../proto/names.js';
 import { drifts, requireSemVer, type SemVerError } from '../../release/semver.js';
 import {
@@ -47,6 +47,8 @@ export type StateEvent =
 
 export interface ProjectRecord {
   name: string;
+  /** Stable and never reused; how Headscale's API addresses the project (a "user"). */
+  numericId: number;
   createdAt: number;
 }
 
@@ -98,6 +100,8 @@ export interface StateOptions {
 
 const SEEN_BATCH_MS = 5_000;
 
+type Counter = 'projects' | 'nodes';
+
 export class State {
   private readonly projects = new Map<string, ProjectRecord>();
   private readonly nodes = new Map<string, NodeRecord>();
@@ -106,6 +110,13 @@ export class State {
   /** project -> node name -> node id, so picking a free name does not scan the project. */
   private readonly names = new Map<string, Map<string, string>>();
   private readonly policies = new Map<string, PolicyRecord>();
+  /** Applies to every project without a policy of its own (set through Headscale's API). */
+  private globalPolicy: PolicyRecord | undefined;
+  private readonly projectsByNumber = new Map<number, string>();
+  private readonly nodesByNumber = new Map<number, string>();
+  private readonly lastNumber: Record<Counter, number> = { projects: 0, nodes: 0 };
+  /** Names being created, so that two concurrent creates of one name cannot both pass the check. */
+  private readonly creating = new Set<string>();
   private readonly versions = new Map<string, Map<string, DesiredVersionRecord>>();
   private readonly compiledCache = new Map<string, CompiledPolicy>();
   private readonly online = new Set<string>();
@@ -131,9 +142,11 @@ export class State {
   static async load(db: Kysely<Database>, options: StateOptions): Promise<State> {
     const s = new State(db, options);
     s.lastExpirySweep = s.now();
+    for (const c of await db.selectFrom('id_counters').selectAll().execute()) {
+      s.lastNumber[c.name as Counter] = Number(c.last);
+    }
     for (const p of await db.selectFrom('projects').selectAll().execute()) {
-      s.projects.set(p.name, { name: p.name, createdAt: Number(p.created_at) });
-      s.byProject.set(p.name, new Set());
+      s.indexProject({ name: p.name, numericId: Number(p.numeric_id), createdAt: Number(p.created_at) });
     }
     const rows = await db.selectFrom('nodes').selectAll().execute();
     for (const r of rows) s.indexNode(nodeFromRow(r));
@@ -144,6 +157,14 @@ export class State {
         parsed: parsePolicy(p.source),
         updatedAt: Number(p.updated_at),
       });
+    }
+    const global = await db.selectFrom('global_policy').selectAll().executeTakeFirst();
+    if (global) {
+      s.globalPolicy = {
+        source: global.source,
+        parsed: parsePolicy(global.source),
+        updatedAt: Number(global.updated_at),
+      };
     }
     for (const v of await db.selectFrom('desired_versions').selectAll().execute()) {
       s.versionMap(v.project).set(v.tag, {
@@ -162,6 +183,22 @@ export class State {
 
   onEvent(listener: (e: StateEvent) => void): void {
     this.listeners.push(listener);
+  }
+
+  /** Reserves the next number of a counter in memory; `saveNumber` makes it durable. */
+  private nextNumber(counter: Counter): number {
+    this.lastNumber[counter] += 1;
+    return this.lastNumber[counter];
+  }
+
+  /** Inside the transaction that uses `n`: the stored counter never goes back. */
+  private async saveNumber(tx: Transaction<Database>, counter: Counter, n: number): Promise<void> {
+    await tx
+      .updateTable('id_counters')
+      .set({ last: n })
+      .where('name', '=', counter)
+      .where('last', '<', n)
+      .execute();
   }
 
   private emit(e: StateEvent): void {
@@ -186,18 +223,41 @@ export class State {
     return p;
   }
 
+  getProject(name: string): ProjectRecord | undefined {
+    return this.projects.get(name);
+  }
+
+  projectByNumber(numericId: number): ProjectRecord | undefined {
+    const name = this.projectsByNumber.get(numericId);
+    return name === undefined ? undefined : this.projects.get(name);
+  }
+
   async createProject(actor: string, name: string): Promise<ProjectRecord> {
     if (!isDnsLabel(name))
       throw invalid(`project name "${name}" must be a DNS label (a-z, 0-9, -; at most 63)`);
-    if (this.projects.has(name)) throw exists(`project "${name}" already exists`);
-    const p = { name, createdAt: this.now() };
-    await this.db.transaction().execute(async (tx) => {
-      await tx.insertInto('projects').values({ name, created_at: p.createdAt }).execute();
-      await audit(tx, this.now(), actor, 'project.create', name);
-    });
-    this.projects.set(name, p);
-    this.byProject.set(name, new Set());
-    return p;
+    if (this.projects.has(name) || this.creating.has(name)) throw exists(`project "${name}" already exists`);
+    this.creating.add(name);
+    try {
+      const p = { name, numericId: this.nextNumber('projects'), createdAt: this.now() };
+      await this.db.transaction().execute(async (tx) => {
+        await tx
+          .insertInto('projects')
+          .values({ name, created_at: p.createdAt, numeric_id: p.numericId })
+          .execute();
+        await this.saveNumber(tx, 'projects', p.numericId);
+        await audit(tx, this.now(), actor, 'project.create', name);
+      });
+      this.indexProject(p);
+      return p;
+    } finally {
+      this.creating.delete(name);
+    }
+  }
+
+  private indexProject(p: ProjectRecord): void {
+    this.projects.set(p.name, p);
+    this.projectsByNumber.set(p.numericId, p.name);
+    if (!this.byProject.has(p.name)) this.byProject.set(p.name, new Set());
   }
 
   async deleteProject(actor: string, name: string, force: boolean): Promise<void> {
@@ -214,6 +274,7 @@ export class State {
       await audit(tx, this.now(), actor, 'project.delete', name, { nodes: members.length });
     });
     for (const n of members) this.unindexNode(n);
+    this.projectsByNumber.delete(this.projects.get(name)!.numericId);
     this.projects.delete(name);
     this.byProject.delete(name);
     this.names.delete(name);
@@ -226,6 +287,11 @@ export class State {
 
   getNode(id: string): NodeRecord | undefined {
     return this.nodes.get(id);
+  }
+
+  nodeByNumber(numericId: number): NodeRecord | undefined {
+    const id = this.nodesByNumber.get(numericId);
+    return id === undefined ? undefined : this.nodes.get(id);
   }
 
   nodeByMachineKey(machineKey: string): NodeRecord | undefined {
@@ -281,8 +347,16 @@ export class State {
   compiled(project: string): CompiledPolicy {
     let c = this.compiledCache.get(project);
     if (!c) {
+      const own = this.policies.get(project)?.parsed;
       const nodes: PolicyNode[] = this.activeProjectNodes(project).map(policyNode);
-      c = compilePolicy(this.policies.get(project)?.parsed ?? null, nodes);
+      if (own) c = compilePolicy(own, nodes);
+      else if (this.globalPolicy) {
+        // Headscale's users are projects here, so autogroup:self pairs the nodes of one project.
+        c = compilePolicy(
+          this.globalPolicy.parsed,
+          nodes.map((n) => ({ ...n, owner: project })),
+        );
+      } else c = compilePolicy(null, nodes);
       this.compiledCache.set(project, c);
     }
     return c;
@@ -315,6 +389,7 @@ export class State {
     const now = this.now();
     const node: NodeRecord = {
       id: randomBytes(8).toString('hex'),
+      numericId: this.nextNumber('nodes'),
       project: key.project,
       name: this.uniqueName(key.project, toDnsLabel(input.hostname) || 'node'),
       machineKey: input.machineKey,
@@ -342,6 +417,7 @@ export class State {
       await this.db.transaction().execute(async (tx) => {
         await this.keys.spend(tx, key);
         await tx.insertInto('nodes').values(nodeToRow(node)).execute();
+        await this.saveNumber(tx, 'nodes', node.numericId);
       });
     } catch (err) {
       this.unindexNode(node);
@@ -678,7 +754,15 @@ export class State {
       .map((t) => t.message);
     const locked = nodes.filter((n) => n.lockdownPorts.length > 0);
     if (locked.length === 0) return { failedTests, cut: [] };
-    const before = new TcpPaths(this.policies.get(project)?.parsed ?? null, members);
+    const own = this.policies.get(project)?.parsed;
+    const before = own
+      ? new TcpPaths(own, members)
+      : this.globalPolicy
+        ? new TcpPaths(
+            this.globalPolicy.parsed,
+            members.map((m) => ({ ...m, owner: project })),
+          )
+        : new TcpPaths(null, members);
     const after = new TcpPaths(policy, members);
     const cut = locked.flatMap((n) =>
       n.lockdownPorts
@@ -686,6 +770,26 @@ export class State {
         .map((port) => `${n.name} (tcp ${port})`),
     );
     return { failedTests, cut };
+  }
+
+  getGlobalPolicy(): PolicyRecord | undefined {
+    return this.globalPolicy;
+  }
+
+  /** Stores `source` verbatim; an empty one removes the global policy. */
+  async setGlobalPolicy(actor: string, source: string): Promise<number> {
+    const now = this.now();
+    const parsed = source.trim() ? parseOrInvalid(source) : null;
+    await this.db.transaction().execute(async (tx) => {
+      await tx.deleteFrom('global_policy').execute();
+      if (parsed) await tx.insertInto('global_policy').values({ id: 1, source, updated_at: now }).execute();
+      await audit(tx, this.now(), actor, parsed ? 'policy.global.set' : 'policy.global.remove', '*');
+    });
+    this.globalPolicy = parsed ? { source, parsed, updatedAt: now } : undefined;
+    for (const p of this.projects.keys()) {
+      if (!this.policies.has(p)) this.emit({ type: 'policy-changed', project: p });
+    }
+    return now;
   }
 
   checkPolicy(project: string, source: string | undefined): PolicyTestOutcome[] {
@@ -844,6 +948,7 @@ export class State {
 
   private indexNode(n: NodeRecord): void {
     this.nodes.set(n.id, n);
+    this.nodesByNumber.set(n.numericId, n.id);
     this.byMachineKey.set(n.machineKey, n.id);
     let set = this.byProject.get(n.project);
     if (!set) {
@@ -861,6 +966,7 @@ export class State {
 
   private unindexNode(n: NodeRecord): void {
     this.nodes.delete(n.id);
+    this.nodesByNumber.delete(n.numericId);
     this.byMachineKey.delete(n.machineKey);
     this.byProject.get(n.project)?.delete(n.id);
     this.releaseName(n);

@@ -155,12 +155,63 @@ export function migrations(dialect: Dialect): Record<string, Migration> {
         await db.schema.createIndex('audit_log_at').on('audit_log').column('at').execute();
       },
     },
+    // Headscale's API addresses users (projects) and nodes by number; the
+    // numbers come from counters that only go up, so none is ever reused.
+    '0006_numeric_ids': {
+      async up(db: Kysely<unknown>) {
+        await db.schema.alterTable('projects').addColumn('numeric_id', 'bigint').execute();
+        await db.schema.alterTable('nodes').addColumn('numeric_id', 'bigint').execute();
+        await db.schema
+          .createTable('id_counters')
+          .addColumn('name', 'text', (c) => c.primaryKey())
+          .addColumn('last', 'bigint', (c) => c.notNull())
+          .execute();
+        for (const [table, key] of [
+          ['projects', 'name'],
+          ['nodes', 'id'],
+        ] as const) {
+          const rows = await sql<{
+            key: string;
+          }>`select ${sql.ref(key)} as key from ${sql.table(table)} order by created_at, ${sql.ref(key)}`.execute(
+            db,
+          );
+          let n = 0;
+          for (const r of rows.rows) {
+            n++;
+            await sql`update ${sql.table(table)} set numeric_id = ${n} where ${sql.ref(key)} = ${r.key}`.execute(
+              db,
+            );
+          }
+          await sql`insert into id_counters (name, last) values (${table}, ${n})`.execute(db);
+          await db.schema
+            .createIndex(`${table}_numeric_id`)
+            .on(table)
+            .column('numeric_id')
+            .unique()
+            .execute();
+        }
+      },
+    },
+    // The one policy Headscale's API sets for all users: it applies to every
+    // project that has no policy of its own.
+    '0007_global_policy': {
+      async up(db: Kysely<unknown>) {
+        await db.schema
+          .createTable('global_policy')
+          .addColumn('id', 'integer', (c) => c.primaryKey())
+          .addColumn('source', 'text', (c) => c.notNull())
+          .addColumn('updated_at', 'bigint', (c) => c.notNull())
+          .execute();
+      },
+    },
   };
 }
 
-export async function migrate(db: Kysely<unknown>, dialect: Dialect): Promise<void> {
+/** Runs every migration not run yet; `upTo` stops after that one (tests of upgrades). */
+export async function migrate(db: Kysely<unknown>, dialect: Dialect, upTo?: string): Promise<void> {
   const provider: MigrationProvider = { getMigrations: async () => migrations(dialect) };
-  const { error, results } = await new Migrator({ db, provider }).migrateToLatest();
+  const migrator = new Migrator({ db, provider });
+  const { error, results } = await (upTo ? migrator.migrateTo(upTo) : migrator.migrateToLatest());
   if (error) {
     const failed = results?.find((r) => r.status === 'Error')?.migrationName ?? 'unknown';
     throw new Error(

@@ -6,6 +6,22 @@ import type { Generated } from 'kysely';
 export interface ProjectTable {
   name: string;
   created_at: number;
+  /** Never reused (see id_counters); the column allows null only because migration 0005 added it. */
+  numeric_id: number | null;
+}
+
+export interface IdCounterTable {
+  /** "projects" or "nodes". */
+  name: string;
+  /** The highest number handed out so far. */
+  last: number;
+}
+
+export interface GlobalPolicyTable {
+  /** Always 1: there is one global policy. */
+  id: number;
+  source: string;
+  updated_at: number;
 }
 
 export interface AuthKeyTable {
@@ -58,6 +74,7 @@ export interface NodeTable {
   expires_at: number | null;
   /** JSON list of the TCP ports the agent reachable only over the mesh (--lockdown-ssh). */
   lockdown_ports: string;
+  numeric_id: number | null;
 }
 
 export interface PolicyTable {
@@ -98,4 +115,6 @@ export interface Database {
   policies: PolicyTable;
   desired_versions: DesiredVersionTable;
   audit_log: AuditTable;
+  id_counters: IdCounterTable;
+  global_policy: GlobalPolicyTable;
 }

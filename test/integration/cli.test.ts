@@ -127,6 +127,24 @@ describe('meshgate CLI against a coordinator process', () => {
     assert.match(table.stdout, /laptop\s+demo\s+100\.64\./);
   });
 
+  it('prints a new API key alone on the last line, as scripts written for Headscale expect', async () => {
+    const created = await meshgate([
+      'apikeys',
+      'create',
+      '-e',
+      '365d',
+      '--socket',
+      join(dataDir, 'admin.sock'),
+    ]);
+    assert.equal(created.code, 0, created.stderr);
+    const lines = created.stdout.trimEnd().split('\n');
+    assert.match(lines.at(-1)!, /^mgkey-api-[0-9a-f]{12}-[A-Za-z0-9_-]{43}$/);
+    const listed = await meshgate(['apikeys', 'list', '-o', 'json', '--socket', join(dataDir, 'admin.sock')]);
+    const key = JSON.parse(listed.stdout).find((k: { id: string }) => lines.at(-1)!.includes(k.id));
+    const days = (Date.parse(key.expiresAt) - Date.parse(key.createdAt)) / 86_400_000;
+    assert.equal(Math.round(days), 365, '-e is --expiration');
+  });
+
   it('answers bad input with one line and a non-zero exit', async () => {
     const remote = ['--coordinator', `grpcs://127.0.0.1:${c.grpcPort}`];
     const wrongKey = await meshgate(['projects', 'list', ...remote, '--fingerprint', c.fingerprint], {

@@ -1,58 +1,28 @@
 // The same store on PostgreSQL: a throwaway cluster on a unix socket, the
 // coordinator on top, registrations, a restart that reloads the state.
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
-import { chmodSync, existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
+import { Kysely, PostgresDialect, sql } from 'kysely';
+import Pg from 'pg';
+import { openStore } from '../../coordinator/store/db.js';
+import { migrate } from '../../coordinator/store/migrations.js';
 import { authKey, SimAgent, startTestCoordinator, type TestCoordinator } from './harness.js';
+import { type PostgresCluster, postgresSkip, startPostgres } from './postgres.js';
 
-function pgBin(): string | null {
-  const root = '/usr/lib/postgresql';
-  if (!existsSync(root)) return null;
-  const version = readdirSync(root).sort().pop();
-  return version && existsSync(join(root, version, 'bin', 'initdb')) ? join(root, version, 'bin') : null;
-}
-
-const bin = pgBin();
-const root = process.getuid?.() === 0;
-const skip = !bin
-  ? 'PostgreSQL server binaries not installed'
-  : !root
-    ? 'needs root to run the cluster as postgres'
-    : false;
-if (skip && process.env.MESHGATE_E2E === '1') throw new Error(`PostgreSQL test: ${skip}`);
+const skip = postgresSkip('PostgreSQL test');
 
 describe('coordinator on PostgreSQL', { skip }, () => {
-  const dir = mkdtempSync(join(tmpdir(), 'meshgate-pg-'));
-  const as = (cmd: string, args: string[]) =>
-    execFileSync('runuser', ['-u', 'postgres', '--', join(bin!, cmd), ...args], { stdio: 'pipe' });
-  const url = `postgres://postgres@/meshgate?host=${encodeURIComponent(dir)}&port=55432`;
+  let pg: PostgresCluster;
+  let url: string;
   let t: TestCoordinator | null = null;
 
   before(() => {
-    chmodSync(dir, 0o777);
-    as('initdb', ['-D', join(dir, 'data'), '-A', 'trust', '-U', 'postgres']);
-    as('pg_ctl', [
-      '-D',
-      join(dir, 'data'),
-      '-l',
-      join(dir, 'log'),
-      '-w',
-      '-o',
-      `-k ${dir} -p 55432 -c listen_addresses=''`,
-      'start',
-    ]);
-    as('createdb', ['-h', dir, '-p', '55432', 'meshgate']);
+    pg = startPostgres();
+    url = pg.createDatabase('meshgate');
   });
   after(async () => {
     await t?.close();
-    try {
-      as('pg_ctl', ['-D', join(dir, 'data'), '-m', 'immediate', 'stop']);
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+    pg?.stop();
   });
 
   it('migrates, registers concurrently with distinct addresses, and reloads after a restart', async () => {
@@ -78,5 +48,43 @@ describe('coordinator on PostgreSQL', { skip }, () => {
     again.close();
     assert.equal(r.existing, true);
     assert.deepEqual(r.node!.ipAddresses, regs[0]!.node!.ipAddresses);
+  });
+
+  it('numbers the projects and nodes of an older database on upgrade', async () => {
+    const upgradeUrl = pg.createDatabase('upgrade');
+    const old = new Kysely<unknown>({
+      dialect: new PostgresDialect({ pool: new Pg.Pool({ connectionString: upgradeUrl }) }),
+    });
+    try {
+      await migrate(old, 'postgres', '0001_initial');
+      await sql`insert into projects (name, created_at) values ('second', 2), ('first', 1)`.execute(old);
+      await sql`insert into nodes (id, project, name, machine_key, node_key, ipv4, ipv6, ip_index, tags,
+        ephemeral, auth_key_id, hostname, os, version, endpoints, advertised_routes, approved_routes, created_at)
+        values ('n0', 'first', 'old', 'mk', 'nk', '100.64.0.9', 'fd7a:115c:a1e0::9', 9, '[]',
+        0, 'k', 'old', 'linux', '1', '[]', '[]', '[]', 1)`.execute(old);
+    } finally {
+      await old.destroy();
+    }
+    const store = await openStore({ url: upgradeUrl });
+    try {
+      const projects = await store.db
+        .selectFrom('projects')
+        .select(['name', 'numeric_id'])
+        .orderBy('name')
+        .execute();
+      assert.deepEqual(projects, [
+        { name: 'first', numeric_id: 1 },
+        { name: 'second', numeric_id: 2 },
+      ]);
+      const node = await store.db.selectFrom('nodes').select('numeric_id').executeTakeFirstOrThrow();
+      assert.equal(node.numeric_id, 1);
+      const counters = await store.db.selectFrom('id_counters').selectAll().orderBy('name').execute();
+      assert.deepEqual(counters, [
+        { name: 'nodes', last: 1 },
+        { name: 'projects', last: 2 },
+      ]);
+    } finally {
+      await store.close();
+    }
   });
 });

@@ -1,17 +1,20 @@
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { sql } from 'kysely';
+import SQLite from 'better-sqlite3-multiple-ciphers';
+import { Kysely, SqliteDialect, sql } from 'kysely';
 import { peerAddress } from '../../coordinator/api/auth.js';
 import { RateLimiter } from '../../coordinator/api/ratelimit.js';
 import { isCidr, isEndpoint } from '../../coordinator/api/validate.js';
+import { loadConfig } from '../../coordinator/config.js';
 import { AddressPool, ipv4ForIndex, ipv6ForIndex, MAX_INDEX } from '../../coordinator/state/ipam.js';
 import { hashSecret, issueSecret, parseSecret, secretMatches } from '../../coordinator/state/secrets.js';
 import { type RegisterInput, State, type StateEvent } from '../../coordinator/state/state.js';
 import { openStore, type Store } from '../../coordinator/store/db.js';
+import { migrate } from '../../coordinator/store/migrations.js';
 import { formatDuration, parseDuration } from '../../proto/duration.js';
 import { encodeWgKey, generateMachineKey, generateNodeKey, sha256 } from '../../proto/keys.js';
 import { toDnsLabel } from '../../proto/names.js';
@@ -68,6 +71,29 @@ describe('address pool', () => {
       const x = pool.reserve();
       assert.ok(!seen.has(x));
       seen.add(x);
+    }
+  });
+});
+
+describe('coordinator configuration', () => {
+  it('takes the Headscale listener from the file, the environment or a flag', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'meshgate-config-'));
+    try {
+      const file = join(dir, 'coordinator.yaml');
+      writeFileSync(file, 'headscaleListen: ":50443"\nheadscaleInsecure: true\n');
+      const c = loadConfig(file, {}, {});
+      assert.deepEqual([c.headscaleListen, c.headscaleInsecure], [':50443', true]);
+      assert.equal(loadConfig(undefined, {}, {}).headscaleListen, undefined, 'off by default');
+      assert.equal(
+        loadConfig(file, { MESHGATE_HEADSCALE_LISTEN: '10.0.0.1:50443' }, {}).headscaleListen,
+        '10.0.0.1:50443',
+      );
+      assert.throws(
+        () => loadConfig(undefined, {}, { headscaleListen: 'nope' }),
+        /headscaleListen: expected HOST:PORT/,
+      );
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
     }
   });
 });
@@ -268,6 +294,64 @@ describe('state', () => {
       .where('id', '=', node.id)
       .executeTakeFirst();
     assert.equal(row?.version, '2.0.0');
+  });
+
+  it('numbers projects and nodes of an older database on upgrade and never reuses a number', async () => {
+    fresh();
+    const old = new Kysely<unknown>({
+      dialect: new SqliteDialect({ database: new SQLite(join(dir, 'meshgate.db')) }),
+    });
+    await migrate(old, 'sqlite', '0001_initial');
+    await sql`insert into projects (name, created_at) values ('second', 2), ('first', 1)`.execute(old);
+    await sql`insert into nodes (id, project, name, machine_key, node_key, ipv4, ipv6, ip_index, tags,
+      ephemeral, auth_key_id, hostname, os, version, endpoints, advertised_routes, approved_routes, created_at)
+      values ('n0', 'first', 'old', 'mk', 'nk', '100.64.0.9', 'fd7a:115c:a1e0::9', 9, '[]',
+      0, 'k', 'old', 'linux', '1', '[]', '[]', '[]', 1)`.execute(old);
+    await old.destroy();
+
+    let s = await start({ seenBatchMs: 60_000, now: Date.now });
+    assert.deepEqual(
+      s.state.listProjects().map((p) => [p.name, p.numericId]),
+      [
+        ['first', 1],
+        ['second', 2],
+      ],
+      'numbered in creation order',
+    );
+    const { node: a } = await s.state.register(await input(s.state, 'a'));
+    assert.equal(s.state.projectByNumber(3)?.name, 'p');
+    assert.equal(s.state.getNode('n0')?.numericId, 1);
+    assert.equal(a.numericId, 2);
+    await s.state.deleteNode('test', a.id);
+    await s.state.deleteProject('test', 'second', false);
+    await stop(s);
+
+    s = await start({ seenBatchMs: 60_000, now: Date.now });
+    assert.equal(
+      (await s.state.createProject('test', 'third')).numericId,
+      4,
+      'a deleted project keeps its number',
+    );
+    const { node: b } = await s.state.register(await input(s.state, 'b'));
+    assert.equal(b.numericId, 3, 'a deleted node keeps its number');
+    assert.equal(s.state.nodeByNumber(3)?.id, b.id);
+    assert.equal(s.state.nodeByNumber(2), undefined);
+  });
+
+  it('answers the loser of two racing creates of one project with "exists"', async () => {
+    fresh();
+    const s = await start({ seenBatchMs: 60_000, now: Date.now });
+    const [a, b] = await Promise.allSettled([
+      s.state.createProject('t', 'x'),
+      s.state.createProject('t', 'x'),
+    ]);
+    assert.equal(a.status, 'fulfilled');
+    assert.equal(b.status, 'rejected');
+    assert.equal((b as PromiseRejectedResult).reason.kind, 'exists');
+    assert.deepEqual(
+      s.state.listProjects().map((p) => p.name),
+      ['x'],
+    );
   });
 
   it('keeps node names unique per project through renames and deletions', async () => {

@@ -75,6 +75,12 @@ describe('renderFirewall', () => {
     ]);
   });
 
+  test("accepts metal-stack's tailscale0, so its own rules for tailscale* keep matching", () => {
+    const body = chainBody(renderFirewall({ ...spec, meshInterface: 'tailscale0' }));
+    assert.equal(body[0], 'iifname != { "lo", "tailscale0" } tcp dport { 22 } drop');
+    assert.equal(body.at(-1), 'iifname "tailscale0" drop');
+  });
+
   test('rejects interface names that could escape the script', () => {
     for (const bad of ['mesh0" accept', 'a-name-that-is-too-long', '', 'mesh 0', 'mesh0;']) {
       assert.throws(() => renderFirewall({ ...spec, meshInterface: bad }), InvalidFirewallSpecError, bad);

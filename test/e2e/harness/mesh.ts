@@ -7,6 +7,7 @@ import { appendFileSync, chmodSync, mkdirSync, mkdtempSync, rmSync, writeFileSyn
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { it, type TestContext } from 'node:test';
+import { WIREGUARD_GO_SOCKET_DIR } from '../../../agent/dataplane/backend.js';
 import { run } from '../../../agent/dataplane/exec.js';
 import { agentStatus } from '../../../agent/localapi/client.js';
 import type { AgentStatus } from '../../../agent/localapi/types.js';
@@ -30,6 +31,11 @@ export interface StartAgentOptions {
   lockdown?: boolean;
   iface?: string;
   extra?: string[];
+  /**
+   * A private /run/wireguard for this agent: wireguard-go keeps its sockets there for all network
+   * namespaces, so a fixed interface name (e.g. tailscale0) would collide with other runs without it.
+   */
+  privateWireguardDir?: boolean;
 }
 
 /** Builds dist once, so processes started in parallel do not race to compile. */
@@ -192,7 +198,19 @@ export class MeshLab {
       ...(opts.lockdown ? ['--lockdown-ssh'] : []),
       ...(opts.extra ?? []),
     ];
-    const proc = this.topo.spawn(host, process.execPath, args);
+    const proc = opts.privateWireguardDir
+      ? this.topo.spawn(host, 'unshare', [
+          '--mount',
+          '--propagation',
+          'private',
+          'sh',
+          '-c',
+          `mkdir -p ${WIREGUARD_GO_SOCKET_DIR} && mount -t tmpfs -o mode=0700 tmpfs ${WIREGUARD_GO_SOCKET_DIR} && exec "$@"`,
+          'agent',
+          process.execPath,
+          ...args,
+        ])
+      : this.topo.spawn(host, process.execPath, args);
     const log: string[] = [];
     proc.stderr?.on('data', (d) => {
       log.push(String(d));
