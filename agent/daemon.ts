@@ -78,6 +78,8 @@ export class Agent {
   private ticker: NodeJS.Timeout | null = null;
   private saveTimer: NodeJS.Timeout | null = null;
   private stopped = false;
+  /** Set by down(): the interface goes too. */
+  private leaving = false;
   private onStopped: (() => void) | null = null;
 
   constructor(private readonly opts: AgentOptions) {
@@ -385,10 +387,14 @@ export class Agent {
     }
     await removeFirewall();
     this.firewallKey = '';
+    this.leaving = true;
     await this.stop();
   }
 
-  /** Stops the daemon. The firewall stays, so a restart does not reopen public SSH. */
+  /**
+   * Stops the daemon. The firewall stays, so a restart does not reopen public SSH; a kernel
+   * interface stays with its peers, so the mesh keeps working until the agent is back.
+   */
   async stop(): Promise<void> {
     if (this.stopped) return;
     this.stopped = true;
@@ -401,7 +407,8 @@ export class Agent {
     this.proxies?.close();
     this.session?.stop();
     await this.applying.catch(() => {});
-    await this.device?.destroy();
+    if (this.leaving) await this.device?.destroy();
+    else await this.device?.release();
     await this.api?.close();
     this.onStopped?.();
   }

@@ -30,7 +30,14 @@ export interface CreateInterfaceOptions {
 export interface WgInterface {
   readonly name: string;
   readonly backend: 'kernel' | 'wireguard-go';
+  /** Removes the interface. */
   destroy(): Promise<void>;
+  /**
+   * The agent stops but the node stays in the mesh: a kernel interface stays with its peers, so
+   * traffic (an SSH session over the mesh) survives an agent restart or upgrade; wireguard-go's
+   * interface goes with its process.
+   */
+  release(): Promise<void>;
 }
 
 export class BackendError extends Error {
@@ -81,6 +88,7 @@ function kernelInterface(name: string, netns?: string): WgInterface {
   return {
     name,
     backend: 'kernel',
+    async release() {},
     async destroy() {
       await run('ip', ['link', 'del', 'dev', name], { netns }).catch((e: unknown) => {
         if (!(e instanceof CommandError && /Cannot find device/.test(e.stderr))) throw e;
@@ -226,5 +234,9 @@ class WireGuardGo implements WgInterface {
     }
     // wireguard-go removes its socket on a clean exit only.
     await rm(`${WIREGUARD_GO_SOCKET_DIR}/${this.name}.sock`, { force: true });
+  }
+
+  release(): Promise<void> {
+    return this.destroy();
   }
 }

@@ -114,6 +114,12 @@ export class WireGuardDevice {
     await this.iface?.destroy();
   }
 
+  /** For an agent that stops without leaving the mesh: see WgInterface.release. */
+  async release(): Promise<void> {
+    await this.queue.catch(() => {});
+    await this.iface?.release();
+  }
+
   private async applyNow(desired: DesiredInterface, endpointPolicy?: EndpointPolicy): Promise<ApplyResult> {
     const publicKey = await publicKeyOf(desired.privateKeyFile);
     const actual = await this.show();

@@ -7,6 +7,9 @@ import { readSecretFile } from '../../coordinator/secret-file.js';
 import { VERSION } from '../../release/version.js';
 import { CliError } from '../errors.js';
 
+/** Streams get 3 s of grace inside close(); this bounds the whole shutdown, database included. */
+const SHUTDOWN_LIMIT_MS = 10_000;
+
 export function registerCoordinatorCommands(program: Command): void {
   const cmd = program
     .command('coordinator')
@@ -88,17 +91,39 @@ socket (0600) in the data dir needs no API key: use it to create the first one:
           '',
         ].join('\n'),
       );
-      await new Promise<void>((resolve) => {
-        const stop = (signal: string) => {
-          log.info({ signal }, 'shutting down');
-          c.close().then(resolve, (err) => {
+      // close() gives streams a grace period, then cancels them and writes the last_seen batch. A
+      // connection whose peer stopped reading (a frozen host) still holds its socket open after
+      // that, with writes queued that will never drain: the process ends itself instead of waiting
+      // for the event loop to empty. A close() that hangs (an unreachable database) is cut off.
+      let stopping = false;
+      const stop = (signal: string) => {
+        if (stopping) {
+          log.warn({ signal }, 'second signal: exiting without finishing the shutdown');
+          process.exit(1);
+        }
+        stopping = true;
+        const started = Date.now();
+        log.info({ signal }, 'shutting down');
+        setTimeout(() => {
+          log.error(
+            { limitMs: SHUTDOWN_LIMIT_MS },
+            'shutdown did not finish in time; exiting without it (last_seen may be up to 5 s old)',
+          );
+          process.exit(1);
+        }, SHUTDOWN_LIMIT_MS).unref();
+        c.close().then(
+          () => {
+            log.info({ ms: Date.now() - started }, 'stopped');
+            process.exit(0);
+          },
+          (err) => {
             log.error({ err }, 'shutdown failed');
-            resolve();
-          });
-        };
-        process.once('SIGTERM', () => stop('SIGTERM'));
-        process.once('SIGINT', () => stop('SIGINT'));
-      });
+            process.exit(1);
+          },
+        );
+      };
+      process.on('SIGTERM', () => stop('SIGTERM'));
+      process.on('SIGINT', () => stop('SIGINT'));
     });
 
   cmd
