@@ -28,6 +28,7 @@ const AgentConfig = z
     backend: z.enum(['auto', 'kernel', 'wireguard-go']).default('auto'),
     lockdownSsh: z.boolean().default(false),
     lockdownPorts: z.array(z.coerce.number().int().min(1).max(65535)).default([22]),
+    lockdownWhenRevoked: z.enum(['keep', 'release']).default('keep'),
     advertiseTags: z.array(z.string()).default([]),
     advertiseRoutes: z.array(z.string()).default([]),
     socket: z.string().default(DEFAULT_AGENT_SOCKET),
@@ -48,7 +49,10 @@ function readAuthKeyFile(path: string): string {
   } catch {
     throw new CliError(`cannot read auth key file ${path}`);
   }
-  if (mode & 0o077) throw new CliError(`${path} is readable by group or others; run: chmod 600 ${path}`);
+  if (mode & 0o077)
+    throw new CliError(
+      `auth key file ${path} is readable by group or others: run "chmod 600 ${path}" (and consider the key leaked)`,
+    );
   return readFileSync(path, 'utf8').trim();
 }
 
@@ -89,6 +93,10 @@ export function registerAgentCommand(program: Command): void {
     )
     .option('--lockdown-ssh', 'once the mesh is up, drop TCP 22 on every interface but lo and the mesh')
     .option('--lockdown-ports <ports>', 'ports for --lockdown-ssh (default 22)')
+    .option(
+      '--lockdown-when-revoked <keep|release>',
+      'when an admin expires or deletes the node, or on meshgate down: keep the lockdown (fail closed, default) or release it',
+    )
     .option('--advertise-tags <tags>', 'comma-separated tags to ask for (the auth key must allow them)')
     .option('--advertise-routes <cidrs>', 'comma-separated subnets to offer; an admin approves them')
     .option('--config <file>', 'YAML file with the same settings (camelCase keys)')
@@ -128,6 +136,7 @@ Example (what install.sh runs under systemd):
           backend: o.backend,
           lockdownSsh: o.lockdownSsh,
           lockdownPorts: typeof o.lockdownPorts === 'string' ? csv(o.lockdownPorts) : undefined,
+          lockdownWhenRevoked: o.lockdownWhenRevoked,
           advertiseTags: typeof o.advertiseTags === 'string' ? csv(o.advertiseTags) : undefined,
           advertiseRoutes: typeof o.advertiseRoutes === 'string' ? csv(o.advertiseRoutes) : undefined,
           socket: o.socket,
@@ -141,6 +150,8 @@ Example (what install.sh runs under systemd):
       }
       const c = parsed.data;
       preflight(c.backend);
+      // A key readable by others is refused at once, not found out at the next registration.
+      if (c.authKeyFile && existsSync(c.authKeyFile)) readAuthKeyFile(c.authKeyFile);
       const authKey = () => {
         const key = c.authKeyFile
           ? readAuthKeyFile(c.authKeyFile)
@@ -157,6 +168,8 @@ Example (what install.sh runs under systemd):
         coordinator: c.coordinator,
         fingerprint: c.fingerprint,
         authKey,
+        authKeyFile: c.authKeyFile,
+        lockdownWhenRevoked: c.lockdownWhenRevoked,
         hostname: c.hostname,
         stateDir: c.stateDir,
         interfaceName: c.interface,
