@@ -2,12 +2,12 @@
 import { existsSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Command } from 'commander';
-import pino from 'pino';
 import YAML from 'yaml';
 import { z } from 'zod';
 import { AgentError } from '../../agent/control/session.js';
 import { Agent } from '../../agent/daemon.js';
 import { MissingToolError } from '../../agent/dataplane/exec.js';
+import { createAgentLogger } from '../../agent/log.js';
 import { CliError } from '../errors.js';
 
 export const DEFAULT_AGENT_SOCKET = '/run/meshgate/agent.sock';
@@ -33,6 +33,7 @@ const AgentConfig = z
     advertiseRoutes: z.array(z.string()).default([]),
     socket: z.string().default(DEFAULT_AGENT_SOCKET),
     logLevel: z.enum(['trace', 'debug', 'info', 'warn', 'error']).default('info'),
+    logFormat: z.enum(['auto', 'json', 'text']).default('auto'),
   })
   .strict();
 
@@ -102,6 +103,10 @@ export function registerAgentCommand(program: Command): void {
     .option('--config <file>', 'YAML file with the same settings (camelCase keys)')
     .option('--socket <path>', `local API socket (default ${DEFAULT_AGENT_SOCKET})`)
     .option('--log-level <level>', 'trace, debug, info, warn, error (default info)')
+    .option(
+      '--log-format <format>',
+      'json, text, or auto (default): text on a terminal, JSON otherwise (systemd)',
+    )
     .addHelpText(
       'after',
       `
@@ -141,6 +146,7 @@ Example (what install.sh runs under systemd):
           advertiseRoutes: typeof o.advertiseRoutes === 'string' ? csv(o.advertiseRoutes) : undefined,
           socket: o.socket,
           logLevel: o.logLevel,
+          logFormat: o.logFormat,
         }).filter(([, v]) => v !== undefined),
       );
       const parsed = AgentConfig.safeParse({ ...fromFile, ...flags });
@@ -160,10 +166,7 @@ Example (what install.sh runs under systemd):
           throw new AgentError('this machine has not joined yet: give an auth key with --auth-key-file');
         return key;
       };
-      const log = pino(
-        { level: c.logLevel, base: { svc: 'meshgate-agent' }, redact: ['authKey', 'key'] },
-        pino.destination(2),
-      );
+      const log = createAgentLogger(c.logLevel, c.logFormat);
       const agent = new Agent({
         coordinator: c.coordinator,
         fingerprint: c.fingerprint,
