@@ -57,6 +57,6 @@ describe('agent log format', () => {
     } finally {
       process.stderr.write = original;
     }
-    assert.match(written.join(''), /^\d\d:\d\d:\d\d\.\d{3} INFO  hello peers=2\n$/);
+    assert.match(written.join(''), /^\d\d:\d\d:\d\d\.\d{3} INFO {2}hello peers=2\n$/);
   });
 });
