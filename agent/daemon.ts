@@ -1,6 +1,7 @@
 // The node daemon: keeps WireGuard and nftables in line with the netmap the
 // coordinator sends, from the cached netmap while the coordinator is away.
 import { readFileSync, unwatchFile, watchFile } from 'node:fs';
+import { isIPv4 } from 'node:net';
 import { hostname as osHostname } from 'node:os';
 import { timestampDate } from '@bufbuild/protobuf/wkt';
 import type { Logger } from 'pino';
@@ -22,6 +23,8 @@ import { StateDir } from './control/identity.js';
 import { describeNodeState, type NodeState, type NodeStateKind } from './control/node-state.js';
 import { type ConnectionState, ControlSession } from './control/session.js';
 import type { Backend } from './dataplane/backend.js';
+import { registerWithResolved, resolvedRunning } from './dns/resolved.js';
+import { MeshDns, type NameTable } from './dns/server.js';
 import type { DesiredPeer } from './dataplane/reconcile.js';
 import { WireGuardDevice } from './dataplane/wireguard.js';
 import { FirewallGuard } from './firewall/guard.js';
@@ -88,6 +91,10 @@ export class Agent {
   private saveTimer: NodeJS.Timeout | null = null;
   private nodeState: NodeState = { kind: 'not-joined', detail: '' };
   private nodeStateLogged = false;
+  private names: NameTable = { domain: '', records: new Map() };
+  private readonly dns: MeshDns;
+  /** Interface, server and domain last registered with systemd-resolved. */
+  private resolvedKey = '';
   private interfaceRestores = 0;
   private lastInterfaceRestore: Date | null = null;
   /** Serializes down, up and logout. */
@@ -97,6 +104,10 @@ export class Agent {
 
   constructor(private readonly opts: AgentOptions) {
     this.state = new StateDir(opts.stateDir);
+    this.dns = new MeshDns(
+      () => this.names,
+      (err) => opts.log.warn({ err: err.message }, 'mesh DNS responder'),
+    );
     this.guard = new FirewallGuard({
       onRestore: (what) =>
         opts.log.warn(
@@ -287,6 +298,11 @@ export class Agent {
   }
 
   private onNetMap(map: NetMap, fresh: boolean): void {
+    if (map.dns !== this.netmap?.dns || map.domain !== this.names.domain) {
+      const records = new Map<string, string[]>();
+      for (const r of map.dns) records.set(r.name.toLowerCase().replace(/\.$/, ''), r.ipAddresses);
+      this.names = { domain: map.domain.replace(/\.$/, ''), records };
+    }
     this.netmap = map;
     if (map.self) this.self = map.self;
     if (fresh) {
@@ -317,6 +333,7 @@ export class Agent {
       p.allowedIps.filter((a) => !p.ipAddresses.some((ip) => a.startsWith(`${ip}/`))),
     );
     await device.configureLink({ addresses: self.ipAddresses, routes });
+    await this.serveNames(self.ipAddresses);
     const actual = await device.show();
     const byKey = new Map(actual.peers.map((p) => [p.publicKey, p]));
     const locals = localAddresses(this.opts.interfaceName);
@@ -362,6 +379,26 @@ export class Agent {
     });
     if (result.commands) this.opts.log.debug({ ops: result.ops.length }, 'wireguard updated');
     await this.applyFirewall(map, this.portForwards(map, locals));
+  }
+
+  /** The mesh DNS responder on this node's mesh IPv4, registered with systemd-resolved where it runs. */
+  private async serveNames(addresses: string[]): Promise<void> {
+    const v4 = addresses.map((a) => a.replace(/\/\d+$/, '')).find((a) => isIPv4(a));
+    if (!v4 || !this.names.domain) return;
+    try {
+      if (this.dns.address !== v4) {
+        await this.dns.listen(v4);
+        this.opts.log.info({ address: v4, domain: this.names.domain }, 'answering DNS for the mesh');
+      }
+      const key = `${this.opts.interfaceName} ${v4} ${this.names.domain}`;
+      if (key !== this.resolvedKey && resolvedRunning()) {
+        await registerWithResolved(this.opts.interfaceName, v4, this.names.domain);
+        this.opts.log.info({ domain: this.names.domain }, 'registered the mesh domain with systemd-resolved');
+        this.resolvedKey = key;
+      }
+    } catch (err) {
+      this.opts.log.warn({ err: (err as Error).message }, 'mesh names: cannot serve DNS');
+    }
   }
 
   /**
@@ -493,6 +530,7 @@ export class Agent {
         restores: this.guard.restores,
         lastRestore: this.guard.lastRestore?.toISOString() ?? '',
       },
+      dns: { address: this.dns.address, domain: this.names.domain, resolved: this.resolvedKey !== '' },
       peers,
     };
   }
@@ -589,6 +627,8 @@ export class Agent {
     this.session?.stop();
     this.relay = this.proxies = this.session = null;
     await this.applying.catch(() => {});
+    this.dns.close();
+    this.resolvedKey = '';
     const device = this.device;
     this.device = null;
     await device?.destroy();

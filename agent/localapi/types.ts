@@ -53,5 +53,7 @@ export interface AgentStatus {
     restores: number;
     lastRestore: string;
   };
+  /** The mesh DNS responder: where it answers ('' when not), for which domain, registered with systemd-resolved. */
+  dns: { address: string; domain: string; resolved: boolean };
   peers: PeerStatus[];
 }

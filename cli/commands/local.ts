@@ -66,6 +66,7 @@ function statusText(s: AgentStatus, wide: boolean): string {
     `interface    ${interfaceText(s)}`,
     `version      ${s.version}${drift}`,
     `lockdown     ${lockdownText(s)}`,
+    `dns          ${s.dns.address ? `${s.dns.domain} on ${s.dns.address}:53${s.dns.resolved ? ' (systemd-resolved)' : ''}` : 'off'}`,
     '',
     s.peers.length ? render(wide ? 'wide' : 'table', null, s.peers, PEER_COLUMNS) : 'no peers',
   ];

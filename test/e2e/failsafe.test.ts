@@ -6,8 +6,9 @@
 // fw has public sshd and --lockdown-ssh with a single-use key; op is an operator with a reusable
 // key. The steps run in order, each starting from what the one before left.
 import assert from 'node:assert/strict';
-import { chmodSync, readFileSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { request } from 'node:http';
+import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { after, before, describe } from 'node:test';
@@ -94,6 +95,32 @@ describe('fail-safe node', { skip: suiteSkip(TOOLS) }, () => {
     );
     const s = await lab.status('fw');
     assert.equal(s.state.message, 'joined and connected');
+  });
+
+  step('names: ssh fw hostname with the system ssh resolves through the mesh DNS', async () => {
+    const s = await lab.status('op');
+    assert.ok(s.dns.address, `op answers DNS on its mesh address (status: ${JSON.stringify(s.dns)})`);
+    // What systemd-resolved would do with the agent's registration: resolv.conf of op's namespace
+    // (ip netns exec mounts /etc/netns/NS/resolv.conf over /etc/resolv.conf).
+    const etc = join('/etc/netns', lab.topo.ns('op'));
+    mkdirSync(etc, { recursive: true });
+    try {
+      writeFileSync(join(etc, 'resolv.conf'), `nameserver ${s.dns.address}\nsearch ${s.dns.domain}\n`);
+      const fwIps = (await lab.status('fw')).self.ipAddresses;
+      const hosts = await lab.topo.exec('op', 'getent', ['hosts', 'fw']);
+      assert.ok(fwIps.includes(hosts.split(/\s+/)[0]!), `getent hosts fw: ${hosts.trim()} (fw: ${fwIps})`);
+      assert.match(hosts, new RegExp(`fw\\.${s.dns.domain.replace('.', '\\.')}`), 'under the mesh domain');
+      const out = await lab.topo.exec('op', 'ssh', [...lab.sshOptions(), 'fw', 'hostname'], {
+        timeoutMs: 20_000,
+      });
+      assert.equal(out.trim(), hostname(), 'ssh fw hostname ran on fw');
+      await assert.rejects(
+        lab.topo.exec('op', 'getent', ['hosts', 'nope']),
+        'an unknown name does not resolve',
+      );
+    } finally {
+      rmSync(etc, { recursive: true, force: true });
+    }
   });
 
   step('nft flush ruleset: the lockdown is back within 2 s and status shows the restore', async (t) => {
