@@ -284,7 +284,7 @@ export class Agent {
     this.lastInterfaceRestore = new Date();
     this.opts.log.warn(
       { interface: this.opts.interfaceName, restores: this.interfaceRestores },
-      'the WireGuard interface was removed by someone else; recreated it and applied the peers again',
+      'the WireGuard interface was gone (deleted, or its process died); recreated it and applied the peers again',
     );
   }
 
@@ -629,6 +629,7 @@ export class Agent {
     await this.applying.catch(() => {});
     this.dns.close();
     this.resolvedKey = '';
+    this.released = false;
     const device = this.device;
     this.device = null;
     await device?.destroy();
