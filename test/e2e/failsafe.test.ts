@@ -70,7 +70,6 @@ describe('fail-safe node', { skip: suiteSkip(TOOLS) }, () => {
     buildOnce();
     lab = new MeshLab(new Topology());
     addr = await star(lab.topo, ['coord', 'fw', 'op']);
-    if (process.env.FS_LOG) lab.logFile = process.env.FS_LOG;
     await lab.startCoordinator('coord', addr.coord!);
     await lab.startSshd('fw');
   });
