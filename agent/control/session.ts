@@ -142,8 +142,9 @@ export class ControlSession extends EventEmitter<SessionEvents> {
 
   /** Tries again at once, e.g. after a new auth key was written; only while revoked. */
   retryNow(): void {
-    if (this.stopped || (this.state !== 'expired' && this.state !== 'deleted')) return;
-    if (this.timer) clearTimeout(this.timer);
+    // Without a timer a registration is under way already.
+    if (this.stopped || !this.timer || (this.state !== 'expired' && this.state !== 'deleted')) return;
+    clearTimeout(this.timer);
     this.timer = null;
     this.register()
       .then(() => this.openStream())
@@ -219,12 +220,10 @@ export class ControlSession extends EventEmitter<SessionEvents> {
     const delay = revoked ? REVOKED_RETRY_MS : this.backoff.next();
     this.timer = setTimeout(() => {
       this.timer = null;
-      // The node may have been deleted or expired while we were away: register first.
-      const needsRegister = e.code === grpc.status.UNAUTHENTICATED || this.state !== 'connecting';
-      const next = needsRegister
-        ? this.register().then(() => this.openStream())
-        : Promise.resolve(this.openStream());
-      next.catch((again) => this.fail(again));
+      // The node may have been deleted or expired while we were away: register first (idempotent).
+      this.register()
+        .then(() => this.openStream())
+        .catch((again) => this.fail(again));
     }, delay);
   }
 
