@@ -21,7 +21,7 @@ import {
 } from './control/endpoints.js';
 import { StateDir } from './control/identity.js';
 import { describeNodeState, type NodeState, type NodeStateKind } from './control/node-state.js';
-import { type ConnectionState, ControlSession } from './control/session.js';
+import { AgentError, type ConnectionState, ControlSession } from './control/session.js';
 import type { Backend } from './dataplane/backend.js';
 import type { DesiredPeer } from './dataplane/reconcile.js';
 import { WireGuardDevice } from './dataplane/wireguard.js';
@@ -260,7 +260,16 @@ export class Agent {
     });
     session.on('state', (s, detail) => this.onSessionState(s, detail));
     if (identity.node) client.nodeId = identity.node.id;
-    await session.start();
+    try {
+      await session.start();
+    } catch (err) {
+      // The first registration was refused: say what to do, then the agent exits.
+      if (!(err instanceof AgentError)) throw err;
+      const fix = this.opts.authKeyFile
+        ? `write a new auth key to ${this.opts.authKeyFile} and start the agent again`
+        : 'start the agent again with a new auth key';
+      throw new AgentError(`${err.message}; ${fix}`);
+    }
     this.ticker = setInterval(() => void this.tick(), this.opts.tickMs ?? 2000);
   }
 

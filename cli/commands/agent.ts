@@ -48,10 +48,10 @@ function readAuthKeyFile(path: string): string {
   try {
     mode = statSync(path).mode;
   } catch {
-    throw new CliError(`cannot read auth key file ${path}`);
+    throw new AgentError(`cannot read auth key file ${path}`);
   }
   if (mode & 0o077)
-    throw new CliError(
+    throw new AgentError(
       `auth key file ${path} is readable by group or others: run "chmod 600 ${path}" (and consider the key leaked)`,
     );
   return readFileSync(path, 'utf8').trim();
