@@ -22,6 +22,12 @@ export function rawBytes(msg: object): Uint8Array {
  * so grpc-js's default limit of 4 MiB would refuse it in a project of ~16,000
  * nodes, and a node listing of such a project too.
  */
+/**
+ * Trailer with a machine-readable cause of a refused agent call (`node-expired`, `node-unknown`):
+ * the status code alone does not tell an expired node from a deleted one.
+ */
+export const REASON_TRAILER = 'meshgate-reason';
+
 export const CLIENT_RECEIVE_LIMIT: grpc.ChannelOptions = { 'grpc.max_receive_message_length': 64 * 2 ** 20 };
 
 export function methodPath(service: DescService, method: DescMethod): string {

@@ -1,7 +1,16 @@
 // The agent's state dir (0700): machine key, node key, node identity and
 // the last netmap, each a 0600 file. A machine keeps its identity across
 // reboots, so re-registering is idempotent and needs no fresh auth key.
-import { chmodSync, existsSync, mkdirSync, readFileSync, renameSync, statSync, writeFileSync } from 'node:fs';
+import {
+  chmodSync,
+  existsSync,
+  mkdirSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
 import { join } from 'node:path';
 import { fromBinary, toBinary } from '@bufbuild/protobuf';
 import { type NetMap, NetMapSchema } from '../../proto/gen/meshgate/v1/types_pb.js';
@@ -89,6 +98,22 @@ export class StateDir {
 
   saveNetMap(map: NetMap): void {
     writeSecretFile(this.path('netmap.bin'), toBinary(NetMapSchema, map));
+  }
+
+  /** `meshgate down` is kept as a file, so a restarted agent (systemd, reboot) stays down. */
+  get isDown(): boolean {
+    return existsSync(this.path('down'));
+  }
+
+  setDown(down: boolean): void {
+    if (down) writeSecretFile(this.path('down'), `${new Date().toISOString()}\n`);
+    else rmSync(this.path('down'), { force: true });
+  }
+
+  /** `meshgate logout`: the next start is a new machine. */
+  forget(): void {
+    for (const f of ['node.json', 'netmap.bin', 'machine.key', 'node.key'])
+      rmSync(this.path(f), { force: true });
   }
 
   loadNetMap(): NetMap | null {

@@ -11,6 +11,7 @@ import {
   type SyncResponse,
 } from '../../proto/gen/meshgate/v1/control_pb.js';
 import type { NetMap, Node } from '../../proto/gen/meshgate/v1/types_pb.js';
+import { REASON_TRAILER } from '../../proto/grpc.js';
 import { applySync } from '../../proto/netmap.js';
 import { Backoff } from './backoff.js';
 import type { ControlClient } from './client.js';
@@ -18,6 +19,21 @@ import type { ControlClient } from './client.js';
 export class AgentError extends Error {
   override name = 'AgentError';
 }
+
+export type Revocation = 'expired' | 'deleted';
+
+/** An admin expired or deleted this node, and the auth key at hand does not bring it back. */
+export class RevokedError extends AgentError {
+  constructor(
+    readonly revocation: Revocation,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+/** Waiting for a new auth key; the key file is watched, this is only the fallback. */
+const REVOKED_RETRY_MS = 60_000;
 
 export interface RegistrationInfo {
   authKey: () => string;
@@ -33,7 +49,7 @@ export interface RegistrationInfo {
   lockdownPorts: number[];
 }
 
-export type ConnectionState = 'connecting' | 'connected' | 'offline';
+export type ConnectionState = 'connecting' | 'connected' | 'offline' | Revocation;
 
 export interface SessionEvents {
   netmap: [NetMap];
@@ -61,7 +77,7 @@ export class ControlSession extends EventEmitter<SessionEvents> {
   constructor(
     private readonly client: ControlClient,
     private readonly info: RegistrationInfo,
-    private readonly haveIdentity: boolean,
+    private haveIdentity: boolean,
   ) {
     super();
   }
@@ -105,16 +121,36 @@ export class ControlSession extends EventEmitter<SessionEvents> {
     try {
       res = await this.registration(this.haveIdentity ? '' : this.info.authKey());
     } catch (err) {
-      // A node deleted by an admin, or expired, needs the auth key again.
-      const key =
-        this.haveIdentity && (err as grpc.ServiceError).code === grpc.status.UNAUTHENTICATED
-          ? this.info.authKey()
-          : '';
-      if (!key) throw err;
-      res = await this.registration(key);
+      const revocation = this.haveIdentity ? revocationOf(err) : null;
+      if (!revocation) throw err;
+      // A node deleted by an admin, or expired, needs an auth key again.
+      let key: string;
+      try {
+        key = this.info.authKey();
+      } catch (e) {
+        throw new RevokedError(revocation, (e as Error).message);
+      }
+      try {
+        res = await this.registration(key);
+      } catch (e) {
+        if (!PERMANENT.has((e as grpc.ServiceError).code)) throw e;
+        throw new RevokedError(revocation, `auth key refused: ${(e as grpc.ServiceError).details}`);
+      }
     }
     if (!res.node) throw new AgentError('coordinator answered registration without a node');
+    this.haveIdentity = true;
     this.emit('registered', res.node);
+  }
+
+  /** Tries again at once, e.g. after a new auth key was written; only while revoked. */
+  retryNow(): void {
+    // Without a timer a registration is under way already.
+    if (this.stopped || !this.timer || (this.state !== 'expired' && this.state !== 'deleted')) return;
+    clearTimeout(this.timer);
+    this.timer = null;
+    this.register()
+      .then(() => this.openStream())
+      .catch((err) => this.fail(err));
   }
 
   private setState(state: ConnectionState, detail = ''): void {
@@ -180,19 +216,24 @@ export class ControlSession extends EventEmitter<SessionEvents> {
     this.stream = null;
     const e = err as grpc.ServiceError;
     const detail = e.details || e.message || String(err);
-    this.setState('offline', detail);
-    const delay = this.backoff.next();
+    const revoked = err instanceof RevokedError;
+    if (revoked) {
+      if (this.state !== err.revocation || this.lastError !== detail) this.setState(err.revocation, detail);
+    } else if (e.code === grpc.status.UNAUTHENTICATED) {
+      // The coordinator answered: it no longer knows this node as it was. Registering tells why.
+      this.setState('connecting', detail);
+    } else this.setState('offline', detail);
+    const delay = revoked ? REVOKED_RETRY_MS : this.backoff.next();
     this.timer = setTimeout(() => {
       this.timer = null;
-      // The node may have been deleted or expired while we were away: register first.
-      const needsRegister = e.code === grpc.status.UNAUTHENTICATED || this.state === 'offline';
-      const next = needsRegister
-        ? this.register().then(() => this.openStream())
-        : Promise.resolve(this.openStream());
-      next.catch((again) => this.fail(again));
+      // The node may have been deleted or expired while we were away: register first (idempotent).
+      this.register()
+        .then(() => this.openStream())
+        .catch((again) => this.fail(again));
     }, delay);
   }
 
+  /** Leaves for good: the coordinator deletes the node. */
   async logout(): Promise<void> {
     await this.client.logout();
   }
@@ -204,4 +245,14 @@ export class ControlSession extends EventEmitter<SessionEvents> {
     this.stream = null;
     this.client.close();
   }
+}
+
+/** Whether a refused registration without auth key means the node was expired or deleted. */
+function revocationOf(err: unknown): Revocation | null {
+  const e = err as grpc.ServiceError;
+  if (e.code !== grpc.status.UNAUTHENTICATED) return null;
+  const reason = e.metadata?.get(REASON_TRAILER)[0];
+  if (reason === 'node-expired') return 'expired';
+  if (reason === 'node-unknown') return 'deleted';
+  return null;
 }

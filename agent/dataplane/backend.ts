@@ -1,7 +1,7 @@
 // Creates the WireGuard interface: a kernel link where the module exists, otherwise a supervised
 // wireguard-go process that is started again, with backoff, whenever it dies.
 import { type ChildProcess, spawn } from 'node:child_process';
-import { mkdirSync } from 'node:fs';
+import { existsSync, mkdirSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { CommandError, inNetns, MissingToolError, run } from './exec.js';
@@ -30,6 +30,11 @@ export interface CreateInterfaceOptions {
 export interface WgInterface {
   readonly name: string;
   readonly backend: 'kernel' | 'wireguard-go';
+  /**
+   * Creates the interface again when someone deleted it; true when it had to. wireguard-go exits
+   * when its interface goes and is restarted by its supervisor, so only the kernel link needs this.
+   */
+  ensure(): Promise<boolean>;
   /** Removes the interface. */
   destroy(): Promise<void>;
   /**
@@ -89,6 +94,17 @@ function kernelInterface(name: string, netns?: string): WgInterface {
     name,
     backend: 'kernel',
     async release() {},
+    async ensure() {
+      const present = netns
+        ? await run('ip', ['link', 'show', 'dev', name], { netns }).then(
+            () => true,
+            () => false,
+          )
+        : existsSync(`/sys/class/net/${name}`);
+      if (present) return false;
+      await run('ip', ['link', 'add', name, 'type', 'wireguard'], { netns });
+      return true;
+    },
     async destroy() {
       await run('ip', ['link', 'del', 'dev', name], { netns }).catch((e: unknown) => {
         if (!(e instanceof CommandError && /Cannot find device/.test(e.stderr))) throw e;
@@ -223,6 +239,10 @@ class WireGuardGo implements WgInterface {
     const timer = setTimeout(() => child.kill('SIGKILL'), STOP_GRACE_MS);
     await gone;
     clearTimeout(timer);
+  }
+
+  async ensure(): Promise<boolean> {
+    return false;
   }
 
   async destroy(): Promise<void> {

@@ -109,6 +109,13 @@ export class WireGuardDevice {
     return parseDump(await run('wg', ['show', this.name, 'dump'], { netns: this.options.netns }));
   }
 
+  /** Recreates and reconfigures an interface someone deleted; true when it had to. */
+  async ensure(): Promise<boolean> {
+    if (!(await this.iface!.ensure())) return false;
+    await this.reapply();
+    return true;
+  }
+
   async destroy(): Promise<void> {
     await this.queue.catch(() => {});
     await this.iface?.destroy();

@@ -6,9 +6,9 @@ export class LocalApiError extends Error {
   override name = 'LocalApiError';
 }
 
-function call<T>(socket: string, method: string, path: string): Promise<T> {
+function call<T>(socket: string, method: string, path: string, timeoutMs = 30_000): Promise<T> {
   return new Promise((resolve, reject) => {
-    const req = request({ socketPath: socket, method, path, timeout: 10_000 }, (res) => {
+    const req = request({ socketPath: socket, method, path, timeout: timeoutMs }, (res) => {
       let body = '';
       res.on('data', (d) => {
         body += d;
@@ -20,7 +20,9 @@ function call<T>(socket: string, method: string, path: string): Promise<T> {
         else resolve(parsed as T);
       });
     });
-    req.on('timeout', () => req.destroy(new LocalApiError('the agent did not answer in 10s')));
+    req.on('timeout', () =>
+      req.destroy(new LocalApiError(`the agent did not answer in ${timeoutMs / 1000}s`)),
+    );
     req.on('error', (err: NodeJS.ErrnoException) => {
       if (err instanceof LocalApiError) return reject(err);
       if (err.code === 'ENOENT' || err.code === 'ECONNREFUSED')
@@ -37,3 +39,5 @@ function call<T>(socket: string, method: string, path: string): Promise<T> {
 
 export const agentStatus = (socket: string) => call<AgentStatus>(socket, 'GET', '/status');
 export const agentDown = (socket: string) => call<{ ok: boolean }>(socket, 'POST', '/down');
+export const agentUp = (socket: string) => call<{ ok: boolean }>(socket, 'POST', '/up');
+export const agentLogout = (socket: string) => call<{ ok: boolean }>(socket, 'POST', '/logout');

@@ -8,6 +8,10 @@ import type { AgentStatus } from './types.js';
 export interface LocalHandlers {
   status(): Promise<AgentStatus>;
   down(): Promise<void>;
+  up(): Promise<void>;
+  logout(): Promise<void>;
+  /** Prometheus text format. */
+  metrics(): string;
 }
 
 export interface LocalApi {
@@ -24,11 +28,22 @@ export async function startLocalApi(socket: string, h: LocalHandlers): Promise<L
     };
     try {
       if (req.method === 'GET' && req.url === '/status') return reply(200, await h.status());
-      if (req.method === 'POST' && req.url === '/down') {
-        reply(200, { ok: true });
-        // Answer first: taking the interface down ends this server too.
-        setImmediate(() => void h.down());
+      if (req.method === 'GET' && req.url === '/metrics') {
+        res.writeHead(200, { 'content-type': 'text/plain; version=0.0.4' });
+        res.end(h.metrics());
         return;
+      }
+      if (req.method === 'POST' && req.url === '/down') {
+        await h.down();
+        return reply(200, { ok: true });
+      }
+      if (req.method === 'POST' && req.url === '/up') {
+        await h.up();
+        return reply(200, { ok: true });
+      }
+      if (req.method === 'POST' && req.url === '/logout') {
+        await h.logout();
+        return reply(200, { ok: true });
       }
       reply(404, { error: `no ${req.method} ${req.url}` });
     } catch (err) {

@@ -39,8 +39,32 @@ export interface AgentStatus {
     manifest: string;
     allowDowngrade: boolean;
   } | null;
+  /** The node's state and the one line that explains it (see agent/control/node-state.ts). */
+  state: { kind: string; detail: string; message: string };
   coordinator: { url: string; state: string; error: string };
-  interface: { name: string; backend: string; listenPort: number };
+  interface: {
+    name: string;
+    /** Empty while down. */
+    backend: string;
+    listenPort: number;
+    /** Whether the interface exists in the kernel right now. */
+    present: boolean;
+    /** Times it was found deleted and recreated. */
+    restores: number;
+    lastRestore: string;
+  };
+  /** Ports locked down in the kernel right now (not merely configured). */
   lockdownPorts: number[];
+  firewall: {
+    /** The nftables table in the kernel: as-applied, missing, changed, or absent (none meant to be). */
+    kernel: string;
+    /** --lockdown-ports when --lockdown-ssh is on, else []. */
+    configuredPorts: number[];
+    /** Times the table was found removed or changed and restored. */
+    restores: number;
+    lastRestore: string;
+  };
+  /** The mesh DNS responder: where it answers ('' when not), for which domain, registered with systemd-resolved. */
+  dns: { address: string; domain: string; resolved: boolean };
   peers: PeerStatus[];
 }

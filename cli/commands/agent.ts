@@ -2,12 +2,12 @@
 import { existsSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Command } from 'commander';
-import pino from 'pino';
 import YAML from 'yaml';
 import { z } from 'zod';
 import { AgentError } from '../../agent/control/session.js';
 import { Agent } from '../../agent/daemon.js';
 import { MissingToolError } from '../../agent/dataplane/exec.js';
+import { createAgentLogger } from '../../agent/log.js';
 import { CliError } from '../errors.js';
 
 export const DEFAULT_AGENT_SOCKET = '/run/meshgate/agent.sock';
@@ -28,10 +28,12 @@ const AgentConfig = z
     backend: z.enum(['auto', 'kernel', 'wireguard-go']).default('auto'),
     lockdownSsh: z.boolean().default(false),
     lockdownPorts: z.array(z.coerce.number().int().min(1).max(65535)).default([22]),
+    lockdownWhenRevoked: z.enum(['keep', 'release']).default('keep'),
     advertiseTags: z.array(z.string()).default([]),
     advertiseRoutes: z.array(z.string()).default([]),
     socket: z.string().default(DEFAULT_AGENT_SOCKET),
     logLevel: z.enum(['trace', 'debug', 'info', 'warn', 'error']).default('info'),
+    logFormat: z.enum(['auto', 'json', 'text']).default('auto'),
   })
   .strict();
 
@@ -46,9 +48,12 @@ function readAuthKeyFile(path: string): string {
   try {
     mode = statSync(path).mode;
   } catch {
-    throw new CliError(`cannot read auth key file ${path}`);
+    throw new AgentError(`cannot read auth key file ${path}`);
   }
-  if (mode & 0o077) throw new CliError(`${path} is readable by group or others; run: chmod 600 ${path}`);
+  if (mode & 0o077)
+    throw new AgentError(
+      `auth key file ${path} is readable by group or others: run "chmod 600 ${path}" (and consider the key leaked)`,
+    );
   return readFileSync(path, 'utf8').trim();
 }
 
@@ -89,11 +94,19 @@ export function registerAgentCommand(program: Command): void {
     )
     .option('--lockdown-ssh', 'once the mesh is up, drop TCP 22 on every interface but lo and the mesh')
     .option('--lockdown-ports <ports>', 'ports for --lockdown-ssh (default 22)')
+    .option(
+      '--lockdown-when-revoked <keep|release>',
+      'when an admin expires or deletes the node, or on meshgate down: keep the lockdown (fail closed, default) or release it',
+    )
     .option('--advertise-tags <tags>', 'comma-separated tags to ask for (the auth key must allow them)')
     .option('--advertise-routes <cidrs>', 'comma-separated subnets to offer; an admin approves them')
     .option('--config <file>', 'YAML file with the same settings (camelCase keys)')
     .option('--socket <path>', `local API socket (default ${DEFAULT_AGENT_SOCKET})`)
     .option('--log-level <level>', 'trace, debug, info, warn, error (default info)')
+    .option(
+      '--log-format <format>',
+      'json, text, or auto (default): text on a terminal, JSON otherwise (systemd)',
+    )
     .addHelpText(
       'after',
       `
@@ -128,10 +141,12 @@ Example (what install.sh runs under systemd):
           backend: o.backend,
           lockdownSsh: o.lockdownSsh,
           lockdownPorts: typeof o.lockdownPorts === 'string' ? csv(o.lockdownPorts) : undefined,
+          lockdownWhenRevoked: o.lockdownWhenRevoked,
           advertiseTags: typeof o.advertiseTags === 'string' ? csv(o.advertiseTags) : undefined,
           advertiseRoutes: typeof o.advertiseRoutes === 'string' ? csv(o.advertiseRoutes) : undefined,
           socket: o.socket,
           logLevel: o.logLevel,
+          logFormat: o.logFormat,
         }).filter(([, v]) => v !== undefined),
       );
       const merged = { ...fromFile, ...flags };
@@ -146,6 +161,8 @@ Example (what install.sh runs under systemd):
       }
       const c = parsed.data;
       preflight(c.backend);
+      // A key readable by others is refused at once, not found out at the next registration.
+      if (c.authKeyFile && existsSync(c.authKeyFile)) readAuthKeyFile(c.authKeyFile);
       const authKey = () => {
         const key = c.authKeyFile
           ? readAuthKeyFile(c.authKeyFile)
@@ -154,14 +171,13 @@ Example (what install.sh runs under systemd):
           throw new AgentError('this machine has not joined yet: give an auth key with --auth-key-file');
         return key;
       };
-      const log = pino(
-        { level: c.logLevel, base: { svc: 'meshgate-agent' }, redact: ['authKey', 'key'] },
-        pino.destination(2),
-      );
+      const log = createAgentLogger(c.logLevel, c.logFormat);
       const agent = new Agent({
         coordinator: c.coordinator,
         fingerprint: c.fingerprint,
         authKey,
+        authKeyFile: c.authKeyFile,
+        lockdownWhenRevoked: c.lockdownWhenRevoked,
         hostname: c.hostname,
         stateDir: c.stateDir,
         interfaceName: c.interface,

@@ -2,7 +2,7 @@
 import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import type { Command } from 'commander';
-import { agentDown, agentStatus } from '../../agent/localapi/client.js';
+import { agentDown, agentLogout, agentStatus, agentUp } from '../../agent/localapi/client.js';
 import type { AgentStatus, PeerStatus } from '../../agent/localapi/types.js';
 import { drifts } from '../../release/semver.js';
 import { CliError } from '../errors.js';
@@ -39,17 +39,39 @@ export function resolvePeer(status: AgentStatus, ref: string): PeerStatus {
   throw new CliError(`no peer "${ref}" in this node's netmap (peers: ${names})`);
 }
 
+function lockdownText(s: AgentStatus): string {
+  const f = s.firewall;
+  const restored = f.restores
+    ? `; restored ${f.restores} time${f.restores === 1 ? '' : 's'}, last at ${f.lastRestore}`
+    : '';
+  if (s.lockdownPorts.length) return `tcp ${s.lockdownPorts.join(',')} only over the mesh${restored}`;
+  if (f.configuredPorts.length && (f.kernel === 'missing' || f.kernel === 'changed'))
+    return `tcp ${f.configuredPorts.join(',')} configured, but the table is ${f.kernel} in the kernel${restored}`;
+  return `off${f.configuredPorts.length ? ` (tcp ${f.configuredPorts.join(',')} configured)` : ''}${restored}`;
+}
+
+function interfaceText(s: AgentStatus): string {
+  const i = s.interface;
+  if (!i.backend) return `${i.name} (none: the mesh is stopped)`;
+  const restored = i.restores
+    ? `; recreated ${i.restores} time${i.restores === 1 ? '' : 's'}, last at ${i.lastRestore}`
+    : '';
+  return `${i.name} (${i.backend}, udp ${i.listenPort})${i.present ? '' : ' missing in the kernel'}${restored}`;
+}
+
 function statusText(s: AgentStatus, wide: boolean): string {
   const drift = drifts(s.version, s.desiredVersion, s.desiredRelease?.allowDowngrade ?? false)
     ? ` (desired ${s.desiredVersion})`
     : '';
   const lines = [
+    `state        ${s.state.message}`,
     `node         ${s.self.name || '(not registered)'} ${s.self.ipAddresses.join(' ')}`,
     `project      ${s.self.project}`,
     `coordinator  ${s.coordinator.url}: ${s.coordinator.state}${s.coordinator.error ? ` (${s.coordinator.error})` : ''}`,
-    `interface    ${s.interface.name} (${s.interface.backend}, udp ${s.interface.listenPort})`,
+    `interface    ${interfaceText(s)}`,
     `version      ${s.version}${drift}`,
-    `lockdown     ${s.lockdownPorts.length ? `tcp ${s.lockdownPorts.join(',')} only over the mesh` : 'off'}`,
+    `lockdown     ${lockdownText(s)}`,
+    `dns          ${s.dns.address ? `${s.dns.domain} on ${s.dns.address}:53${s.dns.resolved ? ' (systemd-resolved)' : ''}` : 'off'}`,
     '',
     s.peers.length ? render(wide ? 'wide' : 'table', null, s.peers, PEER_COLUMNS) : 'no peers',
   ];
@@ -154,10 +176,32 @@ the end:
   socketOption(
     program
       .command('down')
-      .description('leave the mesh: log out (ephemeral nodes are deleted), remove firewall and interface'),
+      .description(
+        'stop the mesh and leave the agent idle, also across restarts and reboots, until meshgate up',
+      ),
   ).action(async (o: { socket: string }) => {
     await agentDown(o.socket);
-    process.stderr.write('meshgate is down\n');
+    process.stderr.write(`meshgate is down: ${(await agentStatus(o.socket)).state.message}\n`);
+  });
+
+  socketOption(
+    program.command('up').description('start the mesh again after meshgate down (or join anew after logout)'),
+  ).action(async (o: { socket: string }) => {
+    await agentUp(o.socket);
+    process.stderr.write(`meshgate is up: ${(await agentStatus(o.socket)).state.message}\n`);
+  });
+
+  socketOption(
+    program
+      .command('logout')
+      .description(
+        'leave the mesh for good: the coordinator deletes this node, the agent forgets its identity and stays down',
+      ),
+  ).action(async (o: { socket: string }) => {
+    await agentLogout(o.socket);
+    process.stderr.write(
+      'logged out: this node is deleted; "meshgate up" joins anew with the auth key file\n',
+    );
   });
 }
 

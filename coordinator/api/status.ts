@@ -2,6 +2,7 @@
 // anything else is an internal error whose details stay in the log.
 import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
+import { REASON_TRAILER } from '../../proto/grpc.js';
 import { CoordinatorError, type ErrorKind } from '../state/errors.js';
 
 const GRPC: Record<ErrorKind, grpc.status> = {
@@ -30,15 +31,19 @@ export interface StatusLike {
   code: grpc.status;
   http: number;
   details: string;
+  reason?: string;
 }
 
 export function toStatus(err: unknown, log: Logger, context: object): StatusLike {
   if (err instanceof CoordinatorError)
-    return { code: GRPC[err.kind], http: HTTP[err.kind], details: err.message };
+    return { code: GRPC[err.kind], http: HTTP[err.kind], details: err.message, reason: err.reason };
   log.error({ err, ...context }, 'internal error');
   return { code: grpc.status.INTERNAL, http: 500, details: 'internal error; see the coordinator log' };
 }
 
 export function grpcError(s: StatusLike): Partial<grpc.StatusObject> {
-  return { code: s.code, details: s.details };
+  if (!s.reason) return { code: s.code, details: s.details };
+  const metadata = new grpc.Metadata();
+  metadata.set(REASON_TRAILER, s.reason);
+  return { code: s.code, details: s.details, metadata };
 }

@@ -465,11 +465,12 @@ export class State {
 
   private async checkAuthKey(text: string, known: NodeRecord | undefined): Promise<AuthKeyRecord> {
     if (!text) {
-      throw unauthenticated(
-        known
-          ? `node ${known.name} has expired; register again with a new auth key`
-          : 'an auth key is required to register a new machine',
-      );
+      throw known
+        ? unauthenticated(
+            `node ${known.name} has expired; register again with a new auth key`,
+            'node-expired',
+          )
+        : unauthenticated('an auth key is required to register a new machine', 'node-unknown');
     }
     const key = await this.keys.usableAuthKey(text);
     if (known && known.project !== key.project)
@@ -567,12 +568,10 @@ export class State {
     return this.applyChange(n, { nodeKey }, 'node-changed');
   }
 
-  /** A clean logout: ephemeral nodes go at once, others just go offline. */
+  /** `meshgate logout`: the node leaves for good, ephemeral or not; its machine forgets its identity. */
   async logout(id: string): Promise<void> {
     const n = this.nodes.get(id);
-    if (!n) return;
-    if (n.ephemeral) await this.removeNode('node', n, 'node.logout');
-    else this.setOnline(id, false);
+    if (n) await this.removeNode('node', n, 'node.logout');
   }
 
   private markSeen(id: string): void {

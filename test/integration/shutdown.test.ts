@@ -68,7 +68,7 @@ it('exits within seconds of SIGTERM with a frozen agent, last_seen written', asy
     assert.equal(code, 0, 'a clean exit');
     assert.ok(tookMs < EXIT_BOUND_MS, `exited ${tookMs} ms after SIGTERM (bound ${EXIT_BOUND_MS} ms)`);
 
-    const { default: Database } = await import('better-sqlite3');
+    const { default: Database } = await import('better-sqlite3-multiple-ciphers');
     const db = new Database(join(dataDir, 'meshgate.db'), { readonly: true });
     const row = db.prepare('SELECT last_seen FROM nodes WHERE id = ?').get(nodeId) as { last_seen: number };
     db.close();

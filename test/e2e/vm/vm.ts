@@ -53,7 +53,7 @@ export async function bundleCli(): Promise<string> {
     platform: 'node',
     format: 'esm',
     target: 'node20',
-    external: ['better-sqlite3', 'pg'],
+    external: ['better-sqlite3-multiple-ciphers', 'pg'],
     // Bundled CommonJS packages call require(); an ES module has none of its own.
     banner: {
       js: "import { createRequire as mgRequire } from 'node:module'; const require = mgRequire(import.meta.url);",
