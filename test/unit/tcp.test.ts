@@ -152,6 +152,37 @@ describe('userspace TCP client', () => {
     assert.equal(t.sent().at(-1)!.ack, PEER_ISS + 11);
   });
 
+  it('reports held data in SACK blocks, the latest first, when the peer permits SACK', () => {
+    const t = setup();
+    assert.equal(t.sent()[0]!.sackPermitted, true, 'the SYN offers SACK');
+    t.from({ flags: Flags.SYN | Flags.ACK, seq: PEER_ISS, ack: ISS + 1, mss: 1000, sackPermitted: true });
+    t.sent();
+    const at = (offset: number) => PEER_ISS + 1 + offset;
+    t.from({ flags: Flags.ACK, seq: at(10), ack: ISS + 1, payload: bytes('ccccc') });
+    t.from({ flags: Flags.ACK, seq: at(15), ack: ISS + 1, payload: bytes('ddddd') });
+    t.from({ flags: Flags.ACK, seq: at(30), ack: ISS + 1, payload: bytes('fffff') });
+    const acks = t.sent();
+    assert.deepEqual(acks[0]!.sack, [[at(10), at(15)]]);
+    assert.deepEqual(acks[1]!.sack, [[at(10), at(20)]], 'adjacent segments make one block');
+    assert.deepEqual(
+      acks[2]!.sack,
+      [
+        [at(30), at(35)],
+        [at(10), at(20)],
+      ],
+      'the newest block first',
+    );
+    t.from({ flags: Flags.ACK, seq: at(0), ack: ISS + 1, payload: bytes('aaaaabbbbb') });
+    const after = t.sent().at(-1)!;
+    assert.equal(after.ack, at(20));
+    assert.deepEqual(after.sack, [[at(30), at(35)]], 'what is delivered leaves the blocks');
+
+    const u = setup();
+    u.establish();
+    u.from({ flags: Flags.ACK, seq: PEER_ISS + 11, ack: ISS + 1, payload: bytes('x') });
+    assert.equal(u.sent()[0]!.sack, undefined, 'no blocks to a peer that did not permit them');
+  });
+
   it('ignores data it has already received', () => {
     const t = setup();
     t.establish();

@@ -51,6 +51,8 @@ const SYN_RETRIES = 6;
 const DELAYED_ACK_MS = 20;
 const TIME_WAIT_MS = 30_000;
 const WINDOW_SCALE = 7;
+/** SACK blocks per ACK: 4 fit the 40 bytes of options, 3 leave room as most stacks do. */
+const MAX_SACK_BLOCKS = 3;
 const DEFAULT_RECEIVE_BUFFER = 256 * 1024;
 
 interface InFlight {
@@ -86,6 +88,10 @@ export class TcpConnection {
   private finQueued = false;
   private finSent = false;
   private readonly outOfOrder = new Map<number, { data: Uint8Array; fin: boolean }>();
+  /** Whether the peer takes SACK blocks (it said so in its SYN-ACK). */
+  private sackOk = false;
+  /** Start of the out-of-order segment that arrived last: its block goes first (RFC 2018). */
+  private lastHeld: number | null = null;
   private srtt: number | null = null;
   private rttvar = 0;
   private rto = INITIAL_RTO_MS;
@@ -207,15 +213,20 @@ export class TcpConnection {
   }
 
   private sendSyn(nowMs: number): void {
-    this.emitSegment({
+    this.emitSegment(this.syn());
+    this.rtoAt = nowMs + this.rto;
+    this.timed = { seq: this.sndUna, at: nowMs };
+  }
+
+  private syn() {
+    return {
       flags: Flags.SYN,
       seq: this.sndUna,
       ack: 0,
       mss: this.o.mss,
       windowScale: WINDOW_SCALE,
-    });
-    this.rtoAt = nowMs + this.rto;
-    this.timed = { seq: this.sndUna, at: nowMs };
+      sackPermitted: true,
+    };
   }
 
   private receiveSynAck(s: Segment, nowMs: number): void {
@@ -237,6 +248,7 @@ export class TcpConnection {
     // The window in a SYN is never scaled.
     this.sndWnd = s.window;
     this.peerMss = Math.min(s.mss ?? 536, this.o.mss);
+    this.sackOk = s.sackPermitted === true;
     this.cwnd = Math.min(10 * this.peerMss, Math.max(2 * this.peerMss, 14_600));
     if (this.timed && this.retransmits === 0) this.sampleRtt(nowMs - this.timed.at);
     this.timed = null;
@@ -362,6 +374,7 @@ export class TcpConnection {
       // Out of order: hold it, and ACK at once so the sender counts duplicates.
       if (!this.outOfOrder.has(start) && this.outOfOrder.size < 1024)
         this.outOfOrder.set(start, { data: data.slice(), fin });
+      this.lastHeld = start;
       this.sendAck();
       return;
     }
@@ -475,13 +488,7 @@ export class TcpConnection {
       }
       this.rto = Math.min(this.rto * 2, MAX_RTO_MS);
       this.timed = null;
-      this.emitSegment({
-        flags: Flags.SYN,
-        seq: this.sndUna,
-        ack: 0,
-        mss: this.o.mss,
-        windowScale: WINDOW_SCALE,
-      });
+      this.emitSegment(this.syn());
       this.rtoAt = nowMs + this.rto;
       return;
     }
@@ -543,6 +550,7 @@ export class TcpConnection {
         : this.window() >> this.rcvScale;
     const window = Math.min(wnd, 65_535);
     if (!(s.flags & Flags.SYN)) this.lastAdvertised = window << this.rcvScale;
+    const sack = this.sackOk && s.flags === Flags.ACK && this.outOfOrder.size ? this.sackBlocks() : undefined;
     if (s.flags & Flags.ACK) {
       this.ackAt = null;
       this.unacked = 0;
@@ -553,9 +561,29 @@ export class TcpConnection {
         destinationPort: this.o.remotePort,
         window,
         payload: new Uint8Array(0),
+        ...(sack ? { sack } : {}),
         ...s,
       }),
     );
+  }
+
+  /** The held data as [left, right) ranges, the one with the segment that came last first. */
+  private sackBlocks(): [number, number][] {
+    const held = [...this.outOfOrder.entries()]
+      .map(([start, h]) => [start, seq.add(start, h.data.length + (h.fin ? 1 : 0))] as [number, number])
+      .sort((a, b) => seq.diff(a[0], b[0]));
+    const blocks: [number, number][] = [];
+    for (const [l, r] of held) {
+      const last = blocks.at(-1);
+      if (last && seq.le(l, last[1])) {
+        if (seq.lt(last[1], r)) last[1] = r;
+      } else blocks.push([l, r]);
+    }
+    const first = blocks.findIndex(
+      ([l, r]) => this.lastHeld !== null && seq.le(l, this.lastHeld) && seq.lt(this.lastHeld, r),
+    );
+    if (first > 0) blocks.unshift(...blocks.splice(first, 1));
+    return blocks.slice(0, MAX_SACK_BLOCKS);
   }
 
   private enterTimeWait(nowMs: number): void {

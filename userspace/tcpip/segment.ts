@@ -15,6 +15,10 @@ export interface Segment {
   /** Options seen (received) or to send; only on SYN segments. */
   mss?: number;
   windowScale?: number;
+  /** SACK-permitted (RFC 2018), on SYN segments. */
+  sackPermitted?: boolean;
+  /** SACK blocks [left, right) to send on an ACK. */
+  sack?: [number, number][];
   payload: Uint8Array;
 }
 
@@ -45,6 +49,11 @@ export function parseSegment(source: Uint8Array, destination: Uint8Array, b: Uin
     if (len < 2 || i + len > offset) return null;
     if (kind === 2 && len === 4) seg.mss = v.getUint16(i + 2);
     if (kind === 3 && len === 3) seg.windowScale = Math.min(b[i + 2]!, 14);
+    if (kind === 4 && len === 2) seg.sackPermitted = true;
+    if (kind === 5 && len > 2 && (len - 2) % 8 === 0) {
+      seg.sack = [];
+      for (let j = i + 2; j < i + len; j += 8) seg.sack.push([v.getUint32(j), v.getUint32(j + 4)]);
+    }
     i += len;
   }
   return seg;
@@ -55,6 +64,12 @@ export function buildSegment(source: Uint8Array, destination: Uint8Array, seg: S
   const options: number[] = [];
   if (seg.mss !== undefined) options.push(2, 4, seg.mss >> 8, seg.mss & 0xff);
   if (seg.windowScale !== undefined) options.push(1, 3, 3, seg.windowScale);
+  if (seg.sackPermitted) options.push(1, 1, 4, 2);
+  if (seg.sack?.length) {
+    options.push(1, 1, 5, 2 + 8 * seg.sack.length);
+    for (const edge of seg.sack.flat())
+      options.push(edge >>> 24, (edge >>> 16) & 0xff, (edge >>> 8) & 0xff, edge & 0xff);
+  }
   const offset = 20 + options.length;
   const b = new Uint8Array(offset + seg.payload.length);
   const v = new DataView(b.buffer);
