@@ -115,8 +115,20 @@ describe('scoped API keys', () => {
     await t.admin.call('createProject', { name: 'gamma' });
     ids.betaAuthKey = (await t.admin.call('createAuthKey', { project: 'beta', expiration: '1h' }))
       .authKey!.id;
-    await t.admin.call('setDesiredVersion', { project: 'alpha', tag: '', version: '1.0.0' });
-    await t.admin.call('setDesiredVersion', { project: 'beta', tag: '', version: '1.0.0' });
+    await t.admin.call('setDesiredVersion', {
+      project: 'alpha',
+      tag: '',
+      version: '1.0.0',
+      artifactUrl: 'https://releases.example/meshgate.mjs',
+      sha256: 'a'.repeat(64),
+    });
+    await t.admin.call('setDesiredVersion', {
+      project: 'beta',
+      tag: '',
+      version: '1.0.0',
+      artifactUrl: 'https://releases.example/meshgate.mjs',
+      sha256: 'a'.repeat(64),
+    });
     const make = async (projects: string[], readOnly: boolean) =>
       (await t.admin.call('createApiKey', { projects, readOnly, expiration: '1h' })).apiKey!;
     keys.global = (await make([], false)).key;
@@ -244,7 +256,13 @@ describe('scoped API keys', () => {
           project: 'alpha',
           policy: '{"acls":[{"action":"accept","src":["*"],"dst":["*:*"]}],"tests":[]}',
         });
-        await ok(s, 'SetDesiredVersion', { project: 'alpha', tag: '', version: '1.0.1' });
+        await ok(s, 'SetDesiredVersion', {
+          project: 'alpha',
+          tag: '',
+          version: '1.0.1',
+          artifactUrl: 'https://releases.example/meshgate.mjs',
+          sha256: 'a'.repeat(64),
+        });
         await ok(s, 'SetNodeTags', { id: 'web', tags: ['tag:web'] });
         await ok(s, 'SetNodeRoutes', { id: 'web', approvedRoutes: [] });
         await ok(s, 'ExpireNode', { id: 'web', clear: true });
