@@ -1,3 +1,4 @@
+import { firstUnsafe } from '../../proto/text.js';
 import { type JsonPath, PolicyError, PolicyProblem, SyntaxProblem } from './errors.js';
 import { standardize } from './hujson.js';
 import { formatPath, indexSource, lineColumn, pathKey, type SourceIndex } from './locate.js';
@@ -9,6 +10,17 @@ import type { Policy } from './types.js';
 export function parsePolicy(text: string): Policy {
   let json: string;
   let value: unknown;
+  // A policy is read by people in terminals and editors: what it says must be what they see.
+  const unsafe = firstUnsafe(text, '\t\n\r');
+  if (unsafe) {
+    throw syntaxError(
+      text,
+      new SyntaxProblem(
+        unsafe.offset,
+        `control or bidirectional character ${unsafe.character} is not allowed`,
+      ),
+    );
+  }
   try {
     json = standardize(text);
     value = JSON.parse(json);
