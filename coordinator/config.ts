@@ -44,6 +44,13 @@ export const ConfigSchema = z
         burst: z.number().int().positive().default(100),
       })
       .default({ perSecond: 10, burst: 100 }),
+    /** Failed authentications per source address: a burst, then this many per second. */
+    authFailureRate: z
+      .object({
+        perSecond: z.number().positive().default(0.2),
+        burst: z.number().int().positive().default(20),
+      })
+      .default({ perSecond: 0.2, burst: 20 }),
     /** The relay for nodes without a direct path, with limits per sending node. */
     relay: z
       .object({

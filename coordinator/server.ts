@@ -19,6 +19,7 @@ import { httpApp } from './api/http.js';
 import { Metrics } from './api/metrics.js';
 import { RateLimiter } from './api/ratelimit.js';
 import { RelayHub } from './api/relay.js';
+import { AuthThrottle } from './api/throttle.js';
 import type { CoordinatorConfig } from './config.js';
 import type { Logger } from './log.js';
 import { Mapper } from './mapper/mapper.js';
@@ -115,6 +116,7 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
     domainSuffix: config.domain,
     onDelivered: (ms) => metrics.deltaLatency.observe(ms / 1000),
   });
+  const throttle = new AuthThrottle(config.authFailureRate, log, metrics);
   const databaseOk = () => store.ping();
   const handlers = adminHandlers({ state, version: VERSION, databaseOk });
 
@@ -124,7 +126,7 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
     metrics,
   );
   const server = new grpc.Server(SERVER_OPTIONS);
-  server.addService(serviceDefinition(AdminService), adminImplementation(handlers, state, log, false));
+  server.addService(serviceDefinition(AdminService), adminImplementation(handlers, state, log, throttle));
   server.addService(
     serviceDefinition(ControlService),
     controlImplementation({
@@ -133,6 +135,7 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
       relay,
       verifier: new CallVerifier(state, { clockSkewMs: parseDuration(config.clockSkew) }),
       limiter: new RateLimiter(config.registrationRate.perSecond, config.registrationRate.burst),
+      throttle,
       metrics,
       log,
     }),
@@ -149,11 +152,11 @@ export async function startCoordinator(config: CoordinatorConfig, log: Logger): 
   const adminSocket = join(config.dataDir, 'admin.sock');
   if (existsSync(adminSocket)) unlinkSync(adminSocket);
   const local = new grpc.Server(SERVER_OPTIONS);
-  local.addService(serviceDefinition(AdminService), adminImplementation(handlers, state, log, true));
+  local.addService(serviceDefinition(AdminService), adminImplementation(handlers, state, log, null));
   await bind(local, `unix://${adminSocket}`, grpc.ServerCredentials.createInsecure());
   chmodSync(adminSocket, 0o600);
 
-  const app = httpApp({ handlers, state, metrics, databaseOk, log });
+  const app = httpApp({ handlers, state, metrics, databaseOk, log, throttle });
   const http: HttpServer = identity
     ? createHttpsServer({ key: identity.key, cert: identity.cert, minVersion: 'TLSv1.3' }, app)
     : createHttpServer(app);

@@ -4,14 +4,16 @@ import type { Logger } from 'pino';
 import { AdminService } from '../../proto/gen/meshgate/v1/admin_pb.js';
 import type { State } from '../state/state.js';
 import type { AdminHandlers } from './admin.js';
-import { adminActor, header } from './auth.js';
+import { adminActor, header, peerAddress } from './auth.js';
 import { grpcError, toStatus } from './status.js';
+import type { AuthThrottle } from './throttle.js';
 
+/** `throttle` is null on the local socket, which needs no key. */
 export function adminImplementation(
   handlers: AdminHandlers,
   state: State,
   log: Logger,
-  local: boolean,
+  throttle: AuthThrottle | null,
 ): grpc.UntypedServiceImplementation {
   const impl: grpc.UntypedServiceImplementation = {};
   for (const m of AdminService.methods) {
@@ -23,14 +25,21 @@ export function adminImplementation(
       call: grpc.ServerUnaryCall<unknown, unknown>,
       cb: grpc.sendUnaryData<unknown>,
     ) => {
+      const peer = peerAddress(call.getPeer());
+      let actor: string;
       try {
-        const actor = await adminActor(state, header(call.metadata, 'authorization'), local);
-        cb(null, await handler(call.request, { actor }));
+        throttle?.check('admin', peer, m.name);
+        actor = await adminActor(state, header(call.metadata, 'authorization'), throttle === null);
       } catch (err) {
         const s = toStatus(err, log, { method: m.name });
-        if (s.code === grpc.status.UNAUTHENTICATED)
-          log.warn({ peer: call.getPeer(), method: m.name, reason: s.details }, 'refused admin call');
+        if (s.code === grpc.status.UNAUTHENTICATED) throttle?.failed('admin', peer, m.name, s.details);
         cb(grpcError(s) as grpc.ServiceError, null);
+        return;
+      }
+      try {
+        cb(null, await handler(call.request, { actor }));
+      } catch (err) {
+        cb(grpcError(toStatus(err, log, { method: m.name })) as grpc.ServiceError, null);
       }
     };
   }
