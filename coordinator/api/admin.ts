@@ -17,7 +17,7 @@ import {
 import { nodeMessage } from '../mapper/netmap.js';
 import type { AuthKeyRecord } from '../state/records.js';
 import type { ApiKeyRecord, DesiredVersionRecord, State } from '../state/state.js';
-import { duration, isCidr, LIMITS, list, sized, tags, text } from './validate.js';
+import { bounded, duration, isCidr, LIMITS, list, sized, tags, text } from './validate.js';
 
 const HOUR = 3_600_000;
 const DAY = 24 * HOUR;
@@ -86,7 +86,21 @@ function msg<D extends DescMessage>(schema: D, init: Parameters<typeof create<D>
   return create(schema, init);
 }
 
-export function adminHandlers({ state, version, databaseOk }: AdminDeps): AdminHandlers {
+export function adminHandlers(deps: AdminDeps): AdminHandlers {
+  const handlers = unboundedHandlers(deps);
+  const out: Record<string, unknown> = {};
+  for (const m of pb.AdminService.methods) {
+    const h = handlers[m.localName as keyof AdminHandlers] as (
+      r: unknown,
+      c: AdminContext,
+    ) => Promise<unknown>;
+    out[m.localName] = (req: MessageShape<typeof m.input>, ctx: AdminContext) =>
+      h(bounded(m.input, req), ctx);
+  }
+  return out as AdminHandlers;
+}
+
+function unboundedHandlers({ state, version, databaseOk }: AdminDeps): AdminHandlers {
   const node = (n: Parameters<typeof nodeMessage>[1]) => nodeMessage(state, n);
   return {
     async health() {
