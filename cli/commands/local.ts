@@ -3,6 +3,7 @@ import { spawn } from 'node:child_process';
 import type { Command } from 'commander';
 import { agentDown, agentStatus } from '../../agent/localapi/client.js';
 import type { AgentStatus, PeerStatus } from '../../agent/localapi/types.js';
+import { escapeUnsafe } from '../../proto/text.js';
 import { CliError } from '../errors.js';
 import { ago, type Column, FORMATS, parseFormat, render } from '../output.js';
 import { DEFAULT_AGENT_SOCKET } from './agent.js';
@@ -48,7 +49,8 @@ function statusText(s: AgentStatus, wide: boolean): string {
     '',
     s.peers.length ? render(wide ? 'wide' : 'table', null, s.peers, PEER_COLUMNS) : 'no peers',
   ];
-  return lines.join('\n');
+  // Names, versions and errors come from the coordinator: shown, never interpreted.
+  return escapeUnsafe(lines.join('\n'), '\n');
 }
 
 function runInherit(cmd: string, args: string[]): Promise<number> {

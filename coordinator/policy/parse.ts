@@ -1,4 +1,4 @@
-import { firstUnsafe } from '../../proto/text.js';
+import { firstUnsafe, quote } from '../../proto/text.js';
 import { type JsonPath, PolicyError, PolicyProblem, SyntaxProblem } from './errors.js';
 import { standardize } from './hujson.js';
 import { formatPath, indexSource, lineColumn, pathKey, type SourceIndex } from './locate.js';
@@ -33,7 +33,7 @@ export function parsePolicy(text: string): Policy {
     throw located(
       text,
       index,
-      new PolicyProblem(index.duplicate, `duplicate key ${JSON.stringify(name)}`, 'key'),
+      new PolicyProblem(index.duplicate, `duplicate key ${quote(String(name))}`, 'key'),
     );
   }
   const parsed = policyDocument.safeParse(value);
@@ -47,7 +47,7 @@ export function parsePolicy(text: string): Policy {
         ? new PolicyProblem([...path, issue.keys[0]!], issue.message, 'key')
         : index.positions.has(pathKey(path))
           ? new PolicyProblem(path, issue.message)
-          : new PolicyProblem(path, `missing key ${JSON.stringify(path.at(-1))}`);
+          : new PolicyProblem(path, `missing key ${quote(String(path.at(-1)))}`);
     throw located(text, index, problem);
   }
   try {

@@ -71,6 +71,18 @@ describe('policy evaluation is bounded', () => {
     );
   });
 
+  it('quotes a short prefix of a long name in its messages', () => {
+    const name = `group:${'a'.repeat(100_000)}`;
+    assert.throws(
+      () => parsePolicy(JSON.stringify({ groups: { [name]: [] }, unknown: 1 })),
+      (err: Error) => err.message.length < 300 && /unknown key "unknown"/.test(err.message),
+    );
+    assert.throws(
+      () => parsePolicy(JSON.stringify({ groups: { [name]: ['web'] } })),
+      (err: Error) => err.message.length < 300 && /groups\["group:a{58}…"\]/.test(err.message),
+    );
+  });
+
   it('refuses deep nesting with line and column instead of overflowing the stack', () => {
     const deep = `{\n  "acls": ${'['.repeat(10_000)}${']'.repeat(10_000)}\n}`;
     assert.throws(() => parsePolicy(deep), /policy:2:42: syntax error: nested more than 32 levels deep$/);
