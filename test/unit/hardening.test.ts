@@ -4,7 +4,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { sql } from 'kysely';
+import pino from 'pino';
 import { render } from '../../cli/output.js';
+import { Metrics } from '../../coordinator/api/metrics.js';
+import { AuthThrottle } from '../../coordinator/api/throttle.js';
 import { parsePolicy, runPolicyTests } from '../../coordinator/policy/index.js';
 import { storedTime } from '../../coordinator/state/records.js';
 import { State } from '../../coordinator/state/state.js';
@@ -175,5 +178,34 @@ describe('node keys are unique in the store', () => {
     } finally {
       await store.close();
     }
+  });
+});
+
+describe('failed authentication throttle', () => {
+  it('holds an address after its burst of failures until the budget refills, and no other', () => {
+    let now = 0;
+    const metrics = new Metrics({
+      nodesOnline: () => 0,
+      nodesTotal: () => 0,
+      streams: () => 0,
+      versionDrift: () => 0,
+      apiKeyExpiries: async () => [],
+    });
+    const throttle = new AuthThrottle(
+      { burst: 3, perSecond: 0.5 },
+      pino({ level: 'silent' }),
+      metrics,
+      () => now,
+    );
+    for (let i = 0; i < 3; i++) {
+      throttle.check('admin', '192.0.2.1', 'ListNodes');
+      throttle.failed('admin', '192.0.2.1', 'ListNodes', 'unknown API key');
+    }
+    assert.throws(() => throttle.check('rest', '192.0.2.1', '/projects'), /too many failed authentications/);
+    throttle.check('admin', '192.0.2.2', 'ListNodes');
+    now += 1999;
+    assert.throws(() => throttle.check('admin', '192.0.2.1', 'ListNodes'), /too many failed/);
+    now += 1;
+    throttle.check('admin', '192.0.2.1', 'ListNodes');
   });
 });
