@@ -102,6 +102,11 @@ describe('hardening: refusals at the door', () => {
       refusedWith(grpc.status.ALREADY_EXISTS, /^node key is already used by another node/),
     );
     await thief.register(key, 'thief');
+    // Registering again (as on every reconnect) with the stolen key is refused too.
+    await assert.rejects(
+      thief.client.register(stolen),
+      refusedWith(grpc.status.ALREADY_EXISTS, /^node key is already used by another node/),
+    );
     await assert.rejects(
       thief.client.rotateNodeKey(victim.nodeKey.publicKey),
       refusedWith(grpc.status.ALREADY_EXISTS, /^node key is already used by another node/),
