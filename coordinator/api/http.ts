@@ -57,13 +57,14 @@ export function httpApp({ handlers, state, metrics, databaseOk, log, throttle }:
   // The key is checked before the body is read: an unauthenticated caller costs no parsing.
   api.use(async (req: Request, res: Response, next: NextFunction) => {
     const peer = peerAddress(req.socket.remoteAddress ?? '');
+    const route = `${req.method} ${req.path.slice(0, 64)}`;
     try {
-      throttle.check('rest', peer, req.path);
+      throttle.check('rest', peer, route);
       res.locals.actor = await adminActor(state, req.get('authorization'), false);
       next();
     } catch (err) {
-      const s = toStatus(err, log, { http: req.path });
-      if (s.http === 401) throttle.failed('rest', peer, req.path.slice(0, 64), s.details);
+      const s = toStatus(err, log, { http: route });
+      if (s.http === 401) throttle.failed('rest', peer, route, s.details);
       res.status(s.http).json({ error: s.details });
     }
   });

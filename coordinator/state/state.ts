@@ -753,7 +753,8 @@ export class State {
 
   private requireFreeNodeKey(nodeKey: string, self?: string): void {
     const holder = this.byNodeKey.get(nodeKey);
-    if (holder !== undefined && holder !== self) throw duplicateNodeKey();
+    // A holder that is gone was deleted while its key change was being written.
+    if (holder !== undefined && holder !== self && this.nodes.has(holder)) throw duplicateNodeKey();
   }
 
   /**
@@ -763,7 +764,7 @@ export class State {
    */
   private claimNodeKey(nodeKey: string, id: string): () => void {
     this.requireFreeNodeKey(nodeKey, id);
-    if (this.byNodeKey.has(nodeKey)) return () => {};
+    if (this.byNodeKey.get(nodeKey) === id) return () => {};
     this.byNodeKey.set(nodeKey, id);
     return () => {
       if (this.nodes.get(id)?.nodeKey !== nodeKey && this.byNodeKey.get(nodeKey) === id)

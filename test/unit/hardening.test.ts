@@ -13,6 +13,7 @@ import { storedTime } from '../../coordinator/state/records.js';
 import { State } from '../../coordinator/state/state.js';
 import { openStore } from '../../coordinator/store/db.js';
 import { parseDuration } from '../../proto/duration.js';
+import { encodeWgKey, generateMachineKey, generateNodeKey } from '../../proto/keys.js';
 import { quote, unsafeCharacter } from '../../proto/text.js';
 
 describe('durations', () => {
@@ -176,6 +177,46 @@ describe('node keys are unique in the store', () => {
         /UNIQUE constraint failed: nodes.node_key/,
       );
     } finally {
+      await store.close();
+    }
+  });
+
+  it('frees the key of a node deleted while it rotated to it', async () => {
+    const store = await openStore({ url: join(dir, 'rotate.db') });
+    const state = await State.load(store.db, { ephemeralTimeoutMs: 60_000 });
+    try {
+      await state.createProject('test', 'p');
+      const register = async (nodeKey: string) => {
+        const { key } = await state.keys.createAuthKey('test', {
+          project: 'p',
+          reusable: false,
+          ephemeral: false,
+          expiresInMs: 60_000,
+          tags: [],
+          reason: '',
+        });
+        return state.register({
+          authKey: key,
+          machineKey: Buffer.from(generateMachineKey().publicKey).toString('hex'),
+          nodeKey,
+          hostname: 'h',
+          os: 'linux',
+          version: '1',
+          requestedTags: [],
+          endpoints: [],
+          advertisedRoutes: [],
+        });
+      };
+      const { node } = await register(encodeWgKey(generateNodeKey().publicKey));
+      const next = encodeWgKey(generateNodeKey().publicKey);
+      const rotated = state.rotateNodeKey(node.id, next);
+      await state.deleteNode('test', node.id);
+      await rotated;
+      const again = await register(next);
+      assert.equal(again.node.nodeKey, next);
+      await assert.rejects(register(next), /node key is already used by another node/);
+    } finally {
+      await state.close();
       await store.close();
     }
   });
