@@ -18,16 +18,30 @@ import type {
  */
 export const SELECTOR_BUDGET = 1_000_000;
 
+/** How many rule selectors the policy's tests may look at in all: each test case looks at every one. */
+export const TEST_BUDGET = 2_000_000;
+
 /**
  * Checks every name, selector, port and address of a document that has the right shape, and resolves
  * groups and hosts so that compiling never looks names up again. Throws PolicyProblem at the first error.
  */
 export function resolvePolicy(doc: PolicyDocument): { acls: AclRule[]; tests: PolicyTest[] } {
   const names = new Names(doc);
-  return {
-    acls: (doc.acls ?? []).map((acl, i) => resolveAcl(names, acl, ['acls', i])),
-    tests: (doc.tests ?? []).map((test, i) => resolveTest(names, test, ['tests', i])),
-  };
+  const acls = (doc.acls ?? []).map((acl, i) => resolveAcl(names, acl, ['acls', i]));
+  const perCase = acls.reduce((sum, acl) => sum + acl.src.length + acl.dst.length, 0);
+  let cost = 0;
+  const tests = (doc.tests ?? []).map((test, i) => {
+    const resolved = resolveTest(names, test, ['tests', i]);
+    cost += resolved.cases.length * perCase;
+    if (cost > TEST_BUDGET) {
+      throw new PolicyProblem(
+        ['tests', i],
+        `the tests would look at more than ${TEST_BUDGET} rule selectors; write fewer tests or narrower rules`,
+      );
+    }
+    return resolved;
+  });
+  return { acls, tests };
 }
 
 type Acl = NonNullable<PolicyDocument['acls']>[number];

@@ -8,7 +8,7 @@ import pino from 'pino';
 import { render } from '../../cli/output.js';
 import { Metrics } from '../../coordinator/api/metrics.js';
 import { AuthThrottle } from '../../coordinator/api/throttle.js';
-import { parsePolicy, runPolicyTests } from '../../coordinator/policy/index.js';
+import { compilePolicy, parsePolicy, runPolicyTests } from '../../coordinator/policy/index.js';
 import { storedTime } from '../../coordinator/state/records.js';
 import { State } from '../../coordinator/state/state.js';
 import { openStore } from '../../coordinator/store/db.js';
@@ -72,6 +72,37 @@ describe('policy evaluation is bounded', () => {
     assert.throws(
       () => parsePolicy(JSON.stringify({ groups: { 'group:big': members }, acls }, null, 1)),
       /policy:\d+:\d+: acls\[\d+\]: the policy expands to more than 1000000 selectors/,
+    );
+  });
+
+  it('compiles rules that share a large group once per prefix, not once per rule and node', () => {
+    const members = Array.from({ length: 2000 }, (_, i) => `10.${i >> 8}.${i & 255}.0/24`);
+    const acls = Array.from({ length: 240 }, (_, k) => ({
+      action: 'accept',
+      src: ['group:big'],
+      dst: [`group:big:${k + 1}`, `n${k}:22`],
+    }));
+    const p = parsePolicy(JSON.stringify({ groups: { 'group:big': members }, acls }));
+    const nodes = Array.from({ length: 1000 }, (_, i) => ({
+      id: `n${i}`,
+      name: `n${i}`,
+      ips: [`100.64.${i >> 8}.${i & 255}`],
+      tags: [],
+      owner: 'k',
+    }));
+    const started = Date.now();
+    const c = compilePolicy(p, nodes);
+    assert.deepEqual(c.visiblePeers('n1'), []);
+    assert.ok(Date.now() - started < 30_000, `took ${Date.now() - started} ms`);
+  });
+
+  it('refuses tests that would look at too many rule selectors, at the test', () => {
+    const members = Array.from({ length: 2000 }, (_, i) => `10.${i >> 8}.${i & 255}.0/24`);
+    const acls = Array.from({ length: 200 }, () => ({ action: 'accept', src: ['group:big'], dst: ['*:22'] }));
+    const tests = Array.from({ length: 10 }, () => ({ src: '10.200.0.1', deny: ['10.201.0.1:22'] }));
+    assert.throws(
+      () => parsePolicy(JSON.stringify({ groups: { 'group:big': members }, acls, tests })),
+      /tests\[4\]: the tests would look at more than 2000000 rule selectors/,
     );
   });
 
