@@ -15,6 +15,7 @@ import {
   ProjectSchema,
 } from '../../proto/gen/meshgate/v1/admin_pb.js';
 import { type Node, NodeSchema } from '../../proto/gen/meshgate/v1/types_pb.js';
+import { escapeUnsafe } from '../../proto/text.js';
 import { type AdminClient, type AdminFlags, adminCommand, connectAdmin } from '../admin-client.js';
 import { CliError } from '../errors.js';
 import { ago, type Column, render } from '../output.js';
@@ -331,7 +332,9 @@ export function registerAdminCommands(program: Command): void {
       const r = await c.call('getPolicy', { project: String(o.project) });
       if (c.format === 'json' || c.format === 'yaml')
         out(render(c.format, { policy: r.policy, updatedAt: iso(r.updatedAt) }, [], []));
-      else out(r.policy || '(no policy: every node of the project reaches every other)');
+      // Stored before policies refused control and bidi characters, a policy could hide what it says.
+      else
+        out(escapeUnsafe(r.policy, '\t\n') || '(no policy: every node of the project reaches every other)');
     },
   );
   withAdmin(

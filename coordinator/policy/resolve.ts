@@ -25,7 +25,10 @@ export const TEST_BUDGET = 2_000_000;
  * Checks every name, selector, port and address of a document that has the right shape, and resolves
  * groups and hosts so that compiling never looks names up again. Throws PolicyProblem at the first error.
  */
-export function resolvePolicy(doc: PolicyDocument): { acls: AclRule[]; tests: PolicyTest[] } {
+export function resolvePolicy(
+  doc: PolicyDocument,
+  { testBudget }: { testBudget: number },
+): { acls: AclRule[]; tests: PolicyTest[] } {
   const names = new Names(doc);
   const acls = (doc.acls ?? []).map((acl, i) => resolveAcl(names, acl, ['acls', i]));
   const perCase = acls.reduce((sum, acl) => sum + acl.src.length + acl.dst.length, 0);
@@ -33,10 +36,10 @@ export function resolvePolicy(doc: PolicyDocument): { acls: AclRule[]; tests: Po
   const tests = (doc.tests ?? []).map((test, i) => {
     const resolved = resolveTest(names, test, ['tests', i]);
     cost += resolved.cases.length * perCase;
-    if (cost > TEST_BUDGET) {
+    if (cost > testBudget) {
       throw new PolicyProblem(
         ['tests', i],
-        `the tests would look at more than ${TEST_BUDGET} rule selectors; write fewer tests or narrower rules`,
+        `the tests would look at more than ${testBudget} rule selectors; write fewer tests or narrower rules`,
       );
     }
     return resolved;

@@ -128,7 +128,7 @@ export class State {
     for (const p of await db.selectFrom('policies').selectAll().execute()) {
       s.policies.set(p.project, {
         source: p.source,
-        parsed: parsePolicy(p.source),
+        parsed: parsePolicy(p.source, { stored: true }),
         updatedAt: storedTime(p.updated_at),
       });
     }

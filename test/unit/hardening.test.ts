@@ -212,6 +212,25 @@ describe('node keys are unique in the store', () => {
     }
   });
 
+  it('loads a stored policy that an older version accepted with a bidi character, and refuses it as input', async () => {
+    const store = await openStore({ url: join(dir, 'policy.db') });
+    try {
+      const source =
+        '{\n  // \u202e reversed\n  "acls": [{"action": "accept", "src": ["*"], "dst": ["*:22"]}]\n}';
+      await store.db.insertInto('projects').values({ name: 'p', created_at: 1 }).execute();
+      await store.db.insertInto('policies').values({ project: 'p', source, updated_at: 1 }).execute();
+      const state = await State.load(store.db, { ephemeralTimeoutMs: 60_000 });
+      assert.equal(state.getPolicy('p')?.source, source);
+      await assert.rejects(
+        state.setPolicy('test', 'p', source),
+        /policy:2:6: syntax error: control or bidirectional/,
+      );
+      await state.close();
+    } finally {
+      await store.close();
+    }
+  });
+
   it('frees the key of a node deleted while it rotated to it', async () => {
     const store = await openStore({ url: join(dir, 'rotate.db') });
     const state = await State.load(store.db, { ephemeralTimeoutMs: 60_000 });
