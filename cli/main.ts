@@ -1,5 +1,6 @@
 // The `meshgate` command: coordinator, agent and admin commands in one.
 import { Command, CommanderError } from 'commander';
+import { escapeUnsafe } from '../proto/text.js';
 import { versionLine } from '../release/version.js';
 import { registerAdminCommands } from './commands/admin.js';
 import { registerAgentCommand } from './commands/agent.js';
@@ -35,7 +36,8 @@ export async function main(argv: string[]): Promise<number> {
     return typeof process.exitCode === 'number' ? process.exitCode : 0;
   } catch (err) {
     if (err instanceof CommanderError) return err.exitCode;
-    process.stderr.write(`meshgate: ${describeError(err, process.env.MESHGATE_COORDINATOR)}\n`);
+    // A message may quote what a coordinator or an agent sent: it must not steer the terminal.
+    process.stderr.write(`meshgate: ${escapeUnsafe(describeError(err, process.env.MESHGATE_COORDINATOR))}\n`);
     return 1;
   }
 }

@@ -1,5 +1,6 @@
 // Prints listings as a table, a wide table, JSON or YAML (-o).
-import YAML from 'yaml';
+import YAML, { Scalar } from 'yaml';
+import { escapeUnsafe, unsafeCharacter } from '../proto/text.js';
 
 export type Format = 'table' | 'wide' | 'json' | 'yaml';
 export const FORMATS: Format[] = ['table', 'wide', 'json', 'yaml'];
@@ -19,7 +20,11 @@ export function parseFormat(text: string): Format {
 
 export function renderTable<T>(rows: T[], columns: Column<T>[], wide: boolean): string {
   const cols = columns.filter((c) => wide || !c.wide);
-  const cells = [cols.map((c) => c.header), ...rows.map((r) => cols.map((c) => c.value(r) || '-'))];
+  // Values come from agents and admins: a control or bidi character would steer the terminal.
+  const cells = [
+    cols.map((c) => c.header),
+    ...rows.map((r) => cols.map((c) => escapeUnsafe(c.value(r) || '-'))),
+  ];
   const widths = cols.map((_, i) => Math.max(...cells.map((row) => row[i]!.length)));
   return cells
     .map((row) =>
@@ -35,12 +40,28 @@ export function renderTable<T>(rows: T[], columns: Column<T>[], wide: boolean): 
 export function render<T>(format: Format, data: unknown, rows: T[], columns: Column<T>[]): string {
   switch (format) {
     case 'json':
-      return JSON.stringify(data, null, 2);
+      // JSON.stringify escapes C0 controls but leaves C1 and bidi characters raw.
+      return escapeUnsafe(JSON.stringify(data, null, 2), '\n');
     case 'yaml':
-      return YAML.stringify(data).trimEnd();
+      // Double-quoted YAML scalars are the ones where \uXXXX escapes mean the character.
+      return escapeUnsafe(YAML.stringify(quoteUnsafe(data), { lineWidth: 0 }).trimEnd(), '\n');
     default:
       return renderTable(rows, columns, format === 'wide');
   }
+}
+
+/** `data` with every string that holds a terminal-unsafe character made a double-quoted scalar. */
+function quoteUnsafe(data: unknown): unknown {
+  if (typeof data === 'string') {
+    if (!unsafeCharacter(data)) return data;
+    const s = new Scalar(data);
+    s.type = Scalar.QUOTE_DOUBLE;
+    return s;
+  }
+  if (Array.isArray(data)) return data.map(quoteUnsafe);
+  if (data && typeof data === 'object')
+    return Object.fromEntries(Object.entries(data).map(([k, v]) => [k, quoteUnsafe(v)]));
+  return data;
 }
 
 /** "3m ago", "just now", "-" for the lastSeen column. */

@@ -54,6 +54,16 @@ export const ConfigSchema = z
         burst: z.number().int().positive().default(100),
       })
       .default({ perSecond: 10, burst: 100 }),
+    /**
+     * Failed authentications per source address: a burst, then this many per
+     * second. Generous, like registrationRate: many machines may share one address.
+     */
+    authFailureRate: z
+      .object({
+        perSecond: z.number().positive().default(1),
+        burst: z.number().int().positive().default(100),
+      })
+      .default({ perSecond: 1, burst: 100 }),
     /** The relay for nodes without a direct path, with limits per sending node. */
     relay: z
       .object({

@@ -22,6 +22,7 @@ import { Metrics } from './api/metrics.js';
 import { RateLimiter } from './api/ratelimit.js';
 import { RelayHub } from './api/relay.js';
 import { ReleaseDir } from './api/releases.js';
+import { AuthThrottle } from './api/throttle.js';
 import type { CoordinatorConfig } from './config.js';
 import { lockDataDir, prepareDataDir } from './datadir.js';
 import type { Logger } from './log.js';
@@ -186,6 +187,7 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
     onDelivered: (ms) => metrics.deltaLatency.observe(ms / 1000),
   });
   undo.push(() => mapper.close());
+  const throttle = new AuthThrottle(config.authFailureRate, log, metrics);
   const databaseOk = () => store.ping();
   const releases = new ReleaseDir(config.releasesDir ?? null);
   const handlers = adminHandlers({ state, version: VERSION, databaseOk, releases });
@@ -199,7 +201,7 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
   const limiter = new RateLimiter(config.registrationRate.perSecond, config.registrationRate.burst);
   const server = new grpc.Server(SERVER_OPTIONS);
   undo.push(() => server.forceShutdown());
-  server.addService(serviceDefinition(AdminService), adminImplementation(handlers, state, log, false));
+  server.addService(serviceDefinition(AdminService), adminImplementation(handlers, state, log, throttle));
   server.addService(
     serviceDefinition(ControlService),
     controlImplementation({
@@ -208,6 +210,7 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
       relay,
       verifier: new CallVerifier(state, { clockSkewMs: parseDuration(config.clockSkew) }),
       limiter,
+      throttle,
       metrics,
       log,
     }),
@@ -233,7 +236,7 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
     headscale = new grpc.Server(SERVER_OPTIONS);
     const hsServer = headscale;
     undo.push(() => hsServer.forceShutdown());
-    const hs = headscaleService(headscaleHandlers({ state, databaseOk }), state, log);
+    const hs = headscaleService(headscaleHandlers({ state, databaseOk }), state, log, throttle);
     headscale.addService(hs.definition, hs.implementation);
     headscalePort = await bind(
       headscale,
@@ -252,12 +255,22 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
   if (existsSync(adminSocket)) unlinkSync(adminSocket);
   const local = new grpc.Server(SERVER_OPTIONS);
   undo.push(() => local.forceShutdown());
-  local.addService(serviceDefinition(AdminService), adminImplementation(handlers, state, log, true));
+  local.addService(serviceDefinition(AdminService), adminImplementation(handlers, state, log, null));
   await bind(local, `unix://${adminSocket}`, grpc.ServerCredentials.createInsecure(), '--data-dir');
   undo.push(() => existsSync(adminSocket) && unlinkSync(adminSocket));
   chmodSync(adminSocket, 0o600);
 
-  const app = httpApp({ handlers, state, metrics, databaseOk, log, releases, limiter, metricsToken });
+  const app = httpApp({
+    handlers,
+    state,
+    metrics,
+    databaseOk,
+    log,
+    releases,
+    limiter,
+    metricsToken,
+    throttle,
+  });
   const http: HttpServer =
     !config.plaintext && identity
       ? createHttpsServer({ key: identity.key, cert: identity.cert, minVersion: 'TLSv1.3' }, app)

@@ -1,4 +1,6 @@
 // Durations as people type them: "90s", "30m", "1h", "7d", "1h30m".
+import { quote } from './text.js';
+
 const UNITS: Record<string, number> = {
   ms: 1,
   s: 1000,
@@ -8,7 +10,17 @@ const UNITS: Record<string, number> = {
   w: 604_800_000,
 };
 
+/**
+ * The longest duration anything accepts (about ten years): every expiry and
+ * timeout stays far inside what a timestamp, an int64 and a JavaScript Date
+ * can hold.
+ */
+export const MAX_DURATION_MS = 3650 * UNITS.d!;
+const MAX_TEXT = 64;
+
 export function parseDuration(text: string): number {
+  if (text.length > MAX_TEXT)
+    throw new RangeError(`invalid duration ${quote(text, 16)}: longer than ${MAX_TEXT} characters`);
   const trimmed = text.trim();
   const re = /(\d+(?:\.\d+)?)(ms|s|m|h|d|w)/gy;
   let total = 0;
@@ -18,9 +30,10 @@ export function parseDuration(text: string): number {
     consumed = re.lastIndex;
   }
   if (trimmed === '' || consumed !== trimmed.length) {
-    throw new RangeError(`invalid duration "${text}": use a number with a unit, e.g. 30m, 1h, 90d`);
+    throw new RangeError(`invalid duration ${quote(text)}: use a number with a unit, e.g. 30m, 1h, 90d`);
   }
-  return total;
+  if (!(total <= MAX_DURATION_MS)) throw new RangeError(`invalid duration ${quote(text)}: at most 3650d`);
+  return Math.round(total);
 }
 
 export function formatDuration(ms: number): string {

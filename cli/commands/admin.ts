@@ -17,6 +17,7 @@ import {
   ProjectSchema,
 } from '../../proto/gen/meshgate/v1/admin_pb.js';
 import { type Node, NodeSchema } from '../../proto/gen/meshgate/v1/types_pb.js';
+import { escapeUnsafe } from '../../proto/text.js';
 import { type AdminClient, type AdminFlags, adminCommand, connectAdmin } from '../admin-client.js';
 import { CliError } from '../errors.js';
 import { ago, type Column, render } from '../output.js';
@@ -142,15 +143,6 @@ const VERSION_COLUMNS: Column<DesiredVersion>[] = [
   { header: 'ARTIFACT', value: (v) => v.artifactUrl || '(served by the coordinator)', wide: true },
   { header: 'SHA256', value: (v) => v.sha256, wide: true },
 ];
-
-/** Details quote what admins and agents sent, possibly before such text was refused: keep terminal controls inert. */
-function escapeUnsafe(text: string): string {
-  return text.replace(
-    // biome-ignore lint/suspicious/noControlCharactersInRegex: control characters are exactly what is escaped
-    /[\u0000-\u001f\u007f-\u009f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g,
-    (ch) => `\\u${ch.charCodeAt(0).toString(16).padStart(4, '0')}`,
-  );
-}
 
 function readPolicyFile(file: string): string {
   try {
@@ -372,7 +364,11 @@ export function registerAdminCommands(program: Command): void {
         process.stderr.write(
           `project ${String(o.project)} has no policy: every node of the project reaches every other\n`,
         );
-      else process.stdout.write(r.policy.endsWith('\n') ? r.policy : `${r.policy}\n`);
+      else {
+        // Stored before policies refused control and bidi characters, a policy could hide what it says.
+        const shown = escapeUnsafe(r.policy, '\t\n');
+        process.stdout.write(shown.endsWith('\n') ? shown : `${shown}\n`);
+      }
     },
   );
   withAdmin(

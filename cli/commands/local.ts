@@ -4,6 +4,7 @@ import { existsSync } from 'node:fs';
 import type { Command } from 'commander';
 import { agentDown, agentLogout, agentStatus, agentUp } from '../../agent/localapi/client.js';
 import type { AgentStatus, PeerStatus } from '../../agent/localapi/types.js';
+import { escapeUnsafe } from '../../proto/text.js';
 import { drifts } from '../../release/semver.js';
 import { CliError } from '../errors.js';
 import { ago, type Column, FORMATS, parseFormat, render } from '../output.js';
@@ -75,7 +76,8 @@ function statusText(s: AgentStatus, wide: boolean): string {
     '',
     s.peers.length ? render(wide ? 'wide' : 'table', null, s.peers, PEER_COLUMNS) : 'no peers',
   ];
-  return lines.join('\n');
+  // Names, versions and errors come from the coordinator: shown, never interpreted.
+  return escapeUnsafe(lines.join('\n'), '\n');
 }
 
 function runInherit(cmd: string, args: string[]): Promise<number> {

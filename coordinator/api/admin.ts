@@ -25,7 +25,7 @@ import type { AuthKeyRecord } from '../state/records.js';
 import type { ApiKeyRecord, DesiredVersionRecord, State } from '../state/state.js';
 import { ReleaseDir } from './releases.js';
 import { type AdminContext, scoped } from './scope.js';
-import { duration, isCidr, LIMITS, list, sized, tags, text } from './validate.js';
+import { bounded, duration, isCidr, LIMITS, list, sized, tags, text } from './validate.js';
 
 export type { AdminContext } from './scope.js';
 
@@ -116,7 +116,21 @@ function msg<D extends DescMessage>(schema: D, init: Parameters<typeof create<D>
   return create(schema, init);
 }
 
-export function adminHandlers({
+export function adminHandlers(deps: AdminDeps): AdminHandlers {
+  const handlers = unboundedHandlers(deps);
+  const out: Record<string, unknown> = {};
+  for (const m of pb.AdminService.methods) {
+    const h = handlers[m.localName as keyof AdminHandlers] as (
+      r: unknown,
+      c: AdminContext,
+    ) => Promise<unknown>;
+    out[m.localName] = (req: MessageShape<typeof m.input>, ctx: AdminContext) =>
+      h(bounded(m.input, req), ctx);
+  }
+  return out as AdminHandlers;
+}
+
+function unboundedHandlers({
   state,
   version,
   databaseOk,

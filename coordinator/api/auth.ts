@@ -105,11 +105,15 @@ export class CallVerifier {
   }
 }
 
-/** "1.2.3.4" from grpc-js peer strings like "1.2.3.4:5678", "[::1]:5678" or "ipv4:…". */
+/**
+ * "1.2.3.4" from grpc-js peer strings like "1.2.3.4:5678", "[::1]:5678" or
+ * "ipv4:…", and from socket addresses; an IPv4-mapped IPv6 address is its
+ * IPv4 address, so one client has one name in every log line.
+ */
 export function peerAddress(peer: string): string {
   const p = peer.replace(/^ipv[46]:/, '');
   const v6 = /^\[([^\]]+)\]:\d+$/.exec(p);
-  if (v6) return v6[1]!;
   const v4 = /^([^:]+):\d+$/.exec(p);
-  return v4 ? v4[1]! : p;
+  const address = v6 ? v6[1]! : v4 ? v4[1]! : p;
+  return address.replace(/^::ffff:(\d+\.\d+\.\d+\.\d+)$/i, '$1');
 }

@@ -27,6 +27,7 @@ import type { Metrics } from './metrics.js';
 import type { RateLimiter } from './ratelimit.js';
 import type { RelayHub } from './relay.js';
 import { grpcError, toStatus } from './status.js';
+import { type AuthThrottle, refusal } from './throttle.js';
 import { isCidr, isEndpoint, key32, LIMITS, list, lockdownPorts, tags, text } from './validate.js';
 
 export interface ControlDeps {
@@ -35,6 +36,7 @@ export interface ControlDeps {
   relay: RelayHub;
   verifier: CallVerifier;
   limiter: RateLimiter;
+  throttle: AuthThrottle;
   metrics: Metrics;
   log: Logger;
 }
@@ -48,13 +50,16 @@ const ROTATE = path('RotateNodeKey');
 const RELAY = path('Relay');
 
 export function controlImplementation(deps: ControlDeps): grpc.UntypedServiceImplementation {
-  const { state, mapper, relay, verifier, limiter, metrics, log } = deps;
+  const { state, mapper, relay, verifier, limiter, throttle, metrics, log } = deps;
 
   const refuse = (method: string, peer: string, err: unknown, cb?: grpc.sendUnaryData<never>) => {
     const s = toStatus(err, log, { method, peer });
     if (err instanceof CoordinatorError) {
       // One line per refusal with the source address, for fail2ban and people alike.
-      log.warn({ peer, method, reason: s.details }, 'refused agent call');
+      // Register has a limiter of its own, for every attempt.
+      if (err.kind === 'unauthenticated' && method !== 'Register')
+        throttle.failed('control', peer, method, s.details);
+      else refusal(log, 'control', peer, method, s.details);
       metrics.refusedCalls.inc({ method, reason: err.kind });
     }
     cb?.(grpcError(s) as grpc.ServiceError, null);
@@ -104,6 +109,7 @@ export function controlImplementation(deps: ControlDeps): grpc.UntypedServiceImp
       const peer = peerAddress(call.getPeer());
       let node: ReturnType<CallVerifier['verifyNode']>;
       try {
+        throttle.check('control', peer, 'Sync');
         node = verifier.verifyNode(call.metadata, SYNC, new Uint8Array());
       } catch (err) {
         const s = refuse('Sync', peer, err);
@@ -152,6 +158,7 @@ export function controlImplementation(deps: ControlDeps): grpc.UntypedServiceImp
       const peer = peerAddress(call.getPeer());
       let nodeId: string;
       try {
+        throttle.check('control', peer, 'Relay');
         nodeId = verifier.verifyNode(call.metadata, RELAY, new Uint8Array()).id;
       } catch (err) {
         call.emit('error', grpcError(refuse('Relay', peer, err)));
@@ -175,6 +182,7 @@ export function controlImplementation(deps: ControlDeps): grpc.UntypedServiceImp
     async logout(call: grpc.ServerUnaryCall<LogoutRequest, unknown>, cb: grpc.sendUnaryData<unknown>) {
       const peer = peerAddress(call.getPeer());
       try {
+        throttle.check('control', peer, 'Logout');
         const node = verifier.verifyNode(call.metadata, LOGOUT, rawBytes(call.request));
         await state.logout(node.id);
         log.info({ peer, node: node.id, name: node.name, ephemeral: node.ephemeral }, 'node logged out');
@@ -190,6 +198,7 @@ export function controlImplementation(deps: ControlDeps): grpc.UntypedServiceImp
     ) {
       const peer = peerAddress(call.getPeer());
       try {
+        throttle.check('control', peer, 'RotateNodeKey');
         const node = verifier.verifyNode(call.metadata, ROTATE, rawBytes(call.request));
         const updated = await state.rotateNodeKey(
           node.id,

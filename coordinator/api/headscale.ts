@@ -14,6 +14,7 @@ import type { NodeRecord } from '../state/records.js';
 import type { ProjectRecord, State } from '../state/state.js';
 import { type ActorHandler, authenticatedImplementation } from './grpc-admin.js';
 import type { StatusLike } from './status.js';
+import type { AuthThrottle } from './throttle.js';
 import { LIMITS, sized, tags } from './validate.js';
 
 const HOUR = 3_600_000;
@@ -245,8 +246,9 @@ export function headscaleService(
   handlers: HeadscaleHandlers,
   state: State,
   log: Logger,
+  throttle: AuthThrottle,
 ): { definition: grpc.ServiceDefinition; implementation: grpc.UntypedServiceImplementation } {
-  const options = { state, log, local: false, status: headscaleStatus };
+  const options = { state, log, throttle, status: headscaleStatus };
   // Headscale has no scoped keys, and this API does not narrow its answers to a scope.
   const globalOnly = Object.fromEntries(
     Object.entries(handlers as unknown as Record<string, ActorHandler>).map(([name, h]) => [

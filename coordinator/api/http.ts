@@ -5,14 +5,16 @@ import { type DescMethod, fromJson, type JsonValue, toJson } from '@bufbuild/pro
 import express, { type NextFunction, type Request, type Response } from 'express';
 import type { Logger } from 'pino';
 import { AdminService } from '../../proto/gen/meshgate/v1/admin_pb.js';
+import { escapeUnsafe, quote } from '../../proto/text.js';
 import type { State } from '../state/state.js';
 import type { AdminContext, AdminHandlers } from './admin.js';
-import { adminActor } from './auth.js';
+import { adminActor, peerAddress } from './auth.js';
 import { bearerMatches } from './bearer.js';
 import type { Metrics } from './metrics.js';
 import { RateLimiter } from './ratelimit.js';
 import { ReleaseDir, releaseRoutes } from './releases.js';
 import { toStatus } from './status.js';
+import type { AuthThrottle } from './throttle.js';
 
 export interface HttpDeps {
   handlers: AdminHandlers;
@@ -24,7 +26,11 @@ export interface HttpDeps {
   limiter?: RateLimiter;
   /** When set, /metrics answers only requests with "Authorization: Bearer <token>". */
   metricsToken?: string;
+  throttle: AuthThrottle;
 }
+
+/** A policy of 1 MiB, escaped as JSON, with room to spare. */
+const MAX_BODY = '4mb';
 
 const GET_SHORTCUTS: Record<string, { method: string; query: string[] }> = {
   '/projects': { method: 'ListProjects', query: [] },
@@ -46,6 +52,7 @@ export function httpApp({
   releases = new ReleaseDir(null),
   limiter = new RateLimiter(10, 100),
   metricsToken,
+  throttle,
 }: HttpDeps): express.Express {
   const app = express();
   app.disable('x-powered-by');
@@ -79,19 +86,25 @@ export function httpApp({
 
   const methods = new Map<string, DescMethod>(AdminService.methods.map((m) => [m.name, m]));
   const api = express.Router();
-  api.use(express.json({ limit: '2mb' }));
+  // The key is checked before the body is read: an unauthenticated caller costs no parsing.
   api.use(async (req: Request, res: Response, next: NextFunction) => {
+    const peer = peerAddress(req.socket.remoteAddress ?? '');
+    const route = `${req.method} ${req.path.slice(0, 64)}`;
     try {
+      throttle.check('rest', peer, route);
       res.locals.ctx = await adminActor(state, req.get('authorization'), false);
       next();
     } catch (err) {
-      send(res, err, req.path);
+      const s = toStatus(err, log, { http: route });
+      if (s.http === 401) throttle.failed('rest', peer, route, s.details);
+      res.status(s.http).json({ error: s.details });
     }
   });
+  api.use(express.json({ limit: MAX_BODY }));
   const call = async (res: Response, name: string, body: JsonValue) => {
     const m = methods.get(name);
     if (!m) {
-      res.status(404).json({ error: `no admin method ${name}` });
+      res.status(404).json({ error: `no admin method ${quote(name)}` });
       return;
     }
     try {
@@ -99,7 +112,8 @@ export function httpApp({
       try {
         req = fromJson(m.input, body ?? {});
       } catch (err) {
-        res.status(400).json({ error: `bad request body for ${name}: ${(err as Error).message}` });
+        const why = escapeUnsafe((err as Error).message.slice(0, 200));
+        res.status(400).json({ error: `bad request body for ${name}: ${why}` });
         return;
       }
       const handler = handlers[m.localName as keyof AdminHandlers] as (
@@ -125,6 +139,23 @@ export function httpApp({
   }
   api.post('/:method', (req, res) => call(res, String(req.params.method), req.body as JsonValue));
   app.use('/api/v1', api);
+  app.use((req: Request, res: Response) => {
+    res.status(404).json({ error: `no route ${req.method} ${quote(req.path)}` });
+  });
+  // Express would answer with an HTML page with a stack trace; callers get one JSON line, the log the rest.
+  app.use((err: unknown, req: Request, res: Response, _next: NextFunction) => {
+    const e = err as { type?: string; status?: number };
+    if (e.type === 'entity.too.large') {
+      res.status(413).json({ error: `request body is larger than ${MAX_BODY}` });
+    } else if (e.type === 'entity.parse.failed') {
+      res.status(400).json({ error: 'request body is not valid JSON' });
+    } else if (typeof e.status === 'number' && e.status >= 400 && e.status < 500) {
+      res.status(e.status).json({ error: 'bad request' });
+    } else {
+      log.error({ err, http: req.path }, 'internal error');
+      res.status(500).json({ error: 'internal error; see the coordinator log' });
+    }
+  });
 
   function send(res: Response, err: unknown, what: string) {
     const s = toStatus(err, log, { http: what });

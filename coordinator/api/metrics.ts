@@ -15,6 +15,8 @@ export class Metrics {
   readonly rejectedRegistrations: Counter<'reason'>;
   readonly deltaLatency: Histogram;
   readonly refusedCalls: Counter<'method' | 'reason'>;
+  readonly authFailures: Counter<'api'>;
+  readonly authThrottled: Counter<'api'>;
   readonly relayPackets: Counter<'result'>;
   readonly relayBytes: Counter;
 
@@ -82,6 +84,18 @@ export class Metrics {
       name: 'meshgate_refused_calls_total',
       help: 'Agent calls refused by method and reason',
       labelNames: ['method', 'reason'],
+      registers,
+    });
+    this.authFailures = new Counter({
+      name: 'meshgate_auth_failures_total',
+      help: 'Failed authentications (API key or call signature) by API',
+      labelNames: ['api'],
+      registers,
+    });
+    this.authThrottled = new Counter({
+      name: 'meshgate_auth_throttled_total',
+      help: 'Calls refused unchecked because their address failed to authenticate too often, by API',
+      labelNames: ['api'],
       registers,
     });
     this.relayPackets = new Counter({

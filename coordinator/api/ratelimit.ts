@@ -1,4 +1,4 @@
-// Token buckets per source address, for registration attempts.
+// Token buckets per source address: registration attempts, failed authentications.
 export class RateLimiter {
   private readonly buckets = new Map<string, { tokens: number; at: number }>();
 
@@ -11,7 +11,7 @@ export class RateLimiter {
   take(key: string): boolean {
     const now = this.now();
     const b = this.buckets.get(key) ?? { tokens: this.burst, at: now };
-    b.tokens = Math.min(this.burst, b.tokens + ((now - b.at) / 1000) * this.perSecond);
+    b.tokens = this.tokens(b, now);
     b.at = now;
     const ok = b.tokens >= 1;
     if (ok) b.tokens -= 1;
@@ -20,9 +20,17 @@ export class RateLimiter {
     return ok;
   }
 
+  /** Whether `take` would succeed now; takes nothing. */
+  available(key: string): boolean {
+    const b = this.buckets.get(key);
+    return !b || this.tokens(b, this.now()) >= 1;
+  }
+
+  private tokens(b: { tokens: number; at: number }, now: number): number {
+    return Math.min(this.burst, b.tokens + ((now - b.at) / 1000) * this.perSecond);
+  }
+
   private prune(now: number): void {
-    for (const [k, b] of this.buckets) {
-      if (b.tokens + ((now - b.at) / 1000) * this.perSecond >= this.burst) this.buckets.delete(k);
-    }
+    for (const [k, b] of this.buckets) if (this.tokens(b, now) >= this.burst) this.buckets.delete(k);
   }
 }

@@ -34,9 +34,18 @@ export interface StatusLike {
   reason?: string;
 }
 
+/**
+ * Status details travel in an HTTP/2 header: a long one can exceed what the
+ * client accepts and stall the connection. Messages quote short prefixes of
+ * what callers sent; this is the last bound.
+ */
+const MAX_DETAILS = 1024;
+
 export function toStatus(err: unknown, log: Logger, context: object): StatusLike {
-  if (err instanceof CoordinatorError)
-    return { code: GRPC[err.kind], http: HTTP[err.kind], details: err.message, reason: err.reason };
+  if (err instanceof CoordinatorError) {
+    const details = err.message.length > MAX_DETAILS ? `${err.message.slice(0, MAX_DETAILS)}…` : err.message;
+    return { code: GRPC[err.kind], http: HTTP[err.kind], details, reason: err.reason };
+  }
   log.error({ err, ...context }, 'internal error');
   return { code: grpc.status.INTERNAL, http: 500, details: 'internal error; see the coordinator log' };
 }

@@ -1,7 +1,9 @@
 // Checks on what arrives from the network, before it reaches the state.
 import { isIP } from 'node:net';
+import type { DescMessage, MessageShape } from '@bufbuild/protobuf';
 import { parseDuration } from '../../proto/duration.js';
 import { isTag } from '../../proto/names.js';
+import { quote, unsafeCharacter } from '../../proto/text.js';
 import { invalid } from '../state/errors.js';
 
 export const LIMITS = {
@@ -15,18 +17,43 @@ export const LIMITS = {
   reason: 256,
   description: 256,
   policy: 1024 * 1024,
+  /** Any other string of an admin request: names, ids, tags, durations. */
+  field: 1024,
+  /** Any list of an admin request. */
+  items: 256,
 };
 
+/** Refuses text that would be stored and later shown on a terminal: too long, or with characters that steer it. */
 export function text(field: string, value: string, max: number): string {
   sized(field, value, max);
-  // biome-ignore lint/suspicious/noControlCharactersInRegex: control characters are exactly what is refused
-  if (/[\u0000-\u001f\u007f]/.test(value)) throw invalid(`${field} contains control characters`);
+  const bad = unsafeCharacter(value);
+  if (bad) throw invalid(`${field} contains the control or bidirectional character ${bad}`);
   return value;
 }
 
 export function sized(field: string, value: string, max: number): string {
   if (value.length > max) throw invalid(`${field} is larger than ${max} bytes`);
   return value;
+}
+
+/**
+ * Bounds every string, bytes and list field of a request before any handler
+ * looks at it, so no work (and no error message) scales with what a caller
+ * sends. Fields with tighter rules are checked again by their handler.
+ */
+export function bounded<D extends DescMessage>(schema: D, message: MessageShape<D>): MessageShape<D> {
+  const values = message as unknown as Record<string, unknown>;
+  for (const f of schema.fields) {
+    const v = values[f.localName];
+    const max = f.name === 'policy' ? LIMITS.policy : LIMITS.field;
+    if (typeof v === 'string' || v instanceof Uint8Array) {
+      if (v.length > max) throw invalid(`${f.name} is larger than ${max} bytes`);
+    } else if (Array.isArray(v)) {
+      if (v.length > LIMITS.items) throw invalid(`${f.name}: at most ${LIMITS.items} entries`);
+      for (const item of v) if (typeof item === 'string') sized(f.name, item, LIMITS.field);
+    }
+  }
+  return message;
 }
 
 export function list(
@@ -37,7 +64,7 @@ export function list(
   what: string,
 ): string[] {
   if (values.length > max) throw invalid(`${field}: at most ${max} entries`);
-  for (const v of values) if (!check(v)) throw invalid(`${field}: "${v.slice(0, 80)}" is not ${what}`);
+  for (const v of values) if (!check(v)) throw invalid(`${field}: ${quote(v)} is not ${what}`);
   return values;
 }
 

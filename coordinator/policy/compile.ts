@@ -93,11 +93,24 @@ export interface Endpoint {
   addresses: Address[];
 }
 
+/** What one address selector means for the nodes: its text, the nodes it overlaps, what it opens on each. */
+interface PrefixMatch {
+  cidr: string;
+  overlaps: number[];
+  within: { index: number; cidrs: string[] }[];
+}
+
 export class RuleSet implements CompiledPolicy {
   readonly allowAll = false;
   private readonly rules: Rule[];
   /** By node index. */
   private readonly grants: Grant[][];
+  /**
+   * By prefix object. A group's selectors are shared by every rule that names it, so a prefix is matched
+   * against the nodes once, not once per rule: compiling costs the policy's selectors plus its distinct
+   * prefixes times the nodes, not their product.
+   */
+  private readonly prefixes = new Map<Prefix, PrefixMatch>();
 
   constructor(
     policy: Policy,
@@ -215,6 +228,21 @@ export class RuleSet implements CompiledPolicy {
       .flatMap((j) => this.nodes.at(j).hostCidrs);
   }
 
+  private prefixMatch(prefix: Prefix): PrefixMatch {
+    let m = this.prefixes.get(prefix);
+    if (!m) {
+      m = { cidr: formatPrefix(prefix), overlaps: [], within: [] };
+      for (let i = 0; i < this.nodes.size; i++) {
+        const node = this.nodes.at(i);
+        if (overlapsNode(prefix, node)) m.overlaps.push(i);
+        const cidrs = cidrsWithin(prefix, node);
+        if (cidrs.length > 0) m.within.push({ index: i, cidrs });
+      }
+      this.prefixes.set(prefix, m);
+    }
+    return m;
+  }
+
   private compileSources(acl: AclRule): Rule {
     const n = this.nodes.size;
     const picked = new Uint8Array(n);
@@ -226,13 +254,12 @@ export class RuleSet implements CompiledPolicy {
     const wildcard = acl.src.some((s) => s.kind === 'all');
     // With `*` every address is a source; listing the nodes' own addresses too would only grow filters.
     if (wildcard) srcPrefixes = ANY_PREFIXES;
-    const cidrs = new Set<string>(srcPrefixes.map(formatPrefix));
+    const cidrs = new Set<string>(srcPrefixes.map((p) => this.prefixMatch(p).cidr));
     const seeSrc = picked.slice();
     for (let i = 0; i < n; i++) {
-      const node = this.nodes.at(i);
-      if (picked[i] === 1 && !wildcard) for (const cidr of node.hostCidrs) cidrs.add(cidr);
-      if (srcPrefixes.some((p) => overlapsNode(p, node))) seeSrc[i] = 1;
+      if (picked[i] === 1 && !wildcard) for (const cidr of this.nodes.at(i).hostCidrs) cidrs.add(cidr);
     }
+    for (const p of srcPrefixes) for (const i of this.prefixMatch(p).overlaps) seeSrc[i] = 1;
     return {
       protocols: frozen([...acl.protocols]),
       picked,
@@ -279,7 +306,7 @@ export class RuleSet implements CompiledPolicy {
         grant(i, dstCidrs, false);
       };
       if (selector.kind === 'prefix') {
-        for (let i = 0; i < this.nodes.size; i++) open(i, cidrsWithin(selector.prefix, this.nodes.at(i)));
+        for (const { index, cidrs } of this.prefixMatch(selector.prefix).within) open(index, cidrs);
         continue;
       }
       destination.picked = new Uint8Array(this.nodes.size);

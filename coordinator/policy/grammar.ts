@@ -1,3 +1,4 @@
+import { quote } from '../../proto/text.js';
 import { type JsonPath, PolicyProblem } from './errors.js';
 import type { PortRange } from './types.js';
 
@@ -7,9 +8,8 @@ export function isLabel(text: string): boolean {
   return /^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/.test(text);
 }
 
-export function quote(text: string): string {
-  return JSON.stringify(text);
-}
+/** Names from the policy appear in messages quoted, escaped and cut short. */
+export { quote };
 
 /**
  * Splits `selector:ports` at the last colon. IPv6 destinations must be bracketed (`[fd00::1]:22`):

@@ -1,5 +1,8 @@
 import { SyntaxProblem } from './errors.js';
 
+/** A policy is a few levels deep; parsing and validating recurse once per level. */
+export const MAX_DEPTH = 32;
+
 /**
  * Turns HuJSON (JSON with comments and trailing commas) into JSON of the same length: every removed
  * character becomes a space and line breaks stay, so offsets into the result are offsets into the input.
@@ -9,6 +12,7 @@ export function standardize(text: string): string {
   // Editors on Windows may save a byte order mark, which JSON.parse refuses.
   if (out[0] === '\uFEFF') out[0] = ' ';
   let pendingComma = -1;
+  let depth = 0;
   let i = 0;
   const blank = (from: number, to: number) => {
     for (let k = from; k < to; k++) if (out[k] !== '\n' && out[k] !== '\r') out[k] = ' ';
@@ -31,7 +35,12 @@ export function standardize(text: string): string {
     } else if (c === ' ' || c === '\t' || c === '\n' || c === '\r') {
       i++;
     } else {
-      if ((c === ']' || c === '}') && pendingComma >= 0) out[pendingComma] = ' ';
+      if (c === '[' || c === '{') {
+        if (++depth > MAX_DEPTH) throw new SyntaxProblem(i, `nested more than ${MAX_DEPTH} levels deep`);
+      } else if (c === ']' || c === '}') {
+        depth--;
+        if (pendingComma >= 0) out[pendingComma] = ' ';
+      }
       pendingComma = c === ',' ? i : -1;
       i++;
     }

@@ -1,3 +1,4 @@
+import { quote } from '../../proto/text.js';
 import { type JsonPath, SyntaxProblem } from './errors.js';
 
 /** Offsets of a value and, for object members, of its key. */
@@ -25,7 +26,7 @@ export function formatPath(path: JsonPath): string {
     .map((part, i) => {
       if (typeof part === 'number') return `[${part}]`;
       if (/^[A-Za-z_$][\w$]*$/.test(part)) return i === 0 ? part : `.${part}`;
-      return `[${JSON.stringify(part)}]`;
+      return `[${quote(part)}]`;
     })
     .join('');
 }

@@ -1,14 +1,35 @@
+import { firstUnsafe, quote } from '../../proto/text.js';
 import { type JsonPath, PolicyError, PolicyProblem, SyntaxProblem } from './errors.js';
 import { standardize } from './hujson.js';
 import { formatPath, indexSource, lineColumn, pathKey, type SourceIndex } from './locate.js';
-import { resolvePolicy } from './resolve.js';
+import { resolvePolicy, TEST_BUDGET } from './resolve.js';
 import { policyDocument } from './schema.js';
 import type { Policy } from './types.js';
 
+export interface ParseOptions {
+  /**
+   * A policy the store already holds: accepted by an older version, it must still load. Characters
+   * that steer terminals and the budget of its tests are checked for a policy that comes in (set, or
+   * checked from a file), not for one read back from the store.
+   */
+  stored?: boolean;
+}
+
 /** Parses and validates a policy; throws PolicyError with the line and column of the first problem. */
-export function parsePolicy(text: string): Policy {
+export function parsePolicy(text: string, { stored = false }: ParseOptions = {}): Policy {
   let json: string;
   let value: unknown;
+  // A policy is read by people in terminals and editors: what it says must be what they see.
+  const unsafe = stored ? undefined : firstUnsafe(text, '\t\n\r');
+  if (unsafe) {
+    throw syntaxError(
+      text,
+      new SyntaxProblem(
+        unsafe.offset,
+        `control or bidirectional character ${unsafe.character} is not allowed`,
+      ),
+    );
+  }
   try {
     json = standardize(text);
     value = JSON.parse(json);
@@ -21,7 +42,7 @@ export function parsePolicy(text: string): Policy {
     throw located(
       text,
       index,
-      new PolicyProblem(index.duplicate, `duplicate key ${JSON.stringify(name)}`, 'key'),
+      new PolicyProblem(index.duplicate, `duplicate key ${quote(String(name))}`, 'key'),
     );
   }
   const parsed = policyDocument.safeParse(value);
@@ -35,11 +56,15 @@ export function parsePolicy(text: string): Policy {
         ? new PolicyProblem([...path, issue.keys[0]!], issue.message, 'key')
         : index.positions.has(pathKey(path))
           ? new PolicyProblem(path, issue.message)
-          : new PolicyProblem(path, `missing key ${JSON.stringify(path.at(-1))}`);
+          : new PolicyProblem(path, `missing key ${quote(String(path.at(-1)))}`);
     throw located(text, index, problem);
   }
   try {
-    return { source: text, document: parsed.data, ...resolvePolicy(parsed.data) };
+    return {
+      source: text,
+      document: parsed.data,
+      ...resolvePolicy(parsed.data, { testBudget: stored ? Number.POSITIVE_INFINITY : TEST_BUDGET }),
+    };
   } catch (error) {
     if (error instanceof PolicyProblem) throw located(text, index, error);
     throw error;

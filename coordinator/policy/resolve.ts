@@ -12,22 +12,46 @@ import type {
 } from './types.js';
 
 /**
+ * How many selectors resolving may produce in all, counted where groups and rules are expanded. A policy
+ * is at most 1 MiB, but groups that name groups multiply: this keeps a small policy from taking the
+ * coordinator's time and memory.
+ */
+export const SELECTOR_BUDGET = 1_000_000;
+
+/** How many rule selectors the policy's tests may look at in all: each test case looks at every one. */
+export const TEST_BUDGET = 2_000_000;
+
+/**
  * Checks every name, selector, port and address of a document that has the right shape, and resolves
  * groups and hosts so that compiling never looks names up again. Throws PolicyProblem at the first error.
  */
-export function resolvePolicy(doc: PolicyDocument): { acls: AclRule[]; tests: PolicyTest[] } {
+export function resolvePolicy(
+  doc: PolicyDocument,
+  { testBudget }: { testBudget: number },
+): { acls: AclRule[]; tests: PolicyTest[] } {
   const names = new Names(doc);
-  return {
-    acls: (doc.acls ?? []).map((acl, i) => resolveAcl(names, acl, ['acls', i])),
-    tests: (doc.tests ?? []).map((test, i) => resolveTest(names, test, ['tests', i])),
-  };
+  const acls = (doc.acls ?? []).map((acl, i) => resolveAcl(names, acl, ['acls', i]));
+  const perCase = acls.reduce((sum, acl) => sum + acl.src.length + acl.dst.length, 0);
+  let cost = 0;
+  const tests = (doc.tests ?? []).map((test, i) => {
+    const resolved = resolveTest(names, test, ['tests', i]);
+    cost += resolved.cases.length * perCase;
+    if (cost > testBudget) {
+      throw new PolicyProblem(
+        ['tests', i],
+        `the tests would look at more than ${testBudget} rule selectors; write fewer tests or narrower rules`,
+      );
+    }
+    return resolved;
+  });
+  return { acls, tests };
 }
 
 type Acl = NonNullable<PolicyDocument['acls']>[number];
 type Test = NonNullable<PolicyDocument['tests']>[number];
 
 function resolveAcl(names: Names, acl: Acl, path: JsonPath): AclRule {
-  const src = acl.src.flatMap((raw, j) => names.select(raw, [...path, 'src', j], 'src'));
+  const src = acl.src.flatMap((raw, j) => names.spend(names.select(raw, [...path, 'src', j], 'src'), path));
   const dst = acl.dst.flatMap((raw, j): AclDestination[] => {
     const at = [...path, 'dst', j];
     const { selector, ports: portText } = splitDestination(raw, at);
@@ -35,7 +59,7 @@ function resolveAcl(names: Names, acl: Acl, path: JsonPath): AclRule {
     if (acl.proto === 'icmp' && ports.length > 0) {
       throw new PolicyProblem(at, `icmp has no ports: write ${quote(`${raw.slice(0, -portText.length)}*`)}`);
     }
-    return names.select(selector, at, 'dst').map((s) => ({ selector: s, ports }));
+    return names.spend(names.select(selector, at, 'dst'), path).map((s) => ({ selector: s, ports }));
   });
   return { src, dst, protocols: acl.proto ? [acl.proto] : [] };
 }
@@ -66,6 +90,7 @@ class Names {
   private readonly expanded = new Map<string, NodeSelector[]>();
   /** Groups being expanded, outermost first, to report a cycle by its members. */
   private readonly expanding: string[] = [];
+  private spent = 0;
 
   constructor(doc: PolicyDocument) {
     for (const tag of Object.keys(doc.tagOwners ?? {})) {
@@ -134,6 +159,18 @@ class Names {
     throw unknownName(raw, path);
   }
 
+  /** Counts `selectors` against the budget; returns them. */
+  spend<T>(selectors: T[], path: JsonPath): T[] {
+    this.spent += selectors.length;
+    if (this.spent > SELECTOR_BUDGET) {
+      throw new PolicyProblem(
+        path,
+        `the policy expands to more than ${SELECTOR_BUDGET} selectors; name each group once where it is used`,
+      );
+    }
+    return selectors;
+  }
+
   private tag(raw: string, path: JsonPath): string {
     if (!this.tags.has(raw)) throw new PolicyProblem(path, `unknown tag ${quote(raw)} (not in tagOwners)`);
     return raw;
@@ -150,8 +187,15 @@ class Names {
       throw new PolicyProblem(path, `groups include each other: ${cycle}`);
     }
     this.expanding.push(name);
-    const selectors = members.flatMap((member, i) => this.select(member, ['groups', name, i], 'group'));
+    // Each group is expanded once (memoized) and holds every selector once, so a group that names
+    // another ten times is no larger than the other.
+    const unique = new Map<string, NodeSelector>();
+    members.forEach((member, i) => {
+      const at = ['groups', name, i];
+      for (const s of this.spend(this.select(member, at, 'group'), at)) unique.set(selectorKey(s), s);
+    });
     this.expanding.pop();
+    const selectors = [...unique.values()];
     this.expanded.set(name, selectors);
     return selectors;
   }
@@ -171,6 +215,19 @@ function network(raw: string, path: JsonPath): Prefix | undefined {
     throw new PolicyProblem(path, `${quote(raw)} has host bits set; did you mean ${quote(network)}?`);
   }
   return prefix;
+}
+
+function selectorKey(s: NodeSelector): string {
+  switch (s.kind) {
+    case 'node':
+      return `node ${s.name}`;
+    case 'tag':
+      return `tag ${s.tag}`;
+    case 'prefix':
+      return `prefix ${formatPrefix(s.prefix)}`;
+    default:
+      return s.kind;
+  }
 }
 
 function unknownGroup(name: string, path: JsonPath): PolicyProblem {

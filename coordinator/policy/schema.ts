@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { quote } from '../../proto/text.js';
 
 /** Objects reject unknown keys and name the ones they allow, so a typo gets an answer. */
 function strict<T extends z.ZodRawShape>(shape: T) {
@@ -6,7 +7,7 @@ function strict<T extends z.ZodRawShape>(shape: T) {
   return z.strictObject(shape, {
     error: (issue) =>
       issue.code === 'unrecognized_keys'
-        ? `unknown key ${JSON.stringify(issue.keys[0])} (allowed: ${allowed})`
+        ? `unknown key ${quote(String(issue.keys[0]))} (allowed: ${allowed})`
         : undefined,
   });
 }

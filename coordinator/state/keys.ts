@@ -3,10 +3,11 @@
 // transaction.
 import type { Kysely, Transaction } from 'kysely';
 import { isTag } from '../../proto/names.js';
+import { quote } from '../../proto/text.js';
 import type { Database } from '../store/schema.js';
 import { audit } from './audit.js';
 import { invalid, notFound, unauthenticated } from './errors.js';
-import { type AuthKeyRecord, authKeyFromRow } from './records.js';
+import { type AuthKeyRecord, authKeyFromRow, storedOptionalTime, storedTime } from './records.js';
 import { issueSecret, parseSecret, type SecretKind, secretMatches } from './secrets.js';
 
 export interface ApiKeyRecord {
@@ -52,7 +53,7 @@ export class KeyStore {
   ): Promise<{ record: AuthKeyRecord; key: string }> {
     this.requireProject(opts.project);
     for (const t of opts.tags)
-      if (!isTag(t)) throw invalid(`"${t}" is not a tag (tag:NAME, NAME a DNS label)`);
+      if (!isTag(t)) throw invalid(`${quote(t)} is not a tag (tag:NAME, NAME a DNS label)`);
     if (opts.expiresInMs <= 0 || opts.expiresInMs > 3650 * DAY)
       throw invalid('expiration must be between 1s and 3650d');
     const issued = issueSecret('auth');
@@ -239,7 +240,7 @@ export class KeyStore {
     const row = await this.lookup('api', text);
     const now = this.now();
     if (row.revoked_at !== null) throw unauthenticated(`API key ${row.id} was expired`);
-    if (Number(row.expires_at) <= now)
+    if (storedTime(row.expires_at) <= now)
       throw unauthenticated(`API key ${row.id} expired; create a new one with "meshgate apikeys create"`);
     if (now - (this.apiKeySeen.get(row.id) ?? 0) > API_KEY_SEEN_WRITE_MS) {
       this.apiKeySeen.set(row.id, now);
@@ -285,10 +286,10 @@ function apiKeyFromRow(r: Database['api_keys']): ApiKeyRecord {
   return {
     id: r.id,
     description: r.description,
-    createdAt: Number(r.created_at),
-    expiresAt: Number(r.expires_at),
-    lastSeen: r.last_seen === null ? null : Number(r.last_seen),
-    revokedAt: r.revoked_at === null ? null : Number(r.revoked_at),
+    createdAt: storedTime(r.created_at),
+    expiresAt: storedTime(r.expires_at),
+    lastSeen: storedOptionalTime(r.last_seen),
+    revokedAt: storedOptionalTime(r.revoked_at),
     projects: r.projects === null ? null : (JSON.parse(r.projects) as string[]),
     readOnly: Number(r.read_only) === 1,
   };

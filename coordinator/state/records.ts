@@ -46,6 +46,23 @@ export interface AuthKeyRecord {
 
 const list = (text: string): string[] => JSON.parse(text) as string[];
 
+/** The last millisecond of year 9999: far inside int64, a protobuf Timestamp and a JavaScript Date. */
+export const MAX_TIME_MS = 253_402_300_799_999;
+
+/**
+ * A time as stored. Older versions accepted expiries that no timestamp can
+ * hold; such a row is read as the latest time there is instead of breaking
+ * every listing and netmap that includes it.
+ */
+export function storedTime(value: number | string | bigint): number {
+  const ms = Number(value);
+  if (Number.isNaN(ms)) return MAX_TIME_MS;
+  return Math.min(MAX_TIME_MS, Math.max(0, Math.round(ms)));
+}
+
+export const storedOptionalTime = (value: number | string | bigint | null) =>
+  value === null ? null : storedTime(value);
+
 export function nodeFromRow(r: NodeTable): NodeRecord {
   return {
     id: r.id,
@@ -66,9 +83,9 @@ export function nodeFromRow(r: NodeTable): NodeRecord {
     endpoints: list(r.endpoints),
     advertisedRoutes: list(r.advertised_routes),
     approvedRoutes: list(r.approved_routes),
-    createdAt: Number(r.created_at),
-    lastSeen: r.last_seen === null ? null : Number(r.last_seen),
-    expiresAt: r.expires_at === null ? null : Number(r.expires_at),
+    createdAt: storedTime(r.created_at),
+    lastSeen: storedOptionalTime(r.last_seen),
+    expiresAt: storedOptionalTime(r.expires_at),
     lockdownPorts: JSON.parse(r.lockdown_ports) as number[],
   };
 }
@@ -108,9 +125,9 @@ export function authKeyFromRow(r: AuthKeyTable): AuthKeyRecord {
     ephemeral: r.ephemeral === 1,
     tags: list(r.tags),
     reason: r.reason,
-    createdAt: Number(r.created_at),
-    expiresAt: Number(r.expires_at),
+    createdAt: storedTime(r.created_at),
+    expiresAt: storedTime(r.expires_at),
     usedCount: Number(r.used_count),
-    revokedAt: r.revoked_at === null ? null : Number(r.revoked_at),
+    revokedAt: storedOptionalTime(r.revoked_at),
   };
 }

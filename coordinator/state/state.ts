@@ -8,6 +8,7 @@
 import { randomBytes } from 'node:crypto';
 import type { Kysely, Transaction } from 'kysely';
 import { isDnsLabel, isTag, toDnsLabel } from '../../proto/names.js';
+import { quote } from '../../proto/text.js';
 import { drifts, requireSemVer, type SemVerError } from '../../release/semver.js';
 import {
   type CompiledPolicy,
@@ -33,7 +34,7 @@ import {
 } from './errors.js';
 import { AddressPool, ipv4ForIndex, ipv6ForIndex } from './ipam.js';
 import { KeyStore } from './keys.js';
-import { type AuthKeyRecord, type NodeRecord, nodeFromRow, nodeToRow } from './records.js';
+import { type AuthKeyRecord, type NodeRecord, nodeFromRow, nodeToRow, storedTime } from './records.js';
 
 export type StateEvent =
   | { type: 'node-added'; node: NodeRecord }
@@ -106,6 +107,8 @@ export class State {
   private readonly projects = new Map<string, ProjectRecord>();
   private readonly nodes = new Map<string, NodeRecord>();
   private readonly byMachineKey = new Map<string, string>();
+  /** WireGuard public key -> node id: a key listed twice in a netmap stops every agent that sees it. */
+  private readonly byNodeKey = new Map<string, string>();
   private readonly byProject = new Map<string, Set<string>>();
   /** project -> node name -> node id, so picking a free name does not scan the project. */
   private readonly names = new Map<string, Map<string, string>>();
@@ -146,7 +149,7 @@ export class State {
       s.lastNumber[c.name as Counter] = Number(c.last);
     }
     for (const p of await db.selectFrom('projects').selectAll().execute()) {
-      s.indexProject({ name: p.name, numericId: Number(p.numeric_id), createdAt: Number(p.created_at) });
+      s.indexProject({ name: p.name, numericId: Number(p.numeric_id), createdAt: storedTime(p.created_at) });
     }
     const rows = await db.selectFrom('nodes').selectAll().execute();
     for (const r of rows) s.indexNode(nodeFromRow(r));
@@ -154,8 +157,8 @@ export class State {
     for (const p of await db.selectFrom('policies').selectAll().execute()) {
       s.policies.set(p.project, {
         source: p.source,
-        parsed: parsePolicy(p.source),
-        updatedAt: Number(p.updated_at),
+        parsed: parsePolicy(p.source, { stored: true }),
+        updatedAt: storedTime(p.updated_at),
       });
     }
     const global = await db.selectFrom('global_policy').selectAll().executeTakeFirst();
@@ -171,7 +174,7 @@ export class State {
         project: v.project,
         tag: v.tag,
         version: v.version,
-        updatedAt: Number(v.updated_at),
+        updatedAt: storedTime(v.updated_at),
         artifactUrl: v.artifact_url,
         sha256: v.sha256,
         allowDowngrade: Boolean(v.allow_downgrade),
@@ -219,7 +222,7 @@ export class State {
 
   requireProject(name: string): ProjectRecord {
     const p = this.projects.get(name);
-    if (!p) throw notFound(`project "${name}" does not exist`);
+    if (!p) throw notFound(`project ${quote(name)} does not exist`);
     return p;
   }
 
@@ -234,8 +237,9 @@ export class State {
 
   async createProject(actor: string, name: string): Promise<ProjectRecord> {
     if (!isDnsLabel(name))
-      throw invalid(`project name "${name}" must be a DNS label (a-z, 0-9, -; at most 63)`);
-    if (this.projects.has(name) || this.creating.has(name)) throw exists(`project "${name}" already exists`);
+      throw invalid(`project name ${quote(name)} must be a DNS label (a-z, 0-9, -; at most 63)`);
+    if (this.projects.has(name) || this.creating.has(name))
+      throw exists(`project ${quote(name)} already exists`);
     this.creating.add(name);
     try {
       const p = { name, numericId: this.nextNumber('projects'), createdAt: this.now() };
@@ -265,7 +269,7 @@ export class State {
     const members = this.projectNodes(name);
     if (members.length > 0 && !force) {
       throw precondition(
-        `project "${name}" still has ${members.length} node(s); delete them first or use --force`,
+        `project ${quote(name)} still has ${members.length} node(s); delete them first or use --force`,
       );
     }
     await this.db.transaction().execute(async (tx) => {
@@ -318,12 +322,12 @@ export class State {
     const pool = project ? this.projectNodes(project) : [...this.nodes.values()];
     const byName = pool.filter((n) => n.name === ref);
     if (byName.length === 1) return byName[0]!;
-    if (byName.length > 1) throw invalid(`node name "${ref}" exists in several projects; add --project`);
+    if (byName.length > 1) throw invalid(`node name ${quote(ref)} exists in several projects; add --project`);
     const byPrefix = pool.filter((n) => n.id.startsWith(ref));
     if (byPrefix.length === 1) return byPrefix[0]!;
     if (byPrefix.length > 1)
-      throw invalid(`"${ref}" matches ${byPrefix.length} node ids; give more characters`);
-    throw notFound(`no node "${ref}"${project ? ` in project "${project}"` : ''}`);
+      throw invalid(`${quote(ref)} matches ${byPrefix.length} node ids; give more characters`);
+    throw notFound(`no node ${quote(ref)}${project ? ` in project ${quote(project)}` : ''}`);
   }
 
   isOnline(id: string): boolean {
@@ -374,17 +378,24 @@ export class State {
     const tags = this.tagsFor(key, input.requestedTags);
     if (known) {
       // An expired node re-authorized with a fresh key keeps its identity and addresses.
-      await this.db.transaction().execute(async (tx) => {
-        await this.keys.spend(tx, key);
-        await tx
-          .updateTable('nodes')
-          .set({ expires_at: null, tags: JSON.stringify(tags), node_key: input.nodeKey })
-          .where('id', '=', known.id)
-          .execute();
-      });
+      const release = this.claimNodeKey(input.nodeKey, known.id);
+      try {
+        await this.db.transaction().execute(async (tx) => {
+          await this.keys.spend(tx, key);
+          await tx
+            .updateTable('nodes')
+            .set({ expires_at: null, tags: JSON.stringify(tags), node_key: input.nodeKey })
+            .where('id', '=', known.id)
+            .execute();
+        });
+      } catch (err) {
+        release();
+        throw duplicateKeyOr(err);
+      }
       const node = this.applyChange(known, { expiresAt: null, tags, nodeKey: input.nodeKey }, 'node-added');
       return { node, existing: true };
     }
+    this.requireFreeNodeKey(input.nodeKey);
     const index = this.pool.reserve();
     const now = this.now();
     const node: NodeRecord = {
@@ -422,7 +433,7 @@ export class State {
     } catch (err) {
       this.unindexNode(node);
       this.pool.release(index);
-      throw err;
+      throw duplicateKeyOr(err);
     }
     this.emit({ type: 'node-added', node });
     return { node, existing: false };
@@ -447,18 +458,24 @@ export class State {
       !sameList(node.advertisedRoutes, known.advertisedRoutes);
     const endpointsChanged = !sameList(node.endpoints, known.endpoints);
     if (!changed && !endpointsChanged) return known;
-    await this.db
-      .updateTable('nodes')
-      .set({
-        node_key: node.nodeKey,
-        hostname: node.hostname,
-        os: node.os,
-        version: node.version,
-        advertised_routes: JSON.stringify(node.advertisedRoutes),
-        endpoints: JSON.stringify(node.endpoints),
-      })
-      .where('id', '=', node.id)
-      .execute();
+    const release = this.claimNodeKey(node.nodeKey, known.id);
+    try {
+      await this.db
+        .updateTable('nodes')
+        .set({
+          node_key: node.nodeKey,
+          hostname: node.hostname,
+          os: node.os,
+          version: node.version,
+          advertised_routes: JSON.stringify(node.advertisedRoutes),
+          endpoints: JSON.stringify(node.endpoints),
+        })
+        .where('id', '=', node.id)
+        .execute();
+    } catch (err) {
+      release();
+      throw duplicateKeyOr(err);
+    }
     if (changed) return this.applyChange(known, change, 'node-changed');
     return this.applyChange(known, change, 'node-patched');
   }
@@ -482,7 +499,7 @@ export class State {
 
   private tagsFor(key: AuthKeyRecord, requested: string[]): string[] {
     for (const t of requested) {
-      if (!isTag(t)) throw invalid(`"${t}" is not a tag (tag:NAME)`);
+      if (!isTag(t)) throw invalid(`${quote(t)} is not a tag (tag:NAME)`);
       if (!key.tags.includes(t))
         throw denied(
           `auth key ${key.id} does not allow ${t} (it allows: ${key.tags.join(', ') || 'no tags'})`,
@@ -564,7 +581,13 @@ export class State {
   async rotateNodeKey(id: string, nodeKey: string): Promise<NodeRecord> {
     const n = this.nodes.get(id);
     if (!n) throw notFound('node does not exist');
-    await this.db.updateTable('nodes').set({ node_key: nodeKey }).where('id', '=', id).execute();
+    const release = this.claimNodeKey(nodeKey, id);
+    try {
+      await this.db.updateTable('nodes').set({ node_key: nodeKey }).where('id', '=', id).execute();
+    } catch (err) {
+      release();
+      throw duplicateKeyOr(err);
+    }
     return this.applyChange(n, { nodeKey }, 'node-changed');
   }
 
@@ -662,10 +685,11 @@ export class State {
     name: string,
   ): Promise<NodeRecord> {
     const n = this.resolveNode(ref, project);
-    if (!isDnsLabel(name)) throw invalid(`node name "${name}" must be a DNS label (a-z, 0-9, -; at most 63)`);
+    if (!isDnsLabel(name))
+      throw invalid(`node name ${quote(name)} must be a DNS label (a-z, 0-9, -; at most 63)`);
     const holder = this.names.get(n.project)?.get(name);
     if (holder !== undefined && holder !== n.id) {
-      throw exists(`project "${n.project}" already has a node named "${name}"`);
+      throw exists(`project ${quote(n.project)} already has a node named ${quote(name)}`);
     }
     return this.changeNode(actor, n, 'node.rename', { name }, { name });
   }
@@ -677,7 +701,7 @@ export class State {
     tags: string[],
   ): Promise<NodeRecord> {
     const n = this.resolveNode(ref, project);
-    for (const t of tags) if (!isTag(t)) throw invalid(`"${t}" is not a tag (tag:NAME)`);
+    for (const t of tags) if (!isTag(t)) throw invalid(`${quote(t)} is not a tag (tag:NAME)`);
     const sorted = [...new Set(tags)].sort();
     return this.changeNode(actor, n, 'node.tag', { tags: sorted }, { tags: JSON.stringify(sorted) });
   }
@@ -794,7 +818,7 @@ export class State {
   checkPolicy(project: string, source: string | undefined): PolicyTestOutcome[] {
     this.requireProject(project);
     const policy = source?.trim() ? parseOrInvalid(source) : this.policies.get(project)?.parsed;
-    if (!policy) throw precondition(`project "${project}" has no policy to check`);
+    if (!policy) throw precondition(`project ${quote(project)} has no policy to check`);
     return runPolicyTests(policy, this.activeProjectNodes(project).map(policyNode));
   }
 
@@ -817,7 +841,7 @@ export class State {
     artifact: DesiredArtifact = { artifactUrl: '', sha256: '', allowDowngrade: false, manifest: '' },
   ): Promise<DesiredVersionRecord> {
     this.requireProject(project);
-    if (tag && !isTag(tag)) throw invalid(`"${tag}" is not a tag (tag:NAME)`);
+    if (tag && !isTag(tag)) throw invalid(`${quote(tag)} is not a tag (tag:NAME)`);
     if (version) {
       try {
         requireSemVer(version);
@@ -945,10 +969,32 @@ export class State {
 
   // ---- indexes
 
+  private requireFreeNodeKey(nodeKey: string, self?: string): void {
+    const holder = this.byNodeKey.get(nodeKey);
+    // A holder that is gone was deleted while its key change was being written.
+    if (holder !== undefined && holder !== self && this.nodes.has(holder)) throw duplicateNodeKey();
+  }
+
+  /**
+   * Reserves a node key for `id` before the write that gives it the key, so
+   * that a concurrent registration or rotation cannot take it meanwhile.
+   * Returns what undoes the reservation if the write fails.
+   */
+  private claimNodeKey(nodeKey: string, id: string): () => void {
+    this.requireFreeNodeKey(nodeKey, id);
+    if (this.byNodeKey.get(nodeKey) === id) return () => {};
+    this.byNodeKey.set(nodeKey, id);
+    return () => {
+      if (this.nodes.get(id)?.nodeKey !== nodeKey && this.byNodeKey.get(nodeKey) === id)
+        this.byNodeKey.delete(nodeKey);
+    };
+  }
+
   private indexNode(n: NodeRecord): void {
     this.nodes.set(n.id, n);
     this.nodesByNumber.set(n.numericId, n.id);
     this.byMachineKey.set(n.machineKey, n.id);
+    this.byNodeKey.set(n.nodeKey, n.id);
     let set = this.byProject.get(n.project);
     if (!set) {
       set = new Set();
@@ -967,6 +1013,7 @@ export class State {
     this.nodes.delete(n.id);
     this.nodesByNumber.delete(n.numericId);
     this.byMachineKey.delete(n.machineKey);
+    if (this.byNodeKey.get(n.nodeKey) === n.id) this.byNodeKey.delete(n.nodeKey);
     this.byProject.get(n.project)?.delete(n.id);
     this.releaseName(n);
   }
@@ -993,6 +1040,10 @@ export class State {
 
   private replaceNode(n: NodeRecord): void {
     const old = this.nodes.get(n.id);
+    if (old && old.nodeKey !== n.nodeKey) {
+      if (this.byNodeKey.get(old.nodeKey) === n.id) this.byNodeKey.delete(old.nodeKey);
+      this.byNodeKey.set(n.nodeKey, n.id);
+    }
     if (old && old.name !== n.name) {
       this.releaseName(old);
       this.names.get(n.project)?.set(n.name, n.id);
@@ -1049,6 +1100,17 @@ function parseOrInvalid(source: string): Policy {
     if (err instanceof PolicyError) throw invalid(err.message);
     throw err;
   }
+}
+
+function duplicateNodeKey(): CoordinatorError {
+  return exists('node key is already used by another node; generate a new node key');
+}
+
+/** The store's unique index catches what the in-memory check cannot see (another coordinator). */
+function duplicateKeyOr(err: unknown): unknown {
+  const e = err as { code?: unknown; message?: unknown };
+  const unique = e?.code === 'SQLITE_CONSTRAINT_UNIQUE' || e?.code === '23505';
+  return unique && String(e.message).includes('node_key') ? duplicateNodeKey() : err;
 }
 
 function sameList<T>(a: readonly T[], b: readonly T[]): boolean {

@@ -204,6 +204,29 @@ export function migrations(dialect: Dialect): Record<string, Migration> {
           .execute();
       },
     },
+    '0008_unique_node_keys': {
+      // Two nodes with one WireGuard key break every netmap of their project.
+      // Older versions did not prevent it, and which holder is genuine cannot
+      // be told afterwards: every holder is expired (an admin re-authorizes
+      // it with a new auth key, and the agent registers with its own key) and
+      // its key replaced by a unique placeholder, so the index can be built.
+      async up(db: Kysely<unknown>) {
+        const now = Date.now();
+        const { rows } = await sql<{ id: string; project: string; name: string }>`
+          select id, project, name from nodes where node_key in
+            (select node_key from nodes group by node_key having count(*) > 1)`.execute(db);
+        for (const r of rows) {
+          await sql`update nodes set node_key = ${`duplicate:${r.id}`},
+              expires_at = case when expires_at is not null and expires_at < ${now}
+                then expires_at else ${now} end
+            where id = ${r.id}`.execute(db);
+          const detail = JSON.stringify({ project: r.project, name: r.name, reason: 'duplicate node key' });
+          await sql`insert into audit_log (at, actor, action, target, detail, project)
+            values (${now}, 'migration', 'node.expire', ${r.id}, ${detail}, ${r.project})`.execute(db);
+        }
+        await db.schema.createIndex('nodes_node_key').on('nodes').column('node_key').unique().execute();
+      },
+    },
   };
 }
 

@@ -97,7 +97,7 @@ describe('coordinator over real gRPC + TLS', () => {
       /unknown auth key/,
     );
     assert.ok(
-      t.logs.some((l) => l.includes('refused agent call') && l.includes('127.0.0.1')),
+      t.logs.some((l) => l.includes('refused call') && l.includes('"peer":"127.0.0.1"')),
       'refusals are logged with the peer address',
     );
   });
