@@ -8,7 +8,7 @@
 import { randomBytes } from 'node:crypto';
 import type { Kysely, Transaction } from 'kysely';
 import { isDnsLabel, isTag, toDnsLabel } from '../../proto/names.js';
-import { quote } from '../../proto/text.js';
+import { quote, unsafeCharacter } from '../../proto/text.js';
 import { drifts, requireSemVer, type SemVerError } from '../../release/semver.js';
 import {
   type CompiledPolicy,
@@ -842,6 +842,9 @@ export class State {
   ): Promise<DesiredVersionRecord> {
     this.requireProject(project);
     if (tag && !isTag(tag)) throw invalid(`${quote(tag)} is not a tag (tag:NAME)`);
+    // Checked before the semver parser, whose message quotes the version.
+    if (version.length > 64 || /\s/.test(version) || unsafeCharacter(version))
+      throw invalid('version must be at most 64 characters without spaces or control characters');
     if (version) {
       try {
         requireSemVer(version);
