@@ -6,7 +6,7 @@
 #
 # Usually served by the coordinator itself and run as:
 #   curl -fsSL -k --pinnedpubkey sha256//BASE64 https://COORD:7480/install.sh |
-#     MESHGATE_AUTH_KEY=mgkey-auth-… sh -s -- --coordinator grpcs://COORD:7443 \
+#     MESHGATE_AUTH_KEY=mgkey_auth_… sh -s -- --coordinator grpcs://COORD:7443 \
 #       --fingerprint sha256:HEX --release-key ed25519:BASE64
 # (BASE64 of the pin: meshgate coordinator fingerprint --curl.)
 #

@@ -218,7 +218,7 @@ export class KeyStore {
   private async lookup(kind: SecretKind, text: string): Promise<{ secret_hash: string }> {
     const name = kind === 'auth' ? 'auth key' : 'API key';
     const parsed = parseSecret(kind, text);
-    if (!parsed) throw unauthenticated(`malformed ${name} (expected mgkey-${kind}-…)`);
+    if (!parsed) throw unauthenticated(`malformed ${name} (expected mgkey_${kind}_…)`);
     const table = kind === 'auth' ? 'auth_keys' : 'api_keys';
     const row = await this.db.selectFrom(table).selectAll().where('id', '=', parsed.id).executeTakeFirst();
     if (!row || !secretMatches(parsed.secret, row.secret_hash)) throw unauthenticated(`unknown ${name}`);

@@ -1,10 +1,11 @@
-// Auth keys and API keys: "mgkey-<kind>-<prefix>-<secret>". The prefix is
+// Auth keys and API keys: "mgkey_<kind>_<prefix>_<secret>". The prefix is
 // public and used for lookup; only SHA-256 of the secret is stored (a random
 // 256-bit secret needs no slow hash), and it is compared in constant time.
-// Secrets are 43 base62 characters (256 bits): no '-' or '_', so a
-// double-click selects the whole secret and splitting the key on '-' cannot
-// cut it. Keys issued before had base64url secrets of the same length; they
-// still parse, and their stored hashes still match.
+// Secrets are 43 base62 characters (256 bits), and '_' joins the parts:
+// terminals and browsers count letters, digits and '_' as one word, so a
+// double-click selects the whole key. Keys issued before were
+// "mgkey-<kind>-<prefix>-<secret>" with base64url secrets of the same length;
+// they still parse, and their stored hashes still match.
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
 
 export type SecretKind = 'auth' | 'api';
@@ -18,7 +19,7 @@ export interface IssuedSecret {
 export function issueSecret(kind: SecretKind): IssuedSecret {
   const id = randomBytes(6).toString('hex');
   const secret = randomBase62(SECRET_LENGTH);
-  return { id, key: `mgkey-${kind}-${id}-${secret}`, hash: hashSecret(secret) };
+  return { id, key: `mgkey_${kind}_${id}_${secret}`, hash: hashSecret(secret) };
 }
 
 export interface ParsedSecret {
@@ -41,12 +42,14 @@ function randomBase62(length: number): string {
   return out;
 }
 
-// The secret class is base64url's so that keys issued before base62 keep working.
-const FORMAT = /^mgkey-(auth|api)-([0-9a-f]{12})-([A-Za-z0-9_-]{43})$/;
+const FORMAT = /^mgkey_(auth|api)_([0-9a-f]{12})_([A-Za-z0-9]{43})$/;
+/** The earlier form, whose secret class is base64url's. */
+const DASHED_FORMAT = /^mgkey-(auth|api)-([0-9a-f]{12})-([A-Za-z0-9_-]{43})$/;
 
 /** Null when `text` is not a key of this kind; never echoes the text. */
 export function parseSecret(kind: SecretKind, text: string): ParsedSecret | null {
-  const m = FORMAT.exec(text.trim());
+  const trimmed = text.trim();
+  const m = FORMAT.exec(trimmed) ?? DASHED_FORMAT.exec(trimmed);
   if (!m || m[1] !== kind) return null;
   return { id: m[2]!, secret: m[3]! };
 }

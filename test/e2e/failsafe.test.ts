@@ -242,7 +242,7 @@ describe('fail-safe node', { skip: suiteSkip(TOOLS) }, () => {
 
   step('an auth key file readable by others: the agent refuses to start', async () => {
     const loose = join(lab.dir, 'loose-key');
-    writeFileSync(loose, 'mgkey-auth-x-y\n');
+    writeFileSync(loose, 'mgkey_auth_x_y\n');
     chmodSync(loose, 0o644);
     const h = lab.startAgent('op', 'loose', { keyFile: loose });
     const code = await new Promise<number>((resolve) => h.proc.once('exit', (c) => resolve(c ?? 128)));

@@ -306,7 +306,7 @@ describe('install.sh from the coordinator', { skip: suiteSkip([...TOOLS, 'curl',
       encoding: 'utf8',
     }).trim();
     const p = prefix('wrongkey');
-    const r = await install('m1', p, ['--release-key', otherKey], 'mgkey-auth-unused-unused');
+    const r = await install('m1', p, ['--release-key', otherKey], 'mgkey_auth_unused_unused');
     assert.equal(r.code, 1);
     assert.match(r.stderr, /release 0\.1\.0: the manifest signature does not match the release key/);
     assert.equal(existsSync(join(p.opt, '0.1.0')), false);
@@ -335,7 +335,7 @@ describe('install.sh from the coordinator', { skip: suiteSkip([...TOOLS, 'curl',
       'm1',
       p,
       ['--release-key', releaseKey, '--version', '0.1.2'],
-      'mgkey-auth-unused-unused',
+      'mgkey_auth_unused_unused',
     );
     assert.equal(r.code, 1);
     assert.match(r.stderr, /release 0\.1\.2: the manifest signature does not match the release key/);
@@ -384,7 +384,7 @@ describe('install.sh from the coordinator', { skip: suiteSkip([...TOOLS, 'curl',
         'm1',
         p,
         ['--release-key', releaseKey, '--version', '0.1.0', '--releases-url', `https://${addr.coord}:7481`],
-        'mgkey-auth-unused-unused',
+        'mgkey_auth_unused_unused',
       );
       assert.equal(r.code, 1, r.stderr);
       assert.match(

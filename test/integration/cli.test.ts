@@ -73,7 +73,7 @@ describe('meshgate CLI against a coordinator process', () => {
     ]);
     assert.equal(created.code, 0, created.stderr);
     const k = JSON.parse(created.stdout);
-    assert.match(k.key, /^mgkey-api-[0-9a-f]{12}-/);
+    assert.match(k.key, /^mgkey_api_[0-9a-f]{12}_/);
     assert.ok(k.id && k.expiresAt);
     apiKey = k.key;
     env = { MESHGATE_API_KEY: apiKey };
@@ -97,7 +97,7 @@ describe('meshgate CLI against a coordinator process', () => {
       ['vpn', 'key', '--project', 'demo', '--ephemeral', '--expiration', '1h', ...remote],
       env,
     );
-    assert.match(vpn.stdout, /^mgkey-auth-[0-9a-f]{12}-[A-Za-z0-9]{43}\n$/, 'vpn key prints the key alone');
+    assert.match(vpn.stdout, /^mgkey_auth_[0-9a-f]{12}_[A-Za-z0-9]{43}\n$/, 'vpn key prints the key alone');
 
     const nodes = await meshgate(['nodes', 'list', '-o', 'json', ...remote], env);
     assert.equal(nodes.code, 0, nodes.stderr);
@@ -138,7 +138,7 @@ describe('meshgate CLI against a coordinator process', () => {
     ]);
     assert.equal(created.code, 0, created.stderr);
     const lines = created.stdout.trimEnd().split('\n');
-    assert.match(lines.at(-1)!, /^mgkey-api-[0-9a-f]{12}-[A-Za-z0-9_-]{43}$/);
+    assert.match(lines.at(-1)!, /^mgkey_api_[0-9a-f]{12}_[A-Za-z0-9]{43}$/);
     const listed = await meshgate(['apikeys', 'list', '-o', 'json', '--socket', join(dataDir, 'admin.sock')]);
     const key = JSON.parse(listed.stdout).find((k: { id: string }) => lines.at(-1)!.includes(k.id));
     const days = (Date.parse(key.expiresAt) - Date.parse(key.createdAt)) / 86_400_000;
@@ -148,7 +148,7 @@ describe('meshgate CLI against a coordinator process', () => {
   it('answers bad input with one line and a non-zero exit', async () => {
     const remote = ['--coordinator', `grpcs://127.0.0.1:${c.grpcPort}`];
     const wrongKey = await meshgate(['projects', 'list', ...remote, '--fingerprint', c.fingerprint], {
-      MESHGATE_API_KEY: `mgkey-api-000000000000-${'x'.repeat(43)}`,
+      MESHGATE_API_KEY: `mgkey_api_000000000000_${'x'.repeat(43)}`,
     });
     assert.equal(wrongKey.code, 1);
     assert.equal(wrongKey.stderr, 'meshgate: unknown API key\n');

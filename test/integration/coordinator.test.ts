@@ -93,7 +93,7 @@ describe('coordinator over real gRPC + TLS', () => {
     await t.admin.call('expireAuthKey', { id });
     await assert.rejects(agent().register(revoked, 'x'), /was expired by an admin/);
     await assert.rejects(
-      agent().register(`mgkey-auth-000000000000-${'A'.repeat(43)}`, 'x'),
+      agent().register(`mgkey_auth_000000000000_${'A'.repeat(43)}`, 'x'),
       /unknown auth key/,
     );
     assert.ok(

@@ -317,7 +317,7 @@ describe('hardening: failed authentication is throttled per address', () => {
   it('7: counts failures of every API against one budget; successes spend none', async () => {
     const { apiKey } = await t.admin.call('createApiKey', { expiration: '1h', description: 'ok' });
     const good = await remoteAdmin(t, apiKey!.key);
-    const bad = await remoteAdmin(t, `mgkey-api-000000000000-${'A'.repeat(43)}`);
+    const bad = await remoteAdmin(t, `mgkey_api_000000000000_${'A'.repeat(43)}`);
     const gone = new SimAgent(t.url, t.fingerprint);
     try {
       // Many successful calls first: they must not spend the budget.

@@ -123,7 +123,7 @@ async function metalSequence(t: TestCoordinator, hs: HeadscaleClient): Promise<v
       expiration: timestampFromMs(now + 2 * HOUR),
     })
   ).preAuthKey!;
-  assert.match(firewall.key, /^mgkey-auth-/);
+  assert.match(firewall.key, /^mgkey_auth_/);
   assert.ok(firewall.id > 0n);
   assert.equal(firewall.user?.name, project);
   assert.equal(firewall.user?.id, created.id);
@@ -181,7 +181,7 @@ async function metalSequence(t: TestCoordinator, hs: HeadscaleClient): Promise<v
   }
 
   await rejects(hs.as(null).call('listUsers', {}), grpc.status.UNAUTHENTICATED);
-  await rejects(hs.as('Bearer mgkey-api-000000000000-x').call('listUsers', {}), grpc.status.UNAUTHENTICATED);
+  await rejects(hs.as('Bearer mgkey_api_000000000000_x').call('listUsers', {}), grpc.status.UNAUTHENTICATED);
   await rejects(hs.as('Basic abc').call('health', {}), grpc.status.UNAUTHENTICATED);
   assert.ok(
     t.logs.some((l) => l.includes('refused call') && l.includes('ListUsers')),

@@ -23,7 +23,7 @@ import { signCall, verifyCallSignature } from '../../proto/signing.js';
 describe('secrets', () => {
   it('issues keys in the documented format and stores only a hash', () => {
     const s = issueSecret('auth');
-    assert.match(s.key, /^mgkey-auth-[0-9a-f]{12}-[A-Za-z0-9]{43}$/);
+    assert.match(s.key, /^mgkey_auth_[0-9a-f]{12}_[A-Za-z0-9]{43}$/);
     const parsed = parseSecret('auth', s.key)!;
     assert.equal(parsed.id, s.id);
     assert.equal(s.hash, hashSecret(parsed.secret));
@@ -35,13 +35,14 @@ describe('secrets', () => {
       'one character off is refused',
     );
   });
-  it('makes secrets without - or _, so a double-click selects them whole', () => {
+  it('makes keys of letters, digits and _ only, so a double-click selects them whole', () => {
     for (let i = 0; i < 500; i++) {
       const s = issueSecret(i % 2 ? 'api' : 'auth');
+      assert.match(s.key, /^\w+$/);
       assert.match(parseSecret(i % 2 ? 'api' : 'auth', s.key)!.secret, /^[A-Za-z0-9]{43}$/);
     }
   });
-  it('still accepts keys issued with base64url secrets, and their stored hashes', () => {
+  it('still accepts keys issued in the dashed form with base64url secrets, and their stored hashes', () => {
     const secret = `Ab-_${'x'.repeat(38)}-`;
     const parsed = parseSecret('api', `mgkey-api-0123456789ab-${secret}`)!;
     assert.deepEqual(parsed, { id: '0123456789ab', secret });
@@ -49,7 +50,12 @@ describe('secrets', () => {
   });
   it('does not accept one kind of key for another', () => {
     assert.equal(parseSecret('api', issueSecret('auth').key), null);
-    assert.equal(parseSecret('auth', 'mgkey-auth-short'), null);
+    assert.equal(parseSecret('auth', 'mgkey_auth_short'), null);
+    assert.equal(
+      parseSecret('auth', `mgkey_auth_0123456789ab_${'a'.repeat(42)}-`),
+      null,
+      'no dash in the new form',
+    );
   });
 });
 
