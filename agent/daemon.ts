@@ -99,7 +99,6 @@ export class Agent {
   /** Serializes down, up and logout. */
   private lifecycle: Promise<unknown> = Promise.resolve();
   private stopped = false;
-  /** Set by down(): the interface goes too. */
   private onStopped: (() => void) | null = null;
 
   constructor(private readonly opts: AgentOptions) {
