@@ -424,6 +424,25 @@ describe('runPolicyTests', () => {
     );
   });
 
+  it('judges tests as TCP, so a rule for another protocol does not make them pass', () => {
+    const udpOnly = parsePolicy(`{
+      "tagOwners": { "tag:ops": [], "tag:firewall": [] },
+      "acls": [
+        { "action": "accept", "src": ["tag:ops"], "dst": ["tag:firewall:53"], "proto": "udp" },
+        { "action": "accept", "src": ["tag:ops"], "dst": ["tag:firewall:22"], "proto": "tcp" },
+      ],
+      "tests": [{ "src": "ops", "accept": ["firewall:22", "firewall:53"], "deny": ["firewall:53"] }],
+    }`);
+    assert.deepEqual(
+      runPolicyTests(udpOnly, fleet).map((o) => [o.dst, o.wantAccept, o.passed]),
+      [
+        ['firewall:22', true, true],
+        ['firewall:53', true, false],
+        ['firewall:53', false, true],
+      ],
+    );
+  });
+
   it('fails tests that name a node or tag no node answers to', () => {
     const [outcome] = runPolicyTests(policy, [firewall, machine]);
     assert.equal(outcome?.passed, false);
