@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { after, before, describe, it } from 'node:test';
+import { after, before, describe, it, mock } from 'node:test';
 import { create, equals, fromBinary, toBinary } from '@bufbuild/protobuf';
 import { Mapper, type MapperOptions, type Session } from '../../coordinator/mapper/mapper.js';
 import { filterPieces } from '../../coordinator/mapper/netmap.js';
@@ -177,21 +177,26 @@ describe('mapper fan-out', () => {
 
   it('holds presence-only batches for the presence window, and sends them with the next other change', async () => {
     const m = newMapper({ presenceMs: 10_000 });
+    // The mapper's own timers decide when a batch goes out: move them by hand.
+    mock.timers.enable({ apis: ['setTimeout'] });
     try {
       const ops = new FakeSession(ids.ops!);
       m.attach(ops);
       state.setOnline(ids.fw2!, true);
-      await new Promise((r) => setTimeout(r, 100));
+      mock.timers.tick(9_999);
       assert.equal(ops.sent.length, 1, 'only the full netmap: presence waits');
       await state.updateEndpoints(ids.fw2!, ['198.51.100.9:41641']);
-      await new Promise((r) => setTimeout(r, 100));
-      assert.equal(ops.sent.length, 2, 'an endpoint change goes out within the coalescing window');
+      mock.timers.tick(4);
+      assert.equal(ops.sent.length, 1, 'nothing before the coalescing window ends');
+      mock.timers.tick(1);
+      assert.equal(ops.sent.length, 2, 'an endpoint change goes out when the coalescing window ends');
       assert.deepEqual(
         ops.sent[1]!.peerPatches.map((p) => [p.online, p.endpoints]),
         [[true, ['198.51.100.9:41641']]],
         'with the presence change that was waiting',
       );
     } finally {
+      mock.timers.reset();
       m.close();
     }
   });
