@@ -105,7 +105,7 @@ export class Agent {
       status: () => this.status(),
       down: () => this.down(),
     });
-    const cached = this.state.loadNetMap();
+    const cached = this.state.loadNetMap((message) => log.warn(message));
     if (cached) {
       log.info({ peers: cached.peers.length }, 'restoring peers from the cached netmap');
       this.onNetMap(cached, false);
