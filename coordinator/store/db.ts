@@ -6,10 +6,13 @@ import { Kysely, PostgresDialect, SqliteDialect, sql } from 'kysely';
 import pg from 'pg';
 import { type Dialect, migrate } from './migrations.js';
 import type { Database } from './schema.js';
+import { retryingDialect } from './unavailable.js';
 
 export interface StoreOptions {
   /** "sqlite:///path/to/file.db" (or a bare path) or "postgres://…". */
   url: string;
+  /** How long a SQLite database locked by another process is waited for (default 5 s). */
+  busyWaitMs?: number;
 }
 
 export interface Store {
@@ -21,7 +24,7 @@ export interface Store {
 
 export async function openStore(opts: StoreOptions): Promise<Store> {
   const dialect: Dialect = /^postgres(ql)?:\/\//.test(opts.url) ? 'postgres' : 'sqlite';
-  const db = dialect === 'postgres' ? openPostgres(opts.url) : openSqlite(opts.url);
+  const db = dialect === 'postgres' ? openPostgres(opts.url) : openSqlite(opts.url, opts.busyWaitMs ?? 5000);
   await migrate(db as Kysely<unknown>, dialect);
   return {
     db,
@@ -38,7 +41,7 @@ export async function openStore(opts: StoreOptions): Promise<Store> {
   };
 }
 
-function openSqlite(url: string): Kysely<Database> {
+function openSqlite(url: string, busyWaitMs: number): Kysely<Database> {
   const path = url.replace(/^sqlite:\/\//, '');
   if (path !== ':memory:' && !existsSync(path)) {
     closeSync(openSync(path, 'a', 0o600));
@@ -50,8 +53,11 @@ function openSqlite(url: string): Kysely<Database> {
   conn.pragma('journal_mode = WAL');
   conn.pragma('synchronous = FULL');
   conn.pragma('foreign_keys = ON');
-  conn.pragma('busy_timeout = 5000');
-  return new Kysely<Database>({ dialect: new SqliteDialect({ database: conn }) });
+  // SQLite's busy wait blocks the event loop: keep it short, the dialect retries asynchronously.
+  conn.pragma('busy_timeout = 20');
+  return new Kysely<Database>({
+    dialect: retryingDialect(new SqliteDialect({ database: conn }), { busyWaitMs }),
+  });
 }
 
 function openPostgres(url: string): Kysely<Database> {
