@@ -4,11 +4,18 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
-import { CallVerifier } from '../../coordinator/api/auth.js';
+import { adminActor, CallVerifier, LOCAL_ACTOR } from '../../coordinator/api/auth.js';
 import { type RegisterInput, State } from '../../coordinator/state/state.js';
 import { openStore, type Store } from '../../coordinator/store/db.js';
 import { encodeWgKey, generateMachineKey, generateNodeKey, type MachineKeyPair } from '../../proto/keys.js';
-import { signCall } from '../../proto/signing.js';
+import {
+  SIG_MACHINE_KEY,
+  SIG_NODE_ID,
+  SIG_NONCE,
+  SIG_SIGNATURE,
+  SIG_TIMESTAMP,
+  signCall,
+} from '../../proto/signing.js';
 
 const MINUTE = 60_000;
 const SKEW = 2 * MINUTE;
@@ -81,6 +88,122 @@ describe('security checks', () => {
       }
     });
 
+    it('says how far off the clock of a refused call is, and which way', () => {
+      const m = generateMachineKey();
+      for (const [offset, shown] of [
+        [10 * MINUTE, '600s'],
+        [-10 * MINUTE, '-600s'],
+      ] as const) {
+        assert.throws(
+          () => verifier.verifyRegister(registerCall(m, now + offset), '/Register', body, m.publicKey),
+          refusal(
+            new RegExp(`call timestamp is ${shown} off the coordinator's clock; fix the clock \\(NTP\\)`),
+          ),
+        );
+      }
+    });
+
+    it('refuses unsigned, malformed, forged and tampered calls, each with its reason', () => {
+      const m = generateMachineKey();
+      const good = () =>
+        signCall(m.secretKey, '/Register', '', body, now) as unknown as Record<string, string>;
+      const check = (headers: Record<string, string>, re: RegExp, b = body, method = '/Register') =>
+        assert.throws(() => verifier.verifyRegister(metadata(headers), method, b, m.publicKey), refusal(re));
+      check({}, /^call is not signed$/);
+      const without = (name: string) => {
+        const h = good();
+        delete h[name];
+        return h;
+      };
+      check(without(SIG_SIGNATURE), /^call is not signed$/);
+      check(without(SIG_NONCE), /^call is not signed$/);
+      check(without(SIG_TIMESTAMP), /^call is not signed$/);
+      check({ ...good(), [SIG_TIMESTAMP]: 'soon' }, /^call is not signed$/);
+      check({ ...good(), [SIG_NONCE]: `x${good()[SIG_NONCE]!.slice(1)}` }, /^call is not signed$/);
+      check({ ...good(), [SIG_NONCE]: `${good()[SIG_NONCE]}0` }, /^call is not signed$/, body);
+      check({ ...good(), [SIG_NONCE]: `0${good()[SIG_NONCE]}` }, /^call is not signed$/, body);
+      check(without(SIG_MACHINE_KEY), /^call signed with another machine key$/);
+      const forger = generateMachineKey();
+      check(
+        signCall(forger.secretKey, '/Register', '', body, now) as unknown as Record<string, string>,
+        /^call signed with another machine key$/,
+      );
+      check(good(), /^bad call signature$/, new Uint8Array([9]));
+      check(good(), /^bad call signature$/, body, '/Logout');
+      check({ ...good(), [SIG_TIMESTAMP]: String(now + 1) }, /^bad call signature$/);
+      const forged = good();
+      const other = signCall(m.secretKey, '/Register', '', new Uint8Array([9]), now) as unknown as Record<
+        string,
+        string
+      >;
+      check({ ...forged, [SIG_SIGNATURE]: other[SIG_SIGNATURE]! }, /^bad call signature$/);
+      verifier.verifyRegister(metadata(good()), '/Register', body, m.publicKey);
+    });
+
+    it('refuses a node call without a node id, for an unknown node, or signed for another node', async () => {
+      const m = generateMachineKey();
+      const { node } = await state.register(registration(await authKey(false), m, 'caller'));
+      const call = (nodeId: string, signer = m) =>
+        metadata(signCall(signer.secretKey, '/Sync', nodeId, new Uint8Array(), now));
+      assert.throws(
+        () => verifier.verifyNode(call(''), '/Sync', new Uint8Array()),
+        refusal(/^unknown node: it was deleted or never registered; register again$/),
+      );
+      assert.throws(
+        () => verifier.verifyNode(call('0000000000000000'), '/Sync', new Uint8Array()),
+        refusal(/^unknown node/),
+      );
+      const headers = signCall(
+        m.secretKey,
+        '/Sync',
+        'someone-else',
+        new Uint8Array(),
+        now,
+      ) as unknown as Record<string, string>;
+      assert.throws(
+        () =>
+          verifier.verifyNode(metadata({ ...headers, [SIG_NODE_ID]: node.id }), '/Sync', new Uint8Array()),
+        refusal(/^bad call signature$/),
+        'the node id is part of what is signed',
+      );
+      assert.throws(
+        () => verifier.verifyNode(call(node.id, generateMachineKey()), '/Sync', new Uint8Array()),
+        refusal(/^call signed with another machine key$/),
+      );
+      assert.equal(verifier.verifyNode(call(node.id), '/Sync', new Uint8Array()).id, node.id);
+    });
+
+    it('forgets nonces once their calls are out of the clock window, at most every 10 s', () => {
+      const fresh = new CallVerifier(state, { clockSkewMs: SKEW, now: () => now });
+      const remembered = () => (fresh as unknown as { seen: Map<string, number> }).seen.size;
+      const m = generateMachineKey();
+      const call = () => {
+        const md = registerCall(m);
+        fresh.verifyRegister(md, '/Register', body, m.publicKey);
+        return md;
+      };
+      const t0 = now;
+      try {
+        const a = call();
+        now = t0 + 5_000;
+        call();
+        now = t0 + SKEW;
+        assert.throws(
+          () => fresh.verifyRegister(a, '/Register', body, m.publicKey),
+          refusal(/replayed call/),
+          'on the last ms of its window a call is still remembered, though a sweep ran',
+        );
+        now = t0 + SKEW + 1;
+        call();
+        assert.equal(remembered(), 3, 'no sweep within 10 s of the last one');
+        now = t0 + SKEW + 10_000;
+        call();
+        assert.equal(remembered(), 2, '10 s later the first two are forgotten');
+      } finally {
+        now = t0;
+      }
+    });
+
     it('remembers a nonce for as long as its call could be accepted, also across nonce sweeps', () => {
       const m = generateMachineKey();
       const call = registerCall(m);
@@ -126,6 +249,28 @@ describe('security checks', () => {
   });
 
   describe('API keys', () => {
+    it('name the caller, from the local socket or a bearer key, and refuse anything else', async () => {
+      const { record, key } = await state.keys.createApiKey('test', MINUTE, 'admin');
+      assert.equal(LOCAL_ACTOR, 'local-socket');
+      assert.equal(await adminActor(state, undefined, true), 'local-socket');
+      assert.equal(await adminActor(state, `Bearer ${key}`, false), `apikey:${record.id}`);
+      assert.equal(await adminActor(state, `bearer   ${key}`, false), `apikey:${record.id}`);
+      await assert.rejects(
+        adminActor(state, undefined, false),
+        refusal(/^missing API key: pass --api-key or set MESHGATE_API_KEY$/),
+      );
+      await assert.rejects(adminActor(state, '', false), refusal(/^missing API key/));
+      for (const bad of [key, `Basic ${key}`, `Bearer ${key} extra`, `Bearer${key}`, `xBearer ${key}`]) {
+        await assert.rejects(
+          adminActor(state, bad, false),
+          refusal(/^authorization must be "Bearer <api key>"$/),
+          bad.replace(key, 'KEY'),
+        );
+      }
+      const wrong = `${key.slice(0, -1)}${key.endsWith('A') ? 'B' : 'A'}`;
+      await assert.rejects(adminActor(state, `Bearer ${wrong}`, false), refusal(/^unknown API key$/));
+    });
+
     it('work until they expire, then are refused with what to do', async () => {
       const { record, key } = await state.keys.createApiKey('test', MINUTE, 'ci');
       assert.equal(await state.keys.authenticateApiKey(key), record.id);
