@@ -7,7 +7,13 @@ import * as grpc from '@grpc/grpc-js';
 import { adminActor, CallVerifier, LOCAL_ACTOR } from '../../coordinator/api/auth.js';
 import { type RegisterInput, State } from '../../coordinator/state/state.js';
 import { openStore, type Store } from '../../coordinator/store/db.js';
-import { encodeWgKey, generateMachineKey, generateNodeKey, type MachineKeyPair } from '../../proto/keys.js';
+import {
+  encodeWgKey,
+  generateMachineKey,
+  generateNodeKey,
+  type MachineKeyPair,
+  sha256,
+} from '../../proto/keys.js';
 import {
   SIG_MACHINE_KEY,
   SIG_NODE_ID,
@@ -15,6 +21,8 @@ import {
   SIG_SIGNATURE,
   SIG_TIMESTAMP,
   signCall,
+  signingPayload,
+  verifyCallSignature,
 } from '../../proto/signing.js';
 
 const MINUTE = 60_000;
@@ -339,6 +347,42 @@ describe('security checks', () => {
       );
       const [record] = (await state.keys.listAuthKeys('p')).filter((k) => key.includes(`-${k.id}-`));
       assert.equal(record?.usedCount, 4);
+    });
+  });
+
+  describe('call signatures', () => {
+    const call = {
+      method: '/meshgate.v1.ControlService/Sync',
+      nodeId: 'ab12',
+      timestamp: 1_800_000_000_123,
+      nonce: '00112233445566778899aabbccddeeff',
+      bodyHash: new Uint8Array([0xde, 0xad, 0xbe, 0xef]),
+    };
+
+    it('sign a payload whose format agents and coordinators of any version agree on', () => {
+      assert.equal(
+        new TextDecoder().decode(signingPayload(call)),
+        'meshgate-call-v1\n/meshgate.v1.ControlService/Sync\nab12\n1800000000123\n00112233445566778899aabbccddeeff\ndeadbeef',
+      );
+    });
+
+    it('say no, without throwing, to signatures and keys of the wrong length', () => {
+      const m = generateMachineKey();
+      const h = signCall(m.secretKey, call.method, call.nodeId, body, call.timestamp);
+      const signed = { ...call, nonce: h['mg-nonce'], bodyHash: sha256(body) };
+      assert.equal(verifyCallSignature(signed, h['mg-signature'], m.publicKey), true);
+      const sig = Buffer.from(h['mg-signature'], 'base64');
+      assert.equal(verifyCallSignature(signed, sig.subarray(0, 63).toString('base64'), m.publicKey), false);
+      assert.equal(
+        verifyCallSignature(signed, Buffer.concat([sig, Buffer.from([0])]).toString('base64'), m.publicKey),
+        false,
+      );
+      assert.equal(verifyCallSignature(signed, '', m.publicKey), false);
+      assert.equal(verifyCallSignature(signed, h['mg-signature'], m.publicKey.subarray(0, 31)), false);
+      assert.equal(
+        verifyCallSignature(signed, h['mg-signature'], new Uint8Array([...m.publicKey, 0])),
+        false,
+      );
     });
   });
 });
