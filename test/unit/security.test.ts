@@ -295,6 +295,37 @@ describe('security checks', () => {
       }
     });
 
+    it('record when they were last used, writing at most once a minute per key', async () => {
+      const { record, key } = await state.keys.createApiKey('test', 10 * MINUTE, 'seen');
+      const lastSeen = async () => (await state.keys.listApiKeys()).find((k) => k.id === record.id)?.lastSeen;
+      assert.equal(await lastSeen(), null, 'never used');
+      const t0 = now;
+      try {
+        await state.keys.authenticateApiKey(key);
+        assert.equal(await lastSeen(), t0);
+        now = t0 + MINUTE;
+        await state.keys.authenticateApiKey(key);
+        assert.equal(await lastSeen(), t0, 'not written again within the minute');
+        now = t0 + MINUTE + 1;
+        await state.keys.authenticateApiKey(key);
+        assert.equal(await lastSeen(), t0 + MINUTE + 1);
+      } finally {
+        now = t0;
+      }
+      await assert.rejects(
+        state.keys.expireApiKey('test', '000000000000'),
+        refusal(/^API key 000000000000 does not exist$/),
+      );
+      await assert.rejects(
+        state.keys.rotateApiKey('test', '000000000000', null),
+        refusal(/^API key 000000000000 does not exist$/),
+      );
+      const audited = async () =>
+        (await store.db.selectFrom('audit_log').select('id').where('target', '=', '000000000000').execute())
+          .length;
+      assert.equal(await audited(), 0, 'nothing audited for a key that does not exist');
+    });
+
     it('are refused once revoked, and rotation hands out a working key in place of the old', async () => {
       const { record, key } = await state.keys.createApiKey('test', 10 * MINUTE, 'ops');
       const rotated = await state.keys.rotateApiKey('test', record.id, null);
@@ -322,6 +353,94 @@ describe('security checks', () => {
   });
 
   describe('auth keys', () => {
+    it('are refused when expired (from their last ms on), revoked, malformed or unknown, with the reason', async () => {
+      const key = await authKey(false);
+      const id = key.split('-')[2]!;
+      const m = generateMachineKey();
+      const t0 = now;
+      try {
+        now = t0 + MINUTE;
+        await assert.rejects(
+          state.register(registration(key, m, 'late')),
+          refusal(new RegExp(`^auth key ${id} expired; ask for a new one$`)),
+        );
+        now = t0 + MINUTE - 1;
+        const revoked = await state.keys.expireAuthKey('test', id);
+        assert.equal(revoked.revokedAt, now);
+        now += 1;
+        assert.equal(
+          (await state.keys.expireAuthKey('test', id)).revokedAt,
+          now - 1,
+          'expiring twice keeps the first time',
+        );
+        now = t0;
+        await assert.rejects(
+          state.register(registration(key, m, 'revoked')),
+          refusal(new RegExp(`^auth key ${id} was expired by an admin$`)),
+        );
+      } finally {
+        now = t0;
+      }
+      await assert.rejects(
+        state.register(registration('mgkey-auth-short', m, 'x')),
+        refusal(/^malformed auth key \(expected mgkey-auth-…\)$/),
+      );
+      await assert.rejects(
+        state.keys.expireAuthKey('test', '000000000000'),
+        refusal(/^auth key 000000000000 does not exist$/),
+      );
+    });
+
+    it('are made only with valid tags and a lifetime from 1 ms to 3650 days, and audited', async () => {
+      const DAY = 86_400_000;
+      const create = (tags: string[], expiresInMs: number) =>
+        state.keys.createAuthKey('alice', {
+          project: 'p',
+          reusable: true,
+          ephemeral: false,
+          expiresInMs,
+          tags,
+          reason: 'rack 7',
+        });
+      await assert.rejects(create(['ops'], MINUTE), refusal(/^"ops" is not a tag \(tag:NAME/));
+      for (const bad of [0, -1, 3650 * DAY + 1]) {
+        await assert.rejects(create([], bad), refusal(/^expiration must be between 1s and 3650d$/), `${bad}`);
+        await assert.rejects(
+          state.keys.createApiKey('alice', bad, ''),
+          refusal(/^expiration must be between 1s and 3650d$/),
+        );
+      }
+      await create([], 3650 * DAY);
+      await state.keys.createApiKey('alice', 3650 * DAY, '');
+      await create([], 1);
+      await state.keys.createApiKey('alice', 1, '');
+      const { record } = await create(['tag:b', 'tag:a', 'tag:b'], MINUTE);
+      assert.deepEqual(record.tags, ['tag:a', 'tag:b'], 'sorted, without repeats');
+      await state.keys.expireAuthKey('bob', record.id);
+      const api = await state.keys.createApiKey('alice', MINUTE, 'deploys');
+      await state.keys.expireApiKey('bob', api.record.id);
+      const rows = await store.db
+        .selectFrom('audit_log')
+        .select(['actor', 'action', 'target', 'detail'])
+        .where('target', 'in', [record.id, api.record.id])
+        .orderBy('id')
+        .execute();
+      assert.deepEqual(
+        rows.map((r) => [r.actor, r.action, r.target, JSON.parse(r.detail)]),
+        [
+          [
+            'alice',
+            'authkey.create',
+            record.id,
+            { project: 'p', reusable: true, ephemeral: false, tags: ['tag:a', 'tag:b'], reason: 'rack 7' },
+          ],
+          ['bob', 'authkey.expire', record.id, { project: 'p' }],
+          ['alice', 'apikey.create', api.record.id, { description: 'deploys', expiresAt: now + MINUTE }],
+          ['bob', 'apikey.expire', api.record.id, {}],
+        ],
+      );
+    });
+
     it('let exactly one of eight machines racing for a single-use key join', async () => {
       const key = await authKey(false);
       const results = await Promise.allSettled(
