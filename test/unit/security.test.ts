@@ -299,6 +299,7 @@ describe('security checks', () => {
       const { record, key } = await state.keys.createApiKey('test', 10 * MINUTE, 'seen');
       const lastSeen = async () => (await state.keys.listApiKeys()).find((k) => k.id === record.id)?.lastSeen;
       assert.equal(await lastSeen(), null, 'never used');
+      assert.equal((await state.keys.listApiKeys()).find((k) => k.id === record.id)?.revokedAt, null);
       const t0 = now;
       try {
         await state.keys.authenticateApiKey(key);
