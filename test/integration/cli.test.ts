@@ -94,7 +94,7 @@ describe('meshgate CLI against a coordinator process', () => {
     );
     assert.equal(key.code, 0, key.stderr);
     const ak = JSON.parse(key.stdout);
-    assert.match(ak.key, new RegExp(`^mgkey-auth-${ak.id}-[A-Za-z0-9_-]{43}$`), 'the key carries its id');
+    assert.ok(ak.key.startsWith(`mgkey-auth-${ak.id}-`), 'the key carries its id');
     assert.equal(ak.project, 'demo');
     assert.equal(ak.ephemeral, true);
     assert.equal(ak.reusable, false);
