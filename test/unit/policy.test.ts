@@ -424,6 +424,29 @@ describe('runPolicyTests', () => {
     );
   });
 
+  it('names what is wrong: an unknown destination, a node tested against itself, the failing pair of tags', () => {
+    const second = node(5, 'ops-2', ['tag:ops']);
+    const p = parsePolicy(`{
+      "tagOwners": { "tag:ops": [] },
+      "acls": [{ "action": "accept", "src": ["tag:ops"], "dst": ["tag:ops:22"] }],
+      "tests": [
+        { "src": "ops", "accept": ["nobody:22", "ops:22", "ops-2:22"], "deny": ["ops-2:80"] },
+        { "src": "tag:ops", "accept": ["tag:ops:22"], "deny": ["tag:ops:22"] },
+      ],
+    }`);
+    assert.deepEqual(
+      runPolicyTests(p, [ops, second]).map((o) => [o.passed, o.message]),
+      [
+        [false, 'accept nobody:22 from ops: unknown node "nobody"'],
+        [false, 'accept ops:22 from ops: source and destination are the same node'],
+        [true, 'accept ops-2:22 from ops: ok'],
+        [true, 'deny ops-2:80 from ops: ok'],
+        [true, 'accept tag:ops:22 from tag:ops: ok'],
+        [false, 'deny tag:ops:22 from tag:ops: expected deny, got accept (ops to ops-2)'],
+      ],
+    );
+  });
+
   it('judges tests as TCP, so a rule for another protocol does not make them pass', () => {
     const udpOnly = parsePolicy(`{
       "tagOwners": { "tag:ops": [], "tag:firewall": [] },
