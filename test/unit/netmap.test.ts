@@ -63,6 +63,17 @@ describe('netmap from the sync stream', () => {
     assert.deepEqual(applySync(first, 1n, delta({ desiredVersion: '2.0.0' }))!.desiredVersion, '2.0.0');
   });
 
+  it('removes and adds peers, each also alone', () => {
+    assert.deepEqual(
+      applySync(first, 1n, delta({ peersRemoved: ['a'] }))!.peers.map((p) => p.id),
+      ['b'],
+    );
+    assert.deepEqual(
+      applySync(first, 1n, delta({ peersChanged: [peer('c')] }))!.peers.map((p) => p.id),
+      ['a', 'b', 'c'],
+    );
+  });
+
   it('patches known peers field by field and ignores patches for peers it does not have', () => {
     const next = applySync(
       first,

@@ -428,10 +428,12 @@ describe('runPolicyTests', () => {
     const second = node(5, 'ops-2', ['tag:ops']);
     const p = parsePolicy(`{
       "tagOwners": { "tag:ops": [] },
+      "hosts": { "office": "192.168.1.10" },
       "acls": [{ "action": "accept", "src": ["tag:ops"], "dst": ["tag:ops:22"] }],
       "tests": [
-        { "src": "ops", "accept": ["nobody:22", "ops:22", "ops-2:22"], "deny": ["ops-2:80"] },
+        { "src": "ops", "accept": ["nobody:22", "ops:22", "ops-2:22"], "deny": ["ops-2:80", "tag:ops:22"] },
         { "src": "tag:ops", "accept": ["tag:ops:22"], "deny": ["tag:ops:22"] },
+        { "src": "office", "deny": ["10.9.9.9:22"] },
       ],
     }`);
     assert.deepEqual(
@@ -441,8 +443,10 @@ describe('runPolicyTests', () => {
         [false, 'accept ops:22 from ops: source and destination are the same node'],
         [true, 'accept ops-2:22 from ops: ok'],
         [true, 'deny ops-2:80 from ops: ok'],
+        [false, 'deny tag:ops:22 from ops: expected deny, got accept (ops to ops-2)'],
         [true, 'accept tag:ops:22 from tag:ops: ok'],
         [false, 'deny tag:ops:22 from tag:ops: expected deny, got accept (ops to ops-2)'],
+        [true, 'deny 10.9.9.9:22 from office: ok'],
       ],
     );
   });
