@@ -202,7 +202,7 @@ export class Agent {
       'interface ready',
     );
     this.setNodeState({ kind: identity.node ? 'connecting' : 'not-joined', detail: '' });
-    const cached = identity.node ? this.state.loadNetMap() : null;
+    const cached = identity.node ? this.state.loadNetMap((message) => log.warn(message)) : null;
     if (cached) {
       log.info({ peers: cached.peers.length }, 'restoring peers from the cached netmap');
       this.onNetMap(cached, false);

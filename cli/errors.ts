@@ -13,6 +13,7 @@ const EXPECTED = new Set([
   'CommandError',
   'MissingToolError',
   'AgentError',
+  'StateDirError',
   'TlsError',
   'MeshError',
   'ListenError',

@@ -83,7 +83,7 @@ export class StateDir {
       machine: { secretKey: machineSecret, publicKey: machineSecret.slice(32) },
       nodeSecret,
       nodePublic: nodePublicKey(nodeSecret),
-      node: existsSync(nodeFile) ? (JSON.parse(readFileSync(nodeFile, 'utf8')) as NodeIdentity) : null,
+      node: existsSync(nodeFile) ? readNodeIdentity(nodeFile) : null,
     };
   }
 
@@ -116,13 +116,53 @@ export class StateDir {
       rmSync(this.path(f), { force: true });
   }
 
-  loadNetMap(): NetMap | null {
+  /**
+   * The cached netmap, if there is one that decodes. A damaged cache is
+   * reported through `warn` and removed: the coordinator sends a fresh netmap,
+   * and the next save would replace the file anyway.
+   */
+  loadNetMap(warn: (message: string) => void): NetMap | null {
     const p = this.path('netmap.bin');
     if (!existsSync(p)) return null;
     try {
       return fromBinary(NetMapSchema, readFileSync(p));
-    } catch {
+    } catch (err) {
+      rmSync(p, { force: true });
+      warn(
+        `${p} is damaged (${firstLine(err)}); removed it, peers come back with the next netmap from the coordinator`,
+      );
       return null;
     }
   }
+}
+
+function firstLine(err: unknown): string {
+  return (err instanceof Error ? err.message : String(err)).split('\n')[0]!;
+}
+
+/** node.json as saved by saveNode; anything else is a damaged file the operator has to deal with. */
+function readNodeIdentity(path: string): NodeIdentity {
+  let node: Partial<NodeIdentity>;
+  try {
+    node = JSON.parse(readFileSync(path, 'utf8'));
+  } catch (err) {
+    throw damagedNodeFile(path, firstLine(err));
+  }
+  const strings = (v: unknown) => Array.isArray(v) && v.every((x) => typeof x === 'string');
+  if (
+    typeof node?.id !== 'string' ||
+    !node.id ||
+    typeof node.name !== 'string' ||
+    typeof node.project !== 'string' ||
+    !strings(node.ipAddresses)
+  )
+    throw damagedNodeFile(path, 'not a node identity');
+  return { id: node.id, name: node.name, project: node.project, ipAddresses: node.ipAddresses! };
+}
+
+function damagedNodeFile(path: string, reason: string): StateDirError {
+  return new StateDirError(
+    `${path} is damaged (${reason}): delete it and start the agent again with --auth-key-file; ` +
+      'the machine key in the same directory brings back the same node (a spent key will do)',
+  );
 }

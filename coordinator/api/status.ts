@@ -4,6 +4,7 @@ import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
 import { REASON_TRAILER } from '../../proto/grpc.js';
 import { CoordinatorError, type ErrorKind } from '../state/errors.js';
+import { StoreUnavailableError } from '../store/unavailable.js';
 
 const GRPC: Record<ErrorKind, grpc.status> = {
   invalid: grpc.status.INVALID_ARGUMENT,
@@ -45,6 +46,10 @@ export function toStatus(err: unknown, log: Logger, context: object): StatusLike
   if (err instanceof CoordinatorError) {
     const details = err.message.length > MAX_DETAILS ? `${err.message.slice(0, MAX_DETAILS)}…` : err.message;
     return { code: GRPC[err.kind], http: HTTP[err.kind], details, reason: err.reason };
+  }
+  if (err instanceof StoreUnavailableError) {
+    log.warn({ ...context, reason: err.message }, 'database unavailable');
+    return { code: grpc.status.UNAVAILABLE, http: 503, details: err.message };
   }
   log.error({ err, ...context }, 'internal error');
   return { code: grpc.status.INTERNAL, http: 500, details: 'internal error; see the coordinator log' };

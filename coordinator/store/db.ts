@@ -6,12 +6,15 @@ import pg from 'pg';
 import { type Dialect, migrate } from './migrations.js';
 import type { Database } from './schema.js';
 import { DatabaseError, openSqliteFile, sqlitePath } from './sqlite.js';
+import { retryingDialect } from './unavailable.js';
 
 export interface StoreOptions {
   /** "sqlite:///path/to/file.db" (or a bare path) or "postgres://…". */
   url: string;
   /** The key of an encrypted SQLite database. */
   key?: string;
+  /** How long a SQLite database locked by another process is waited for (default 5 s). */
+  busyWaitMs?: number;
 }
 
 export interface Store {
@@ -27,7 +30,8 @@ export async function openStore(opts: StoreOptions): Promise<Store> {
     throw new DatabaseError(
       'a database key file encrypts SQLite only; for PostgreSQL use its own at-rest encryption (see docs/security.md)',
     );
-  const db = dialect === 'postgres' ? openPostgres(opts.url) : openSqlite(opts.url, opts.key);
+  const db =
+    dialect === 'postgres' ? openPostgres(opts.url) : openSqlite(opts.url, opts.key, opts.busyWaitMs ?? 5000);
   await migrate(db as Kysely<unknown>, dialect);
   return {
     db,
@@ -44,15 +48,18 @@ export async function openStore(opts: StoreOptions): Promise<Store> {
   };
 }
 
-function openSqlite(url: string, key: string | undefined): Kysely<Database> {
+function openSqlite(url: string, key: string | undefined, busyWaitMs: number): Kysely<Database> {
   const conn = openSqliteFile(sqlitePath(url), key);
   // WAL lets readers run beside the writer; synchronous=FULL makes every
   // acknowledged commit survive a power loss, not just a process crash.
   conn.pragma('journal_mode = WAL');
   conn.pragma('synchronous = FULL');
   conn.pragma('foreign_keys = ON');
-  conn.pragma('busy_timeout = 5000');
-  return new Kysely<Database>({ dialect: new SqliteDialect({ database: conn }) });
+  // SQLite's busy wait blocks the event loop: keep it short, the dialect retries asynchronously.
+  conn.pragma('busy_timeout = 20');
+  return new Kysely<Database>({
+    dialect: retryingDialect(new SqliteDialect({ database: conn }), { busyWaitMs }),
+  });
 }
 
 function openPostgres(url: string): Kysely<Database> {

@@ -1,7 +1,8 @@
 // Agents joined through a real coordinator, each in its own network
 // namespace, wireguard-go backend: they reach each other over the mesh, a
 // newcomer does not disturb existing sessions, --lockdown-ssh leaves SSH only
-// on the mesh, and the mesh survives the coordinator going away.
+// on the mesh and stays when the agent stops, and the mesh survives the
+// coordinator going away.
 import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
@@ -92,6 +93,16 @@ describe('agent', { skip: suiteSkip(TOOLS) }, () => {
         'meshgate: policy not set: it leaves no path from any other node of the project to locked-down b (tcp 22); fix it, or set it anyway with --force\n',
     );
     assert.equal(await lab.ssh('a', await lab.meshIp('b')), 0, 'ssh over the mesh still works');
+  });
+
+  step('a stopped agent keeps the lockdown, so stopping it does not reopen public SSH', async () => {
+    await lab.stopAgent('b', 'SIGTERM');
+    const table = await lab.topo.exec('b', 'nft', ['list', 'table', 'inet', 'meshgate']);
+    assert.match(table, /tcp dport 22 drop/, 'the lockdown rule is still loaded');
+    assert.notEqual(await lab.ssh('a', addr.b!), 0, "ssh to b's other address is still dropped");
+    lab.startAgent('b', 'b', { keyFile: lab.keyFileOf('b'), lockdown: true });
+    await until('b reconnected', async () => (await lab.status('b')).coordinator.state === 'connected');
+    await lab.waitForPeer('b', 'a');
   });
 
   step(

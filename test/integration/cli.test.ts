@@ -82,16 +82,33 @@ describe('meshgate CLI against a coordinator process', () => {
     const project = await meshgate(['projects', 'create', 'demo', ...remote], env);
     assert.equal(project.code, 0, project.stderr);
     const key = await meshgate(
-      ['keys', 'create', '--project', 'demo', '--ephemeral', '--tags', 'tag:ops', '-o', 'json', ...remote],
+      [
+        'keys',
+        'create',
+        '--project',
+        'demo',
+        '--ephemeral',
+        '--tags',
+        'tag:ops',
+        '--expiration',
+        '2h',
+        '-o',
+        'json',
+        ...remote,
+      ],
       env,
     );
     assert.equal(key.code, 0, key.stderr);
     const ak = JSON.parse(key.stdout);
-    for (const f of ['id', 'key', 'project', 'reusable', 'ephemeral', 'expiresAt'])
-      assert.ok(f in ak, `keys create -o json has ${f}`);
+    assert.ok(ak.key.startsWith(`mgkey-auth-${ak.id}-`), 'the key carries its id');
     assert.equal(ak.project, 'demo');
     assert.equal(ak.ephemeral, true);
     assert.equal(ak.reusable, false);
+    const expiresIn = Date.parse(ak.expiresAt) - Date.now();
+    assert.ok(
+      expiresIn > 2 * 3_600_000 - 60_000 && expiresIn <= 2 * 3_600_000,
+      `expires in 2h: ${ak.expiresAt}`,
+    );
 
     const vpn = await meshgate(
       ['vpn', 'key', '--project', 'demo', '--ephemeral', '--expiration', '1h', ...remote],
@@ -104,24 +121,26 @@ describe('meshgate CLI against a coordinator process', () => {
     assert.deepEqual(JSON.parse(nodes.stdout), []);
 
     const agent = new SimAgent(`grpcs://127.0.0.1:${c.grpcPort}`, c.fingerprint);
-    await agent.register(ak.key, 'laptop');
+    const registered = Date.now();
+    const reg = await agent.register(ak.key, 'laptop');
     agent.close();
     const listed = JSON.parse((await meshgate(['nodes', 'list', '-o', 'json', ...remote], env)).stdout);
     assert.equal(listed.length, 1);
-    for (const f of [
-      'id',
-      'name',
-      'project',
-      'ipAddresses',
-      'online',
-      'lastSeen',
-      'version',
-      'tags',
-      'ephemeral',
-    ]) {
-      assert.ok(f in listed[0], `nodes list -o json has ${f}`);
-    }
-    assert.deepEqual(listed[0].tags, ['tag:ops']);
+    const { id, name, project: p, ipAddresses, online, version, tags, ephemeral, lastSeen } = listed[0];
+    assert.deepEqual(
+      { id, name, project: p, ipAddresses, online, version, tags, ephemeral },
+      {
+        id: reg.node!.id,
+        name: 'laptop',
+        project: 'demo',
+        ipAddresses: reg.node!.ipAddresses,
+        online: false,
+        version: '0.1.0',
+        tags: ['tag:ops'],
+        ephemeral: true,
+      },
+    );
+    assert.ok(Math.abs(Date.parse(lastSeen) - registered) < 60_000, `last seen at registration: ${lastSeen}`);
     const table = await meshgate(['nodes', 'list', ...remote], env);
     assert.match(table.stdout.split('\n')[0]!, /^ID\s+NAME\s+PROJECT\s+IP\s+ONLINE/);
     assert.match(table.stdout, /laptop\s+demo\s+100\.64\./);

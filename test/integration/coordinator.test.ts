@@ -245,10 +245,39 @@ describe('coordinator over real gRPC + TLS', () => {
     const a = agent();
     await a.register(await authKey(t, 'sec'), 'sa');
     const impostor = agent();
+    await impostor.register(await authKey(t, 'sec-other'), 'impostor');
     impostor.client.nodeId = a.id;
     await assert.rejects(impostor.connect(), /another machine key/);
     await t.admin.call('deleteNode', { id: a.id, project: '' });
     await assert.rejects(a.connect(), /unknown node/);
+  });
+
+  it('cuts an expired node off at its expiry time, refuses its streams, and takes it back with a new key', async () => {
+    const key = await authKey(t, 'exp', { reusable: true });
+    const a = agent();
+    const b = agent();
+    await a.register(key, 'ea');
+    await b.register(key, 'eb');
+    await a.connect();
+    await b.connect();
+    await a.waitFor(() => a.peerIds().includes(b.id), 3000, 'b visible');
+    const expiresIn = 300;
+    const expiry = Date.now() + expiresIn;
+    await t.admin.call('expireNode', { id: b.id, project: 'exp', expiration: `${expiresIn}ms` });
+    assert.ok(Date.now() < expiry, 'the expiry time is still to come');
+    assert.ok(a.peerIds().includes(b.id), 'b stays a peer until its expiry time');
+    await a.waitFor(() => !a.peerIds().includes(b.id), 3000, 'b dropped by the expiry sweep');
+    assert.ok(Date.now() >= expiry, 'not before its time');
+    await b.waitFor(() => b.ended !== null, 3000, "b's stream closed");
+    assert.equal((b.ended as grpc.StatusObject).code, grpc.status.UNAUTHENTICATED);
+
+    b.disconnect();
+    await assert.rejects(b.connect(), /node eb has expired; register again with a new auth key/);
+    const back = await b.register(await authKey(t, 'exp'), 'eb');
+    assert.equal(back.existing, true, 'a new key re-authorizes the same node');
+    assert.equal(back.node!.id, b.id);
+    await b.connect();
+    await a.waitFor(() => a.peerIds().includes(b.id), 3000, 'b back in the mesh');
   });
 
   it('gives 100 concurrent registrations 100 distinct addresses', async () => {

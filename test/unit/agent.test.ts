@@ -1,7 +1,9 @@
 import assert from 'node:assert/strict';
+import { EventEmitter } from 'node:events';
 import { describe, it } from 'node:test';
 import { create } from '@bufbuild/protobuf';
 import { Backoff } from '../../agent/control/backoff.js';
+import type { ControlClient } from '../../agent/control/client.js';
 import {
   defaultListenPort,
   type LocalAddress,
@@ -10,10 +12,11 @@ import {
   PathSelector,
   RELAY,
 } from '../../agent/control/endpoints.js';
+import { type ConnectionState, ControlSession } from '../../agent/control/session.js';
 import type { AgentStatus } from '../../agent/localapi/types.js';
 import { resolvePeer, splitSshArgs } from '../../cli/commands/local.js';
-import { SyncResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
-import { NetMapSchema, PeerSchema } from '../../proto/gen/meshgate/v1/types_pb.js';
+import { RegisterResponseSchema, SyncResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
+import { type NetMap, NetMapSchema, NodeSchema, PeerSchema } from '../../proto/gen/meshgate/v1/types_pb.js';
 import { applySync, SequenceError } from '../../proto/netmap.js';
 
 describe('endpoint candidates', () => {
@@ -224,6 +227,87 @@ describe('netmap deltas', () => {
       () => applySync(m, 1n, create(SyncResponseSchema, { seq: 3n, keepalive: true })),
       SequenceError,
     );
+  });
+});
+
+describe('control session', () => {
+  class FakeStream extends EventEmitter {
+    cancelled = false;
+    write() {
+      return true;
+    }
+    cancel() {
+      this.cancelled = true;
+    }
+  }
+  const until = async (what: string, pred: () => boolean, ms = 5000) => {
+    const deadline = Date.now() + ms;
+    while (!pred()) {
+      if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+      await new Promise((r) => setTimeout(r, 10));
+    }
+  };
+
+  it('drops the stream and starts over with a full netmap when a message is missing', async () => {
+    const streams: FakeStream[] = [];
+    let registrations = 0;
+    const client = {
+      register: async () => {
+        registrations++;
+        return create(RegisterResponseSchema, { node: create(NodeSchema, { id: 'n1' }) });
+      },
+      sync: async () => {
+        const s = new FakeStream();
+        streams.push(s);
+        return s;
+      },
+      close() {},
+    } as unknown as ControlClient;
+    const session = new ControlSession(
+      client,
+      {
+        authKey: () => '',
+        nodePublic: new Uint8Array(32),
+        machinePublic: new Uint8Array(32),
+        hostname: 'h',
+        os: 'linux',
+        version: '1',
+        requestedTags: [],
+        advertisedRoutes: [],
+        lockdownPorts: [],
+        endpoints: () => [],
+      },
+      true,
+    );
+    const netmaps: NetMap[] = [];
+    const states: [ConnectionState, string][] = [];
+    session.on('netmap', (m) => netmaps.push(m));
+    session.on('state', (s, detail) => states.push([s, detail]));
+    const full = (seq: bigint, name: string) =>
+      create(SyncResponseSchema, {
+        seq,
+        full: create(NetMapSchema, { peers: [create(PeerSchema, { name })] }),
+      });
+    try {
+      await session.start();
+      await until('the first stream', () => streams.length === 1);
+      streams[0]!.emit('data', full(1n, 'first'));
+      streams[0]!.emit('data', create(SyncResponseSchema, { seq: 3n, peersRemoved: ['x'] }));
+      assert.ok(streams[0]!.cancelled, 'the stream with the gap is dropped');
+      assert.deepEqual(states.at(-1), ['offline', 'sync message 3 after 1']);
+      assert.equal(netmaps.length, 1, 'the message after the gap is not applied');
+
+      await until('a new stream', () => streams.length === 2);
+      assert.equal(registrations, 2, 'registered again before the new stream');
+      streams[1]!.emit('data', full(1n, 'again'));
+      assert.deepEqual(
+        netmaps.map((m) => m.peers[0]?.name),
+        ['first', 'again'],
+      );
+      assert.equal(session.state, 'connected');
+    } finally {
+      session.stop();
+    }
   });
 });
 

@@ -78,6 +78,11 @@ describe('address pool', () => {
       assert.ok(!seen.has(x));
       seen.add(x);
     }
+    const nearEnd = new AddressPool([1, 2, 3, MAX_INDEX - 1]);
+    nearEnd.release(2);
+    assert.equal(nearEnd.reserve(), MAX_INDEX, 'the last fresh address before the freed one');
+    assert.equal(nearEnd.reserve(), 2, 'after wrapping, the freed address is the first free one');
+    assert.equal(nearEnd.reserve(), 4);
   });
 });
 

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { after, before, describe, it } from 'node:test';
+import { after, before, describe, it, mock } from 'node:test';
 import { create, equals, fromBinary, toBinary } from '@bufbuild/protobuf';
 import { Mapper, type MapperOptions, type Session } from '../../coordinator/mapper/mapper.js';
 import { filterPieces } from '../../coordinator/mapper/netmap.js';
@@ -177,21 +177,26 @@ describe('mapper fan-out', () => {
 
   it('holds presence-only batches for the presence window, and sends them with the next other change', async () => {
     const m = newMapper({ presenceMs: 10_000 });
+    // The mapper's own timers decide when a batch goes out: move them by hand.
+    mock.timers.enable({ apis: ['setTimeout'] });
     try {
       const ops = new FakeSession(ids.ops!);
       m.attach(ops);
       state.setOnline(ids.fw2!, true);
-      await new Promise((r) => setTimeout(r, 100));
+      mock.timers.tick(9_999);
       assert.equal(ops.sent.length, 1, 'only the full netmap: presence waits');
       await state.updateEndpoints(ids.fw2!, ['198.51.100.9:41641']);
-      await new Promise((r) => setTimeout(r, 100));
-      assert.equal(ops.sent.length, 2, 'an endpoint change goes out within the coalescing window');
+      mock.timers.tick(4);
+      assert.equal(ops.sent.length, 1, 'nothing before the coalescing window ends');
+      mock.timers.tick(1);
+      assert.equal(ops.sent.length, 2, 'an endpoint change goes out when the coalescing window ends');
       assert.deepEqual(
         ops.sent[1]!.peerPatches.map((p) => [p.online, p.endpoints]),
         [[true, ['198.51.100.9:41641']]],
         'with the presence change that was waiting',
       );
     } finally {
+      mock.timers.reset();
       m.close();
     }
   });
@@ -281,6 +286,76 @@ describe('mapper fan-out', () => {
       assert.ok(c!.sent[0]!.full, 'and the next one starts with its full netmap');
     } finally {
       m.close();
+    }
+  });
+});
+
+describe('mapper fan-out across projects', () => {
+  const TAGS = '"tagOwners":{"tag:ops":[],"tag:firewall":[]}';
+  const sshOnly = `{${TAGS},"acls":[{"action":"accept","src":["tag:ops"],"dst":["tag:firewall:22"]}]}`;
+  const sshAndHttps = `{${TAGS},"acls":[{"action":"accept","src":["tag:ops"],"dst":["tag:firewall:22,443"]}]}`;
+
+  it('sends a policy change and a node change in one project to that project only', async () => {
+    const store = await openStore({ url: ':memory:' });
+    const state = await State.load(store.db, { ephemeralTimeoutMs: 60_000 });
+    const mapper = new Mapper(state, {
+      coalesceMs: 60_000,
+      presenceMs: 60_000,
+      sliceMs: 60_000,
+      fullNetmapBudget: 2 ** 30,
+      keepaliveMs: 60_000,
+      keepaliveSeconds: 25,
+      relay: false,
+      domainSuffix: 'mesh',
+    });
+    try {
+      const sessions: Record<string, FakeSession> = {};
+      for (const project of ['a', 'b']) {
+        await state.createProject('test', project);
+        await state.setPolicy('test', project, sshOnly);
+        for (const tag of ['ops', 'firewall']) {
+          const { key } = await state.keys.createAuthKey('test', {
+            project,
+            reusable: false,
+            ephemeral: false,
+            expiresInMs: 60_000,
+            tags: [`tag:${tag}`],
+            reason: '',
+          });
+          const { node } = await state.register({
+            authKey: key,
+            machineKey: Buffer.from(generateMachineKey().publicKey).toString('hex'),
+            nodeKey: encodeWgKey(generateNodeKey().publicKey),
+            hostname: `${project}-${tag}`,
+            os: 'linux',
+            version: '1',
+            requestedTags: [],
+            endpoints: [],
+            advertisedRoutes: [],
+          });
+          sessions[node.name] = new FakeSession(node.id);
+        }
+      }
+      mapper.flush();
+      for (const x of Object.values(sessions)) mapper.attach(x);
+      const ports = (x: FakeSession) =>
+        x.sent
+          .flatMap((m) => (m.full?.packetFilter ?? m.packetFilter)?.rules ?? [])
+          .flatMap((r) => r.ports.map((p) => p.first));
+      assert.deepEqual(ports(sessions['b-firewall']!), [22]);
+
+      await state.setPolicy('test', 'a', sshAndHttps);
+      await state.updateEndpoints(sessions['a-ops']!.nodeId, ['192.0.2.5:41641']);
+      mapper.flush();
+      assert.deepEqual(ports(sessions['a-firewall']!), [22, 22, 443], 'a-firewall gets its new filter');
+      assert.equal(sessions['a-firewall']!.sent.at(-1)!.peerPatches.length, 1, 'and the endpoint change');
+      for (const name of ['b-ops', 'b-firewall']) {
+        assert.equal(sessions[name]!.sent.length, 1, `${name} gets nothing beyond its full netmap`);
+      }
+      assert.deepEqual(ports(sessions['b-firewall']!), [22], "b-firewall's filter is untouched");
+    } finally {
+      mapper.close();
+      await store.close();
     }
   });
 });

@@ -424,6 +424,52 @@ describe('runPolicyTests', () => {
     );
   });
 
+  it('names what is wrong: an unknown destination, a node tested against itself, the failing pair of tags', () => {
+    const second = node(5, 'ops-2', ['tag:ops']);
+    const p = parsePolicy(`{
+      "tagOwners": { "tag:ops": [] },
+      "hosts": { "office": "192.168.1.10" },
+      "acls": [{ "action": "accept", "src": ["tag:ops"], "dst": ["tag:ops:22"] }],
+      "tests": [
+        { "src": "ops", "accept": ["nobody:22", "ops:22", "ops-2:22"], "deny": ["ops-2:80", "tag:ops:22"] },
+        { "src": "tag:ops", "accept": ["tag:ops:22"], "deny": ["tag:ops:22"] },
+        { "src": "office", "deny": ["10.9.9.9:22"] },
+      ],
+    }`);
+    assert.deepEqual(
+      runPolicyTests(p, [ops, second]).map((o) => [o.passed, o.message]),
+      [
+        [false, 'accept nobody:22 from ops: unknown node "nobody"'],
+        [false, 'accept ops:22 from ops: source and destination are the same node'],
+        [true, 'accept ops-2:22 from ops: ok'],
+        [true, 'deny ops-2:80 from ops: ok'],
+        [false, 'deny tag:ops:22 from ops: expected deny, got accept (ops to ops-2)'],
+        [true, 'accept tag:ops:22 from tag:ops: ok'],
+        [false, 'deny tag:ops:22 from tag:ops: expected deny, got accept (ops to ops-2)'],
+        [true, 'deny 10.9.9.9:22 from office: ok'],
+      ],
+    );
+  });
+
+  it('judges tests as TCP, so a rule for another protocol does not make them pass', () => {
+    const udpOnly = parsePolicy(`{
+      "tagOwners": { "tag:ops": [], "tag:firewall": [] },
+      "acls": [
+        { "action": "accept", "src": ["tag:ops"], "dst": ["tag:firewall:53"], "proto": "udp" },
+        { "action": "accept", "src": ["tag:ops"], "dst": ["tag:firewall:22"], "proto": "tcp" },
+      ],
+      "tests": [{ "src": "ops", "accept": ["firewall:22", "firewall:53"], "deny": ["firewall:53"] }],
+    }`);
+    assert.deepEqual(
+      runPolicyTests(udpOnly, fleet).map((o) => [o.dst, o.wantAccept, o.passed]),
+      [
+        ['firewall:22', true, true],
+        ['firewall:53', true, false],
+        ['firewall:53', false, true],
+      ],
+    );
+  });
+
   it('fails tests that name a node or tag no node answers to', () => {
     const [outcome] = runPolicyTests(policy, [firewall, machine]);
     assert.equal(outcome?.passed, false);
