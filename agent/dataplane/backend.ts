@@ -132,9 +132,21 @@ class WireGuardGo implements WgInterface {
   }
 
   async start(): Promise<void> {
-    // wireguard-go makes this directory itself. Once, the second of two
-    // started together in different namespaces could not listen on its socket
-    // ("no such file or directory"); making it first leaves them nothing to race on.
+    // Now and then wireguard-go cannot create its socket ("Failed to listen on
+    // uapi socket: no such file or directory") when other wireguard-go
+    // processes start or stop at the same moment; a second try has always
+    // worked, so a start is tried three times before the agent gives up.
+    for (let attempt = 1; ; attempt++) {
+      try {
+        await this.startOnce();
+        return;
+      } catch (e) {
+        if (attempt >= 3 || !(e instanceof BackendError) || !/uapi socket/.test(e.message)) throw e;
+      }
+    }
+  }
+
+  private async startOnce(): Promise<void> {
     mkdirSync(WIREGUARD_GO_SOCKET_DIR, { recursive: true, mode: 0o755 });
     const [file, args] = inNetns('wireguard-go', ['-f', this.name], this.options.netns);
     // The variable only silences wireguard-go's banner that recommends the kernel module.

@@ -107,31 +107,16 @@ describe('userspace node', { skip: suiteSkip([...TOOLS, 'setpriv', 'sha256sum'])
     '--hostname',
     name,
   ];
-  const sshOptions = () => [
-    '-i',
-    join(home, 'id'),
-    '-o',
-    'StrictHostKeyChecking=no',
-    '-o',
-    'UserKnownHostsFile=/dev/null',
-    '-o',
-    'BatchMode=yes',
-    '-o',
-    'LogLevel=ERROR',
-    '-l',
-    'root',
-  ];
+  const sshOptions = () => lab.sshOptions(join(home, 'id'));
   const nodeNames = () =>
     (JSON.parse(lab.admin(['nodes', 'list', '-o', 'json'])) as { name: string }[]).map((n) => n.name);
 
   step('public SSH to the firewall is closed: only the mesh leads there', async () => {
     await until('the lockdown', async () => {
-      const out = await lab.topo
-        .exec('op', 'ssh', [...sshOptions(), '-o', 'ConnectTimeout=2', addr.fw!, 'true'])
-        .then(
-          () => 'open',
-          () => 'closed',
-        );
+      const out = await lab.topo.exec('op', 'ssh', [...sshOptions(), addr.fw!, 'true']).then(
+        () => 'open',
+        () => 'closed',
+      );
       return out === 'closed';
     });
   });

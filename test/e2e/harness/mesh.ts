@@ -290,10 +290,11 @@ export class MeshLab {
     return this.key;
   }
 
-  sshOptions(): string[] {
+  /** ssh options for root logins with the operator's key (or a copy of it at `key`). */
+  sshOptions(key = this.clientKey()): string[] {
     return [
       '-i',
-      this.clientKey(),
+      key,
       '-o',
       'StrictHostKeyChecking=no',
       '-o',
