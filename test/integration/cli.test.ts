@@ -8,6 +8,7 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
+import { parseSecret } from '../../coordinator/state/secrets.js';
 import { SimAgent } from './harness.js';
 import { meshgate, type Started, startCoordinator, stop } from './process.js';
 
@@ -100,7 +101,7 @@ describe('meshgate CLI against a coordinator process', () => {
     );
     assert.equal(key.code, 0, key.stderr);
     const ak = JSON.parse(key.stdout);
-    assert.ok(ak.key.startsWith(`mgkey-auth-${ak.id}-`), 'the key carries its id');
+    assert.equal(parseSecret('auth', ak.key)?.id, ak.id, 'the key carries its id');
     assert.equal(ak.project, 'demo');
     assert.equal(ak.ephemeral, true);
     assert.equal(ak.reusable, false);

@@ -26,7 +26,7 @@ describe('registration rate limit', () => {
     };
     await agent().register(key, 'one');
     await assert.rejects(
-      agent().register(`mgkey-auth-000000000000-${'A'.repeat(43)}`, 'bad'),
+      agent().register(`mgkey_auth_000000000000_${'A'.repeat(43)}`, 'bad'),
       /unknown auth key/,
     );
     await agent().register(key, 'two');
@@ -40,7 +40,7 @@ describe('registration rate limit', () => {
     const rejected = await t.c.metrics.rejectedRegistrations.get();
     assert.equal(rejected.values.find((v) => v.labels.reason === 'rate-limited')?.value, 1);
     assert.ok(
-      t.logs.some((l) => l.includes('refused agent call') && l.includes('too many registration attempts')),
+      t.logs.some((l) => l.includes('refused call') && l.includes('too many registration attempts')),
       'the refusal is logged for fail2ban',
     );
   });

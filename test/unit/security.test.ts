@@ -5,6 +5,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
 import { adminActor, CallVerifier, LOCAL_ACTOR } from '../../coordinator/api/auth.js';
+import { parseSecret } from '../../coordinator/state/secrets.js';
 import { type RegisterInput, State } from '../../coordinator/state/state.js';
 import { openStore, type Store } from '../../coordinator/store/db.js';
 import {
@@ -260,9 +261,9 @@ describe('security checks', () => {
     it('name the caller, from the local socket or a bearer key, and refuse anything else', async () => {
       const { record, key } = await state.keys.createApiKey('test', MINUTE, 'admin');
       assert.equal(LOCAL_ACTOR, 'local-socket');
-      assert.equal(await adminActor(state, undefined, true), 'local-socket');
-      assert.equal(await adminActor(state, `Bearer ${key}`, false), `apikey:${record.id}`);
-      assert.equal(await adminActor(state, `bearer   ${key}`, false), `apikey:${record.id}`);
+      assert.equal((await adminActor(state, undefined, true)).actor, 'local-socket');
+      assert.equal((await adminActor(state, `Bearer ${key}`, false)).actor, `apikey:${record.id}`);
+      assert.equal((await adminActor(state, `bearer   ${key}`, false)).actor, `apikey:${record.id}`);
       await assert.rejects(
         adminActor(state, undefined, false),
         refusal(/^missing API key: pass --api-key or set MESHGATE_API_KEY$/),
@@ -281,10 +282,10 @@ describe('security checks', () => {
 
     it('work until they expire, then are refused with what to do', async () => {
       const { record, key } = await state.keys.createApiKey('test', MINUTE, 'ci');
-      assert.equal(await state.keys.authenticateApiKey(key), record.id);
+      assert.equal((await state.keys.authenticateApiKey(key)).id, record.id);
       now += MINUTE - 1;
       try {
-        assert.equal(await state.keys.authenticateApiKey(key), record.id, 'valid until the last ms');
+        assert.equal((await state.keys.authenticateApiKey(key)).id, record.id, 'valid until the last ms');
         now += 1;
         await assert.rejects(
           state.keys.authenticateApiKey(key),
@@ -337,7 +338,7 @@ describe('security checks', () => {
         state.keys.authenticateApiKey(key),
         refusal(new RegExp(`API key ${record.id} was expired`)),
       );
-      assert.equal(await state.keys.authenticateApiKey(rotated.key), rotated.record.id);
+      assert.equal((await state.keys.authenticateApiKey(rotated.key)).id, rotated.record.id);
 
       const revoked = await state.keys.expireApiKey('test', rotated.record.id);
       assert.equal(revoked.revokedAt, now);
@@ -356,7 +357,7 @@ describe('security checks', () => {
   describe('auth keys', () => {
     it('are refused when expired (from their last ms on), revoked, malformed or unknown, with the reason', async () => {
       const key = await authKey(false);
-      const id = key.split('-')[2]!;
+      const id = parseSecret('auth', key)!.id;
       const m = generateMachineKey();
       const t0 = now;
       try {
@@ -383,8 +384,8 @@ describe('security checks', () => {
         now = t0;
       }
       await assert.rejects(
-        state.register(registration('mgkey-auth-short', m, 'x')),
-        refusal(/^malformed auth key \(expected mgkey-auth-…\)$/),
+        state.register(registration('mgkey_auth_short', m, 'x')),
+        refusal(/^malformed auth key \(expected mgkey_auth_…\)$/),
       );
       await assert.rejects(
         state.keys.expireAuthKey('test', '000000000000'),
@@ -436,7 +437,12 @@ describe('security checks', () => {
             { project: 'p', reusable: true, ephemeral: false, tags: ['tag:a', 'tag:b'], reason: 'rack 7' },
           ],
           ['bob', 'authkey.expire', record.id, { project: 'p' }],
-          ['alice', 'apikey.create', api.record.id, { description: 'deploys', expiresAt: now + MINUTE }],
+          [
+            'alice',
+            'apikey.create',
+            api.record.id,
+            { description: 'deploys', expiresAt: now + MINUTE, projects: null, readOnly: false },
+          ],
           ['bob', 'apikey.expire', api.record.id, {}],
         ],
       );
@@ -451,7 +457,9 @@ describe('security checks', () => {
       for (const r of results) {
         if (r.status === 'rejected') assert.match(String(r.reason), /single-use and was already used/);
       }
-      const [record] = (await state.keys.listAuthKeys('p')).filter((k) => key.includes(`-${k.id}-`));
+      const [record] = (await state.keys.listAuthKeys('p')).filter(
+        (k) => k.id === parseSecret('auth', key)!.id,
+      );
       assert.equal(record?.usedCount, 1);
       assert.equal(
         state.listNodes('p').filter((n) => /^r\d$/.test(n.name)).length,
@@ -465,7 +473,9 @@ describe('security checks', () => {
       await Promise.all(
         Array.from({ length: 4 }, (_, i) => state.register(registration(key, generateMachineKey(), `u${i}`))),
       );
-      const [record] = (await state.keys.listAuthKeys('p')).filter((k) => key.includes(`-${k.id}-`));
+      const [record] = (await state.keys.listAuthKeys('p')).filter(
+        (k) => k.id === parseSecret('auth', key)!.id,
+      );
       assert.equal(record?.usedCount, 4);
     });
   });
