@@ -9,6 +9,7 @@ import { ControlClient } from '../agent/control/client.js';
 import { formatEndpoint, localAddresses } from '../agent/control/endpoints.js';
 import { ControlSession } from '../agent/control/session.js';
 import { RelayConnection } from '../agent/relay/connection.js';
+import { explainUnavailable } from '../proto/dial.js';
 import type { NetMap, Node } from '../proto/gen/meshgate/v1/types_pb.js';
 import { decodeWgKey, encodeWgKey, generateMachineKey, generateNodeKey } from '../proto/keys.js';
 import { VERSION } from '../release/version.js';
@@ -132,7 +133,14 @@ export class Mesh {
     const first = new Promise<void>((resolve, reject) => {
       this.session.once('netmap', () => resolve());
       this.session.on('state', (s, detail) => {
-        if (s === 'offline' && !this.self) reject(new MeshError(`cannot join the mesh: ${detail}`));
+        if (s !== 'offline' || this.self) return;
+        explainUnavailable(
+          this.o.coordinator,
+          this.o.fingerprint ? { fingerprint: this.o.fingerprint } : {},
+        ).then(
+          (why) => reject(why ?? new MeshError(`cannot join the mesh: ${detail}`)),
+          () => reject(new MeshError(`cannot join the mesh: ${detail}`)),
+        );
       });
     });
     this.session.on('registered', (node) => {
