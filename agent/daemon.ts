@@ -262,6 +262,16 @@ export class Agent {
     session.on('netmap', (map) => {
       if (map.relay?.enabled) relay.start();
       this.reconcileNodeKey(map, client);
+      if (map.self?.keyExpired && !this.rotator?.rotating) {
+        const off = this.opts.nodeKeyLifetimeMs === 0;
+        log.warn(
+          { nodeKey: map.self.nodeKey },
+          `the node key is older than the project's maximum key age, so peers do not see this node; ${
+            off ? 'rotation is off (--node-key-lifetime)' : 'rotating it now'
+          }`,
+        );
+        this.rotator?.rotateNow();
+      }
       this.onNetMap(map, true);
     });
     session.on('state', (s, detail) => this.onSessionState(s, detail));

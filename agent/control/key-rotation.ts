@@ -110,6 +110,14 @@ export class NodeKeyRotator {
     this.schedule();
   }
 
+  /** Rotates at once, whatever the key's age (unless a rotation is under way or rotation is off). */
+  rotateNow(): void {
+    if (this.stopped || this.running || this.opts.lifetimeMs <= 0) return;
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+    void this.fire();
+  }
+
   stop(): Promise<void> {
     this.stopped = true;
     if (this.timer) clearTimeout(this.timer);

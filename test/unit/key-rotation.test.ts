@@ -105,6 +105,25 @@ describe('scheduled rotation', () => {
     }
   });
 
+  it('rotates a young key at once when asked (the coordinator says it is too old)', async () => {
+    const rotated: KeyPair[] = [];
+    const rotator = new NodeKeyRotator({
+      lifetimeMs: 86_400_000,
+      createdAt: () => Date.now(),
+      ready: () => true,
+      steps: { generate: newPair, accept: async () => {}, save: () => {}, use: async () => {} },
+      onRotated: (p) => rotated.push(p),
+      onFailed: () => {},
+    });
+    rotator.start();
+    try {
+      rotator.rotateNow();
+      await until('the rotation', () => rotated.length === 1, 1000);
+    } finally {
+      await rotator.stop();
+    }
+  });
+
   it('does nothing with lifetime 0', async () => {
     let asked = false;
     const rotator = new NodeKeyRotator({
