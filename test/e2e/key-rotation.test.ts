@@ -35,7 +35,7 @@ describe('node key rotation', { skip: suiteSkip(TOOLS) }, () => {
       .split('\n')
       .filter((l) => l.includes('rotated the node key')).length;
 
-  step('an SSH session survives at least two rotations of both keys', async () => {
+  step('an SSH session survives at least two rotations of both keys', async (t) => {
     const key = lab.authKey('rot', { reusable: true });
     const extra = ['--node-key-lifetime', '3s'];
     lab.startAgent('a', 'a', { keyFile: key, extra });
@@ -64,7 +64,12 @@ describe('node key rotation', { skip: suiteSkip(TOOLS) }, () => {
     );
     let out = '';
     let err = '';
+    let last = 0;
+    let longestGap = 0;
     session.stdout.on('data', (d) => {
+      const now = Date.now();
+      if (last) longestGap = Math.max(longestGap, now - last);
+      last = now;
       out += d;
     });
     session.stderr.on('data', (d) => {
@@ -90,6 +95,9 @@ describe('node key rotation', { skip: suiteSkip(TOOLS) }, () => {
     assert.ok(
       rotations('b') - started.b >= 2,
       `b rotated ${rotations('b') - started.b} times during the session`,
+    );
+    t.diagnostic(
+      `rotations during the session: a ${rotations('a') - started.a}, b ${rotations('b') - started.b}; longest pause between lines ${longestGap} ms`,
     );
 
     // Each side's wg shows the key the other side has now, not the one it started with.
