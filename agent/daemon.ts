@@ -7,7 +7,7 @@ import { timestampDate } from '@bufbuild/protobuf/wkt';
 import type { Logger } from 'pino';
 import type { NetMap, Node, Peer } from '../proto/gen/meshgate/v1/types_pb.js';
 import { Protocol } from '../proto/gen/meshgate/v1/types_pb.js';
-import { encodeWgKey } from '../proto/keys.js';
+import { decodeWgKey, encodeWgKey, generateNodeKey, nodePublicKey } from '../proto/keys.js';
 import { VERSION } from '../release/version.js';
 import { ControlClient } from './control/client.js';
 import {
@@ -21,6 +21,7 @@ import {
   RELAY,
 } from './control/endpoints.js';
 import { StateDir } from './control/identity.js';
+import { DEFAULT_NODE_KEY_LIFETIME_MS, type KeyPair, NodeKeyRotator } from './control/key-rotation.js';
 import { describeNodeState, type NodeState, type NodeStateKind } from './control/node-state.js';
 import { AgentError, type ConnectionState, ControlSession } from './control/session.js';
 import type { Backend } from './dataplane/backend.js';
@@ -56,6 +57,8 @@ export interface AgentOptions {
   log: Logger;
   /** How often local endpoints and peer paths are re-checked. */
   tickMs?: number;
+  /** Rotate the WireGuard node key when it is this old; 0 turns rotation off. */
+  nodeKeyLifetimeMs?: number;
 }
 
 const PROTOCOL_NAMES: Record<number, FilterRule['protocols'][number]> = {
@@ -70,6 +73,8 @@ const pathKey = (p: Peer) => `${p.id}:${p.nodeKey}`;
 export class Agent {
   private device: WireGuardDevice | null = null;
   private session: ControlSession | null = null;
+  private rotator: NodeKeyRotator | null = null;
+  private keyRotations = 0;
   private api!: LocalApi;
   private readonly state: StateDir;
   private readonly guard: FirewallGuard;
@@ -256,6 +261,17 @@ export class Agent {
     });
     session.on('netmap', (map) => {
       if (map.relay?.enabled) relay.start();
+      this.reconcileNodeKey(map, client);
+      if (map.self?.keyExpired && !this.rotator?.rotating) {
+        const off = this.opts.nodeKeyLifetimeMs === 0;
+        log.warn(
+          { nodeKey: map.self.nodeKey },
+          `the node key is older than the project's maximum key age, so peers do not see this node; ${
+            off ? 'rotation is off (--node-key-lifetime)' : 'rotating it now'
+          }`,
+        );
+        this.rotator?.rotateNow();
+      }
       this.onNetMap(map, true);
     });
     session.on('state', (s, detail) => this.onSessionState(s, detail));
@@ -271,6 +287,62 @@ export class Agent {
       throw new AgentError(`${err.message}; ${fix}`);
     }
     this.ticker = setInterval(() => void this.tick(), this.opts.tickMs ?? 2000);
+    this.startKeyRotation(client, session);
+  }
+
+  /** Rotates the node key on schedule; see control/key-rotation.ts for why the steps come in this order. */
+  private startKeyRotation(client: ControlClient, session: ControlSession): void {
+    const { log } = this.opts;
+    const lifetimeMs = this.opts.nodeKeyLifetimeMs ?? DEFAULT_NODE_KEY_LIFETIME_MS;
+    this.rotator = new NodeKeyRotator({
+      lifetimeMs,
+      createdAt: () => this.state.nodeKeyCreatedAt(),
+      ready: () => session.state === 'connected',
+      steps: {
+        generate: () => {
+          const secret = generateNodeKey().secretKey;
+          return { secret, public: nodePublicKey(secret) };
+        },
+        accept: async (pub) => {
+          await client.rotateNodeKey(pub);
+        },
+        save: (secret) => this.state.saveNodeKey(secret),
+        use: (pair: KeyPair) => {
+          this.nodePublic = encodeWgKey(pair.public);
+          session.setNodeKey(pair.public);
+          return this.scheduleApply();
+        },
+      },
+      onRotated: (pair) => {
+        this.keyRotations++;
+        log.info({ nodeKey: encodeWgKey(pair.public), rotations: this.keyRotations }, 'rotated the node key');
+      },
+      onFailed: (err) =>
+        log.warn(
+          { err: err.message },
+          'could not rotate the node key; keeping the current one, trying again later',
+        ),
+    });
+    this.rotator.start();
+  }
+
+  /**
+   * The coordinator holds another key than node.key (a reconnect's registration raced a
+   * rotation): send ours again, or peers would keep using a key this interface does not have.
+   */
+  private reconcileNodeKey(map: NetMap, client: ControlClient): void {
+    const theirs = map.self?.nodeKey;
+    if (!theirs || !this.nodePublic || theirs === this.nodePublic || this.rotator?.rotating) return;
+    const ours = this.nodePublic;
+    this.opts.log.warn(
+      { coordinator: theirs, local: ours },
+      'the coordinator has another node key; sending ours',
+    );
+    client
+      .rotateNodeKey(decodeWgKey(ours))
+      .catch((err: Error) =>
+        this.opts.log.warn({ err: err.message }, 'could not send the node key to the coordinator'),
+      );
   }
 
   private onSessionState(s: ConnectionState, detail: string): void {
@@ -321,8 +393,8 @@ export class Agent {
     this.scheduleApply();
   }
 
-  private scheduleApply(): void {
-    if (this.pendingApply) return;
+  private scheduleApply(): Promise<void> {
+    if (this.pendingApply) return this.applying;
     this.pendingApply = true;
     this.applying = this.applying.then(async () => {
       this.pendingApply = false;
@@ -333,6 +405,7 @@ export class Agent {
         this.opts.log.error({ err: (err as Error).message }, 'could not apply the netmap');
       }
     });
+    return this.applying;
   }
 
   private async apply(map: NetMap, device: WireGuardDevice, proxies: RelayProxies): Promise<void> {
@@ -565,6 +638,9 @@ export class Agent {
       '# HELP meshgate_agent_node_state The node state (1 for the current one).',
       '# TYPE meshgate_agent_node_state gauge',
       `meshgate_agent_node_state{state="${this.nodeState.kind}"} 1`,
+      '# HELP meshgate_agent_node_key_rotations_total Node keys rotated since the agent started.',
+      '# TYPE meshgate_agent_node_key_rotations_total counter',
+      `meshgate_agent_node_key_rotations_total ${this.keyRotations}`,
     ];
     return `${lines.join('\n')}\n`;
   }
@@ -639,6 +715,8 @@ export class Agent {
   private async stopMesh(keepInterface = false): Promise<void> {
     if (this.ticker) clearInterval(this.ticker);
     this.ticker = null;
+    await this.rotator?.stop();
+    this.rotator = null;
     if (this.saveTimer) {
       clearTimeout(this.saveTimer);
       this.saveTimer = null;

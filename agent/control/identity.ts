@@ -92,6 +92,19 @@ export class StateDir {
     return this.path('node.key');
   }
 
+  /**
+   * When node.key was made: its modification time. The key is only ever
+   * written whole (write + rename), so the time cannot disagree with the key.
+   */
+  nodeKeyCreatedAt(): number {
+    return statSync(this.nodeKeyFile).mtimeMs;
+  }
+
+  /** Replaces the WireGuard private key atomically. */
+  saveNodeKey(secret: Uint8Array): void {
+    writeSecretFile(this.nodeKeyFile, encodeWgKey(secret));
+  }
+
   saveNode(node: NodeIdentity): void {
     writeSecretFile(this.path('node.json'), JSON.stringify(node, null, 2));
   }

@@ -102,6 +102,11 @@ export class ControlSession extends EventEmitter<SessionEvents> {
     this.openStream();
   }
 
+  /** After a key rotation: later registrations present the new key. */
+  setNodeKey(nodePublic: Uint8Array): void {
+    this.info.nodePublic = nodePublic;
+  }
+
   private registration(authKey: string) {
     return this.client.register({
       authKey,

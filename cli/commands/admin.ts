@@ -4,6 +4,7 @@ import { type DescMessage, type MessageShape, toJson } from '@bufbuild/protobuf'
 import type { Timestamp } from '@bufbuild/protobuf/wkt';
 import { timestampDate } from '@bufbuild/protobuf/wkt';
 import type { Command } from 'commander';
+import { formatDuration } from '../../proto/duration.js';
 import {
   type ApiKey,
   ApiKeySchema,
@@ -78,6 +79,10 @@ const PROJECT_COLUMNS: Column<Project>[] = [
   { header: 'NAME', value: (p) => p.name },
   { header: 'NODES', value: (p) => String(p.nodeCount) },
   { header: 'CREATED', value: (p) => iso(p.createdAt) },
+  {
+    header: 'MAX KEY AGE',
+    value: (p) => (p.maxKeyAgeSeconds ? formatDuration(p.maxKeyAgeSeconds * 1000) : '-'),
+  },
 ];
 
 const AUTH_KEY_COLUMNS: Column<AuthKey>[] = [
@@ -116,6 +121,12 @@ const NODE_COLUMNS: Column<Node>[] = [
     value: (n) => (n.drifting ? `${n.version} (want ${n.desiredVersion})` : n.version),
   },
   { header: 'TAGS', value: (n) => n.tags.join(',') },
+  // Why a node is cut off the mesh, if it is.
+  {
+    header: 'STATUS',
+    value: (n) => (n.expired ? 'expired' : n.keyExpired ? 'key too old (rotate it)' : 'ok'),
+  },
+  { header: 'KEY SET', value: (n) => iso(n.keySetAt), wide: true },
   { header: 'IPV6', value: (n) => n.ipAddresses[1] ?? '', wide: true },
   { header: 'EPHEMERAL', value: (n) => String(n.ephemeral), wide: true },
   { header: 'EXPIRES', value: (n) => (n.expired ? 'expired' : iso(n.expiresAt)), wide: true },
@@ -169,6 +180,18 @@ export function registerAdminCommands(program: Command): void {
     async (c, [name], o) => {
       await c.call('deleteProject', { name, force: Boolean(o.force) });
       process.stderr.write(`deleted project ${name}\n`);
+    },
+  );
+
+  withAdmin(
+    projects
+      .command('set-max-key-age <name> <duration>')
+      .description(
+        "cut nodes off the mesh while their WireGuard key is older than DURATION (e.g. 7d), until their agent rotates it; 'off' removes the limit",
+      ),
+    async (c, [name, maxKeyAge]) => {
+      const r = await c.call('setProjectMaxKeyAge', { project: name, maxKeyAge });
+      printOne(c, ProjectSchema, r.project!, PROJECT_COLUMNS);
     },
   );
 

@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import type { Command } from 'commander';
 import YAML from 'yaml';
 import { z } from 'zod';
+import { DEFAULT_NODE_KEY_LIFETIME_MS, parseKeyLifetime } from '../../agent/control/key-rotation.js';
 import { AgentError } from '../../agent/control/session.js';
 import { Agent } from '../../agent/daemon.js';
 import { MissingToolError } from '../../agent/dataplane/exec.js';
@@ -34,6 +35,18 @@ const AgentConfig = z
     socket: z.string().default(DEFAULT_AGENT_SOCKET),
     logLevel: z.enum(['trace', 'debug', 'info', 'warn', 'error']).default('info'),
     logFormat: z.enum(['auto', 'json', 'text']).default('auto'),
+    nodeKeyLifetime: z
+      .union([z.string(), z.number()])
+      .optional()
+      .transform((v, ctx) => {
+        if (v === undefined) return DEFAULT_NODE_KEY_LIFETIME_MS;
+        try {
+          return parseKeyLifetime(String(v));
+        } catch (err) {
+          ctx.addIssue({ code: z.ZodIssueCode.custom, message: (err as Error).message });
+          return z.NEVER;
+        }
+      }),
   })
   .strict();
 
@@ -100,6 +113,10 @@ export function registerAgentCommand(program: Command): void {
     )
     .option('--advertise-tags <tags>', 'comma-separated tags to ask for (the auth key must allow them)')
     .option('--advertise-routes <cidrs>', 'comma-separated subnets to offer; an admin approves them')
+    .option(
+      '--node-key-lifetime <duration>',
+      'rotate the WireGuard node key when it is this old, e.g. 24h (default), 7d; 0 or off: never',
+    )
     .option('--config <file>', 'YAML file with the same settings (camelCase keys)')
     .option('--socket <path>', `local API socket (default ${DEFAULT_AGENT_SOCKET})`)
     .option('--log-level <level>', 'trace, debug, info, warn, error (default info)')
@@ -147,6 +164,7 @@ Example (what install.sh runs under systemd):
           socket: o.socket,
           logLevel: o.logLevel,
           logFormat: o.logFormat,
+          nodeKeyLifetime: o.nodeKeyLifetime,
         }).filter(([, v]) => v !== undefined),
       );
       const merged = { ...fromFile, ...flags };
@@ -188,6 +206,7 @@ Example (what install.sh runs under systemd):
         advertiseRoutes: c.advertiseRoutes,
         socket: c.socket,
         log,
+        nodeKeyLifetimeMs: c.nodeKeyLifetime,
       });
       const stop = () => void agent.stop();
       process.once('SIGTERM', stop);

@@ -54,8 +54,27 @@ export type AdminHandlers = { [K in keyof Methods]: Handler<K> };
 
 const ts = (ms: number | null) => (ms === null ? undefined : timestampFromMs(ms));
 
-function projectMessage(p: { name: string; createdAt: number; nodeCount: number }): Project {
-  return create(ProjectSchema, { name: p.name, createdAt: ts(p.createdAt), nodeCount: p.nodeCount });
+function projectMessage(p: {
+  name: string;
+  createdAt: number;
+  nodeCount: number;
+  maxKeyAgeMs: number | null;
+}): Project {
+  return create(ProjectSchema, {
+    name: p.name,
+    createdAt: ts(p.createdAt),
+    nodeCount: p.nodeCount,
+    maxKeyAgeSeconds: p.maxKeyAgeMs === null ? 0 : Math.ceil(p.maxKeyAgeMs / 1000),
+  });
+}
+
+/** "", "0" and "off" remove the limit; anything else is a duration of at least 1s. */
+function maxKeyAge(value: string): number | null {
+  const v = value.trim().toLowerCase();
+  if (v === '' || v === '0' || v === 'off') return null;
+  const ms = duration('max_key_age', v, 0);
+  if (ms < 1000) throw invalid('max_key_age: at least 1s, or "off" for no limit');
+  return ms;
 }
 
 function authKeyMessage(k: AuthKeyRecord, now: number, key = ''): AuthKey {
@@ -152,6 +171,11 @@ function unboundedHandlers({
     },
     async listProjects() {
       return msg(pb.ListProjectsResponseSchema, { projects: state.listProjects().map(projectMessage) });
+    },
+    async setProjectMaxKeyAge(req, { actor }) {
+      const p = await state.setMaxKeyAge(actor, req.project, maxKeyAge(req.maxKeyAge));
+      const nodeCount = state.listProjects().find((x) => x.name === p.name)?.nodeCount ?? 0;
+      return msg(pb.SetProjectMaxKeyAgeResponseSchema, { project: projectMessage({ ...p, nodeCount }) });
     },
     async deleteProject(req, { actor }) {
       await state.deleteProject(actor, req.name, req.force);

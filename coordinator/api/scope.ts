@@ -64,6 +64,8 @@ const RULES: { [K in keyof Methods]: Rule<K> } = {
     },
   },
   deleteProject: { write: true, global: true },
+  // A limit the operator sets on a tenant: a key scoped to the project may not lift it.
+  setProjectMaxKeyAge: { write: true, global: true },
 
   createAuthKey: { write: true, project: byProject },
   listAuthKeys: { write: false, project: byProject },

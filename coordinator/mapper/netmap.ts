@@ -65,6 +65,8 @@ export function nodeMessage(state: State, n: NodeRecord): Node {
     approvedRoutes: n.approvedRoutes,
     authKeyId: n.authKeyId,
     lockdownPorts: n.lockdownPorts,
+    keySetAt: timestampFromMs(n.keySetAt),
+    keyExpired: state.isKeyExpired(n),
   });
 }
 

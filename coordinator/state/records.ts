@@ -27,6 +27,8 @@ export interface NodeRecord {
   createdAt: number;
   lastSeen: number | null;
   expiresAt: number | null;
+  /** When nodeKey was set (registration or rotation). */
+  keySetAt: number;
   /** TCP ports the node closes everywhere but on the mesh, as its agent last reported them. */
   lockdownPorts: number[];
 }
@@ -86,6 +88,7 @@ export function nodeFromRow(r: NodeTable): NodeRecord {
     createdAt: storedTime(r.created_at),
     lastSeen: storedOptionalTime(r.last_seen),
     expiresAt: storedOptionalTime(r.expires_at),
+    keySetAt: storedTime(r.key_set_at ?? r.created_at),
     lockdownPorts: JSON.parse(r.lockdown_ports) as number[],
   };
 }
@@ -114,6 +117,7 @@ export function nodeToRow(n: NodeRecord): NodeTable {
     expires_at: n.expiresAt,
     lockdown_ports: JSON.stringify(n.lockdownPorts),
     numeric_id: n.numericId,
+    key_set_at: n.keySetAt,
   };
 }
 

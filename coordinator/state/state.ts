@@ -51,6 +51,8 @@ export interface ProjectRecord {
   /** Stable and never reused; how Headscale's API addresses the project (a "user"). */
   numericId: number;
   createdAt: number;
+  /** Nodes whose key is older are cut off the mesh until they rotate it; null: no limit. */
+  maxKeyAgeMs: number | null;
 }
 
 export interface PolicyRecord {
@@ -149,7 +151,12 @@ export class State {
       s.lastNumber[c.name as Counter] = Number(c.last);
     }
     for (const p of await db.selectFrom('projects').selectAll().execute()) {
-      s.indexProject({ name: p.name, numericId: Number(p.numeric_id), createdAt: storedTime(p.created_at) });
+      s.indexProject({
+        name: p.name,
+        numericId: Number(p.numeric_id),
+        createdAt: storedTime(p.created_at),
+        maxKeyAgeMs: p.max_key_age_ms === null ? null : Number(p.max_key_age_ms),
+      });
     }
     const rows = await db.selectFrom('nodes').selectAll().execute();
     for (const r of rows) s.indexNode(nodeFromRow(r));
@@ -242,7 +249,7 @@ export class State {
       throw exists(`project ${quote(name)} already exists`);
     this.creating.add(name);
     try {
-      const p = { name, numericId: this.nextNumber('projects'), createdAt: this.now() };
+      const p = { name, numericId: this.nextNumber('projects'), createdAt: this.now(), maxKeyAgeMs: null };
       await this.db.transaction().execute(async (tx) => {
         await tx
           .insertInto('projects')
@@ -262,6 +269,29 @@ export class State {
     this.projects.set(p.name, p);
     this.projectsByNumber.set(p.numericId, p.name);
     if (!this.byProject.has(p.name)) this.byProject.set(p.name, new Set());
+  }
+
+  /**
+   * The oldest a node key of the project may be; null removes the limit. Nodes
+   * over it leave their peers' netmaps (and see no peers) until their agent
+   * rotates the key; they stay registered and connected so that it can.
+   */
+  async setMaxKeyAge(actor: string, name: string, maxKeyAgeMs: number | null): Promise<ProjectRecord> {
+    const p = this.requireProject(name);
+    if (maxKeyAgeMs !== null && !(Number.isSafeInteger(maxKeyAgeMs) && maxKeyAgeMs >= 1000))
+      throw invalid('the maximum key age must be at least 1s');
+    await this.db.transaction().execute(async (tx) => {
+      await tx
+        .updateTable('projects')
+        .set({ max_key_age_ms: maxKeyAgeMs })
+        .where('name', '=', name)
+        .execute();
+      await audit(tx, this.now(), actor, 'project.max-key-age', name, { maxKeyAgeMs });
+    });
+    const next = { ...p, maxKeyAgeMs };
+    this.projects.set(name, next);
+    for (const n of this.projectNodes(name)) this.emit({ type: 'node-changed', node: n });
+    return next;
   }
 
   async deleteProject(actor: string, name: string, force: boolean): Promise<void> {
@@ -342,10 +372,22 @@ export class State {
     return n.expiresAt !== null && n.expiresAt <= now;
   }
 
-  /** Nodes that take part in the mesh: expired nodes are cut off until re-authorized. */
+  /** When the node's key passes its project's maximum key age; null without a limit. */
+  keyExpiresAt(n: NodeRecord): number | null {
+    const max = this.projects.get(n.project)?.maxKeyAgeMs ?? null;
+    return max === null ? null : n.keySetAt + max;
+  }
+
+  /** The node's key is older than its project allows: cut off the mesh until it rotates. */
+  isKeyExpired(n: NodeRecord, now = this.now()): boolean {
+    const at = this.keyExpiresAt(n);
+    return at !== null && at <= now;
+  }
+
+  /** Nodes that take part in the mesh: expired nodes are cut off until re-authorized, stale keys until rotated. */
   activeProjectNodes(project: string): NodeRecord[] {
     const now = this.now();
-    return this.projectNodes(project).filter((n) => !this.isExpired(n, now));
+    return this.projectNodes(project).filter((n) => !this.isExpired(n, now) && !this.isKeyExpired(n, now));
   }
 
   compiled(project: string): CompiledPolicy {
@@ -378,13 +420,19 @@ export class State {
     const tags = this.tagsFor(key, input.requestedTags);
     if (known) {
       // An expired node re-authorized with a fresh key keeps its identity and addresses.
+      const keySetAt = input.nodeKey === known.nodeKey ? known.keySetAt : this.now();
       const release = this.claimNodeKey(input.nodeKey, known.id);
       try {
         await this.db.transaction().execute(async (tx) => {
           await this.keys.spend(tx, key);
           await tx
             .updateTable('nodes')
-            .set({ expires_at: null, tags: JSON.stringify(tags), node_key: input.nodeKey })
+            .set({
+              expires_at: null,
+              tags: JSON.stringify(tags),
+              node_key: input.nodeKey,
+              key_set_at: keySetAt,
+            })
             .where('id', '=', known.id)
             .execute();
         });
@@ -392,7 +440,11 @@ export class State {
         release();
         throw duplicateKeyOr(err);
       }
-      const node = this.applyChange(known, { expiresAt: null, tags, nodeKey: input.nodeKey }, 'node-added');
+      const node = this.applyChange(
+        known,
+        { expiresAt: null, tags, nodeKey: input.nodeKey, keySetAt },
+        'node-added',
+      );
       return { node, existing: true };
     }
     this.requireFreeNodeKey(input.nodeKey);
@@ -420,6 +472,7 @@ export class State {
       createdAt: now,
       lastSeen: now,
       expiresAt: null,
+      keySetAt: now,
       lockdownPorts: [],
     };
     // Claim the name before awaiting so a concurrent registration picks another.
@@ -443,6 +496,7 @@ export class State {
   private async refreshKnownNode(known: NodeRecord, input: RegisterInput): Promise<NodeRecord> {
     const change = {
       nodeKey: input.nodeKey,
+      keySetAt: input.nodeKey === known.nodeKey ? known.keySetAt : this.now(),
       hostname: input.hostname,
       os: input.os,
       version: input.version,
@@ -464,6 +518,7 @@ export class State {
         .updateTable('nodes')
         .set({
           node_key: node.nodeKey,
+          key_set_at: node.keySetAt,
           hostname: node.hostname,
           os: node.os,
           version: node.version,
@@ -581,14 +636,20 @@ export class State {
   async rotateNodeKey(id: string, nodeKey: string): Promise<NodeRecord> {
     const n = this.nodes.get(id);
     if (!n) throw notFound('node does not exist');
+    if (n.nodeKey === nodeKey) return n;
     const release = this.claimNodeKey(nodeKey, id);
+    const keySetAt = this.now();
     try {
-      await this.db.updateTable('nodes').set({ node_key: nodeKey }).where('id', '=', id).execute();
+      await this.db
+        .updateTable('nodes')
+        .set({ node_key: nodeKey, key_set_at: keySetAt })
+        .where('id', '=', id)
+        .execute();
     } catch (err) {
       release();
       throw duplicateKeyOr(err);
     }
-    return this.applyChange(n, { nodeKey }, 'node-changed');
+    return this.applyChange(n, { nodeKey, keySetAt }, 'node-changed');
   }
 
   /** `meshgate logout`: the node leaves for good, ephemeral or not; its machine forgets its identity. */
@@ -959,13 +1020,12 @@ export class State {
     return stale;
   }
 
-  /** Announces nodes whose expiry time passed since the last sweep, so peers drop them. */
+  /** Announces nodes whose expiry time or maximum key age passed since the last sweep, so peers drop them. */
   sweepExpiry(): void {
     const now = this.now();
+    const passed = (at: number | null) => at !== null && at > this.lastExpirySweep && at <= now;
     for (const n of this.nodes.values()) {
-      if (n.expiresAt !== null && n.expiresAt > this.lastExpirySweep && n.expiresAt <= now) {
-        this.emit({ type: 'node-changed', node: n });
-      }
+      if (passed(n.expiresAt) || passed(this.keyExpiresAt(n))) this.emit({ type: 'node-changed', node: n });
     }
     this.lastExpirySweep = now;
   }

@@ -227,6 +227,16 @@ export function migrations(dialect: Dialect): Record<string, Migration> {
         await db.schema.createIndex('nodes_node_key').on('nodes').column('node_key').unique().execute();
       },
     },
+    '0009_node_key_set_at': {
+      // When each node's WireGuard key was set, and a per-project maximum key
+      // age. Older versions did not record key changes: a node's creation is
+      // the latest time its key is known to date from.
+      async up(db: Kysely<unknown>) {
+        await db.schema.alterTable('nodes').addColumn('key_set_at', 'bigint').execute();
+        await sql`update nodes set key_set_at = created_at`.execute(db);
+        await db.schema.alterTable('projects').addColumn('max_key_age_ms', 'bigint').execute();
+      },
+    },
   };
 }
 

@@ -8,6 +8,8 @@ export interface ProjectTable {
   created_at: number;
   /** Never reused (see id_counters); the column allows null only because migration 0005 added it. */
   numeric_id: number | null;
+  /** Nodes whose key is older are cut off the mesh until they rotate; NULL: no limit. */
+  max_key_age_ms: number | null;
 }
 
 export interface IdCounterTable {
@@ -75,6 +77,8 @@ export interface NodeTable {
   /** JSON list of the TCP ports the agent reachable only over the mesh (--lockdown-ssh). */
   lockdown_ports: string;
   numeric_id: number | null;
+  /** When node_key was set; null only in rows written before migration 0009. */
+  key_set_at: number | null;
 }
 
 export interface PolicyTable {

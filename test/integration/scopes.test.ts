@@ -316,6 +316,13 @@ describe('scoped API keys', () => {
         const need = /limited to project alpha; projects and API keys need a global key/;
         await refused(s, 'CreateProject', { name: 'delta' }, 'PERMISSION_DENIED', need);
         await refused(s, 'DeleteProject', { name: 'alpha', force: true }, 'PERMISSION_DENIED', need);
+        await refused(
+          s,
+          'SetProjectMaxKeyAge',
+          { project: 'alpha', maxKeyAge: 'off' },
+          'PERMISSION_DENIED',
+          need,
+        );
         await refused(s, 'CreateApiKey', { projects: ['alpha'] }, 'PERMISSION_DENIED', need);
         await refused(s, 'ListApiKeys', {}, 'PERMISSION_DENIED', need);
         await refused(s, 'ExpireApiKey', { id: ids.otherApiKey }, 'PERMISSION_DENIED', need);

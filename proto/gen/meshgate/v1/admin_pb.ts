@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file meshgate/v1/admin.proto.
  */
 export const file_meshgate_v1_admin: GenFile = /*@__PURE__*/
-  fileDesc("ChdtZXNoZ2F0ZS92MS9hZG1pbi5wcm90bxILbWVzaGdhdGUudjEiDwoNSGVhbHRoUmVxdWVzdCJMCg5IZWFsdGhSZXNwb25zZRITCgtkYXRhYmFzZV9vaxgBIAEoCBIPCgd2ZXJzaW9uGAIgASgJEhQKDG5vZGVzX29ubGluZRgDIAEoDSJbCgdQcm9qZWN0EgwKBG5hbWUYASABKAkSLgoKY3JlYXRlZF9hdBgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKbm9kZV9jb3VudBgDIAEoDSIkChRDcmVhdGVQcm9qZWN0UmVxdWVzdBIMCgRuYW1lGAEgASgJIj4KFUNyZWF0ZVByb2plY3RSZXNwb25zZRIlCgdwcm9qZWN0GAEgASgLMhQubWVzaGdhdGUudjEuUHJvamVjdCIVChNMaXN0UHJvamVjdHNSZXF1ZXN0Ij4KFExpc3RQcm9qZWN0c1Jlc3BvbnNlEiYKCHByb2plY3RzGAEgAygLMhQubWVzaGdhdGUudjEuUHJvamVjdCIzChREZWxldGVQcm9qZWN0UmVxdWVzdBIMCgRuYW1lGAEgASgJEg0KBWZvcmNlGAIgASgIIhcKFURlbGV0ZVByb2plY3RSZXNwb25zZSL1AQoHQXV0aEtleRIKCgJpZBgBIAEoCRIPCgdwcm9qZWN0GAIgASgJEhAKCHJldXNhYmxlGAMgASgIEhEKCWVwaGVtZXJhbBgEIAEoCBIMCgR0YWdzGAUgAygJEi4KCmNyZWF0ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmV4cGlyZXNfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBHVzZWQYCCABKAgSDwoHZXhwaXJlZBgJIAEoCBIOCgZyZWFzb24YCiABKAkSCwoDa2V5GAsgASgJIn4KFENyZWF0ZUF1dGhLZXlSZXF1ZXN0Eg8KB3Byb2plY3QYASABKAkSEAoIcmV1c2FibGUYAiABKAgSEQoJZXBoZW1lcmFsGAMgASgIEhIKCmV4cGlyYXRpb24YBCABKAkSDAoEdGFncxgFIAMoCRIOCgZyZWFzb24YBiABKAkiPwoVQ3JlYXRlQXV0aEtleVJlc3BvbnNlEiYKCGF1dGhfa2V5GAEgASgLMhQubWVzaGdhdGUudjEuQXV0aEtleSImChNMaXN0QXV0aEtleXNSZXF1ZXN0Eg8KB3Byb2plY3QYASABKAkiPwoUTGlzdEF1dGhLZXlzUmVzcG9uc2USJwoJYXV0aF9rZXlzGAEgAygLMhQubWVzaGdhdGUudjEuQXV0aEtleSIiChRFeHBpcmVBdXRoS2V5UmVxdWVzdBIKCgJpZBgBIAEoCSI/ChVFeHBpcmVBdXRoS2V5UmVzcG9uc2USJgoIYXV0aF9rZXkYASABKAsyFC5tZXNoZ2F0ZS52MS5BdXRoS2V5IvsBCgZBcGlLZXkSCgoCaWQYASABKAkSLgoKY3JlYXRlZF9hdBgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKZXhwaXJlc19hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJbGFzdF9zZWVuGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdleHBpcmVkGAUgASgIEhMKC2Rlc2NyaXB0aW9uGAYgASgJEgsKA2tleRgHIAEoCRIQCghwcm9qZWN0cxgIIAMoCRIRCglyZWFkX29ubHkYCSABKAgiYwoTQ3JlYXRlQXBpS2V5UmVxdWVzdBISCgpleHBpcmF0aW9uGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEhAKCHByb2plY3RzGAMgAygJEhEKCXJlYWRfb25seRgEIAEoCCI8ChRDcmVhdGVBcGlLZXlSZXNwb25zZRIkCgdhcGlfa2V5GAEgASgLMhMubWVzaGdhdGUudjEuQXBpS2V5IhQKEkxpc3RBcGlLZXlzUmVxdWVzdCI8ChNMaXN0QXBpS2V5c1Jlc3BvbnNlEiUKCGFwaV9rZXlzGAEgAygLMhMubWVzaGdhdGUudjEuQXBpS2V5IiEKE0V4cGlyZUFwaUtleVJlcXVlc3QSCgoCaWQYASABKAkiPAoURXhwaXJlQXBpS2V5UmVzcG9uc2USJAoHYXBpX2tleRgBIAEoCzITLm1lc2hnYXRlLnYxLkFwaUtleSI1ChNSb3RhdGVBcGlLZXlSZXF1ZXN0EgoKAmlkGAEgASgJEhIKCmV4cGlyYXRpb24YAiABKAkiPAoUUm90YXRlQXBpS2V5UmVzcG9uc2USJAoHYXBpX2tleRgBIAEoCzITLm1lc2hnYXRlLnYxLkFwaUtleSIjChBMaXN0Tm9kZXNSZXF1ZXN0Eg8KB3Byb2plY3QYASABKAkiNQoRTGlzdE5vZGVzUmVzcG9uc2USIAoFbm9kZXMYASADKAsyES5tZXNoZ2F0ZS52MS5Ob2RlIi0KDkdldE5vZGVSZXF1ZXN0EgoKAmlkGAEgASgJEg8KB3Byb2plY3QYAiABKAkiMgoPR2V0Tm9kZVJlc3BvbnNlEh8KBG5vZGUYASABKAsyES5tZXNoZ2F0ZS52MS5Ob2RlIjAKEURlbGV0ZU5vZGVSZXF1ZXN0EgoKAmlkGAEgASgJEg8KB3Byb2plY3QYAiABKAkiFAoSRGVsZXRlTm9kZVJlc3BvbnNlIlMKEUV4cGlyZU5vZGVSZXF1ZXN0EgoKAmlkGAEgASgJEg8KB3Byb2plY3QYAiABKAkSEgoKZXhwaXJhdGlvbhgDIAEoCRINCgVjbGVhchgEIAEoCCI1ChJFeHBpcmVOb2RlUmVzcG9uc2USHwoEbm9kZRgBIAEoCzIRLm1lc2hnYXRlLnYxLk5vZGUiPgoRUmVuYW1lTm9kZVJlcXVlc3QSCgoCaWQYASABKAkSDwoHcHJvamVjdBgCIAEoCRIMCgRuYW1lGAMgASgJIjUKElJlbmFtZU5vZGVSZXNwb25zZRIfCgRub2RlGAEgASgLMhEubWVzaGdhdGUudjEuTm9kZSI/ChJTZXROb2RlVGFnc1JlcXVlc3QSCgoCaWQYASABKAkSDwoHcHJvamVjdBgCIAEoCRIMCgR0YWdzGAMgAygJIjYKE1NldE5vZGVUYWdzUmVzcG9uc2USHwoEbm9kZRgBIAEoCzIRLm1lc2hnYXRlLnYxLk5vZGUiTAoUU2V0Tm9kZVJvdXRlc1JlcXVlc3QSCgoCaWQYASABKAkSDwoHcHJvamVjdBgCIAEoCRIXCg9hcHByb3ZlZF9yb3V0ZXMYAyADKAkiOAoVU2V0Tm9kZVJvdXRlc1Jlc3BvbnNlEh8KBG5vZGUYASABKAsyES5tZXNoZ2F0ZS52MS5Ob2RlIiMKEEdldFBvbGljeVJlcXVlc3QSDwoHcHJvamVjdBgBIAEoCSJTChFHZXRQb2xpY3lSZXNwb25zZRIOCgZwb2xpY3kYASABKAkSLgoKdXBkYXRlZF9hdBgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiQgoQU2V0UG9saWN5UmVxdWVzdBIPCgdwcm9qZWN0GAEgASgJEg4KBnBvbGljeRgCIAEoCRINCgVmb3JjZRgDIAEoCCJDChFTZXRQb2xpY3lSZXNwb25zZRIuCgp1cGRhdGVkX2F0GAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCI1ChJDaGVja1BvbGljeVJlcXVlc3QSDwoHcHJvamVjdBgBIAEoCRIOCgZwb2xpY3kYAiABKAkiYgoQUG9saWN5VGVzdFJlc3VsdBILCgNzcmMYASABKAkSCwoDZHN0GAIgASgJEhMKC3dhbnRfYWNjZXB0GAMgASgIEg4KBnBhc3NlZBgEIAEoCBIPCgdtZXNzYWdlGAUgASgJIlEKE0NoZWNrUG9saWN5UmVzcG9uc2USCgoCb2sYASABKAgSLgoHcmVzdWx0cxgCIAMoCzIdLm1lc2hnYXRlLnYxLlBvbGljeVRlc3RSZXN1bHQirgEKDkRlc2lyZWRWZXJzaW9uEg8KB3Byb2plY3QYASABKAkSCwoDdGFnGAIgASgJEg8KB3ZlcnNpb24YAyABKAkSLgoKdXBkYXRlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFAoMYXJ0aWZhY3RfdXJsGAUgASgJEg4KBnNoYTI1NhgGIAEoCRIXCg9hbGxvd19kb3duZ3JhZGUYByABKAgiiAEKGFNldERlc2lyZWRWZXJzaW9uUmVxdWVzdBIPCgdwcm9qZWN0GAEgASgJEgsKA3RhZxgCIAEoCRIPCgd2ZXJzaW9uGAMgASgJEhQKDGFydGlmYWN0X3VybBgEIAEoCRIOCgZzaGEyNTYYBSABKAkSFwoPYWxsb3dfZG93bmdyYWRlGAYgASgIIlEKGVNldERlc2lyZWRWZXJzaW9uUmVzcG9uc2USNAoPZGVzaXJlZF92ZXJzaW9uGAEgASgLMhsubWVzaGdhdGUudjEuRGVzaXJlZFZlcnNpb24iLQoaTGlzdERlc2lyZWRWZXJzaW9uc1JlcXVlc3QSDwoHcHJvamVjdBgBIAEoCSJ2ChtMaXN0RGVzaXJlZFZlcnNpb25zUmVzcG9uc2USNQoQZGVzaXJlZF92ZXJzaW9ucxgBIAMoCzIbLm1lc2hnYXRlLnYxLkRlc2lyZWRWZXJzaW9uEiAKBWRyaWZ0GAIgAygLMhEubWVzaGdhdGUudjEuTm9kZSKQAQoKQXVkaXRFbnRyeRIKCgJpZBgBIAEoBBImCgJhdBgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFYWN0b3IYAyABKAkSDgoGYWN0aW9uGAQgASgJEg4KBnRhcmdldBgFIAEoCRIPCgdwcm9qZWN0GAYgASgJEg4KBmRldGFpbBgHIAEoCSJIChdMaXN0QXVkaXRFbnRyaWVzUmVxdWVzdBIPCgdwcm9qZWN0GAEgASgJEg0KBXNpbmNlGAIgASgJEg0KBWxpbWl0GAMgASgNIkQKGExpc3RBdWRpdEVudHJpZXNSZXNwb25zZRIoCgdlbnRyaWVzGAEgAygLMhcubWVzaGdhdGUudjEuQXVkaXRFbnRyeTLuDwoMQWRtaW5TZXJ2aWNlEkEKBkhlYWx0aBIaLm1lc2hnYXRlLnYxLkhlYWx0aFJlcXVlc3QaGy5tZXNoZ2F0ZS52MS5IZWFsdGhSZXNwb25zZRJWCg1DcmVhdGVQcm9qZWN0EiEubWVzaGdhdGUudjEuQ3JlYXRlUHJvamVjdFJlcXVlc3QaIi5tZXNoZ2F0ZS52MS5DcmVhdGVQcm9qZWN0UmVzcG9uc2USUwoMTGlzdFByb2plY3RzEiAubWVzaGdhdGUudjEuTGlzdFByb2plY3RzUmVxdWVzdBohLm1lc2hnYXRlLnYxLkxpc3RQcm9qZWN0c1Jlc3BvbnNlElYKDURlbGV0ZVByb2plY3QSIS5tZXNoZ2F0ZS52MS5EZWxldGVQcm9qZWN0UmVxdWVzdBoiLm1lc2hnYXRlLnYxLkRlbGV0ZVByb2plY3RSZXNwb25zZRJWCg1DcmVhdGVBdXRoS2V5EiEubWVzaGdhdGUudjEuQ3JlYXRlQXV0aEtleVJlcXVlc3QaIi5tZXNoZ2F0ZS52MS5DcmVhdGVBdXRoS2V5UmVzcG9uc2USUwoMTGlzdEF1dGhLZXlzEiAubWVzaGdhdGUudjEuTGlzdEF1dGhLZXlzUmVxdWVzdBohLm1lc2hnYXRlLnYxLkxpc3RBdXRoS2V5c1Jlc3BvbnNlElYKDUV4cGlyZUF1dGhLZXkSIS5tZXNoZ2F0ZS52MS5FeHBpcmVBdXRoS2V5UmVxdWVzdBoiLm1lc2hnYXRlLnYxLkV4cGlyZUF1dGhLZXlSZXNwb25zZRJTCgxDcmVhdGVBcGlLZXkSIC5tZXNoZ2F0ZS52MS5DcmVhdGVBcGlLZXlSZXF1ZXN0GiEubWVzaGdhdGUudjEuQ3JlYXRlQXBpS2V5UmVzcG9uc2USUAoLTGlzdEFwaUtleXMSHy5tZXNoZ2F0ZS52MS5MaXN0QXBpS2V5c1JlcXVlc3QaIC5tZXNoZ2F0ZS52MS5MaXN0QXBpS2V5c1Jlc3BvbnNlElMKDEV4cGlyZUFwaUtleRIgLm1lc2hnYXRlLnYxLkV4cGlyZUFwaUtleVJlcXVlc3QaIS5tZXNoZ2F0ZS52MS5FeHBpcmVBcGlLZXlSZXNwb25zZRJTCgxSb3RhdGVBcGlLZXkSIC5tZXNoZ2F0ZS52MS5Sb3RhdGVBcGlLZXlSZXF1ZXN0GiEubWVzaGdhdGUudjEuUm90YXRlQXBpS2V5UmVzcG9uc2USSgoJTGlzdE5vZGVzEh0ubWVzaGdhdGUudjEuTGlzdE5vZGVzUmVxdWVzdBoeLm1lc2hnYXRlLnYxLkxpc3ROb2Rlc1Jlc3BvbnNlEkQKB0dldE5vZGUSGy5tZXNoZ2F0ZS52MS5HZXROb2RlUmVxdWVzdBocLm1lc2hnYXRlLnYxLkdldE5vZGVSZXNwb25zZRJNCgpEZWxldGVOb2RlEh4ubWVzaGdhdGUudjEuRGVsZXRlTm9kZVJlcXVlc3QaHy5tZXNoZ2F0ZS52MS5EZWxldGVOb2RlUmVzcG9uc2USTQoKRXhwaXJlTm9kZRIeLm1lc2hnYXRlLnYxLkV4cGlyZU5vZGVSZXF1ZXN0Gh8ubWVzaGdhdGUudjEuRXhwaXJlTm9kZVJlc3BvbnNlEk0KClJlbmFtZU5vZGUSHi5tZXNoZ2F0ZS52MS5SZW5hbWVOb2RlUmVxdWVzdBofLm1lc2hnYXRlLnYxLlJlbmFtZU5vZGVSZXNwb25zZRJQCgtTZXROb2RlVGFncxIfLm1lc2hnYXRlLnYxLlNldE5vZGVUYWdzUmVxdWVzdBogLm1lc2hnYXRlLnYxLlNldE5vZGVUYWdzUmVzcG9uc2USVgoNU2V0Tm9kZVJvdXRlcxIhLm1lc2hnYXRlLnYxLlNldE5vZGVSb3V0ZXNSZXF1ZXN0GiIubWVzaGdhdGUudjEuU2V0Tm9kZVJvdXRlc1Jlc3BvbnNlEkoKCUdldFBvbGljeRIdLm1lc2hnYXRlLnYxLkdldFBvbGljeVJlcXVlc3QaHi5tZXNoZ2F0ZS52MS5HZXRQb2xpY3lSZXNwb25zZRJKCglTZXRQb2xpY3kSHS5tZXNoZ2F0ZS52MS5TZXRQb2xpY3lSZXF1ZXN0Gh4ubWVzaGdhdGUudjEuU2V0UG9saWN5UmVzcG9uc2USUAoLQ2hlY2tQb2xpY3kSHy5tZXNoZ2F0ZS52MS5DaGVja1BvbGljeVJlcXVlc3QaIC5tZXNoZ2F0ZS52MS5DaGVja1BvbGljeVJlc3BvbnNlEmIKEVNldERlc2lyZWRWZXJzaW9uEiUubWVzaGdhdGUudjEuU2V0RGVzaXJlZFZlcnNpb25SZXF1ZXN0GiYubWVzaGdhdGUudjEuU2V0RGVzaXJlZFZlcnNpb25SZXNwb25zZRJoChNMaXN0RGVzaXJlZFZlcnNpb25zEicubWVzaGdhdGUudjEuTGlzdERlc2lyZWRWZXJzaW9uc1JlcXVlc3QaKC5tZXNoZ2F0ZS52MS5MaXN0RGVzaXJlZFZlcnNpb25zUmVzcG9uc2USXwoQTGlzdEF1ZGl0RW50cmllcxIkLm1lc2hnYXRlLnYxLkxpc3RBdWRpdEVudHJpZXNSZXF1ZXN0GiUubWVzaGdhdGUudjEuTGlzdEF1ZGl0RW50cmllc1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_meshgate_v1_types]);
+  fileDesc("ChdtZXNoZ2F0ZS92MS9hZG1pbi5wcm90bxILbWVzaGdhdGUudjEiDwoNSGVhbHRoUmVxdWVzdCJMCg5IZWFsdGhSZXNwb25zZRITCgtkYXRhYmFzZV9vaxgBIAEoCBIPCgd2ZXJzaW9uGAIgASgJEhQKDG5vZGVzX29ubGluZRgDIAEoDSJ4CgdQcm9qZWN0EgwKBG5hbWUYASABKAkSLgoKY3JlYXRlZF9hdBgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKbm9kZV9jb3VudBgDIAEoDRIbChNtYXhfa2V5X2FnZV9zZWNvbmRzGAQgASgNIiQKFENyZWF0ZVByb2plY3RSZXF1ZXN0EgwKBG5hbWUYASABKAkiPgoVQ3JlYXRlUHJvamVjdFJlc3BvbnNlEiUKB3Byb2plY3QYASABKAsyFC5tZXNoZ2F0ZS52MS5Qcm9qZWN0IhUKE0xpc3RQcm9qZWN0c1JlcXVlc3QiPgoUTGlzdFByb2plY3RzUmVzcG9uc2USJgoIcHJvamVjdHMYASADKAsyFC5tZXNoZ2F0ZS52MS5Qcm9qZWN0IjMKFERlbGV0ZVByb2plY3RSZXF1ZXN0EgwKBG5hbWUYASABKAkSDQoFZm9yY2UYAiABKAgiFwoVRGVsZXRlUHJvamVjdFJlc3BvbnNlIkIKGlNldFByb2plY3RNYXhLZXlBZ2VSZXF1ZXN0Eg8KB3Byb2plY3QYASABKAkSEwoLbWF4X2tleV9hZ2UYAiABKAkiRAobU2V0UHJvamVjdE1heEtleUFnZVJlc3BvbnNlEiUKB3Byb2plY3QYASABKAsyFC5tZXNoZ2F0ZS52MS5Qcm9qZWN0IvUBCgdBdXRoS2V5EgoKAmlkGAEgASgJEg8KB3Byb2plY3QYAiABKAkSEAoIcmV1c2FibGUYAyABKAgSEQoJZXBoZW1lcmFsGAQgASgIEgwKBHRhZ3MYBSADKAkSLgoKY3JlYXRlZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKZXhwaXJlc19hdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEdXNlZBgIIAEoCBIPCgdleHBpcmVkGAkgASgIEg4KBnJlYXNvbhgKIAEoCRILCgNrZXkYCyABKAkifgoUQ3JlYXRlQXV0aEtleVJlcXVlc3QSDwoHcHJvamVjdBgBIAEoCRIQCghyZXVzYWJsZRgCIAEoCBIRCgllcGhlbWVyYWwYAyABKAgSEgoKZXhwaXJhdGlvbhgEIAEoCRIMCgR0YWdzGAUgAygJEg4KBnJlYXNvbhgGIAEoCSI/ChVDcmVhdGVBdXRoS2V5UmVzcG9uc2USJgoIYXV0aF9rZXkYASABKAsyFC5tZXNoZ2F0ZS52MS5BdXRoS2V5IiYKE0xpc3RBdXRoS2V5c1JlcXVlc3QSDwoHcHJvamVjdBgBIAEoCSI/ChRMaXN0QXV0aEtleXNSZXNwb25zZRInCglhdXRoX2tleXMYASADKAsyFC5tZXNoZ2F0ZS52MS5BdXRoS2V5IiIKFEV4cGlyZUF1dGhLZXlSZXF1ZXN0EgoKAmlkGAEgASgJIj8KFUV4cGlyZUF1dGhLZXlSZXNwb25zZRImCghhdXRoX2tleRgBIAEoCzIULm1lc2hnYXRlLnYxLkF1dGhLZXki+wEKBkFwaUtleRIKCgJpZBgBIAEoCRIuCgpjcmVhdGVkX2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpleHBpcmVzX2F0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBItCglsYXN0X3NlZW4YBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg8KB2V4cGlyZWQYBSABKAgSEwoLZGVzY3JpcHRpb24YBiABKAkSCwoDa2V5GAcgASgJEhAKCHByb2plY3RzGAggAygJEhEKCXJlYWRfb25seRgJIAEoCCJjChNDcmVhdGVBcGlLZXlSZXF1ZXN0EhIKCmV4cGlyYXRpb24YASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSEAoIcHJvamVjdHMYAyADKAkSEQoJcmVhZF9vbmx5GAQgASgIIjwKFENyZWF0ZUFwaUtleVJlc3BvbnNlEiQKB2FwaV9rZXkYASABKAsyEy5tZXNoZ2F0ZS52MS5BcGlLZXkiFAoSTGlzdEFwaUtleXNSZXF1ZXN0IjwKE0xpc3RBcGlLZXlzUmVzcG9uc2USJQoIYXBpX2tleXMYASADKAsyEy5tZXNoZ2F0ZS52MS5BcGlLZXkiIQoTRXhwaXJlQXBpS2V5UmVxdWVzdBIKCgJpZBgBIAEoCSI8ChRFeHBpcmVBcGlLZXlSZXNwb25zZRIkCgdhcGlfa2V5GAEgASgLMhMubWVzaGdhdGUudjEuQXBpS2V5IjUKE1JvdGF0ZUFwaUtleVJlcXVlc3QSCgoCaWQYASABKAkSEgoKZXhwaXJhdGlvbhgCIAEoCSI8ChRSb3RhdGVBcGlLZXlSZXNwb25zZRIkCgdhcGlfa2V5GAEgASgLMhMubWVzaGdhdGUudjEuQXBpS2V5IiMKEExpc3ROb2Rlc1JlcXVlc3QSDwoHcHJvamVjdBgBIAEoCSI1ChFMaXN0Tm9kZXNSZXNwb25zZRIgCgVub2RlcxgBIAMoCzIRLm1lc2hnYXRlLnYxLk5vZGUiLQoOR2V0Tm9kZVJlcXVlc3QSCgoCaWQYASABKAkSDwoHcHJvamVjdBgCIAEoCSIyCg9HZXROb2RlUmVzcG9uc2USHwoEbm9kZRgBIAEoCzIRLm1lc2hnYXRlLnYxLk5vZGUiMAoRRGVsZXRlTm9kZVJlcXVlc3QSCgoCaWQYASABKAkSDwoHcHJvamVjdBgCIAEoCSIUChJEZWxldGVOb2RlUmVzcG9uc2UiUwoRRXhwaXJlTm9kZVJlcXVlc3QSCgoCaWQYASABKAkSDwoHcHJvamVjdBgCIAEoCRISCgpleHBpcmF0aW9uGAMgASgJEg0KBWNsZWFyGAQgASgIIjUKEkV4cGlyZU5vZGVSZXNwb25zZRIfCgRub2RlGAEgASgLMhEubWVzaGdhdGUudjEuTm9kZSI+ChFSZW5hbWVOb2RlUmVxdWVzdBIKCgJpZBgBIAEoCRIPCgdwcm9qZWN0GAIgASgJEgwKBG5hbWUYAyABKAkiNQoSUmVuYW1lTm9kZVJlc3BvbnNlEh8KBG5vZGUYASABKAsyES5tZXNoZ2F0ZS52MS5Ob2RlIj8KElNldE5vZGVUYWdzUmVxdWVzdBIKCgJpZBgBIAEoCRIPCgdwcm9qZWN0GAIgASgJEgwKBHRhZ3MYAyADKAkiNgoTU2V0Tm9kZVRhZ3NSZXNwb25zZRIfCgRub2RlGAEgASgLMhEubWVzaGdhdGUudjEuTm9kZSJMChRTZXROb2RlUm91dGVzUmVxdWVzdBIKCgJpZBgBIAEoCRIPCgdwcm9qZWN0GAIgASgJEhcKD2FwcHJvdmVkX3JvdXRlcxgDIAMoCSI4ChVTZXROb2RlUm91dGVzUmVzcG9uc2USHwoEbm9kZRgBIAEoCzIRLm1lc2hnYXRlLnYxLk5vZGUiIwoQR2V0UG9saWN5UmVxdWVzdBIPCgdwcm9qZWN0GAEgASgJIlMKEUdldFBvbGljeVJlc3BvbnNlEg4KBnBvbGljeRgBIAEoCRIuCgp1cGRhdGVkX2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJCChBTZXRQb2xpY3lSZXF1ZXN0Eg8KB3Byb2plY3QYASABKAkSDgoGcG9saWN5GAIgASgJEg0KBWZvcmNlGAMgASgIIkMKEVNldFBvbGljeVJlc3BvbnNlEi4KCnVwZGF0ZWRfYXQYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIjUKEkNoZWNrUG9saWN5UmVxdWVzdBIPCgdwcm9qZWN0GAEgASgJEg4KBnBvbGljeRgCIAEoCSJiChBQb2xpY3lUZXN0UmVzdWx0EgsKA3NyYxgBIAEoCRILCgNkc3QYAiABKAkSEwoLd2FudF9hY2NlcHQYAyABKAgSDgoGcGFzc2VkGAQgASgIEg8KB21lc3NhZ2UYBSABKAkiUQoTQ2hlY2tQb2xpY3lSZXNwb25zZRIKCgJvaxgBIAEoCBIuCgdyZXN1bHRzGAIgAygLMh0ubWVzaGdhdGUudjEuUG9saWN5VGVzdFJlc3VsdCKuAQoORGVzaXJlZFZlcnNpb24SDwoHcHJvamVjdBgBIAEoCRILCgN0YWcYAiABKAkSDwoHdmVyc2lvbhgDIAEoCRIuCgp1cGRhdGVkX2F0GAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIUCgxhcnRpZmFjdF91cmwYBSABKAkSDgoGc2hhMjU2GAYgASgJEhcKD2FsbG93X2Rvd25ncmFkZRgHIAEoCCKIAQoYU2V0RGVzaXJlZFZlcnNpb25SZXF1ZXN0Eg8KB3Byb2plY3QYASABKAkSCwoDdGFnGAIgASgJEg8KB3ZlcnNpb24YAyABKAkSFAoMYXJ0aWZhY3RfdXJsGAQgASgJEg4KBnNoYTI1NhgFIAEoCRIXCg9hbGxvd19kb3duZ3JhZGUYBiABKAgiUQoZU2V0RGVzaXJlZFZlcnNpb25SZXNwb25zZRI0Cg9kZXNpcmVkX3ZlcnNpb24YASABKAsyGy5tZXNoZ2F0ZS52MS5EZXNpcmVkVmVyc2lvbiItChpMaXN0RGVzaXJlZFZlcnNpb25zUmVxdWVzdBIPCgdwcm9qZWN0GAEgASgJInYKG0xpc3REZXNpcmVkVmVyc2lvbnNSZXNwb25zZRI1ChBkZXNpcmVkX3ZlcnNpb25zGAEgAygLMhsubWVzaGdhdGUudjEuRGVzaXJlZFZlcnNpb24SIAoFZHJpZnQYAiADKAsyES5tZXNoZ2F0ZS52MS5Ob2RlIpABCgpBdWRpdEVudHJ5EgoKAmlkGAEgASgEEiYKAmF0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVhY3RvchgDIAEoCRIOCgZhY3Rpb24YBCABKAkSDgoGdGFyZ2V0GAUgASgJEg8KB3Byb2plY3QYBiABKAkSDgoGZGV0YWlsGAcgASgJIkgKF0xpc3RBdWRpdEVudHJpZXNSZXF1ZXN0Eg8KB3Byb2plY3QYASABKAkSDQoFc2luY2UYAiABKAkSDQoFbGltaXQYAyABKA0iRAoYTGlzdEF1ZGl0RW50cmllc1Jlc3BvbnNlEigKB2VudHJpZXMYASADKAsyFy5tZXNoZ2F0ZS52MS5BdWRpdEVudHJ5MtgQCgxBZG1pblNlcnZpY2USQQoGSGVhbHRoEhoubWVzaGdhdGUudjEuSGVhbHRoUmVxdWVzdBobLm1lc2hnYXRlLnYxLkhlYWx0aFJlc3BvbnNlElYKDUNyZWF0ZVByb2plY3QSIS5tZXNoZ2F0ZS52MS5DcmVhdGVQcm9qZWN0UmVxdWVzdBoiLm1lc2hnYXRlLnYxLkNyZWF0ZVByb2plY3RSZXNwb25zZRJTCgxMaXN0UHJvamVjdHMSIC5tZXNoZ2F0ZS52MS5MaXN0UHJvamVjdHNSZXF1ZXN0GiEubWVzaGdhdGUudjEuTGlzdFByb2plY3RzUmVzcG9uc2USVgoNRGVsZXRlUHJvamVjdBIhLm1lc2hnYXRlLnYxLkRlbGV0ZVByb2plY3RSZXF1ZXN0GiIubWVzaGdhdGUudjEuRGVsZXRlUHJvamVjdFJlc3BvbnNlEmgKE1NldFByb2plY3RNYXhLZXlBZ2USJy5tZXNoZ2F0ZS52MS5TZXRQcm9qZWN0TWF4S2V5QWdlUmVxdWVzdBooLm1lc2hnYXRlLnYxLlNldFByb2plY3RNYXhLZXlBZ2VSZXNwb25zZRJWCg1DcmVhdGVBdXRoS2V5EiEubWVzaGdhdGUudjEuQ3JlYXRlQXV0aEtleVJlcXVlc3QaIi5tZXNoZ2F0ZS52MS5DcmVhdGVBdXRoS2V5UmVzcG9uc2USUwoMTGlzdEF1dGhLZXlzEiAubWVzaGdhdGUudjEuTGlzdEF1dGhLZXlzUmVxdWVzdBohLm1lc2hnYXRlLnYxLkxpc3RBdXRoS2V5c1Jlc3BvbnNlElYKDUV4cGlyZUF1dGhLZXkSIS5tZXNoZ2F0ZS52MS5FeHBpcmVBdXRoS2V5UmVxdWVzdBoiLm1lc2hnYXRlLnYxLkV4cGlyZUF1dGhLZXlSZXNwb25zZRJTCgxDcmVhdGVBcGlLZXkSIC5tZXNoZ2F0ZS52MS5DcmVhdGVBcGlLZXlSZXF1ZXN0GiEubWVzaGdhdGUudjEuQ3JlYXRlQXBpS2V5UmVzcG9uc2USUAoLTGlzdEFwaUtleXMSHy5tZXNoZ2F0ZS52MS5MaXN0QXBpS2V5c1JlcXVlc3QaIC5tZXNoZ2F0ZS52MS5MaXN0QXBpS2V5c1Jlc3BvbnNlElMKDEV4cGlyZUFwaUtleRIgLm1lc2hnYXRlLnYxLkV4cGlyZUFwaUtleVJlcXVlc3QaIS5tZXNoZ2F0ZS52MS5FeHBpcmVBcGlLZXlSZXNwb25zZRJTCgxSb3RhdGVBcGlLZXkSIC5tZXNoZ2F0ZS52MS5Sb3RhdGVBcGlLZXlSZXF1ZXN0GiEubWVzaGdhdGUudjEuUm90YXRlQXBpS2V5UmVzcG9uc2USSgoJTGlzdE5vZGVzEh0ubWVzaGdhdGUudjEuTGlzdE5vZGVzUmVxdWVzdBoeLm1lc2hnYXRlLnYxLkxpc3ROb2Rlc1Jlc3BvbnNlEkQKB0dldE5vZGUSGy5tZXNoZ2F0ZS52MS5HZXROb2RlUmVxdWVzdBocLm1lc2hnYXRlLnYxLkdldE5vZGVSZXNwb25zZRJNCgpEZWxldGVOb2RlEh4ubWVzaGdhdGUudjEuRGVsZXRlTm9kZVJlcXVlc3QaHy5tZXNoZ2F0ZS52MS5EZWxldGVOb2RlUmVzcG9uc2USTQoKRXhwaXJlTm9kZRIeLm1lc2hnYXRlLnYxLkV4cGlyZU5vZGVSZXF1ZXN0Gh8ubWVzaGdhdGUudjEuRXhwaXJlTm9kZVJlc3BvbnNlEk0KClJlbmFtZU5vZGUSHi5tZXNoZ2F0ZS52MS5SZW5hbWVOb2RlUmVxdWVzdBofLm1lc2hnYXRlLnYxLlJlbmFtZU5vZGVSZXNwb25zZRJQCgtTZXROb2RlVGFncxIfLm1lc2hnYXRlLnYxLlNldE5vZGVUYWdzUmVxdWVzdBogLm1lc2hnYXRlLnYxLlNldE5vZGVUYWdzUmVzcG9uc2USVgoNU2V0Tm9kZVJvdXRlcxIhLm1lc2hnYXRlLnYxLlNldE5vZGVSb3V0ZXNSZXF1ZXN0GiIubWVzaGdhdGUudjEuU2V0Tm9kZVJvdXRlc1Jlc3BvbnNlEkoKCUdldFBvbGljeRIdLm1lc2hnYXRlLnYxLkdldFBvbGljeVJlcXVlc3QaHi5tZXNoZ2F0ZS52MS5HZXRQb2xpY3lSZXNwb25zZRJKCglTZXRQb2xpY3kSHS5tZXNoZ2F0ZS52MS5TZXRQb2xpY3lSZXF1ZXN0Gh4ubWVzaGdhdGUudjEuU2V0UG9saWN5UmVzcG9uc2USUAoLQ2hlY2tQb2xpY3kSHy5tZXNoZ2F0ZS52MS5DaGVja1BvbGljeVJlcXVlc3QaIC5tZXNoZ2F0ZS52MS5DaGVja1BvbGljeVJlc3BvbnNlEmIKEVNldERlc2lyZWRWZXJzaW9uEiUubWVzaGdhdGUudjEuU2V0RGVzaXJlZFZlcnNpb25SZXF1ZXN0GiYubWVzaGdhdGUudjEuU2V0RGVzaXJlZFZlcnNpb25SZXNwb25zZRJoChNMaXN0RGVzaXJlZFZlcnNpb25zEicubWVzaGdhdGUudjEuTGlzdERlc2lyZWRWZXJzaW9uc1JlcXVlc3QaKC5tZXNoZ2F0ZS52MS5MaXN0RGVzaXJlZFZlcnNpb25zUmVzcG9uc2USXwoQTGlzdEF1ZGl0RW50cmllcxIkLm1lc2hnYXRlLnYxLkxpc3RBdWRpdEVudHJpZXNSZXF1ZXN0GiUubWVzaGdhdGUudjEuTGlzdEF1ZGl0RW50cmllc1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_meshgate_v1_types]);
 
 /**
  * @generated from message meshgate.v1.HealthRequest
@@ -74,6 +74,14 @@ export type Project = Message<"meshgate.v1.Project"> & {
    * @generated from field: uint32 node_count = 3;
    */
   nodeCount: number;
+
+  /**
+   * Nodes whose WireGuard key is older are cut off the mesh until their
+   * agent rotates it; 0: no limit.
+   *
+   * @generated from field: uint32 max_key_age_seconds = 4;
+   */
+  maxKeyAgeSeconds: number;
 };
 
 /**
@@ -185,6 +193,47 @@ export const DeleteProjectResponseSchema: GenMessage<DeleteProjectResponse> = /*
   messageDesc(file_meshgate_v1_admin, 8);
 
 /**
+ * @generated from message meshgate.v1.SetProjectMaxKeyAgeRequest
+ */
+export type SetProjectMaxKeyAgeRequest = Message<"meshgate.v1.SetProjectMaxKeyAgeRequest"> & {
+  /**
+   * @generated from field: string project = 1;
+   */
+  project: string;
+
+  /**
+   * A duration of at least 1s, e.g. "7d"; empty, "0" or "off" removes the limit.
+   *
+   * @generated from field: string max_key_age = 2;
+   */
+  maxKeyAge: string;
+};
+
+/**
+ * Describes the message meshgate.v1.SetProjectMaxKeyAgeRequest.
+ * Use `create(SetProjectMaxKeyAgeRequestSchema)` to create a new message.
+ */
+export const SetProjectMaxKeyAgeRequestSchema: GenMessage<SetProjectMaxKeyAgeRequest> = /*@__PURE__*/
+  messageDesc(file_meshgate_v1_admin, 9);
+
+/**
+ * @generated from message meshgate.v1.SetProjectMaxKeyAgeResponse
+ */
+export type SetProjectMaxKeyAgeResponse = Message<"meshgate.v1.SetProjectMaxKeyAgeResponse"> & {
+  /**
+   * @generated from field: meshgate.v1.Project project = 1;
+   */
+  project?: Project | undefined;
+};
+
+/**
+ * Describes the message meshgate.v1.SetProjectMaxKeyAgeResponse.
+ * Use `create(SetProjectMaxKeyAgeResponseSchema)` to create a new message.
+ */
+export const SetProjectMaxKeyAgeResponseSchema: GenMessage<SetProjectMaxKeyAgeResponse> = /*@__PURE__*/
+  messageDesc(file_meshgate_v1_admin, 10);
+
+/**
  * @generated from message meshgate.v1.AuthKey
  */
 export type AuthKey = Message<"meshgate.v1.AuthKey"> & {
@@ -251,7 +300,7 @@ export type AuthKey = Message<"meshgate.v1.AuthKey"> & {
  * Use `create(AuthKeySchema)` to create a new message.
  */
 export const AuthKeySchema: GenMessage<AuthKey> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 9);
+  messageDesc(file_meshgate_v1_admin, 11);
 
 /**
  * @generated from message meshgate.v1.CreateAuthKeyRequest
@@ -295,7 +344,7 @@ export type CreateAuthKeyRequest = Message<"meshgate.v1.CreateAuthKeyRequest"> &
  * Use `create(CreateAuthKeyRequestSchema)` to create a new message.
  */
 export const CreateAuthKeyRequestSchema: GenMessage<CreateAuthKeyRequest> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 10);
+  messageDesc(file_meshgate_v1_admin, 12);
 
 /**
  * @generated from message meshgate.v1.CreateAuthKeyResponse
@@ -312,7 +361,7 @@ export type CreateAuthKeyResponse = Message<"meshgate.v1.CreateAuthKeyResponse">
  * Use `create(CreateAuthKeyResponseSchema)` to create a new message.
  */
 export const CreateAuthKeyResponseSchema: GenMessage<CreateAuthKeyResponse> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 11);
+  messageDesc(file_meshgate_v1_admin, 13);
 
 /**
  * @generated from message meshgate.v1.ListAuthKeysRequest
@@ -329,7 +378,7 @@ export type ListAuthKeysRequest = Message<"meshgate.v1.ListAuthKeysRequest"> & {
  * Use `create(ListAuthKeysRequestSchema)` to create a new message.
  */
 export const ListAuthKeysRequestSchema: GenMessage<ListAuthKeysRequest> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 12);
+  messageDesc(file_meshgate_v1_admin, 14);
 
 /**
  * @generated from message meshgate.v1.ListAuthKeysResponse
@@ -346,7 +395,7 @@ export type ListAuthKeysResponse = Message<"meshgate.v1.ListAuthKeysResponse"> &
  * Use `create(ListAuthKeysResponseSchema)` to create a new message.
  */
 export const ListAuthKeysResponseSchema: GenMessage<ListAuthKeysResponse> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 13);
+  messageDesc(file_meshgate_v1_admin, 15);
 
 /**
  * @generated from message meshgate.v1.ExpireAuthKeyRequest
@@ -363,7 +412,7 @@ export type ExpireAuthKeyRequest = Message<"meshgate.v1.ExpireAuthKeyRequest"> &
  * Use `create(ExpireAuthKeyRequestSchema)` to create a new message.
  */
 export const ExpireAuthKeyRequestSchema: GenMessage<ExpireAuthKeyRequest> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 14);
+  messageDesc(file_meshgate_v1_admin, 16);
 
 /**
  * @generated from message meshgate.v1.ExpireAuthKeyResponse
@@ -380,7 +429,7 @@ export type ExpireAuthKeyResponse = Message<"meshgate.v1.ExpireAuthKeyResponse">
  * Use `create(ExpireAuthKeyResponseSchema)` to create a new message.
  */
 export const ExpireAuthKeyResponseSchema: GenMessage<ExpireAuthKeyResponse> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 15);
+  messageDesc(file_meshgate_v1_admin, 17);
 
 /**
  * @generated from message meshgate.v1.ApiKey
@@ -443,7 +492,7 @@ export type ApiKey = Message<"meshgate.v1.ApiKey"> & {
  * Use `create(ApiKeySchema)` to create a new message.
  */
 export const ApiKeySchema: GenMessage<ApiKey> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 16);
+  messageDesc(file_meshgate_v1_admin, 18);
 
 /**
  * @generated from message meshgate.v1.CreateApiKeyRequest
@@ -479,7 +528,7 @@ export type CreateApiKeyRequest = Message<"meshgate.v1.CreateApiKeyRequest"> & {
  * Use `create(CreateApiKeyRequestSchema)` to create a new message.
  */
 export const CreateApiKeyRequestSchema: GenMessage<CreateApiKeyRequest> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 17);
+  messageDesc(file_meshgate_v1_admin, 19);
 
 /**
  * @generated from message meshgate.v1.CreateApiKeyResponse
@@ -496,7 +545,7 @@ export type CreateApiKeyResponse = Message<"meshgate.v1.CreateApiKeyResponse"> &
  * Use `create(CreateApiKeyResponseSchema)` to create a new message.
  */
 export const CreateApiKeyResponseSchema: GenMessage<CreateApiKeyResponse> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 18);
+  messageDesc(file_meshgate_v1_admin, 20);
 
 /**
  * @generated from message meshgate.v1.ListApiKeysRequest
@@ -509,7 +558,7 @@ export type ListApiKeysRequest = Message<"meshgate.v1.ListApiKeysRequest"> & {
  * Use `create(ListApiKeysRequestSchema)` to create a new message.
  */
 export const ListApiKeysRequestSchema: GenMessage<ListApiKeysRequest> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 19);
+  messageDesc(file_meshgate_v1_admin, 21);
 
 /**
  * @generated from message meshgate.v1.ListApiKeysResponse
@@ -526,7 +575,7 @@ export type ListApiKeysResponse = Message<"meshgate.v1.ListApiKeysResponse"> & {
  * Use `create(ListApiKeysResponseSchema)` to create a new message.
  */
 export const ListApiKeysResponseSchema: GenMessage<ListApiKeysResponse> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 20);
+  messageDesc(file_meshgate_v1_admin, 22);
 
 /**
  * @generated from message meshgate.v1.ExpireApiKeyRequest
@@ -543,7 +592,7 @@ export type ExpireApiKeyRequest = Message<"meshgate.v1.ExpireApiKeyRequest"> & {
  * Use `create(ExpireApiKeyRequestSchema)` to create a new message.
  */
 export const ExpireApiKeyRequestSchema: GenMessage<ExpireApiKeyRequest> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 21);
+  messageDesc(file_meshgate_v1_admin, 23);
 
 /**
  * @generated from message meshgate.v1.ExpireApiKeyResponse
@@ -560,7 +609,7 @@ export type ExpireApiKeyResponse = Message<"meshgate.v1.ExpireApiKeyResponse"> &
  * Use `create(ExpireApiKeyResponseSchema)` to create a new message.
  */
 export const ExpireApiKeyResponseSchema: GenMessage<ExpireApiKeyResponse> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 22);
+  messageDesc(file_meshgate_v1_admin, 24);
 
 /**
  * @generated from message meshgate.v1.RotateApiKeyRequest
@@ -584,7 +633,7 @@ export type RotateApiKeyRequest = Message<"meshgate.v1.RotateApiKeyRequest"> & {
  * Use `create(RotateApiKeyRequestSchema)` to create a new message.
  */
 export const RotateApiKeyRequestSchema: GenMessage<RotateApiKeyRequest> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 23);
+  messageDesc(file_meshgate_v1_admin, 25);
 
 /**
  * @generated from message meshgate.v1.RotateApiKeyResponse
@@ -603,7 +652,7 @@ export type RotateApiKeyResponse = Message<"meshgate.v1.RotateApiKeyResponse"> &
  * Use `create(RotateApiKeyResponseSchema)` to create a new message.
  */
 export const RotateApiKeyResponseSchema: GenMessage<RotateApiKeyResponse> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 24);
+  messageDesc(file_meshgate_v1_admin, 26);
 
 /**
  * @generated from message meshgate.v1.ListNodesRequest
@@ -620,7 +669,7 @@ export type ListNodesRequest = Message<"meshgate.v1.ListNodesRequest"> & {
  * Use `create(ListNodesRequestSchema)` to create a new message.
  */
 export const ListNodesRequestSchema: GenMessage<ListNodesRequest> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 25);
+  messageDesc(file_meshgate_v1_admin, 27);
 
 /**
  * @generated from message meshgate.v1.ListNodesResponse
@@ -637,7 +686,7 @@ export type ListNodesResponse = Message<"meshgate.v1.ListNodesResponse"> & {
  * Use `create(ListNodesResponseSchema)` to create a new message.
  */
 export const ListNodesResponseSchema: GenMessage<ListNodesResponse> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 26);
+  messageDesc(file_meshgate_v1_admin, 28);
 
 /**
  * @generated from message meshgate.v1.GetNodeRequest
@@ -661,7 +710,7 @@ export type GetNodeRequest = Message<"meshgate.v1.GetNodeRequest"> & {
  * Use `create(GetNodeRequestSchema)` to create a new message.
  */
 export const GetNodeRequestSchema: GenMessage<GetNodeRequest> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 27);
+  messageDesc(file_meshgate_v1_admin, 29);
 
 /**
  * @generated from message meshgate.v1.GetNodeResponse
@@ -678,7 +727,7 @@ export type GetNodeResponse = Message<"meshgate.v1.GetNodeResponse"> & {
  * Use `create(GetNodeResponseSchema)` to create a new message.
  */
 export const GetNodeResponseSchema: GenMessage<GetNodeResponse> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 28);
+  messageDesc(file_meshgate_v1_admin, 30);
 
 /**
  * @generated from message meshgate.v1.DeleteNodeRequest
@@ -700,7 +749,7 @@ export type DeleteNodeRequest = Message<"meshgate.v1.DeleteNodeRequest"> & {
  * Use `create(DeleteNodeRequestSchema)` to create a new message.
  */
 export const DeleteNodeRequestSchema: GenMessage<DeleteNodeRequest> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 29);
+  messageDesc(file_meshgate_v1_admin, 31);
 
 /**
  * @generated from message meshgate.v1.DeleteNodeResponse
@@ -713,7 +762,7 @@ export type DeleteNodeResponse = Message<"meshgate.v1.DeleteNodeResponse"> & {
  * Use `create(DeleteNodeResponseSchema)` to create a new message.
  */
 export const DeleteNodeResponseSchema: GenMessage<DeleteNodeResponse> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 30);
+  messageDesc(file_meshgate_v1_admin, 32);
 
 /**
  * @generated from message meshgate.v1.ExpireNodeRequest
@@ -749,7 +798,7 @@ export type ExpireNodeRequest = Message<"meshgate.v1.ExpireNodeRequest"> & {
  * Use `create(ExpireNodeRequestSchema)` to create a new message.
  */
 export const ExpireNodeRequestSchema: GenMessage<ExpireNodeRequest> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 31);
+  messageDesc(file_meshgate_v1_admin, 33);
 
 /**
  * @generated from message meshgate.v1.ExpireNodeResponse
@@ -766,7 +815,7 @@ export type ExpireNodeResponse = Message<"meshgate.v1.ExpireNodeResponse"> & {
  * Use `create(ExpireNodeResponseSchema)` to create a new message.
  */
 export const ExpireNodeResponseSchema: GenMessage<ExpireNodeResponse> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 32);
+  messageDesc(file_meshgate_v1_admin, 34);
 
 /**
  * @generated from message meshgate.v1.RenameNodeRequest
@@ -793,7 +842,7 @@ export type RenameNodeRequest = Message<"meshgate.v1.RenameNodeRequest"> & {
  * Use `create(RenameNodeRequestSchema)` to create a new message.
  */
 export const RenameNodeRequestSchema: GenMessage<RenameNodeRequest> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 33);
+  messageDesc(file_meshgate_v1_admin, 35);
 
 /**
  * @generated from message meshgate.v1.RenameNodeResponse
@@ -810,7 +859,7 @@ export type RenameNodeResponse = Message<"meshgate.v1.RenameNodeResponse"> & {
  * Use `create(RenameNodeResponseSchema)` to create a new message.
  */
 export const RenameNodeResponseSchema: GenMessage<RenameNodeResponse> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 34);
+  messageDesc(file_meshgate_v1_admin, 36);
 
 /**
  * @generated from message meshgate.v1.SetNodeTagsRequest
@@ -837,7 +886,7 @@ export type SetNodeTagsRequest = Message<"meshgate.v1.SetNodeTagsRequest"> & {
  * Use `create(SetNodeTagsRequestSchema)` to create a new message.
  */
 export const SetNodeTagsRequestSchema: GenMessage<SetNodeTagsRequest> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 35);
+  messageDesc(file_meshgate_v1_admin, 37);
 
 /**
  * @generated from message meshgate.v1.SetNodeTagsResponse
@@ -854,7 +903,7 @@ export type SetNodeTagsResponse = Message<"meshgate.v1.SetNodeTagsResponse"> & {
  * Use `create(SetNodeTagsResponseSchema)` to create a new message.
  */
 export const SetNodeTagsResponseSchema: GenMessage<SetNodeTagsResponse> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 36);
+  messageDesc(file_meshgate_v1_admin, 38);
 
 /**
  * @generated from message meshgate.v1.SetNodeRoutesRequest
@@ -881,7 +930,7 @@ export type SetNodeRoutesRequest = Message<"meshgate.v1.SetNodeRoutesRequest"> &
  * Use `create(SetNodeRoutesRequestSchema)` to create a new message.
  */
 export const SetNodeRoutesRequestSchema: GenMessage<SetNodeRoutesRequest> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 37);
+  messageDesc(file_meshgate_v1_admin, 39);
 
 /**
  * @generated from message meshgate.v1.SetNodeRoutesResponse
@@ -898,7 +947,7 @@ export type SetNodeRoutesResponse = Message<"meshgate.v1.SetNodeRoutesResponse">
  * Use `create(SetNodeRoutesResponseSchema)` to create a new message.
  */
 export const SetNodeRoutesResponseSchema: GenMessage<SetNodeRoutesResponse> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 38);
+  messageDesc(file_meshgate_v1_admin, 40);
 
 /**
  * @generated from message meshgate.v1.GetPolicyRequest
@@ -915,7 +964,7 @@ export type GetPolicyRequest = Message<"meshgate.v1.GetPolicyRequest"> & {
  * Use `create(GetPolicyRequestSchema)` to create a new message.
  */
 export const GetPolicyRequestSchema: GenMessage<GetPolicyRequest> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 39);
+  messageDesc(file_meshgate_v1_admin, 41);
 
 /**
  * @generated from message meshgate.v1.GetPolicyResponse
@@ -939,7 +988,7 @@ export type GetPolicyResponse = Message<"meshgate.v1.GetPolicyResponse"> & {
  * Use `create(GetPolicyResponseSchema)` to create a new message.
  */
 export const GetPolicyResponseSchema: GenMessage<GetPolicyResponse> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 40);
+  messageDesc(file_meshgate_v1_admin, 42);
 
 /**
  * @generated from message meshgate.v1.SetPolicyRequest
@@ -971,7 +1020,7 @@ export type SetPolicyRequest = Message<"meshgate.v1.SetPolicyRequest"> & {
  * Use `create(SetPolicyRequestSchema)` to create a new message.
  */
 export const SetPolicyRequestSchema: GenMessage<SetPolicyRequest> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 41);
+  messageDesc(file_meshgate_v1_admin, 43);
 
 /**
  * @generated from message meshgate.v1.SetPolicyResponse
@@ -988,7 +1037,7 @@ export type SetPolicyResponse = Message<"meshgate.v1.SetPolicyResponse"> & {
  * Use `create(SetPolicyResponseSchema)` to create a new message.
  */
 export const SetPolicyResponseSchema: GenMessage<SetPolicyResponse> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 42);
+  messageDesc(file_meshgate_v1_admin, 44);
 
 /**
  * @generated from message meshgate.v1.CheckPolicyRequest
@@ -1012,7 +1061,7 @@ export type CheckPolicyRequest = Message<"meshgate.v1.CheckPolicyRequest"> & {
  * Use `create(CheckPolicyRequestSchema)` to create a new message.
  */
 export const CheckPolicyRequestSchema: GenMessage<CheckPolicyRequest> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 43);
+  messageDesc(file_meshgate_v1_admin, 45);
 
 /**
  * @generated from message meshgate.v1.PolicyTestResult
@@ -1049,7 +1098,7 @@ export type PolicyTestResult = Message<"meshgate.v1.PolicyTestResult"> & {
  * Use `create(PolicyTestResultSchema)` to create a new message.
  */
 export const PolicyTestResultSchema: GenMessage<PolicyTestResult> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 44);
+  messageDesc(file_meshgate_v1_admin, 46);
 
 /**
  * @generated from message meshgate.v1.CheckPolicyResponse
@@ -1071,7 +1120,7 @@ export type CheckPolicyResponse = Message<"meshgate.v1.CheckPolicyResponse"> & {
  * Use `create(CheckPolicyResponseSchema)` to create a new message.
  */
 export const CheckPolicyResponseSchema: GenMessage<CheckPolicyResponse> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 45);
+  messageDesc(file_meshgate_v1_admin, 47);
 
 /**
  * @generated from message meshgate.v1.DesiredVersion
@@ -1127,7 +1176,7 @@ export type DesiredVersion = Message<"meshgate.v1.DesiredVersion"> & {
  * Use `create(DesiredVersionSchema)` to create a new message.
  */
 export const DesiredVersionSchema: GenMessage<DesiredVersion> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 46);
+  messageDesc(file_meshgate_v1_admin, 48);
 
 /**
  * @generated from message meshgate.v1.SetDesiredVersionRequest
@@ -1176,7 +1225,7 @@ export type SetDesiredVersionRequest = Message<"meshgate.v1.SetDesiredVersionReq
  * Use `create(SetDesiredVersionRequestSchema)` to create a new message.
  */
 export const SetDesiredVersionRequestSchema: GenMessage<SetDesiredVersionRequest> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 47);
+  messageDesc(file_meshgate_v1_admin, 49);
 
 /**
  * @generated from message meshgate.v1.SetDesiredVersionResponse
@@ -1193,7 +1242,7 @@ export type SetDesiredVersionResponse = Message<"meshgate.v1.SetDesiredVersionRe
  * Use `create(SetDesiredVersionResponseSchema)` to create a new message.
  */
 export const SetDesiredVersionResponseSchema: GenMessage<SetDesiredVersionResponse> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 48);
+  messageDesc(file_meshgate_v1_admin, 50);
 
 /**
  * @generated from message meshgate.v1.ListDesiredVersionsRequest
@@ -1210,7 +1259,7 @@ export type ListDesiredVersionsRequest = Message<"meshgate.v1.ListDesiredVersion
  * Use `create(ListDesiredVersionsRequestSchema)` to create a new message.
  */
 export const ListDesiredVersionsRequestSchema: GenMessage<ListDesiredVersionsRequest> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 49);
+  messageDesc(file_meshgate_v1_admin, 51);
 
 /**
  * @generated from message meshgate.v1.ListDesiredVersionsResponse
@@ -1234,7 +1283,7 @@ export type ListDesiredVersionsResponse = Message<"meshgate.v1.ListDesiredVersio
  * Use `create(ListDesiredVersionsResponseSchema)` to create a new message.
  */
 export const ListDesiredVersionsResponseSchema: GenMessage<ListDesiredVersionsResponse> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 50);
+  messageDesc(file_meshgate_v1_admin, 52);
 
 /**
  * @generated from message meshgate.v1.AuditEntry
@@ -1289,7 +1338,7 @@ export type AuditEntry = Message<"meshgate.v1.AuditEntry"> & {
  * Use `create(AuditEntrySchema)` to create a new message.
  */
 export const AuditEntrySchema: GenMessage<AuditEntry> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 51);
+  messageDesc(file_meshgate_v1_admin, 53);
 
 /**
  * @generated from message meshgate.v1.ListAuditEntriesRequest
@@ -1322,7 +1371,7 @@ export type ListAuditEntriesRequest = Message<"meshgate.v1.ListAuditEntriesReque
  * Use `create(ListAuditEntriesRequestSchema)` to create a new message.
  */
 export const ListAuditEntriesRequestSchema: GenMessage<ListAuditEntriesRequest> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 52);
+  messageDesc(file_meshgate_v1_admin, 54);
 
 /**
  * @generated from message meshgate.v1.ListAuditEntriesResponse
@@ -1341,7 +1390,7 @@ export type ListAuditEntriesResponse = Message<"meshgate.v1.ListAuditEntriesResp
  * Use `create(ListAuditEntriesResponseSchema)` to create a new message.
  */
 export const ListAuditEntriesResponseSchema: GenMessage<ListAuditEntriesResponse> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_admin, 53);
+  messageDesc(file_meshgate_v1_admin, 55);
 
 /**
  * The admin API used by control planes (metal-api), operators and the CLI.
@@ -1382,6 +1431,14 @@ export const AdminService: GenService<{
     methodKind: "unary";
     input: typeof DeleteProjectRequestSchema;
     output: typeof DeleteProjectResponseSchema;
+  },
+  /**
+   * @generated from rpc meshgate.v1.AdminService.SetProjectMaxKeyAge
+   */
+  setProjectMaxKeyAge: {
+    methodKind: "unary";
+    input: typeof SetProjectMaxKeyAgeRequestSchema;
+    output: typeof SetProjectMaxKeyAgeResponseSchema;
   },
   /**
    * @generated from rpc meshgate.v1.AdminService.CreateAuthKey
