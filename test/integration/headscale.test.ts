@@ -189,6 +189,16 @@ async function metalSequence(t: TestCoordinator, hs: HeadscaleClient): Promise<v
   );
   await rejects(hs.raw('RegisterNode'), grpc.status.UNIMPLEMENTED, /meshgate keys create/);
 
+  // Headscale has no scoped keys: a scoped or read-only key gets nothing here.
+  for (const scope of [{ projects: [project] }, { readOnly: true }]) {
+    const limited = (await t.admin.call('createApiKey', { description: 'limited', ...scope })).apiKey!.key;
+    await rejects(
+      hs.as(`Bearer ${limited}`).call('listUsers', {}),
+      grpc.status.PERMISSION_DENIED,
+      /global API key/,
+    );
+  }
+
   const [apiKey] = (await t.admin.call('listApiKeys', {})).apiKeys;
   await t.admin.call('expireApiKey', { id: apiKey!.id });
   await rejects(hs.call('health', {}), grpc.status.UNAUTHENTICATED, /was expired/);
