@@ -14,6 +14,8 @@ import {
   AuthKeySchema,
   type DesiredVersion,
   DesiredVersionSchema,
+  type NodeUpdate,
+  NodeUpdateSchema,
   type Project,
   ProjectSchema,
 } from '../../proto/gen/meshgate/v1/admin_pb.js';
@@ -150,9 +152,27 @@ const VERSION_COLUMNS: Column<DesiredVersion>[] = [
   { header: 'PROJECT', value: (v) => v.project },
   { header: 'TAG', value: (v) => v.tag || '(all)' },
   { header: 'VERSION', value: (v) => v.version + (v.allowDowngrade ? ' (downgrade)' : '') },
+  { header: 'MAX UNAVAILABLE', value: (v) => String(v.maxUnavailable || 1) },
   { header: 'UPDATED', value: (v) => iso(v.updatedAt) },
   { header: 'ARTIFACT', value: (v) => v.artifactUrl || '(served by the coordinator)', wide: true },
   { header: 'SHA256', value: (v) => v.sha256, wide: true },
+];
+
+const NODE_UPDATE_COLUMNS: Column<NodeUpdate>[] = [
+  { header: 'PROJECT', value: (n) => n.project },
+  { header: 'NODE', value: (n) => n.name },
+  { header: 'RUNNING', value: (n) => n.running || '-' },
+  { header: 'DESIRED', value: (n) => n.desired },
+  {
+    header: 'STATE',
+    value: (n) =>
+      n.state === 'failed'
+        ? `failed: ${n.reason}`
+        : n.state === 'waiting' && n.reason
+          ? `waiting (${n.reason})`
+          : n.state,
+  },
+  { header: 'ONLINE', value: (n) => (n.online ? 'yes' : 'no'), wide: true },
 ];
 
 function readPolicyFile(file: string): string {
@@ -453,8 +473,16 @@ export function registerAdminCommands(program: Command): void {
         'the artifact is not served by the coordinator but here (with --sha256)',
       )
       .option('--sha256 <hex>', 'SHA-256 of the artifact at --artifact-url')
-      .option('--allow-downgrade', 'nodes that run a newer version are to go back to this one'),
+      .option('--allow-downgrade', 'nodes that run a newer version are to go back to this one')
+      .option(
+        '--max-unavailable <n>',
+        'at most N nodes update at once; the next wait until those are back on the new version',
+        '1',
+      ),
     async (c, [version], o) => {
+      const maxUnavailable = Number(o.maxUnavailable);
+      if (!Number.isInteger(maxUnavailable) || maxUnavailable < 1 || maxUnavailable > 10_000)
+        throw new CliError('--max-unavailable must be a whole number from 1 to 10000');
       const r = await c.call('setDesiredVersion', {
         project: String(o.project),
         tag: String(o.tag),
@@ -462,6 +490,7 @@ export function registerAdminCommands(program: Command): void {
         artifactUrl: String(o.artifactUrl ?? ''),
         sha256: String(o.sha256 ?? '').toLowerCase(),
         allowDowngrade: o.allowDowngrade === true,
+        maxUnavailable,
       });
       printOne(c, DesiredVersionSchema, r.desiredVersion!, VERSION_COLUMNS);
     },
@@ -470,7 +499,7 @@ export function registerAdminCommands(program: Command): void {
     versions
       .command('list')
       .alias('ls')
-      .description('desired versions and the nodes that drift from them')
+      .description('desired versions, and per node: running, desired, update state')
       .option('--project <project>', 'only this project'),
     async (c, _a, o) => {
       const r = await c.call('listDesiredVersions', { project: String(o.project ?? '') });
@@ -481,6 +510,7 @@ export function registerAdminCommands(program: Command): void {
             {
               desiredVersions: r.desiredVersions.map((v) => json(DesiredVersionSchema, v)),
               drift: r.drift.map((n) => json(NodeSchema, n)),
+              nodes: r.nodes.map((n) => json(NodeUpdateSchema, n)),
             },
             [],
             [],
@@ -489,10 +519,12 @@ export function registerAdminCommands(program: Command): void {
         return;
       }
       out(render(c.format, null, r.desiredVersions, VERSION_COLUMNS));
-      if (r.drift.length) {
-        out(`\n${r.drift.length} node(s) drift from their desired version:`);
-        out(render(c.format, null, r.drift, NODE_COLUMNS));
+      if (r.nodes.length) {
+        out('');
+        out(render(c.format, null, r.nodes, NODE_UPDATE_COLUMNS));
       }
+      for (const p of new Set(r.nodes.filter((n) => n.state === 'failed').map((n) => n.project)))
+        out(`\nthe rollout in project ${p} is halted by a failed update; set the version again to retry`);
     },
   );
 

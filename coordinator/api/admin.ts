@@ -128,6 +128,7 @@ function versionMessage(v: DesiredVersionRecord) {
     artifactUrl: v.artifactUrl,
     sha256: v.sha256,
     allowDowngrade: v.allowDowngrade,
+    maxUnavailable: v.maxUnavailable,
   });
 }
 
@@ -309,11 +310,13 @@ function unboundedHandlers({
           manifest = JSON.stringify(m);
         }
       }
+      if (req.maxUnavailable > 10_000) throw invalid('max-unavailable must be at most 10000');
       const v = await state.setDesiredVersion(actor, req.project, req.tag, req.version, {
         artifactUrl,
         sha256,
         allowDowngrade: req.allowDowngrade,
         manifest,
+        maxUnavailable: req.maxUnavailable || 1,
       });
       return msg(pb.SetDesiredVersionResponseSchema, { desiredVersion: versionMessage(v) });
     },
@@ -323,6 +326,18 @@ function unboundedHandlers({
       return msg(pb.ListDesiredVersionsResponseSchema, {
         desiredVersions: state.listDesiredVersions(project).map(versionMessage),
         drift,
+        nodes: state.updateStates(project).map(({ node: n, desired, view }) =>
+          create(pb.NodeUpdateSchema, {
+            nodeId: n.id,
+            name: n.name,
+            project: n.project,
+            running: n.version,
+            desired,
+            state: view.state,
+            reason: view.reason,
+            online: state.isOnline(n.id),
+          }),
+        ),
       });
     },
 

@@ -15,12 +15,15 @@ import {
   RotateNodeKeyResponseSchema,
   type SyncRequest,
   type SyncResponse,
+  type UpdateReport,
+  UpdateState,
 } from '../../proto/gen/meshgate/v1/control_pb.js';
 import { methodPath, rawBytes } from '../../proto/grpc.js';
 import { encodeWgKey } from '../../proto/keys.js';
+import { isSemVer } from '../../release/semver.js';
 import type { Mapper, Session } from '../mapper/mapper.js';
 import { nodeMessage } from '../mapper/netmap.js';
-import { CoordinatorError, unauthenticated } from '../state/errors.js';
+import { CoordinatorError, invalid, unauthenticated } from '../state/errors.js';
 import type { State } from '../state/state.js';
 import { type CallVerifier, peerAddress } from './auth.js';
 import type { Metrics } from './metrics.js';
@@ -221,12 +224,30 @@ export function controlImplementation(deps: ControlDeps): grpc.UntypedServiceImp
       }
       await state.updateEndpoints(nodeId, eps);
       state.setObservedEndpoint(nodeId, observedEndpoint(peer, eps));
+    } else if (m.case === 'update') {
+      const r = updateReport(m.value);
+      state.reportUpdate(nodeId, r.version, r.state, r.reason);
+      if (r.state === 'failed')
+        log.warn({ node: nodeId, version: r.version, reason: r.reason }, 'agent update failed');
+      else log.info({ node: nodeId, version: r.version }, 'agent updating');
     } else if (m.case === 'health' && !m.value.ok) {
       log.warn({ node: nodeId, message: text('health', m.value.message, 512) }, 'agent reports a problem');
     } else if (m.case === undefined) {
       throw unauthenticated('empty sync message');
     }
   }
+}
+
+function updateReport(r: UpdateReport): { version: string; state: 'updating' | 'failed'; reason: string } {
+  const version = text('update.version', r.version, LIMITS.version);
+  if (!isSemVer(version)) throw invalid('update.version must be a semantic version');
+  const reason = text('update.reason', r.reason, LIMITS.updateReason);
+  if (r.state === UpdateState.UPDATING) return { version, state: 'updating', reason: '' };
+  if (r.state === UpdateState.FAILED) {
+    if (!reason) throw invalid('a failed update needs a reason');
+    return { version, state: 'failed', reason };
+  }
+  throw invalid('update.state must be UPDATING or FAILED');
 }
 
 /** Where peers may reach the agent from outside: the address it connected from, with its WireGuard port. */

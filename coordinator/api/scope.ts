@@ -104,6 +104,7 @@ const RULES: { [K in keyof Methods]: Rule<K> } = {
     filter: (res, sees) => {
       res.desiredVersions = res.desiredVersions.filter((v) => sees(v.project));
       res.drift = res.drift.filter((n) => sees(n.project));
+      res.nodes = res.nodes.filter((n) => sees(n.project));
     },
   },
 

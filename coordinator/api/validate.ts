@@ -15,6 +15,7 @@ export const LIMITS = {
   tags: 32,
   lockdownPorts: 16,
   reason: 256,
+  updateReason: 512,
   description: 256,
   policy: 1024 * 1024,
   /** Any other string of an admin request: names, ids, tags, durations. */

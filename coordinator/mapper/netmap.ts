@@ -160,7 +160,7 @@ export function netMapPieces(
   const head = create(NetMapSchema, {
     self: nodeMessage(state, self),
     dns: [dnsRecord(self, domain)],
-    desiredVersion: state.desiredVersionFor(self),
+    desiredVersion: state.desiredEntryFor(self)?.version ?? '',
     desiredRelease: desiredReleaseMessage(state.desiredEntryFor(self)),
     domain,
     keepaliveSeconds: opts.keepaliveSeconds,

@@ -35,6 +35,7 @@ import {
 import { AddressPool, ipv4ForIndex, ipv6ForIndex } from './ipam.js';
 import { KeyStore } from './keys.js';
 import { type AuthKeyRecord, type NodeRecord, nodeFromRow, nodeToRow, storedTime } from './records.js';
+import { type NodeView, type RolloutNode, Rollouts } from './rollout.js';
 
 export type StateEvent =
   | { type: 'node-added'; node: NodeRecord }
@@ -73,6 +74,8 @@ export interface DesiredVersionRecord {
   allowDowngrade: boolean;
   /** The signed manifest (JSON) of a served release, as it was when the entry was set. */
   manifest: string;
+  /** At most this many nodes update at once (see rollout.ts). */
+  maxUnavailable: number;
 }
 
 export interface DesiredArtifact {
@@ -80,6 +83,7 @@ export interface DesiredArtifact {
   sha256: string;
   allowDowngrade: boolean;
   manifest?: string;
+  maxUnavailable?: number;
 }
 
 export interface RegisterInput {
@@ -123,6 +127,7 @@ export class State {
   /** Names being created, so that two concurrent creates of one name cannot both pass the check. */
   private readonly creating = new Set<string>();
   private readonly versions = new Map<string, Map<string, DesiredVersionRecord>>();
+  private readonly rollout = new Rollouts();
   private readonly compiledCache = new Map<string, CompiledPolicy>();
   private readonly online = new Set<string>();
   private readonly observed = new Map<string, string>();
@@ -186,6 +191,7 @@ export class State {
         sha256: v.sha256,
         allowDowngrade: Boolean(v.allow_downgrade),
         manifest: v.manifest,
+        maxUnavailable: v.max_unavailable,
       });
     }
     return s;
@@ -581,6 +587,7 @@ export class State {
     n.lastSeen = this.now();
     this.markSeen(id);
     this.emit({ type: 'node-patched', node: n, endpointsChanged: false });
+    this.advanceRollout(n.project);
   }
 
   /** Endpoints peers should try: what the agent reported, then where the coordinator saw it come from. */
@@ -631,6 +638,7 @@ export class State {
     if (!n || n.version === version) return;
     await this.db.updateTable('nodes').set({ version }).where('id', '=', id).execute();
     this.applyChange(n, { version }, 'node-changed');
+    this.advanceRollout(n.project);
   }
 
   async rotateNodeKey(id: string, nodeKey: string): Promise<NodeRecord> {
@@ -926,6 +934,7 @@ export class State {
       sha256: version ? sha256 : '',
       allowDowngrade: version ? artifact.allowDowngrade : false,
       manifest: version && !artifactUrl ? (artifact.manifest ?? '') : '',
+      maxUnavailable: Math.max(1, artifact.maxUnavailable ?? 1),
     };
     await this.db.transaction().execute(async (tx) => {
       await tx.deleteFrom('desired_versions').where('project', '=', project).where('tag', '=', tag).execute();
@@ -941,6 +950,7 @@ export class State {
             sha256: rec.sha256,
             allow_downgrade: rec.allowDowngrade ? 1 : 0,
             manifest: rec.manifest,
+            max_unavailable: rec.maxUnavailable,
           })
           .execute();
       await audit(tx, this.now(), actor, version ? 'version.set' : 'version.remove', project, {
@@ -952,6 +962,9 @@ export class State {
     });
     if (version) this.versionMap(project).set(tag, rec);
     else this.versionMap(project).delete(tag);
+    // Setting a version again is how an operator resumes a halted rollout.
+    this.rollout.retry(this.projectNodes(project).map((n) => n.id));
+    this.rollout.schedule(this.rolloutNodes(project));
     this.emit({ type: 'versions-changed', project });
     return rec;
   }
@@ -970,13 +983,67 @@ export class State {
   }
 
   isDrifting(n: NodeRecord): boolean {
-    const want = this.desiredEntryFor(n);
+    const want = this.desiredEntry(n.project, n.tags);
     return want !== undefined && drifts(n.version, want.version, want.allowDowngrade);
   }
 
-  /** The most specific entry wins: a tag of the node (first in name order), then the project's. */
+  /**
+   * The entry a node is told about: the most specific one (a tag of the node, first in name
+   * order, then the project's), once the rollout lets the node update.
+   */
   desiredEntryFor(n: NodeRecord): DesiredVersionRecord | undefined {
-    return this.desiredEntry(n.project, n.tags);
+    const entry = this.desiredEntry(n.project, n.tags);
+    return entry && this.rollout.released(this.rolloutNode(n)) ? entry : undefined;
+  }
+
+  // ---- rollouts (the scheduling is in rollout.ts)
+
+  private rolloutNode(n: NodeRecord): RolloutNode {
+    const e = this.desiredEntry(n.project, n.tags);
+    return {
+      id: n.id,
+      name: n.name,
+      version: n.version,
+      online: this.online.has(n.id),
+      target: e && {
+        entry: e.tag,
+        version: e.version,
+        allowDowngrade: e.allowDowngrade,
+        maxUnavailable: e.maxUnavailable,
+      },
+    };
+  }
+
+  private rolloutNodes(project: string): RolloutNode[] {
+    return this.projectNodes(project).map((n) => this.rolloutNode(n));
+  }
+
+  /** Lets the next nodes of a project's rollout update, and tells their agents. */
+  private advanceRollout(project: string): void {
+    if (!this.versions.get(project)?.size) return;
+    if (this.rollout.schedule(this.rolloutNodes(project)).length)
+      this.emit({ type: 'versions-changed', project });
+  }
+
+  /** What a node's agent says about its update (UpdateReport). */
+  reportUpdate(id: string, version: string, state: 'updating' | 'failed', reason: string): void {
+    const n = this.nodes.get(id);
+    if (!n) return;
+    this.rollout.report(id, version, state, reason);
+    this.rollout.schedule(this.rolloutNodes(n.project));
+    this.emit({ type: 'versions-changed', project: n.project });
+  }
+
+  /** Every node under a desired version, with its update state (versions list). */
+  updateStates(project?: string): { node: NodeRecord; desired: string; view: NodeView }[] {
+    const nodes = this.listNodes(project).filter((n) => this.desiredEntry(n.project, n.tags));
+    const out: { node: NodeRecord; desired: string; view: NodeView }[] = [];
+    for (const p of new Set(nodes.map((n) => n.project))) {
+      const views = this.rollout.view(this.rolloutNodes(p));
+      for (const n of nodes.filter((x) => x.project === p))
+        out.push({ node: n, desired: this.desiredEntry(n.project, n.tags)!.version, view: views.get(n.id)! });
+    }
+    return out;
   }
 
   private desiredEntry(project: string, tags: string[]): DesiredVersionRecord | undefined {
@@ -998,8 +1065,9 @@ export class State {
     return this.desiredEntry(key.project, [...key.tags].sort());
   }
 
+  /** The version set for the node, whether or not the rollout lets it update yet. */
   desiredVersionFor(n: NodeRecord): string {
-    return this.desiredEntryFor(n)?.version ?? '';
+    return this.desiredEntry(n.project, n.tags)?.version ?? '';
   }
 
   // ---- audit log

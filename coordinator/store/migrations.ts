@@ -237,6 +237,16 @@ export function migrations(dialect: Dialect): Record<string, Migration> {
         await db.schema.alterTable('projects').addColumn('max_key_age_ms', 'bigint').execute();
       },
     },
+    '0010_rollout_max_unavailable': {
+      // How many nodes of a desired-version entry update at once; entries
+      // set before rollouts existed update one node at a time.
+      async up(db: Kysely<unknown>) {
+        await db.schema
+          .alterTable('desired_versions')
+          .addColumn('max_unavailable', 'integer', (c) => c.notNull().defaultTo(1))
+          .execute();
+      },
+    },
   };
 }
 

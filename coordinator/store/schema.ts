@@ -98,6 +98,8 @@ export interface DesiredVersionTable {
   allow_downgrade: number;
   /** The signed manifest of a served release, as JSON; empty for an artifact elsewhere. */
   manifest: string;
+  /** At most this many nodes of the entry update at once. */
+  max_unavailable: number;
 }
 
 export interface AuditTable {

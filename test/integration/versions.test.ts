@@ -230,7 +230,8 @@ describe('desired versions and served releases', () => {
     await early.register(key, 'early');
     await early.connect();
     assert.equal(early.netmap!.desiredRelease, undefined);
-    await t.admin.call('setDesiredVersion', { project: 'p4', tag: '', version: '0.2.0' });
+    // Two at once, so the node that joins while the first one updates is told too.
+    await t.admin.call('setDesiredVersion', { project: 'p4', tag: '', version: '0.2.0', maxUnavailable: 2 });
     await early.waitFor(
       () => early.netmap?.desiredRelease?.version === '0.2.0',
       5000,
@@ -245,7 +246,11 @@ describe('desired versions and served releases', () => {
     agents.push(late);
     await late.register(key, 'late');
     await late.connect();
-    assert.equal(late.netmap!.desiredRelease?.sha256, r.sha256, 'the full netmap carries it too');
+    await late.waitFor(
+      () => late.netmap?.desiredRelease?.sha256 === r.sha256,
+      5000,
+      'the node that joined later is told too',
+    );
     await t.admin.call('setDesiredVersion', { project: 'p4', tag: '', version: '' });
     await early.waitFor(() => early.netmap?.desiredRelease === undefined, 5000, 'desired release removed');
   });

@@ -2,8 +2,8 @@
 // @generated from file meshgate/v1/control.proto (package meshgate.v1, syntax proto3)
 /* eslint-disable */
 
-import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
-import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
+import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { DesiredRelease, DnsRecord, NetMap, Node, PacketFilter, Peer, PeerPatch } from "./types_pb.js";
 import { file_meshgate_v1_types } from "./types_pb.js";
 import type { Message } from "@bufbuild/protobuf";
@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file meshgate/v1/control.proto.
  */
 export const file_meshgate_v1_control: GenFile = /*@__PURE__*/
-  fileDesc("ChltZXNoZ2F0ZS92MS9jb250cm9sLnByb3RvEgttZXNoZ2F0ZS52MSK/AQoPUmVnaXN0ZXJSZXF1ZXN0EhAKCGF1dGhfa2V5GAEgASgJEhMKC21hY2hpbmVfa2V5GAIgASgMEhAKCG5vZGVfa2V5GAMgASgMEhAKCGhvc3RuYW1lGAQgASgJEgoKAm9zGAUgASgJEg8KB3ZlcnNpb24YBiABKAkSFgoOcmVxdWVzdGVkX3RhZ3MYByADKAkSEQoJZW5kcG9pbnRzGAggAygJEhkKEWFkdmVydGlzZWRfcm91dGVzGAkgAygJIkUKEFJlZ2lzdGVyUmVzcG9uc2USHwoEbm9kZRgBIAEoCzIRLm1lc2hnYXRlLnYxLk5vZGUSEAoIZXhpc3RpbmcYAiABKAgiQwoFSGVsbG8SDwoHdmVyc2lvbhgBIAEoCRIRCgllbmRwb2ludHMYAiADKAkSFgoObG9ja2Rvd25fcG9ydHMYAyADKA0iIwoORW5kcG9pbnRVcGRhdGUSEQoJZW5kcG9pbnRzGAEgAygJIisKDEhlYWx0aFJlcG9ydBIKCgJvaxgBIAEoCBIPCgdtZXNzYWdlGAIgASgJIpwBCgtTeW5jUmVxdWVzdBIjCgVoZWxsbxgBIAEoCzISLm1lc2hnYXRlLnYxLkhlbGxvSAASMAoJZW5kcG9pbnRzGAIgASgLMhsubWVzaGdhdGUudjEuRW5kcG9pbnRVcGRhdGVIABIrCgZoZWFsdGgYAyABKAsyGS5tZXNoZ2F0ZS52MS5IZWFsdGhSZXBvcnRIAEIJCgdtZXNzYWdlIrUDCgxTeW5jUmVzcG9uc2USCwoDc2VxGAEgASgEEiEKBGZ1bGwYAiABKAsyEy5tZXNoZ2F0ZS52MS5OZXRNYXASKAoNcGVlcnNfY2hhbmdlZBgDIAMoCzIRLm1lc2hnYXRlLnYxLlBlZXISFQoNcGVlcnNfcmVtb3ZlZBgEIAMoCRIsCgxwZWVyX3BhdGNoZXMYBSADKAsyFi5tZXNoZ2F0ZS52MS5QZWVyUGF0Y2gSMAoNcGFja2V0X2ZpbHRlchgGIAEoCzIZLm1lc2hnYXRlLnYxLlBhY2tldEZpbHRlchIcCg9kZXNpcmVkX3ZlcnNpb24YByABKAlIAIgBARIfCgRzZWxmGAggASgLMhEubWVzaGdhdGUudjEuTm9kZRIjCgNkbnMYCSADKAsyFi5tZXNoZ2F0ZS52MS5EbnNSZWNvcmQSEwoLZG5zX2NoYW5nZWQYCiABKAgSEQoJa2VlcGFsaXZlGAsgASgIEjQKD2Rlc2lyZWRfcmVsZWFzZRgMIAEoCzIbLm1lc2hnYXRlLnYxLkRlc2lyZWRSZWxlYXNlQhIKEF9kZXNpcmVkX3ZlcnNpb24iDwoNTG9nb3V0UmVxdWVzdCIQCg5Mb2dvdXRSZXNwb25zZSIoChRSb3RhdGVOb2RlS2V5UmVxdWVzdBIQCghub2RlX2tleRgBIAEoDCI4ChVSb3RhdGVOb2RlS2V5UmVzcG9uc2USHwoEbm9kZRgBIAEoCzIRLm1lc2hnYXRlLnYxLk5vZGUiMAoMUmVsYXlSZXF1ZXN0Eg8KB3BlZXJfaWQYASABKAkSDwoHcGF5bG9hZBgCIAEoDCIxCg1SZWxheVJlc3BvbnNlEg8KB3BlZXJfaWQYASABKAkSDwoHcGF5bG9hZBgCIAEoDDL5AgoOQ29udHJvbFNlcnZpY2USRwoIUmVnaXN0ZXISHC5tZXNoZ2F0ZS52MS5SZWdpc3RlclJlcXVlc3QaHS5tZXNoZ2F0ZS52MS5SZWdpc3RlclJlc3BvbnNlEj8KBFN5bmMSGC5tZXNoZ2F0ZS52MS5TeW5jUmVxdWVzdBoZLm1lc2hnYXRlLnYxLlN5bmNSZXNwb25zZSgBMAESQQoGTG9nb3V0EhoubWVzaGdhdGUudjEuTG9nb3V0UmVxdWVzdBobLm1lc2hnYXRlLnYxLkxvZ291dFJlc3BvbnNlElYKDVJvdGF0ZU5vZGVLZXkSIS5tZXNoZ2F0ZS52MS5Sb3RhdGVOb2RlS2V5UmVxdWVzdBoiLm1lc2hnYXRlLnYxLlJvdGF0ZU5vZGVLZXlSZXNwb25zZRJCCgVSZWxheRIZLm1lc2hnYXRlLnYxLlJlbGF5UmVxdWVzdBoaLm1lc2hnYXRlLnYxLlJlbGF5UmVzcG9uc2UoATABYgZwcm90bzM", [file_meshgate_v1_types]);
+  fileDesc("ChltZXNoZ2F0ZS92MS9jb250cm9sLnByb3RvEgttZXNoZ2F0ZS52MSK/AQoPUmVnaXN0ZXJSZXF1ZXN0EhAKCGF1dGhfa2V5GAEgASgJEhMKC21hY2hpbmVfa2V5GAIgASgMEhAKCG5vZGVfa2V5GAMgASgMEhAKCGhvc3RuYW1lGAQgASgJEgoKAm9zGAUgASgJEg8KB3ZlcnNpb24YBiABKAkSFgoOcmVxdWVzdGVkX3RhZ3MYByADKAkSEQoJZW5kcG9pbnRzGAggAygJEhkKEWFkdmVydGlzZWRfcm91dGVzGAkgAygJIkUKEFJlZ2lzdGVyUmVzcG9uc2USHwoEbm9kZRgBIAEoCzIRLm1lc2hnYXRlLnYxLk5vZGUSEAoIZXhpc3RpbmcYAiABKAgiQwoFSGVsbG8SDwoHdmVyc2lvbhgBIAEoCRIRCgllbmRwb2ludHMYAiADKAkSFgoObG9ja2Rvd25fcG9ydHMYAyADKA0iIwoORW5kcG9pbnRVcGRhdGUSEQoJZW5kcG9pbnRzGAEgAygJIisKDEhlYWx0aFJlcG9ydBIKCgJvaxgBIAEoCBIPCgdtZXNzYWdlGAIgASgJIskBCgtTeW5jUmVxdWVzdBIjCgVoZWxsbxgBIAEoCzISLm1lc2hnYXRlLnYxLkhlbGxvSAASMAoJZW5kcG9pbnRzGAIgASgLMhsubWVzaGdhdGUudjEuRW5kcG9pbnRVcGRhdGVIABIrCgZoZWFsdGgYAyABKAsyGS5tZXNoZ2F0ZS52MS5IZWFsdGhSZXBvcnRIABIrCgZ1cGRhdGUYBCABKAsyGS5tZXNoZ2F0ZS52MS5VcGRhdGVSZXBvcnRIAEIJCgdtZXNzYWdlIlgKDFVwZGF0ZVJlcG9ydBIPCgd2ZXJzaW9uGAEgASgJEicKBXN0YXRlGAIgASgOMhgubWVzaGdhdGUudjEuVXBkYXRlU3RhdGUSDgoGcmVhc29uGAMgASgJIrUDCgxTeW5jUmVzcG9uc2USCwoDc2VxGAEgASgEEiEKBGZ1bGwYAiABKAsyEy5tZXNoZ2F0ZS52MS5OZXRNYXASKAoNcGVlcnNfY2hhbmdlZBgDIAMoCzIRLm1lc2hnYXRlLnYxLlBlZXISFQoNcGVlcnNfcmVtb3ZlZBgEIAMoCRIsCgxwZWVyX3BhdGNoZXMYBSADKAsyFi5tZXNoZ2F0ZS52MS5QZWVyUGF0Y2gSMAoNcGFja2V0X2ZpbHRlchgGIAEoCzIZLm1lc2hnYXRlLnYxLlBhY2tldEZpbHRlchIcCg9kZXNpcmVkX3ZlcnNpb24YByABKAlIAIgBARIfCgRzZWxmGAggASgLMhEubWVzaGdhdGUudjEuTm9kZRIjCgNkbnMYCSADKAsyFi5tZXNoZ2F0ZS52MS5EbnNSZWNvcmQSEwoLZG5zX2NoYW5nZWQYCiABKAgSEQoJa2VlcGFsaXZlGAsgASgIEjQKD2Rlc2lyZWRfcmVsZWFzZRgMIAEoCzIbLm1lc2hnYXRlLnYxLkRlc2lyZWRSZWxlYXNlQhIKEF9kZXNpcmVkX3ZlcnNpb24iDwoNTG9nb3V0UmVxdWVzdCIQCg5Mb2dvdXRSZXNwb25zZSIoChRSb3RhdGVOb2RlS2V5UmVxdWVzdBIQCghub2RlX2tleRgBIAEoDCI4ChVSb3RhdGVOb2RlS2V5UmVzcG9uc2USHwoEbm9kZRgBIAEoCzIRLm1lc2hnYXRlLnYxLk5vZGUiMAoMUmVsYXlSZXF1ZXN0Eg8KB3BlZXJfaWQYASABKAkSDwoHcGF5bG9hZBgCIAEoDCIxCg1SZWxheVJlc3BvbnNlEg8KB3BlZXJfaWQYASABKAkSDwoHcGF5bG9hZBgCIAEoDCpfCgtVcGRhdGVTdGF0ZRIcChhVUERBVEVfU1RBVEVfVU5TUEVDSUZJRUQQABIZChVVUERBVEVfU1RBVEVfVVBEQVRJTkcQARIXChNVUERBVEVfU1RBVEVfRkFJTEVEEAIy+QIKDkNvbnRyb2xTZXJ2aWNlEkcKCFJlZ2lzdGVyEhwubWVzaGdhdGUudjEuUmVnaXN0ZXJSZXF1ZXN0Gh0ubWVzaGdhdGUudjEuUmVnaXN0ZXJSZXNwb25zZRI/CgRTeW5jEhgubWVzaGdhdGUudjEuU3luY1JlcXVlc3QaGS5tZXNoZ2F0ZS52MS5TeW5jUmVzcG9uc2UoATABEkEKBkxvZ291dBIaLm1lc2hnYXRlLnYxLkxvZ291dFJlcXVlc3QaGy5tZXNoZ2F0ZS52MS5Mb2dvdXRSZXNwb25zZRJWCg1Sb3RhdGVOb2RlS2V5EiEubWVzaGdhdGUudjEuUm90YXRlTm9kZUtleVJlcXVlc3QaIi5tZXNoZ2F0ZS52MS5Sb3RhdGVOb2RlS2V5UmVzcG9uc2USQgoFUmVsYXkSGS5tZXNoZ2F0ZS52MS5SZWxheVJlcXVlc3QaGi5tZXNoZ2F0ZS52MS5SZWxheVJlc3BvbnNlKAEwAWIGcHJvdG8z", [file_meshgate_v1_types]);
 
 /**
  * @generated from message meshgate.v1.RegisterRequest
@@ -196,6 +196,12 @@ export type SyncRequest = Message<"meshgate.v1.SyncRequest"> & {
      */
     value: HealthReport;
     case: "health";
+  } | {
+    /**
+     * @generated from field: meshgate.v1.UpdateReport update = 4;
+     */
+    value: UpdateReport;
+    case: "update";
   } | { case: undefined; value?: undefined };
 };
 
@@ -205,6 +211,41 @@ export type SyncRequest = Message<"meshgate.v1.SyncRequest"> & {
  */
 export const SyncRequestSchema: GenMessage<SyncRequest> = /*@__PURE__*/
   messageDesc(file_meshgate_v1_control, 5);
+
+/**
+ * How the node's update to a new release goes (meshgate agent --auto-update):
+ * sent when an update starts, and when one failed (also again after every
+ * reconnect, so a restarted coordinator learns it).
+ *
+ * @generated from message meshgate.v1.UpdateReport
+ */
+export type UpdateReport = Message<"meshgate.v1.UpdateReport"> & {
+  /**
+   * The release being installed, a semantic version.
+   *
+   * @generated from field: string version = 1;
+   */
+  version: string;
+
+  /**
+   * @generated from field: meshgate.v1.UpdateState state = 2;
+   */
+  state: UpdateState;
+
+  /**
+   * Why it failed, one line; empty otherwise. At most 512 characters.
+   *
+   * @generated from field: string reason = 3;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message meshgate.v1.UpdateReport.
+ * Use `create(UpdateReportSchema)` to create a new message.
+ */
+export const UpdateReportSchema: GenMessage<UpdateReport> = /*@__PURE__*/
+  messageDesc(file_meshgate_v1_control, 6);
 
 /**
  * @generated from message meshgate.v1.SyncResponse
@@ -284,7 +325,7 @@ export type SyncResponse = Message<"meshgate.v1.SyncResponse"> & {
  * Use `create(SyncResponseSchema)` to create a new message.
  */
 export const SyncResponseSchema: GenMessage<SyncResponse> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_control, 6);
+  messageDesc(file_meshgate_v1_control, 7);
 
 /**
  * @generated from message meshgate.v1.LogoutRequest
@@ -297,7 +338,7 @@ export type LogoutRequest = Message<"meshgate.v1.LogoutRequest"> & {
  * Use `create(LogoutRequestSchema)` to create a new message.
  */
 export const LogoutRequestSchema: GenMessage<LogoutRequest> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_control, 7);
+  messageDesc(file_meshgate_v1_control, 8);
 
 /**
  * @generated from message meshgate.v1.LogoutResponse
@@ -310,7 +351,7 @@ export type LogoutResponse = Message<"meshgate.v1.LogoutResponse"> & {
  * Use `create(LogoutResponseSchema)` to create a new message.
  */
 export const LogoutResponseSchema: GenMessage<LogoutResponse> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_control, 8);
+  messageDesc(file_meshgate_v1_control, 9);
 
 /**
  * @generated from message meshgate.v1.RotateNodeKeyRequest
@@ -327,7 +368,7 @@ export type RotateNodeKeyRequest = Message<"meshgate.v1.RotateNodeKeyRequest"> &
  * Use `create(RotateNodeKeyRequestSchema)` to create a new message.
  */
 export const RotateNodeKeyRequestSchema: GenMessage<RotateNodeKeyRequest> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_control, 9);
+  messageDesc(file_meshgate_v1_control, 10);
 
 /**
  * @generated from message meshgate.v1.RotateNodeKeyResponse
@@ -344,7 +385,7 @@ export type RotateNodeKeyResponse = Message<"meshgate.v1.RotateNodeKeyResponse">
  * Use `create(RotateNodeKeyResponseSchema)` to create a new message.
  */
 export const RotateNodeKeyResponseSchema: GenMessage<RotateNodeKeyResponse> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_control, 10);
+  messageDesc(file_meshgate_v1_control, 11);
 
 /**
  * @generated from message meshgate.v1.RelayRequest
@@ -370,7 +411,7 @@ export type RelayRequest = Message<"meshgate.v1.RelayRequest"> & {
  * Use `create(RelayRequestSchema)` to create a new message.
  */
 export const RelayRequestSchema: GenMessage<RelayRequest> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_control, 11);
+  messageDesc(file_meshgate_v1_control, 12);
 
 /**
  * @generated from message meshgate.v1.RelayResponse
@@ -394,7 +435,37 @@ export type RelayResponse = Message<"meshgate.v1.RelayResponse"> & {
  * Use `create(RelayResponseSchema)` to create a new message.
  */
 export const RelayResponseSchema: GenMessage<RelayResponse> = /*@__PURE__*/
-  messageDesc(file_meshgate_v1_control, 12);
+  messageDesc(file_meshgate_v1_control, 13);
+
+/**
+ * @generated from enum meshgate.v1.UpdateState
+ */
+export enum UpdateState {
+  /**
+   * @generated from enum value: UPDATE_STATE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Downloading, verifying, restarting into the new release.
+   *
+   * @generated from enum value: UPDATE_STATE_UPDATING = 1;
+   */
+  UPDATING = 1,
+
+  /**
+   * Refused (bad signature, sha256) or rolled back (did not reach the coordinator in time).
+   *
+   * @generated from enum value: UPDATE_STATE_FAILED = 2;
+   */
+  FAILED = 2,
+}
+
+/**
+ * Describes the enum meshgate.v1.UpdateState.
+ */
+export const UpdateStateSchema: GenEnum<UpdateState> = /*@__PURE__*/
+  enumDesc(file_meshgate_v1_control, 0);
 
 /**
  * The API between an agent and the coordinator. Every call carries a
