@@ -35,6 +35,7 @@ import { type LocalApi, startLocalApi } from './localapi/server.js';
 import type { AgentStatus, PeerStatus } from './localapi/types.js';
 import { RelayConnection } from './relay/connection.js';
 import { RelayProxies } from './relay/proxy.js';
+import { SelfUpdater } from './update/updater.js';
 
 export interface AgentOptions {
   coordinator: string;
@@ -59,7 +60,17 @@ export interface AgentOptions {
   tickMs?: number;
   /** Rotate the WireGuard node key when it is this old; 0 turns rotation off. */
   nodeKeyLifetimeMs?: number;
+  /** --auto-update: install the desired release and restart into it. */
+  autoUpdate?: {
+    prefix: string;
+    releaseKey: string;
+    releasesUrl: string;
+    timeoutMs: number;
+  };
 }
+
+/** Why the agent stopped: a plain stop, or an exit to restart into another release. */
+export type StopReason = 'stopped' | 'restart';
 
 const PROTOCOL_NAMES: Record<number, FilterRule['protocols'][number]> = {
   [Protocol.TCP]: 'tcp',
@@ -104,7 +115,9 @@ export class Agent {
   /** Serializes down, up and logout. */
   private lifecycle: Promise<unknown> = Promise.resolve();
   private stopped = false;
-  private onStopped: (() => void) | null = null;
+  private stopReason: StopReason = 'stopped';
+  private onStopped: ((reason: StopReason) => void) | null = null;
+  private readonly updater: SelfUpdater | null;
 
   constructor(private readonly opts: AgentOptions) {
     this.state = new StateDir(opts.stateDir);
@@ -120,6 +133,21 @@ export class Agent {
         ),
       onError: (err) => opts.log.error({ err: err.message }, 'could not check the nftables table'),
     });
+    const u = opts.autoUpdate;
+    this.updater = u
+      ? new SelfUpdater({
+          version: VERSION,
+          prefix: u.prefix,
+          releaseKey: u.releaseKey,
+          releasesUrl: u.releasesUrl,
+          fingerprint: opts.fingerprint,
+          stateDir: opts.stateDir,
+          timeoutMs: u.timeoutMs,
+          log: opts.log,
+          report: (version, state, reason) => this.session?.sendUpdate(version, state, reason),
+          restart: () => this.restartForUpdate(),
+        })
+      : null;
   }
 
   private get keepLockdown(): boolean {
@@ -130,6 +158,7 @@ export class Agent {
     const { log } = this.opts;
     // Fails early on a state dir or key readable by others.
     this.state.load();
+    this.updater?.started();
     this.guard.start();
     this.api = await startLocalApi(this.opts.socket, {
       status: () => this.status(),
@@ -241,6 +270,7 @@ export class Agent {
         advertisedRoutes: this.opts.advertiseRoutes,
         endpoints: () => this.localEndpoints(),
         lockdownPorts: this.opts.lockdownPorts,
+        updateFailure: () => this.updater?.failure() ?? null,
       },
       identity.node !== null,
     );
@@ -273,6 +303,7 @@ export class Agent {
         this.rotator?.rotateNow();
       }
       this.onNetMap(map, true);
+      this.updater?.consider(map.desiredRelease);
     });
     session.on('state', (s, detail) => this.onSessionState(s, detail));
     if (identity.node) client.nodeId = identity.node.id;
@@ -347,6 +378,7 @@ export class Agent {
 
   private onSessionState(s: ConnectionState, detail: string): void {
     const kind: NodeStateKind = s === 'offline' ? 'unreachable' : s;
+    if (kind === 'connected') this.updater?.connected();
     if (kind === 'connecting' && !this.self) return;
     this.setNodeState({ kind, detail: kind === 'connecting' || kind === 'connected' ? '' : detail });
     if ((kind === 'expired' || kind === 'deleted') && !this.keepLockdown && !this.released) {
@@ -369,9 +401,9 @@ export class Agent {
     );
   }
 
-  /** Resolves when the agent was stopped (SIGTERM). */
-  wait(): Promise<void> {
-    return this.stopped ? Promise.resolve() : new Promise((r) => (this.onStopped = r));
+  /** Resolves when the agent was stopped (SIGTERM), or stopped to restart into another release. */
+  wait(): Promise<StopReason> {
+    return this.stopped ? Promise.resolve(this.stopReason) : new Promise((r) => (this.onStopped = r));
   }
 
   private localEndpoints(): string[] {
@@ -599,6 +631,7 @@ export class Agent {
             allowDowngrade: map.desiredRelease.allowDowngrade,
           }
         : null,
+      selfUpdate: { enabled: this.updater !== null, failed: this.updater?.failure() ?? null },
       state: { kind: this.nodeState.kind, detail: this.nodeState.detail, message: this.describeState() },
       coordinator: {
         url: this.opts.coordinator,
@@ -712,7 +745,7 @@ export class Agent {
    * Stops the mesh. With `keepInterface` (a stop, not down or logout) a kernel interface stays
    * with its peers, so sessions over the mesh survive an agent restart or upgrade.
    */
-  private async stopMesh(keepInterface = false): Promise<void> {
+  private async stopMesh(keepInterface: false | 'release' | 'detach' = false): Promise<void> {
     if (this.ticker) clearInterval(this.ticker);
     this.ticker = null;
     await this.rotator?.stop();
@@ -732,7 +765,8 @@ export class Agent {
     this.released = false;
     const device = this.device;
     this.device = null;
-    if (keepInterface) await device?.release();
+    if (keepInterface === 'detach') await device?.detach();
+    else if (keepInterface) await device?.release();
     else await device?.destroy();
     this.lastEndpoints = '';
   }
@@ -742,13 +776,27 @@ export class Agent {
    * SSH; a kernel interface stays with its peers, so the mesh keeps working until the agent is back.
    */
   async stop(): Promise<void> {
+    await this.shutdown('stopped');
+  }
+
+  /**
+   * Stops to restart into another release (self-update, or its rollback): also a wireguard-go
+   * interface stays, its process detached, so the next agent adopts it with its peers and
+   * traffic over the mesh goes on while no agent runs.
+   */
+  async restartForUpdate(): Promise<void> {
+    await this.shutdown('restart');
+  }
+
+  private async shutdown(reason: StopReason): Promise<void> {
     if (this.stopped) return;
     this.stopped = true;
+    this.stopReason = reason;
     if (this.opts.authKeyFile) unwatchFile(this.opts.authKeyFile);
     this.guard.stop();
     await this.lifecycle.catch(() => {});
-    await this.stopMesh(true);
+    await this.stopMesh(reason === 'restart' ? 'detach' : 'release');
     await this.api?.close();
-    this.onStopped?.();
+    this.onStopped?.(reason);
   }
 }

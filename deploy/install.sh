@@ -25,6 +25,8 @@
 #   --advertise-tags T,T    tags to ask for
 #   --state-dir DIR         agent state dir (default /var/lib/meshgate-agent)
 #   --no-start              write everything, but do not touch systemd
+#   --auto-update           the agent installs the releases the coordinator names
+#                           (versions set) itself, checked against --release-key
 # metal-stack: /etc/metal/install.yaml with vpn: {address, auth_key} and
 # machineuuid is read when present; options win over it.
 #
@@ -89,10 +91,17 @@ lockdown=true
 tags=
 state_dir=
 start=yes
+auto_update=no
+releases_url_given=no
 while [ $# -gt 0 ]; do
   case $1 in
   --no-start)
     start=no
+    shift
+    continue
+    ;;
+  --auto-update)
+    auto_update=yes
     shift
     continue
     ;;
@@ -103,7 +112,10 @@ while [ $# -gt 0 ]; do
   --coordinator) coordinator=$2 ;;
   --fingerprint) fingerprint=$2 ;;
   --release-key) release_key=$2 ;;
-  --releases-url) releases_url=${2%/} ;;
+  --releases-url)
+    releases_url=${2%/}
+    releases_url_given=yes
+    ;;
   --version) version=$2 ;;
   --auth-key-file)
     [ -r "$2" ] || die "cannot read $2"
@@ -319,6 +331,11 @@ if [ ! -e "$config" ]; then
     printf 'lockdownSsh: %s\n' "$lockdown"
     [ -z "$tags" ] || printf 'advertiseTags: [%s]\n' "$tags"
     [ -z "$state_dir" ] || printf 'stateDir: %s\n' "$state_dir"
+    if [ "$auto_update" = yes ]; then
+      printf 'autoUpdate: true\nreleaseKey: %s\n' "$release_key"
+      [ "$opt_dir" = /opt/meshgate ] || printf 'installPrefix: %s\n' "$opt_dir"
+      [ "$releases_url_given" = no ] || printf 'releasesUrl: %s\n' "$releases_url"
+    fi
   } >"$work/agent.yaml"
   install -m 0600 "$work/agent.yaml" "$config"
   say "wrote $config"
@@ -330,6 +347,8 @@ cat >"$work/unit" <<UNIT
 Description=meshgate agent: WireGuard mesh node
 Wants=network-online.target
 After=network-online.target nftables.service
+# A release that cannot start is restarted until the update watchdog rolls it back.
+StartLimitIntervalSec=0
 
 [Service]
 Type=simple
@@ -337,16 +356,23 @@ Type=simple
 User=root
 EnvironmentFile=-/etc/default/meshgate-agent
 ExecStart=$bin_dir/meshgate agent --config $config
+# Also after exit status 75: the agent restarts into a release it installed (--auto-update).
 Restart=always
 RestartSec=2
-# Keep the firewall table when stopping: a restart must not reopen public SSH.
-KillMode=control-group
+# Only the agent is signalled: it stops what it started itself. A self-update
+# leaves wireguard-go (the interface and its peers) and the update watchdog
+# running while the next release starts; the firewall table always stays.
+KillMode=process
 TimeoutStopSec=15
 
 StateDirectory=meshgate-agent
 StateDirectoryMode=0700
 RuntimeDirectory=meshgate wireguard
 RuntimeDirectoryMode=0755
+# wireguard-go's socket must outlive a restart of the agent.
+RuntimeDirectoryPreserve=yes
+# --auto-update unpacks releases next to each other here.
+ReadWritePaths=-$opt_dir
 UMask=0077
 
 NoNewPrivileges=yes

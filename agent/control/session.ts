@@ -9,6 +9,7 @@ import {
   type SyncRequest,
   SyncRequestSchema,
   type SyncResponse,
+  UpdateState,
 } from '../../proto/gen/meshgate/v1/control_pb.js';
 import type { NetMap, Node } from '../../proto/gen/meshgate/v1/types_pb.js';
 import { REASON_TRAILER } from '../../proto/grpc.js';
@@ -47,6 +48,8 @@ export interface RegistrationInfo {
   endpoints: () => string[];
   /** Told to the coordinator so that it can refuse a policy that would cut SSH to this node. */
   lockdownPorts: number[];
+  /** A failed self-update, told again after every hello so a restarted coordinator knows it too. */
+  updateFailure?: () => { version: string; reason: string } | null;
 }
 
 export type ConnectionState = 'connecting' | 'connected' | 'offline' | Revocation;
@@ -206,6 +209,8 @@ export class ControlSession extends EventEmitter<SessionEvents> {
             },
           }),
         );
+        const failure = this.info.updateFailure?.();
+        if (failure) this.sendUpdate(failure.version, 'failed', failure.reason);
       },
       (err) => this.fail(err),
     );
@@ -214,6 +219,22 @@ export class ControlSession extends EventEmitter<SessionEvents> {
   /** Tells the coordinator about changed local endpoints. */
   sendEndpoints(endpoints: string[]): void {
     this.stream?.write(create(SyncRequestSchema, { message: { case: 'endpoints', value: { endpoints } } }));
+  }
+
+  /** How a self-update goes (UpdateReport). Lost while the stream is down; failures are sent again. */
+  sendUpdate(version: string, state: 'updating' | 'failed', reason: string): void {
+    this.stream?.write(
+      create(SyncRequestSchema, {
+        message: {
+          case: 'update',
+          value: {
+            version,
+            state: state === 'failed' ? UpdateState.FAILED : UpdateState.UPDATING,
+            reason,
+          },
+        },
+      }),
+    );
   }
 
   private fail(err: unknown): void {

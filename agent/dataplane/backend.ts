@@ -1,7 +1,7 @@
 // Creates the WireGuard interface: a kernel link where the module exists, otherwise a supervised
 // wireguard-go process that is started again, with backoff, whenever it dies.
 import { type ChildProcess, spawn } from 'node:child_process';
-import { existsSync, mkdirSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { CommandError, inNetns, MissingToolError, run } from './exec.js';
@@ -43,6 +43,11 @@ export interface WgInterface {
    * interface goes with its process.
    */
   release(): Promise<void>;
+  /**
+   * The agent restarts into another version: everything stays as it is (a wireguard-go process
+   * keeps running, detached), and the next agent adopts the interface with its peers.
+   */
+  detach(): void;
 }
 
 export class BackendError extends Error {
@@ -57,6 +62,10 @@ export const WIREGUARD_GO_SOCKET_DIR = '/var/run/wireguard';
 
 export async function createInterface(options: CreateInterfaceOptions): Promise<WgInterface> {
   assertInterfaceName(options.name);
+  if (options.backend !== 'kernel' && (await wireguardGoRunning(options.name, options.netns))) {
+    // Left running by the agent before this one (a restart into a new version): adopt it.
+    return new WireGuardGo(options, true);
+  }
   if (options.backend !== 'wireguard-go') {
     const kernel = await tryKernel(options.name, options.netns);
     if (kernel === 'created') return kernelInterface(options.name, options.netns);
@@ -89,11 +98,21 @@ async function tryKernel(name: string, netns?: string): Promise<'created' | { re
   }
 }
 
+/** A wireguard-go process answers on the interface's control socket. */
+async function wireguardGoRunning(name: string, netns?: string): Promise<boolean> {
+  if (!existsSync(`${WIREGUARD_GO_SOCKET_DIR}/${name}.sock`)) return false;
+  return run('wg', ['show', name, 'listen-port'], { netns }).then(
+    () => true,
+    () => false,
+  );
+}
+
 function kernelInterface(name: string, netns?: string): WgInterface {
   return {
     name,
     backend: 'kernel',
     async release() {},
+    detach() {},
     async ensure() {
       const present = netns
         ? await run('ip', ['link', 'show', 'dev', name], { netns }).then(
@@ -121,14 +140,25 @@ class WireGuardGo implements WgInterface {
   readonly backend = 'wireguard-go';
   readonly name: string;
   private child: ChildProcess | null = null;
-  private output: string[] = [];
   private stopping = false;
   private failures = 0;
   private restartTimer: NodeJS.Timeout | null = null;
   private startedAt = 0;
 
-  constructor(private readonly options: CreateInterfaceOptions) {
+  /**
+   * adopted: a process started by an earlier agent. It is not our child, so
+   * ensure() notices by asking its socket when it is gone.
+   */
+  constructor(
+    private readonly options: CreateInterfaceOptions,
+    private adopted = false,
+  ) {
     this.name = options.name;
+  }
+
+  /** wireguard-go writes here rather than to a pipe, so it outlives an agent that restarts. */
+  private get logFile(): string {
+    return `${WIREGUARD_GO_SOCKET_DIR}/${this.name}.log`;
   }
 
   async start(): Promise<void> {
@@ -149,27 +179,29 @@ class WireGuardGo implements WgInterface {
   private async startOnce(): Promise<void> {
     mkdirSync(WIREGUARD_GO_SOCKET_DIR, { recursive: true, mode: 0o755 });
     const [file, args] = inNetns('wireguard-go', ['-f', this.name], this.options.netns);
-    // The variable only silences wireguard-go's banner that recommends the kernel module.
-    const child = spawn(file, args, {
-      stdio: ['ignore', 'pipe', 'pipe'],
-      env: { ...process.env, WG_PROCESS_FOREGROUND: '1' },
-    });
+    // Its own process group and a log file instead of pipes: a signal to the agent's group, or the
+    // agent exiting to restart into a new version, does not take the interface down with it.
+    const log = openSync(this.logFile, 'w', 0o600);
+    let child: ChildProcess;
+    try {
+      // The variable only silences wireguard-go's banner that recommends the kernel module.
+      child = spawn(file, args, {
+        stdio: ['ignore', log, log],
+        detached: true,
+        env: { ...process.env, WG_PROCESS_FOREGROUND: '1' },
+      });
+    } finally {
+      closeSync(log);
+    }
     this.child = child;
-    this.output = [];
     let ready = false;
-    const keep = (b: Buffer) => {
-      this.output.push(...b.toString().split('\n').filter(Boolean));
-      this.output.splice(0, Math.max(0, this.output.length - KEEP_OUTPUT_LINES));
-    };
-    child.stdout?.on('data', keep);
-    child.stderr?.on('data', keep);
     const exited = new Promise<never>((_, reject) => {
       child.on('error', (e: NodeJS.ErrnoException) =>
         reject(e.code === 'ENOENT' ? new MissingToolError('wireguard-go') : e),
       );
       child.on('close', (code, signal) => {
         if (ready) return this.onExit(code, signal);
-        const missing = /exec of ".*" failed: No such file/.test(this.output.join('\n'));
+        const missing = /exec of ".*" failed: No such file/.test(this.outputLines().join('\n'));
         reject(
           missing
             ? new MissingToolError('wireguard-go')
@@ -211,8 +243,16 @@ class WireGuardGo implements WgInterface {
     }
   }
 
+  private outputLines(): string[] {
+    try {
+      return readFileSync(this.logFile, 'utf8').split('\n').filter(Boolean).slice(-KEEP_OUTPUT_LINES);
+    } catch {
+      return [];
+    }
+  }
+
   private lastOutput(): string {
-    return this.output.at(-1) ?? 'no output';
+    return this.outputLines().at(-1) ?? 'no output';
   }
 
   private onExit(code: number | null, signal: string | null): void {
@@ -254,7 +294,13 @@ class WireGuardGo implements WgInterface {
   }
 
   async ensure(): Promise<boolean> {
-    return false;
+    if (!this.adopted || this.stopping || (await wireguardGoRunning(this.name, this.options.netns)))
+      return false;
+    // The adopted process is gone: from now on this agent supervises its own.
+    this.adopted = false;
+    await rm(`${WIREGUARD_GO_SOCKET_DIR}/${this.name}.sock`, { force: true });
+    await this.start();
+    return true;
   }
 
   async destroy(): Promise<void> {
@@ -263,6 +309,9 @@ class WireGuardGo implements WgInterface {
     this.restartTimer = null;
     if (this.child && this.child.exitCode === null && this.child.signalCode === null) {
       await this.kill(this.child);
+    } else if (this.adopted) {
+      // Not our child to signal: wireguard-go exits when its interface goes.
+      await run('ip', ['link', 'del', 'dev', this.name], { netns: this.options.netns }).catch(() => {});
     }
     // wireguard-go removes its socket on a clean exit only.
     await rm(`${WIREGUARD_GO_SOCKET_DIR}/${this.name}.sock`, { force: true });
@@ -270,5 +319,14 @@ class WireGuardGo implements WgInterface {
 
   release(): Promise<void> {
     return this.destroy();
+  }
+
+  detach(): void {
+    this.stopping = true;
+    if (this.restartTimer) clearTimeout(this.restartTimer);
+    this.restartTimer = null;
+    this.child?.removeAllListeners();
+    this.child?.unref();
+    this.child = null;
   }
 }

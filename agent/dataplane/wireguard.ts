@@ -121,6 +121,12 @@ export class WireGuardDevice {
     await this.iface?.destroy();
   }
 
+  /** For an agent that restarts into another version: see WgInterface.detach. */
+  async detach(): Promise<void> {
+    await this.queue.catch(() => {});
+    this.iface?.detach();
+  }
+
   /** For an agent that stops without leaving the mesh: see WgInterface.release. */
   async release(): Promise<void> {
     await this.queue.catch(() => {});

@@ -39,6 +39,8 @@ export interface AgentStatus {
     manifest: string;
     allowDowngrade: boolean;
   } | null;
+  /** --auto-update, and the last update this agent refused or rolled back (kept until the coordinator names another release). */
+  selfUpdate: { enabled: boolean; failed: { version: string; reason: string } | null };
   /** The node's state and the one line that explains it (see agent/control/node-state.ts). */
   state: { kind: string; detail: string; message: string };
   coordinator: { url: string; state: string; error: string };

@@ -9,6 +9,12 @@ import { AgentError } from '../../agent/control/session.js';
 import { Agent } from '../../agent/daemon.js';
 import { MissingToolError } from '../../agent/dataplane/exec.js';
 import { createAgentLogger } from '../../agent/log.js';
+import { DEFAULT_INSTALL_PREFIX } from '../../agent/update/install.js';
+import { DEFAULT_UPDATE_TIMEOUT_MS, RESTART_EXIT_CODE } from '../../agent/update/updater.js';
+import { watchUpdate } from '../../agent/update/watchdog.js';
+import { parseCoordinatorUrl } from '../../proto/dial.js';
+import { parseDuration } from '../../proto/duration.js';
+import { parsePublicKey } from '../../release/manifest.js';
 import { CliError } from '../errors.js';
 
 export const DEFAULT_AGENT_SOCKET = '/run/meshgate/agent.sock';
@@ -47,8 +53,53 @@ const AgentConfig = z
           return z.NEVER;
         }
       }),
+    autoUpdate: z.boolean().default(false),
+    releaseKey: z.string().optional(),
+    installPrefix: z.string().default(DEFAULT_INSTALL_PREFIX),
+    releasesUrl: z
+      .string()
+      .regex(/^https:\/\/[^\s/]+$/, 'expected https://HOST:PORT')
+      .optional(),
+    updateTimeout: z
+      .union([z.string(), z.number()])
+      .optional()
+      .transform((v, ctx) => {
+        if (v === undefined) return DEFAULT_UPDATE_TIMEOUT_MS;
+        try {
+          const ms = parseDuration(String(v));
+          if (ms >= 1000) return ms;
+          ctx.addIssue({ code: z.ZodIssueCode.custom, message: 'at least 1s' });
+        } catch (err) {
+          ctx.addIssue({ code: z.ZodIssueCode.custom, message: (err as Error).message });
+        }
+        return z.NEVER;
+      }),
   })
   .strict();
+
+/** --release-key: the key itself (ed25519:BASE64), or a file holding it. */
+function readReleaseKey(value: string): string {
+  let key = value.trim();
+  if (!key.startsWith('ed25519:')) {
+    try {
+      key = readFileSync(value, 'utf8').trim();
+    } catch {
+      throw new CliError(`--release-key: ${value} is neither ed25519:BASE64 nor a readable file`);
+    }
+  }
+  try {
+    parsePublicKey(key);
+  } catch (err) {
+    throw new CliError(`--release-key: ${(err as Error).message}`);
+  }
+  return key;
+}
+
+/** The coordinator's HTTPS port on the same host (install.sh assumes the same). */
+function defaultReleasesUrl(coordinator: string): string {
+  const { host } = parseCoordinatorUrl(coordinator);
+  return `https://${host}:7480`;
+}
 
 const csv = (v: string) =>
   v
@@ -117,6 +168,26 @@ export function registerAgentCommand(program: Command): void {
       '--node-key-lifetime <duration>',
       'rotate the WireGuard node key when it is this old, e.g. 24h (default), 7d; 0 or off: never',
     )
+    .option(
+      '--auto-update',
+      'install the release the coordinator names for this node and restart into it (env MESHGATE_AUTO_UPDATE=true)',
+    )
+    .option(
+      '--release-key <key|file>',
+      'release public key (ed25519:BASE64, or a file with it) that updates must be signed with (env MESHGATE_RELEASE_KEY)',
+    )
+    .option(
+      '--install-prefix <dir>',
+      `where install.sh put the releases, PREFIX/VERSION and PREFIX/current (default ${DEFAULT_INSTALL_PREFIX}; env MESHGATE_OPT_DIR)`,
+    )
+    .option(
+      '--releases-url <url>',
+      "the coordinator's HTTPS port for release downloads (default https://COORDINATOR-HOST:7480)",
+    )
+    .option(
+      '--update-timeout <duration>',
+      'an update that has not reached the coordinator after this long is rolled back (default 2m)',
+    )
     .option('--config <file>', 'YAML file with the same settings (camelCase keys)')
     .option('--socket <path>', `local API socket (default ${DEFAULT_AGENT_SOCKET})`)
     .option('--log-level <level>', 'trace, debug, info, warn, error (default info)')
@@ -165,6 +236,13 @@ Example (what install.sh runs under systemd):
           logLevel: o.logLevel,
           logFormat: o.logFormat,
           nodeKeyLifetime: o.nodeKeyLifetime,
+          autoUpdate:
+            o.autoUpdate ??
+            (process.env.MESHGATE_AUTO_UPDATE ? process.env.MESHGATE_AUTO_UPDATE === 'true' : undefined),
+          releaseKey: o.releaseKey ?? process.env.MESHGATE_RELEASE_KEY,
+          installPrefix: o.installPrefix ?? process.env.MESHGATE_OPT_DIR,
+          releasesUrl: o.releasesUrl,
+          updateTimeout: o.updateTimeout,
         }).filter(([, v]) => v !== undefined),
       );
       const merged = { ...fromFile, ...flags };
@@ -178,6 +256,11 @@ Example (what install.sh runs under systemd):
         throw new CliError(`${issue.path.join('.') || 'configuration'}: ${issue.message}`);
       }
       const c = parsed.data;
+      if (c.autoUpdate && !c.releaseKey)
+        throw new CliError(
+          '--auto-update needs --release-key (the ed25519: key printed by meshgate release keygen)',
+        );
+      const releaseKey = c.autoUpdate ? readReleaseKey(c.releaseKey!) : '';
       preflight(c.backend);
       // A key readable by others is refused at once, not found out at the next registration.
       if (c.authKeyFile && existsSync(c.authKeyFile)) readAuthKeyFile(c.authKeyFile);
@@ -207,16 +290,38 @@ Example (what install.sh runs under systemd):
         socket: c.socket,
         log,
         nodeKeyLifetimeMs: c.nodeKeyLifetime,
+        autoUpdate: c.autoUpdate
+          ? {
+              prefix: c.installPrefix,
+              releaseKey,
+              releasesUrl: c.releasesUrl ?? defaultReleasesUrl(c.coordinator),
+              timeoutMs: c.updateTimeout,
+            }
+          : undefined,
       });
       const stop = () => void agent.stop();
       process.once('SIGTERM', stop);
       process.once('SIGINT', stop);
+      // From the update watchdog: restart (into the release it switched back to), keeping the mesh.
+      process.once('SIGUSR2', () => void agent.restartForUpdate());
       try {
         await agent.start();
       } catch (err) {
         await agent.stop();
         throw err;
       }
-      await agent.wait();
+      // systemd (Restart=always) starts /usr/local/bin/meshgate again: the release `current` names.
+      if ((await agent.wait()) === 'restart') process.exit(RESTART_EXIT_CODE);
+    });
+
+  program
+    .command('update-watchdog', { hidden: true })
+    .description('rolls a self-update back when the new release does not reach the coordinator in time')
+    .requiredOption('--state-dir <dir>', 'the agent state dir')
+    .requiredOption('--install-prefix <dir>', 'PREFIX of PREFIX/current')
+    .requiredOption('--to <version>', 'the release being started')
+    .action(async (o: { stateDir: string; installPrefix: string; to: string }) => {
+      const outcome = await watchUpdate({ stateDir: o.stateDir, prefix: o.installPrefix, to: o.to });
+      process.stderr.write(`${new Date().toISOString()} update to ${o.to}: ${outcome}\n`);
     });
 }
