@@ -315,6 +315,7 @@ class WireGuardGo implements WgInterface {
     }
     // wireguard-go removes its socket on a clean exit only.
     await rm(`${WIREGUARD_GO_SOCKET_DIR}/${this.name}.sock`, { force: true });
+    await rm(this.logFile, { force: true });
   }
 
   release(): Promise<void> {

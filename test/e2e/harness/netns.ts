@@ -208,7 +208,10 @@ export class Topology {
   }
 
   private removeSockets(): void {
-    for (const name of this.wgNames) rmSync(`${WIREGUARD_GO_SOCKET_DIR}/${name}.sock`, { force: true });
+    for (const name of this.wgNames) {
+      rmSync(`${WIREGUARD_GO_SOCKET_DIR}/${name}.sock`, { force: true });
+      rmSync(`${WIREGUARD_GO_SOCKET_DIR}/${name}.log`, { force: true });
+    }
   }
 }
 
