@@ -12,7 +12,10 @@ describe('install.sh', () => {
     // install.sh carries the unit inside itself so that it works piped into sh.
     const m = /<<UNIT\n([\s\S]*?)\nUNIT\n/.exec(script);
     assert.ok(m, 'install.sh has a UNIT here-document');
-    const unit = m[1]!.replace('$bin_dir', '/usr/local/bin').replace('$config', '/etc/meshgate/agent.yaml');
+    const unit = m[1]!
+      .replace('$bin_dir', '/usr/local/bin')
+      .replace('$config', '/etc/meshgate/agent.yaml')
+      .replace('$opt_dir', '/opt/meshgate');
     assert.equal(`${unit}\n`, readFileSync(join(deploy, 'meshgate-agent.service'), 'utf8'));
   });
 
