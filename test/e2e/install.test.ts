@@ -18,29 +18,15 @@ import {
   statSync,
   writeFileSync,
 } from 'node:fs';
-import { basename, join } from 'node:path';
+import { join } from 'node:path';
 import { after, before, describe } from 'node:test';
 import { parseSecret } from '../../coordinator/state/secrets.js';
 import { TOOLS } from './harness/datacenter.js';
 import { BIN, buildOnce, labSteps, MeshLab, until } from './harness/mesh.js';
 import { Topology } from './harness/netns.js';
+import { installWithScript, machinePrefix, type Prefix, type ScriptResult } from './harness/provision.js';
 import { star } from './harness/star.js';
 import { suiteSkip } from './harness/tools.js';
-
-interface Prefix {
-  root: string;
-  opt: string;
-  bin: string;
-  etc: string;
-  unit: string;
-  state: string;
-}
-
-interface Result {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
 
 /** A snapshot of every file below dir: type, mode, mtime and content or link target. */
 function snapshot(dir: string): Record<string, string> {
@@ -68,75 +54,27 @@ describe('install.sh from the coordinator', { skip: suiteSkip([...TOOLS, 'curl',
   let iface = '';
   const releases = () => join(lab.dir, 'releases');
 
-  /** A machine's filesystem locations, under the lab dir instead of / (install.sh's overrides). */
-  const prefix = (name: string): Prefix => {
-    const root = join(lab.dir, name);
-    return {
-      root,
-      opt: join(root, 'opt', 'meshgate'),
-      bin: join(root, 'usr', 'local', 'bin'),
-      etc: join(root, 'etc', 'meshgate'),
-      unit: join(root, 'etc', 'systemd', 'system'),
-      state: join(root, 'var', 'lib', 'meshgate-agent'),
-    };
-  };
+  const prefix = (name: string): Prefix => machinePrefix(lab, name);
 
-  /**
-   * Runs the operator's one line in `host`: curl fetches install.sh from the
-   * coordinator (pinned) and pipes it into sh. The auth key is in sh's
-   * environment only. A curl wrapper first on PATH records what every curl
-   * started by install.sh saw: its arguments and environment.
-   */
+  /** The operator's one line in `host` (see harness/provision.ts). */
   const install = (
     host: string,
     p: Prefix,
     args: string[],
     authKey?: string,
     coordinatorFlag = true,
-  ): Promise<Result> => {
-    const fake = join(lab.dir, `fakebin-${basename(p.root)}`);
-    const keyFile = join(lab.dir, `operator-key-${host}`);
-    if (authKey) writeFileSync(keyFile, authKey, { mode: 0o600 });
-    mkdirSync(fake, { recursive: true });
-    writeFileSync(
-      join(fake, 'curl'),
-      `#!/bin/sh\n{ printf 'argv: %s\\n' "$*"; env; } >>${join(fake, 'curl.log')}\nexec /usr/bin/curl "$@"\n`,
-      { mode: 0o755 },
-    );
-    const line = [
-      `/usr/bin/curl -fsSL -k --pinnedpubkey '${pin}' https://${addr.coord}:7480/install.sh |`,
-      authKey ? `MESHGATE_AUTH_KEY="$(cat ${keyFile})"` : '',
-      `sh -s -- ${coordinatorFlag ? `--coordinator ${lab.coordinator!.url}` : ''}`,
-      `--fingerprint ${lab.coordinator!.fingerprint}`,
-      `--interface ${iface} --state-dir ${p.state} --no-start ${args.join(' ')}`,
-    ].join(' ');
-    return new Promise((resolve) => {
-      const child = spawn('ip', ['netns', 'exec', lab.topo.ns(host), 'sh', '-c', line], {
-        env: {
-          PATH: `${fake}:/usr/sbin:/usr/bin:/sbin:/bin`,
-          MESHGATE_OPT_DIR: p.opt,
-          MESHGATE_BIN_DIR: p.bin,
-          MESHGATE_ETC_DIR: p.etc,
-          MESHGATE_UNIT_DIR: p.unit,
-          MESHGATE_METAL_INSTALL: join(p.root, 'etc', 'metal', 'install.yaml'),
-        },
-        stdio: ['ignore', 'pipe', 'pipe'],
-      });
-      let stdout = '';
-      let stderr = '';
-      child.stdout.on('data', (d) => {
-        stdout += d;
-      });
-      child.stderr.on('data', (d) => {
-        stderr += d;
-      });
-      const timer = setTimeout(() => child.kill('SIGKILL'), 120_000);
-      child.on('exit', (code) => {
-        clearTimeout(timer);
-        resolve({ code: code ?? 1, stdout, stderr });
-      });
+  ): Promise<ScriptResult> =>
+    installWithScript({
+      lab,
+      host,
+      prefix: p,
+      coordAddress: addr.coord!,
+      pin,
+      iface,
+      args,
+      authKey,
+      coordinatorFlag,
     });
-  };
 
   before(async () => {
     buildOnce();

@@ -7,7 +7,9 @@ import { request } from 'node:https';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
+import { create } from '@bufbuild/protobuf';
 import type * as grpc from '@grpc/grpc-js';
+import { SyncRequestSchema, UpdateState } from '../../proto/gen/meshgate/v1/control_pb.js';
 import {
   artifactFile,
   generateSigningKey,
@@ -253,6 +255,76 @@ describe('desired versions and served releases', () => {
     );
     await t.admin.call('setDesiredVersion', { project: 'p4', tag: '', version: '' });
     await early.waitFor(() => early.netmap?.desiredRelease === undefined, 5000, 'desired release removed');
+  });
+
+  it('rolls a version out one node at a time; a reported failure halts it until the version is set again', async () => {
+    const key = await authKey(t, 'p5', { reusable: true });
+    const [a, b, c] = ['a', 'b', 'c'].map(() => new SimAgent(t.url, t.fingerprint));
+    agents.push(a!, b!, c!);
+    for (const [agent, name] of [
+      [a!, 'a'],
+      [b!, 'b'],
+      [c!, 'c'],
+    ] as const) {
+      await agent.register(key, name);
+      await agent.connect();
+    }
+    const states = async () =>
+      Object.fromEntries(
+        (await t.admin.call('listDesiredVersions', { project: 'p5' })).nodes.map((n) => [
+          n.name,
+          `${n.running} ${n.desired} ${n.state}${n.reason ? `: ${n.reason}` : ''}`,
+        ]),
+      );
+    await t.admin.call('setDesiredVersion', { project: 'p5', tag: '', version: '0.2.0' });
+    await a!.waitFor(() => a!.netmap?.desiredRelease?.version === '0.2.0', 5000, 'a told first');
+    assert.deepEqual(await states(), {
+      a: '0.1.0 0.2.0 updating',
+      b: '0.1.0 0.2.0 waiting: 1 node(s) updating, at most 1 at once',
+      c: '0.1.0 0.2.0 waiting: 1 node(s) updating, at most 1 at once',
+    });
+    assert.equal(b!.netmap!.desiredRelease, undefined, 'b is not told yet');
+
+    const report = (agent: SimAgent, state: UpdateState, reason: string, version = '0.2.0') =>
+      agent.stream!.write(
+        create(SyncRequestSchema, { message: { case: 'update', value: { version, state, reason } } }),
+      );
+    // Refused: no reason, not semver, no state. Nothing changes.
+    report(a!, UpdateState.FAILED, '');
+    report(a!, UpdateState.FAILED, 'x', 'banana');
+    report(a!, UpdateState.UNSPECIFIED, '');
+    report(a!, UpdateState.FAILED, 'release 0.2.0: the manifest signature does not match the release key');
+    await a!.waitFor(() => a!.netmap?.desiredRelease === undefined, 5000, 'a no longer told');
+    for (const refused of [
+      'a failed update needs a reason',
+      'update.version must be a semantic version',
+      'update.state must be UPDATING or FAILED',
+    ])
+      assert.ok(
+        t.logs.some((l) => l.includes(refused)),
+        `refused: ${refused}`,
+      );
+    assert.deepEqual(await states(), {
+      a: '0.1.0 0.2.0 failed: release 0.2.0: the manifest signature does not match the release key',
+      b: '0.1.0 0.2.0 waiting: rollout halted: the update of a failed',
+      c: '0.1.0 0.2.0 waiting: rollout halted: the update of a failed',
+    });
+
+    // Set again: a tries again; once it is back on 0.2.0, b goes.
+    await t.admin.call('setDesiredVersion', { project: 'p5', tag: '', version: '0.2.0' });
+    await a!.waitFor(() => a!.netmap?.desiredRelease?.version === '0.2.0', 5000, 'a told again');
+    a!.stream!.cancel();
+    await a!.waitFor(() => a!.ended !== null, 5000, 'the old stream to end');
+    a!.version = '0.2.0';
+    a!.netmap = null;
+    a!.seq = 0n;
+    await a!.connect();
+    await b!.waitFor(() => b!.netmap?.desiredRelease?.version === '0.2.0', 5000, 'b told next');
+    assert.deepEqual(await states(), {
+      a: '0.2.0 0.2.0 current',
+      b: '0.1.0 0.2.0 updating',
+      c: '0.1.0 0.2.0 waiting: 1 node(s) updating, at most 1 at once',
+    });
   });
 
   it("serves nothing but a release's own two files", async () => {
