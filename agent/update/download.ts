@@ -39,6 +39,8 @@ export function download(url: string, opts: DownloadOptions): Promise<Buffer> {
     timeout: opts.timeoutMs ?? 60_000,
     // With a pin the key is checked below, before a byte of the body is used.
     rejectUnauthorized: !pin,
+    // No shared agent: a resumed TLS session shows no certificate to check the pin against.
+    agent: false,
   };
   return new Promise((resolve, reject) => {
     const req = httpsGet(parsed, options, (res) => {

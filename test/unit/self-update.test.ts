@@ -5,11 +5,14 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readFileSync, readlinkSync, rmSync, symlinkSync } from 'node:fs';
+import { createServer } from 'node:https';
+import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, beforeEach, describe, it } from 'node:test';
 import { create } from '@bufbuild/protobuf';
 import pino from 'pino';
+import { download } from '../../agent/update/download.js';
 import {
   currentVersion,
   installed,
@@ -20,6 +23,7 @@ import {
 import { readRecord, writeRecord } from '../../agent/update/record.js';
 import { SelfUpdater } from '../../agent/update/updater.js';
 import { watchUpdate } from '../../agent/update/watchdog.js';
+import { ensureTlsIdentity } from '../../coordinator/tls.js';
 import { DesiredReleaseSchema } from '../../proto/gen/meshgate/v1/types_pb.js';
 import {
   artifactFile,
@@ -257,6 +261,40 @@ describe('update watchdog', () => {
     });
     assert.equal(await watchUpdate({ stateDir, prefix, to: '0.1.2', pollMs: 20 }), 'superseded');
     assert.equal(currentVersion(prefix), '0.1.0');
+  });
+});
+
+describe('release download', () => {
+  it('takes the coordinator by its pinned key, refuses another key, an error status and an oversized body', async () => {
+    mkdirSync(join(root, 'tls'), { mode: 0o700 });
+    const tls = await ensureTlsIdentity(join(root, 'tls'));
+    const body = Buffer.alloc(4096, 7);
+    const server = createServer({ key: tls.key, cert: tls.cert }, (req, res) => {
+      if (req.url === '/releases/0.1.1/meshgate-0.1.1.mjs') res.end(body);
+      else res.writeHead(404).end('no such release\n');
+    });
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    const base = `https://127.0.0.1:${(server.address() as AddressInfo).port}`;
+    const url = `${base}/releases/0.1.1/meshgate-0.1.1.mjs`;
+    try {
+      assert.deepEqual(await download(url, { fingerprint: tls.fingerprint, maxBytes: 1 << 20 }), body);
+      await assert.rejects(
+        download(url, { fingerprint: `sha256:${'0'.repeat(64)}`, maxBytes: 1 << 20 }),
+        /127\.0\.0\.1:\d+ does not hold the pinned key sha256:0{64}/,
+      );
+      await assert.rejects(download(url, { maxBytes: 1 << 20 }), /self-signed certificate/);
+      await assert.rejects(
+        download(`${base}/releases/9.9.9/x`, { fingerprint: tls.fingerprint, maxBytes: 1 << 20 }),
+        /HTTP 404/,
+      );
+      await assert.rejects(
+        download(url, { fingerprint: tls.fingerprint, maxBytes: 1000 }),
+        /larger than 1000 bytes/,
+      );
+      await assert.rejects(download(url.replace('https', 'http'), { maxBytes: 1000 }), /is not https/);
+    } finally {
+      server.close();
+    }
   });
 });
 
