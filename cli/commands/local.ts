@@ -64,13 +64,15 @@ function statusText(s: AgentStatus, wide: boolean): string {
   const drift = drifts(s.version, s.desiredVersion, s.desiredRelease?.allowDowngrade ?? false)
     ? ` (desired ${s.desiredVersion})`
     : '';
+  const failed = s.selfUpdate?.failed;
+  const update = failed ? `; update to ${failed.version} failed: ${failed.reason}` : '';
   const lines = [
     `state        ${s.state.message}`,
     `node         ${s.self.name || '(not registered)'} ${s.self.ipAddresses.join(' ')}`,
     `project      ${s.self.project}`,
     `coordinator  ${s.coordinator.url}: ${s.coordinator.state}${s.coordinator.error ? ` (${s.coordinator.error})` : ''}`,
     `interface    ${interfaceText(s)}`,
-    `version      ${s.version}${drift}`,
+    `version      ${s.version}${drift}${update}`,
     `lockdown     ${lockdownText(s)}`,
     `dns          ${s.dns.address ? `${s.dns.domain} on ${s.dns.address}:53${s.dns.resolved ? ' (systemd-resolved)' : ''}` : 'off'}`,
     '',
