@@ -254,6 +254,13 @@ process.stdout.write(`${m.file} ${m.sha256}\n`);
 current_version=
 [ -L "$opt_dir/current" ] && current_version=$(basename "$(readlink "$opt_dir/current")")
 keep_newer=no
+# An agent with autoUpdate moves to new releases itself, under the
+# coordinator's rollout control (--max-unavailable, halts): a boot does not
+# jump ahead of it.
+if [ -z "$version" ] && [ -n "$current_version" ] && [ -f "$opt_dir/$current_version/meshgate.mjs" ] &&
+  [ -f "$config" ] && grep -Eq '^autoUpdate:[[:space:]]*true' "$config"; then
+  version=$current_version
+fi
 if [ -z "$version" ] && [ -s "$key_file" ] &&
   fetch /releases/desired "$work/desired.json" -H 'content-type: text/plain' --data-binary "@$key_file" 2>/dev/null; then
   # The version set for this key's project (and tags) with "meshgate versions set".

@@ -31,6 +31,7 @@ describe('agent self-update and rollout control', { skip: suiteSkip([...TOOLS, '
   let addr: Record<string, string>;
   let admin: AdminClient;
   let releaseKey = '';
+  let pin = '';
   const releases = () => join(lab.dir, 'releases');
   const signingKey = () => join(lab.dir, 'signing.key');
 
@@ -119,7 +120,7 @@ describe('agent self-update and rollout control', { skip: suiteSkip([...TOOLS, '
   const { step, printLogsIfFailed } = labSteps(() => lab);
 
   step('three machines installed by install.sh join at 0.1.0 with --auto-update', async () => {
-    const pin = execFileSync(
+    pin = execFileSync(
       process.execPath,
       [BIN, 'coordinator', 'fingerprint', '--curl', '--data-dir', lab.dataDir],
       { encoding: 'utf8' },
@@ -283,6 +284,20 @@ describe('agent self-update and rollout control', { skip: suiteSkip([...TOOLS, '
     assert.match(agentLog('m1'), /this release cannot start/);
     assert.equal(current('m1'), '0.1.1');
     for (const n of nodes.filter((x) => x !== failed)) assert.equal(n.state, 'waiting');
+    // A boot of a waiting machine runs install.sh again: it leaves the release to the agent.
+    const m2 = machinePrefix(lab, 'm2');
+    const again = await installWithScript({
+      lab,
+      host: 'm2',
+      prefix: m2,
+      coordAddress: addr.coord!,
+      pin,
+      iface: lab.agents.get('m2')!.iface,
+      args: ['--release-key', releaseKey, '--auto-update'],
+    });
+    assert.equal(again.code, 0, again.stderr);
+    assert.match(again.stderr, /meshgate 0\.1\.1 is installed and configured; nothing changed/);
+    assert.equal(current('m2'), '0.1.1');
     // The mesh is whole again: m1 reaches m2.
     const ipM2 = await lab.meshIp('m2');
     await until('ssh m1 -> m2 after the rollback', async () => (await lab.ssh('m1', ipM2)) === 0, 20_000);
