@@ -21,6 +21,8 @@ const RecordSchema = z.object({
   deadline: z.number(),
   /** How long the new release had, for messages. */
   timeoutMs: z.number().int().positive(),
+  /** When the coordinator's entry for `to` was set: a failed version is tried again only when set anew. */
+  setAt: z.number().default(0),
   /** The agent that runs `to`, once it started. */
   pid: z.number().int().positive().optional(),
 });

@@ -11,6 +11,7 @@
 import { spawn } from 'node:child_process';
 import { closeSync, openSync } from 'node:fs';
 import { join } from 'node:path';
+import { timestampMs } from '@bufbuild/protobuf/wkt';
 import type { Logger } from 'pino';
 import type { DesiredRelease } from '../../proto/gen/meshgate/v1/types_pb.js';
 import { MANIFEST_FILE, ReleaseError } from '../../release/manifest.js';
@@ -45,6 +46,8 @@ export interface UpdaterOptions {
   fetch?: (url: string, pinned: boolean) => Promise<Buffer>;
 }
 
+const setAtOf = (r: DesiredRelease) => (r.setAt ? timestampMs(r.setAt) : 0);
+
 export class SelfUpdater {
   private busy = false;
 
@@ -71,14 +74,19 @@ export class SelfUpdater {
     return r?.phase === 'failed' ? { version: r.to, reason: r.reason } : null;
   }
 
-  /** The desired release from the netmap. */
+  /**
+   * The desired release from the netmap. A failed one is remembered (and reported) until the
+   * coordinator names another release, or sets the same one again (a newer setAt).
+   */
   consider(release: DesiredRelease | undefined): void {
-    const r = readRecord(this.o.stateDir);
-    // The coordinator no longer names the failed release (it halted the rollout, or moved on).
-    if (r?.phase === 'failed' && r.to !== release?.version) clearRecord(this.o.stateDir);
+    let r = readRecord(this.o.stateDir);
+    if (r?.phase === 'failed' && release && (release.version !== r.to || setAtOf(release) > r.setAt)) {
+      clearRecord(this.o.stateDir);
+      r = null;
+    }
     if (!release || this.busy) return;
     if (!drifts(this.o.version, release.version, release.allowDowngrade)) return;
-    if (r?.phase === 'failed' && r.to === release.version) return;
+    if (r?.phase === 'failed') return;
     this.busy = true;
     void this.update(release)
       .catch((err: Error) => this.o.log.error({ err: err.message }, 'self-update'))
@@ -109,6 +117,7 @@ export class SelfUpdater {
         reason,
         deadline: 0,
         timeoutMs: o.timeoutMs,
+        setAt: setAtOf(release),
       });
       o.log.warn({ to, reason }, `refused meshgate ${to}; keeping ${o.version}`);
       o.report(to, 'failed', reason);
@@ -121,6 +130,7 @@ export class SelfUpdater {
       reason: '',
       deadline: Date.now() + o.timeoutMs,
       timeoutMs: o.timeoutMs,
+      setAt: setAtOf(release),
     });
     switchCurrent(o.prefix, to);
     (o.spawnWatchdog ?? ((v) => this.spawnWatchdog(v)))(to);

@@ -37,6 +37,7 @@ export function desiredReleaseMessage(v: DesiredVersionRecord | undefined): Desi
     sha256: v.sha256,
     manifest: v.manifest,
     allowDowngrade: v.allowDowngrade,
+    setAt: timestampFromMs(v.updatedAt),
   });
 }
 

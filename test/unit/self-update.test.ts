@@ -11,6 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, beforeEach, describe, it } from 'node:test';
 import { create } from '@bufbuild/protobuf';
+import { timestampFromMs } from '@bufbuild/protobuf/wkt';
 import pino from 'pino';
 import { download } from '../../agent/update/download.js';
 import {
@@ -114,7 +115,7 @@ describe('self-update steps', () => {
     assert.equal(currentVersion(prefix), '0.1.0');
   });
 
-  it('installs a good release, starts the watchdog and restarts; refuses a tampered one once', async () => {
+  it('installs a good release, starts the watchdog and restarts; refuses a tampered one until it is set again', async () => {
     const good = release('0.1.1');
     const bad = release('0.1.2');
     const served: Record<string, Buffer> = {
@@ -146,8 +147,9 @@ describe('self-update steps', () => {
         return b;
       },
     });
-    const desired = (r: typeof good) =>
+    const desired = (r: typeof good, setAtMs = 1000) =>
       create(DesiredReleaseSchema, {
+        setAt: timestampFromMs(setAtMs),
         version: r.manifest.version,
         artifactUrl: `/releases/${r.manifest.version}/${r.manifest.file}`,
         sha256: r.manifest.sha256,
@@ -169,6 +171,12 @@ describe('self-update steps', () => {
     const before = fetched;
     updater.consider(desired(bad));
     assert.equal(fetched, before, 'not tried again while the coordinator names it');
+    updater.consider(undefined);
+    assert.equal(updater.failure()?.version, '0.1.2', 'kept (and reported) while the rollout is halted');
+    updater.consider(desired(bad, 2000));
+    await waitFor(() => reports.length === 4);
+    assert.ok(fetched > before, 'set again (a newer setAt): tried again');
+    assert.match(reports[3]!, /^0\.1\.2 failed /);
 
     updater.consider(desired(good));
     await waitFor(() => restarted === 1);
@@ -215,6 +223,7 @@ describe('update watchdog', () => {
       to: '0.1.2',
       phase: 'restarting',
       reason: '',
+      setAt: 0,
       deadline: Date.now() + 200,
       timeoutMs: 1000,
     });
@@ -237,6 +246,7 @@ describe('update watchdog', () => {
       to: '0.1.2',
       phase: 'restarting',
       reason: '',
+      setAt: 0,
       deadline: Date.now(),
       timeoutMs: 120_000,
       pid: child.pid!,
@@ -256,6 +266,7 @@ describe('update watchdog', () => {
       to: '0.1.3',
       phase: 'restarting',
       reason: '',
+      setAt: 0,
       deadline: Date.now(),
       timeoutMs: 1000,
     });
