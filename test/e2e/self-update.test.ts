@@ -261,6 +261,13 @@ describe('agent self-update and rollout control', { skip: suiteSkip([...TOOLS, '
       nodes.every((n) => n.running === '0.1.1' && n.online),
       'every agent keeps running 0.1.1',
     );
+    const status = await lab.status('m1');
+    assert.equal(
+      status.selfUpdate.failed?.version,
+      '0.1.2',
+      'meshgate status says which release was refused',
+    );
+    assert.match(status.selfUpdate.failed!.reason, /signature does not match/);
     const table = lab.admin(['versions', 'list', '--project', 'upd']);
     assert.match(table, /m1\s+0\.1\.1\s+0\.1\.2\s+failed: release 0\.1\.2: the manifest signature/);
     assert.match(table, /the rollout in project upd is halted by a failed update/);
@@ -284,6 +291,8 @@ describe('agent self-update and rollout control', { skip: suiteSkip([...TOOLS, '
     assert.match(agentLog('m1'), /this release cannot start/);
     assert.equal(current('m1'), '0.1.1');
     for (const n of nodes.filter((x) => x !== failed)) assert.equal(n.state, 'waiting');
+    await until('the rolled-back agent to answer', async () => (await lab.status('m1')).selfUpdate.failed);
+    assert.equal((await lab.status('m1')).selfUpdate.failed?.reason, failed.reason);
     // A boot of a waiting machine runs install.sh again: it leaves the release to the agent.
     const m2 = machinePrefix(lab, 'm2');
     const again = await installWithScript({
