@@ -7,11 +7,18 @@ import { hostname as osHostname } from 'node:os';
 import { Duplex } from 'node:stream';
 import { ControlClient } from '../agent/control/client.js';
 import { formatEndpoint, localAddresses } from '../agent/control/endpoints.js';
+import { type Identity, StateDir } from '../agent/control/identity.js';
 import { ControlSession } from '../agent/control/session.js';
 import { RelayConnection } from '../agent/relay/connection.js';
 import { explainUnavailable } from '../proto/dial.js';
 import type { NetMap, Node } from '../proto/gen/meshgate/v1/types_pb.js';
-import { decodeWgKey, encodeWgKey, generateMachineKey, generateNodeKey } from '../proto/keys.js';
+import {
+  decodeWgKey,
+  encodeWgKey,
+  generateMachineKey,
+  generateNodeKey,
+  nodePublicKey,
+} from '../proto/keys.js';
 import { VERSION } from '../release/version.js';
 import { TcpConnection } from './tcpip/connection.js';
 import { buildEcho, parseEcho } from './tcpip/icmp.js';
@@ -29,14 +36,35 @@ const RELAY = 'relay:';
 
 export class MeshError extends Error {
   override name = 'MeshError';
+  /**
+   * Like a socket error's code where one fits: ENOTFOUND (no such node, or an
+   * ambiguous prefix), ETIMEDOUT, ENETUNREACH, ECONNREFUSED, ECONNRESET.
+   */
+  code?: string;
+
+  constructor(message: string, code?: string) {
+    super(message);
+    if (code) this.code = code;
+  }
 }
 
 export interface JoinOptions {
   coordinator: string;
   fingerprint?: string;
-  authKey: string;
+  /**
+   * The auth key, or a function that reads it: with a state dir that holds a
+   * registered identity it is only called if the coordinator wants a key again.
+   */
+  authKey: string | (() => string);
   /** Name asked for at registration; the coordinator may add a suffix. */
   hostname?: string;
+  /**
+   * Keeps the node's identity (machine key, node key, node.json) in this
+   * directory (0700, files 0600): the node is then not ephemeral, rejoins as
+   * the same node and does not log out on close(). Without it the node has
+   * fresh keys and logs out on close().
+   */
+  stateDir?: string;
   /** Called with one line per notable event. */
   log?: (line: string) => void;
 }
@@ -69,9 +97,9 @@ export async function joinMesh(o: JoinOptions): Promise<Mesh> {
 }
 
 export class Mesh {
-  private readonly machine = generateMachineKey();
-  private readonly nodeKey = generateNodeKey();
-  private readonly device = new Device({ privateKey: this.nodeKey.secretKey });
+  private readonly state: StateDir | null;
+  private readonly identity: Identity;
+  private readonly device: Device;
   private readonly client: ControlClient;
   private readonly session: ControlSession;
   private readonly relay: RelayConnection;
@@ -79,6 +107,8 @@ export class Mesh {
   private self: Node | null = null;
   private readonly own: Uint8Array[] = [];
   private relayEnabled = false;
+  /** The mesh's DNS domain ("<project>.mesh"): "fw1.<domain>" names fw1. */
+  private domain = '';
   private readonly entries = new Map<string, PeerEntry>();
   private readonly byKey = new Map<string, PeerEntry>();
   private readonly connections = new Map<string, TcpConnection>();
@@ -90,10 +120,13 @@ export class Mesh {
   private closed = false;
 
   constructor(private readonly o: JoinOptions) {
+    this.state = o.stateDir ? new StateDir(o.stateDir) : null;
+    this.identity = this.state?.load() ?? freshIdentity();
+    this.device = new Device({ privateKey: this.identity.nodeSecret });
     this.client = new ControlClient({
       url: o.coordinator,
       fingerprint: o.fingerprint,
-      machineSecretKey: this.machine.secretKey,
+      machineSecretKey: this.identity.machine.secretKey,
     });
     this.relay = new RelayConnection(this.client);
     this.relay.on('datagram', (peerId, payload) => {
@@ -107,9 +140,9 @@ export class Mesh {
     this.session = new ControlSession(
       this.client,
       {
-        authKey: () => o.authKey,
-        nodePublic: this.nodeKey.publicKey,
-        machinePublic: this.machine.publicKey,
+        authKey: typeof o.authKey === 'function' ? o.authKey : () => o.authKey as string,
+        nodePublic: this.identity.nodePublic,
+        machinePublic: this.identity.machine.publicKey,
         hostname: o.hostname ?? osHostname(),
         os: process.platform,
         version: VERSION,
@@ -118,7 +151,7 @@ export class Mesh {
         lockdownPorts: [],
         endpoints: () => this.localEndpoints(),
       },
-      false,
+      this.identity.node !== null,
     );
   }
 
@@ -146,6 +179,12 @@ export class Mesh {
     this.session.on('registered', (node) => {
       this.self = node;
       this.client.nodeId = node.id;
+      this.state?.saveNode({
+        id: node.id,
+        name: node.name,
+        project: node.project,
+        ipAddresses: [...node.ipAddresses],
+      });
     });
     this.session.on('netmap', (map) => this.onNetMap(map));
     await this.session.start();
@@ -162,15 +201,22 @@ export class Mesh {
   }
 
   /**
-   * The peer that `target` names: an exact node name, else a unique name
-   * prefix, else a mesh address.
+   * The peer that `name` names: an exact node name, else a mesh address, else
+   * a unique name prefix; a name may end in the mesh's DNS domain.
    */
-  resolve(target: string): MeshPeer {
+  resolve(name: string): MeshPeer {
+    const target =
+      this.domain && name.toLowerCase().endsWith(`.${this.domain.toLowerCase()}`)
+        ? name.slice(0, -this.domain.length - 1)
+        : name;
     const all = this.peers();
     const exact = all.find((p) => p.name === target);
     if (exact) return exact;
-    const byAddress = all.find((p) => p.ipAddresses.includes(target));
-    if (byAddress) return byAddress;
+    const address = parseAddress(target);
+    const byAddress =
+      address &&
+      [...this.entries.values()].find((e) => e.addresses.some((a) => Buffer.from(a).equals(address)));
+    if (byAddress) return byAddress.info;
     const prefixed = all.filter((p) => p.name.startsWith(target));
     if (prefixed.length === 1) return prefixed[0]!;
     if (prefixed.length > 1)
@@ -179,6 +225,7 @@ export class Mesh {
           .map((p) => p.name)
           .sort()
           .join(', ')}`,
+        'ENOTFOUND',
       );
     throw new MeshError(
       `no node "${target}" in this mesh (peers: ${
@@ -187,11 +234,15 @@ export class Mesh {
           .sort()
           .join(', ') || 'none'
       })`,
+      'ENOTFOUND',
     );
   }
 
   /** A TCP connection to `port` on `target` over the mesh. */
-  dial(target: string, port: number, timeoutMs = DIAL_TIMEOUT_MS): Promise<Duplex> {
+  async dial(target: string, port: number, timeoutMs = DIAL_TIMEOUT_MS): Promise<Duplex> {
+    if (!Number.isInteger(port) || port < 1 || port > 65535)
+      throw new MeshError(`${port} is not a TCP port (1-65535)`);
+    if (this.closed) throw new MeshError('this node has left the mesh');
     const peer = this.entries.get(this.resolve(target).id)!;
     const [remote, local] = this.route(peer);
     let localPort: number;
@@ -220,6 +271,7 @@ export class Mesh {
         reject(
           new MeshError(
             `${peer.info.name}:${port} did not answer over the mesh within ${timeoutMs / 1000} s`,
+            'ETIMEDOUT',
           ),
         );
       }, timeoutMs);
@@ -235,36 +287,48 @@ export class Mesh {
   }
 
   /** Round trip of one ICMP echo to `target` in ms. */
-  ping(target: string, timeoutMs = 5_000): Promise<number> {
+  async ping(target: string, timeoutMs = 5_000, seq = 1): Promise<number> {
+    if (this.closed) throw new MeshError('this node has left the mesh');
     const peer = this.entries.get(this.resolve(target).id)!;
     const [remote, local] = this.route(peer);
-    const id = randomInt(1, 65536);
+    let id: number;
+    do id = randomInt(1, 65536);
+    while (this.pings.has(id));
     const started = performance.now();
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.pings.delete(id);
-        reject(new MeshError(`no answer from ${peer.info.name} within ${timeoutMs / 1000} s`));
+        reject(new MeshError(`no answer from ${peer.info.name} within ${timeoutMs / 1000} s`, 'ETIMEDOUT'));
       }, timeoutMs);
       this.pings.set(id, () => {
+        this.pings.delete(id);
         clearTimeout(timer);
         resolve(performance.now() - started);
       });
       this.handle(
         this.device.send(
           peer.wg,
-          buildEcho(local, remote, { reply: false, id, seq: 1, data: new Uint8Array(16) }),
+          buildEcho(local, remote, { reply: false, id, seq, data: new Uint8Array(16) }),
           Date.now(),
         ),
       );
     });
   }
 
-  /** Leaves the mesh: connections are reset and the coordinator forgets an ephemeral node at once. */
+  /** Whether close() keeps the node registered (a node with a state dir). */
+  get persistent(): boolean {
+    return this.state !== null;
+  }
+
+  /**
+   * Leaves the mesh: connections are reset; a node without a state dir logs
+   * out, so the coordinator forgets it at once.
+   */
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
     for (const conn of this.connections.values()) conn.abort();
-    if (this.self) await this.session.logout().catch(() => {});
+    if (this.self && !this.state) await this.session.logout().catch(() => {});
     this.session.stop();
     this.relay.stop();
     if (this.timer) clearTimeout(this.timer);
@@ -292,11 +356,12 @@ export class Mesh {
       const local = this.own.find((a) => a.length === remote.length);
       if (local) return [remote, local];
     }
-    throw new MeshError(`${peer.info.name} has no mesh address this node can reach`);
+    throw new MeshError(`${peer.info.name} has no mesh address this node can reach`, 'ENETUNREACH');
   }
 
   private onNetMap(map: NetMap): void {
     this.relayEnabled = map.relay?.enabled === true;
+    this.domain = map.domain.replace(/\.$/, '');
     if (this.relayEnabled) this.relay.start();
     if (map.self) {
       this.self = map.self;
@@ -478,7 +543,7 @@ export class MeshSocket extends Duplex {
         this.push(null);
         break;
       case 'error':
-        this.destroy(Object.assign(new MeshError(e.message), { code: e.code }));
+        this.destroy(new MeshError(e.message, e.code));
         break;
       case 'closed':
         if (!this.destroyed && this.readableEnded) this.destroy();
@@ -524,6 +589,12 @@ export class MeshSocket extends Duplex {
     }
     cb(err);
   }
+}
+
+function freshIdentity(): Identity {
+  const machine = generateMachineKey();
+  const nodeSecret = generateNodeKey().secretKey;
+  return { machine, nodeSecret, nodePublic: nodePublicKey(nodeSecret), node: null };
 }
 
 function connKey(remote: Uint8Array, remotePort: number, localPort: number): string {
