@@ -1,7 +1,9 @@
 // The operator side without root: on `op` there is no agent and the commands
-// run as `nobody`. `meshgate ssh` and `meshgate connect` join the mesh inside
-// their own process, reach a locked-down firewall over the mesh (directly, and
-// through the relay when UDP is blocked), and leave no node behind.
+// run as `nobody`. `meshgate ssh`, `connect`, `proxy` and `ping` join the mesh
+// inside their own process, reach a locked-down firewall over the mesh
+// (directly, and through the relay when UDP is blocked), and leave no node
+// behind unless given a --state-dir; a program does the same through the
+// `meshgate/userspace` package export.
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import {
