@@ -33,6 +33,7 @@ const DIAL_TIMEOUT_MS = 15_000;
 /** A stream's writes wait while this much is queued in its connection. */
 const SEND_HIGH_WATER = 1024 * 1024;
 const RELAY = 'relay:';
+const UDP_RECEIVE_BUFFER = 4 * 1024 * 1024;
 
 export class MeshError extends Error {
   override name = 'MeshError';
@@ -115,6 +116,8 @@ export class Mesh {
   /** Each connection's stream and the id of the peer it goes to. */
   private readonly streams = new Map<TcpConnection, { socket: MeshSocket; peerId: string }>();
   private readonly pings = new Map<number, () => void>();
+  /** Connections with received segments whose answers and data wait for the end of the batch. */
+  private readonly received = new Set<TcpConnection>();
   private timer: NodeJS.Timeout | null = null;
   private timerAt = Number.POSITIVE_INFINITY;
   private closed = false;
@@ -163,6 +166,15 @@ export class Mesh {
         resolve();
       });
     });
+    // A bulk sender fills the default buffer (about 200 KB) before this
+    // process reads it; a drop costs a SACK recovery. Linux caps the size at
+    // net.core.rmem_max on its own, other systems refuse too large a one.
+    for (const size of [UDP_RECEIVE_BUFFER, UDP_RECEIVE_BUFFER / 4]) {
+      try {
+        this.socket.setRecvBufferSize(size);
+        break;
+      } catch {}
+    }
     const first = new Promise<void>((resolve, reject) => {
       this.session.once('netmap', () => resolve());
       this.session.on('state', (s, detail) => {
@@ -337,12 +349,30 @@ export class Mesh {
 
   /** Sends what the connection has queued, then hands its events to its stream. */
   flushTcp(conn: TcpConnection): void {
+    this.received.delete(conn);
     const stream = this.streams.get(conn);
     const entry = stream && this.entries.get(stream.peerId);
     const now = Date.now();
     const packets = conn.out.splice(0);
-    if (entry) for (const p of packets) this.handle(this.device.send(entry.wg, p, now));
-    for (const e of conn.events.splice(0)) stream?.socket.event(e);
+    if (entry)
+      for (let i = 0; i < packets.length; i++) {
+        // A pure ACK that a later one in the same batch supersedes is not sent (a stretch ACK).
+        if (i + 1 < packets.length && supersededAck(packets[i]!, packets[i + 1]!)) continue;
+        this.handle(this.device.send(entry.wg, packets[i]!, now));
+      }
+    // Consecutive data goes to the stream as one chunk: one write downstream instead of one per segment.
+    const events = conn.events.splice(0);
+    for (let i = 0; i < events.length; i++) {
+      const e = events[i]!;
+      if (e.kind !== 'data' || events[i + 1]?.kind !== 'data') {
+        stream?.socket.event(e);
+        continue;
+      }
+      const chunks: Uint8Array[] = [];
+      while (events[i]?.kind === 'data') chunks.push((events[i++] as { data: Uint8Array }).data);
+      i--;
+      stream?.socket.event({ kind: 'data', data: Buffer.concat(chunks) });
+    }
     stream?.socket.progress();
     if (conn.state === 'CLOSED') {
       for (const [k, c] of this.connections) if (c === conn) this.connections.delete(k);
@@ -460,7 +490,10 @@ export class Mesh {
     const conn = this.connections.get(connKey(ip.source, seg.sourcePort, seg.destinationPort));
     if (conn) {
       conn.receive(seg, Date.now());
-      this.flushTcp(conn);
+      // Answered once the datagrams that arrived together are all in (the poll
+      // phase reads up to 32 at a time): fewer ACKs, and fewer, larger chunks.
+      if (this.received.size === 0) setImmediate(() => this.flushReceived());
+      this.received.add(conn);
       return;
     }
     if (seg.flags & Flags.RST) return;
@@ -478,6 +511,11 @@ export class Mesh {
       ...rst,
     });
     this.handle(this.device.send(entry.wg, reply, Date.now()));
+  }
+
+  private flushReceived(): void {
+    if (this.closed) return;
+    for (const conn of [...this.received]) this.flushTcp(conn);
   }
 
   private schedule(): void {
@@ -589,6 +627,26 @@ export class MeshSocket extends Duplex {
     }
     cb(err);
   }
+}
+
+/**
+ * Whether `a`, a pure ACK (no data, no other flag), is made redundant by `b`,
+ * the next pure ACK of the same connection: `b` acknowledges more, or carries
+ * SACK blocks, which describe everything held at least as well as `a`'s did.
+ * Equal ACKs without SACK blocks are duplicates that a sender counts, so both
+ * go out.
+ */
+export function supersededAck(a: Uint8Array, b: Uint8Array): boolean {
+  const pureAck = (p: Uint8Array): { ack: number; options: boolean } | null => {
+    const off = p[0]! >> 4 === 4 ? (p[0]! & 0x0f) * 4 : 40;
+    const header = (p[off + 12]! >> 4) * 4;
+    if (p.length !== off + header || p[off + 13] !== Flags.ACK) return null;
+    const ack = ((p[off + 8]! << 24) | (p[off + 9]! << 16) | (p[off + 10]! << 8) | p[off + 11]!) >>> 0;
+    return { ack, options: header > 20 };
+  };
+  const x = pureAck(a);
+  const y = x && pureAck(b);
+  return x !== null && y !== null && (x.ack !== y.ack || y.options);
 }
 
 function freshIdentity(): Identity {
