@@ -12,7 +12,9 @@
 // `meshgate connect` (WireGuard and TCP in one Node process). Both are timed
 // from the first byte to the last, so joining the mesh is not counted.
 // ssh: time from starting `meshgate ssh --userspace fw1 -- echo ready` to
-// "ready" on its stdout: process start, join, handshake, SSH login.
+// "ready" on its stdout: process start, join, handshake, SSH login; and the
+// phases apart: `meshgate --version` (loading the CLI), joinMesh() until the
+// first netmap, and dial('fw1', 22) (WireGuard and TCP handshakes).
 import { spawn } from 'node:child_process';
 import { mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { loadavg, tmpdir } from 'node:os';
@@ -71,6 +73,22 @@ const s = host ? require('node:net').connect(Number(port), host) : process.stdin
 let bytes = 0, first = 0;
 s.on('data', (d) => { if (!bytes) first = performance.now(); bytes += d.length; });
 s.on('end', () => console.log(JSON.stringify({ bytes, ms: performance.now() - first })));
+`;
+
+/** The phases of `meshgate ssh` before ssh itself: joining (register, first netmap) and dialing port 22. */
+const PHASES = `
+import { readFileSync } from 'node:fs';
+const [lib, coordinator, fingerprint, keyFile] = process.argv.slice(2);
+const { joinMesh } = await import(lib);
+let t = performance.now();
+const mesh = await joinMesh({ coordinator, fingerprint, authKey: readFileSync(keyFile, 'utf8').trim(), hostname: 'bench-phases' });
+const joinMs = performance.now() - t;
+t = performance.now();
+const socket = await mesh.dial('fw1', 22);
+const dialMs = performance.now() - t;
+socket.destroy();
+await mesh.close();
+console.log(JSON.stringify({ joinMs, dialMs }));
 `;
 
 interface Transfer {
@@ -156,6 +174,33 @@ async function main(): Promise<Record<string, unknown>> {
     }
 
     if (only.has('ssh')) {
+      const phases = join(lab.dir, 'phases.mjs');
+      writeFileSync(phases, PHASES);
+      const startup: number[] = [];
+      const joined: number[] = [];
+      const dialed: number[] = [];
+      for (let r = 0; r < SSH_RUNS; r++) {
+        let t0 = performance.now();
+        await lab.topo.exec('op', process.execPath, [BIN, '--version']);
+        startup.push(performance.now() - t0);
+        t0 = performance.now();
+        const out = await lab.topo.exec('op', process.execPath, [
+          phases,
+          join(import.meta.dirname, '..', 'dist', 'userspace', 'index.js'),
+          c.url,
+          c.fingerprint,
+          lab.authKey('bench', { ephemeral: true }),
+        ]);
+        const p = JSON.parse(out) as { joinMs: number; dialMs: number };
+        joined.push(p.joinMs);
+        dialed.push(p.dialMs);
+      }
+      results.sshPhases = {
+        runs: SSH_RUNS,
+        cliStartupMs: summarize(startup),
+        joinMs: summarize(joined),
+        dialPort22Ms: summarize(dialed),
+      };
       const options = lab.sshOptions().join(' ');
       const times: number[] = [];
       for (let r = 0; r < SSH_RUNS; r++) {

@@ -9,6 +9,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { createServer, isIP } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import type { Duplex } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import type { Command } from 'commander';
 import { joinMesh, type Mesh } from '../../userspace/node.js';
@@ -87,10 +88,16 @@ export async function sshOverMesh(
   command: string[],
 ): Promise<number> {
   const peer = mesh.resolve(target);
+  // The first connection is dialed at once, so the WireGuard and TCP
+  // handshakes overlap with starting ssh and its ProxyCommand.
+  let early: Promise<Duplex> | null = mesh.dial(peer.name, 22);
+  early.catch(() => {});
   const dir = await mkdtemp(join(tmpdir(), 'meshgate-ssh-'));
   const path = join(dir, 'proxy.sock');
   const server = createServer((local) => {
-    mesh.dial(peer.name, 22).then(
+    const dialed = early ?? mesh.dial(peer.name, 22);
+    early = null;
+    dialed.then(
       (remote) => {
         pipeline(local, remote).catch(() => {});
         pipeline(remote, local).catch(() => {});
@@ -126,6 +133,7 @@ export async function sshOverMesh(
       child.on('exit', (code, signal) => resolve(code ?? (signal ? 128 : 1)));
     });
   } finally {
+    early?.then((s) => s.destroy()).catch(() => {});
     server.close();
     await rm(dir, { recursive: true, force: true });
   }
