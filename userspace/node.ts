@@ -34,6 +34,7 @@ const DIAL_TIMEOUT_MS = 15_000;
 const SEND_HIGH_WATER = 1024 * 1024;
 const RELAY = 'relay:';
 const UDP_RECEIVE_BUFFER = 4 * 1024 * 1024;
+const RELAY_BACKLOG = 64;
 
 export class MeshError extends Error {
   override name = 'MeshError';
@@ -116,6 +117,8 @@ export class Mesh {
   /** Each connection's stream and the id of the peer it goes to. */
   private readonly streams = new Map<TcpConnection, { socket: MeshSocket; peerId: string }>();
   private readonly pings = new Map<number, () => void>();
+  /** Datagrams for the relay sent before its stream was open. */
+  private readonly relayBacklog: [string, Uint8Array][] = [];
   /** Connections with received segments whose answers and data wait for the end of the batch. */
   private readonly received = new Set<TcpConnection>();
   private timer: NodeJS.Timeout | null = null;
@@ -134,6 +137,9 @@ export class Mesh {
     this.relay = new RelayConnection(this.client);
     this.relay.on('datagram', (peerId, payload) => {
       if (this.entries.has(peerId)) this.handle(this.device.receive(payload, RELAY + peerId, Date.now()));
+    });
+    this.relay.on('open', () => {
+      for (const [peerId, data] of this.relayBacklog.splice(0)) this.relay.send(peerId, data);
     });
     this.socket = createSocket('udp4');
     this.socket.on('message', (msg, r) =>
@@ -463,7 +469,11 @@ export class Mesh {
 
   private sendTo(to: string, data: Uint8Array): void {
     if (to.startsWith(RELAY)) {
-      this.relay.send(to.slice(RELAY.length), data);
+      // Right after joining the relay stream may still be opening: the first
+      // handshake waits for it instead of waiting REKEY_TIMEOUT to be sent again.
+      if (this.relay.connected) this.relay.send(to.slice(RELAY.length), data);
+      else if (this.relayBacklog.length < RELAY_BACKLOG)
+        this.relayBacklog.push([to.slice(RELAY.length), data]);
       return;
     }
     const i = to.lastIndexOf(':');
