@@ -35,6 +35,8 @@ const SEND_HIGH_WATER = 1024 * 1024;
 const RELAY = 'relay:';
 const UDP_RECEIVE_BUFFER = 4 * 1024 * 1024;
 const RELAY_BACKLOG = 64;
+/** Peers add a node that has just joined when their netmap update is applied, some 100 ms later. */
+const FIRST_RETRANSMIT_MS = 250;
 
 export class MeshError extends Error {
   override name = 'MeshError';
@@ -128,7 +130,10 @@ export class Mesh {
   constructor(private readonly o: JoinOptions) {
     this.state = o.stateDir ? new StateDir(o.stateDir) : null;
     this.identity = this.state?.load() ?? freshIdentity();
-    this.device = new Device({ privateKey: this.identity.nodeSecret });
+    this.device = new Device({
+      privateKey: this.identity.nodeSecret,
+      timers: { firstRetransmitMs: FIRST_RETRANSMIT_MS },
+    });
     this.client = new ControlClient({
       url: o.coordinator,
       fingerprint: o.fingerprint,
