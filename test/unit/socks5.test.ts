@@ -1,9 +1,12 @@
 // The SOCKS5 server against a real client socket: the byte-level exchange of
 // RFC 1928, the refusals and their reply codes, and data in both directions.
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { type AddressInfo, connect, createServer, type Server, type Socket } from 'node:net';
+import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
+import { parseListen } from '../../cli/commands/userspace.js';
 import { createSocks5Server, Reply, replyFor } from '../../userspace/socks5.js';
 
 /** Reads from `s` until `n` bytes (or the end) have arrived. */
@@ -161,5 +164,51 @@ describe('SOCKS5 server', () => {
     assert.equal(replyFor({ code: 'ETIMEDOUT' }), Reply.HostUnreachable);
     assert.equal(replyFor({ code: 'ENETUNREACH' }), Reply.NetworkUnreachable);
     assert.equal(replyFor(new Error('x')), Reply.GeneralFailure);
+  });
+});
+
+describe('meshgate proxy --socks5', () => {
+  it('takes IP:PORT, [IPv6]:PORT or a port, and nothing else', () => {
+    assert.deepEqual(parseListen('127.0.0.1:1080'), { host: '127.0.0.1', port: 1080 });
+    assert.deepEqual(parseListen('[::1]:1081'), { host: '::1', port: 1081 });
+    assert.deepEqual(parseListen('1082'), { host: '127.0.0.1', port: 1082 });
+    assert.throws(
+      () => parseListen('localhost:1080'),
+      /"localhost:1080" is not a listen address: give IP:PORT/,
+    );
+    assert.throws(() => parseListen('127.0.0.1:70000'), /"70000" is not a TCP port/);
+  });
+
+  it('says in one line that the port is taken, before joining the mesh', async () => {
+    const taken = createServer();
+    await new Promise<void>((r) => taken.listen(0, '127.0.0.1', r));
+    const port = (taken.address() as AddressInfo).port;
+    try {
+      const r = await new Promise<{ code: number | null; stderr: string }>((resolve) => {
+        const child = spawn(
+          process.execPath,
+          [
+            '--import',
+            'tsx',
+            join(import.meta.dirname, '..', '..', 'cli', 'main.ts'),
+            'proxy',
+            '--socks5',
+            `127.0.0.1:${port}`,
+            '--coordinator',
+            'grpcs://127.0.0.1:1',
+          ],
+          { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, MESHGATE_AUTH_KEY: 'unused' } },
+        );
+        let stderr = '';
+        child.stderr.on('data', (d) => {
+          stderr += d;
+        });
+        child.on('exit', (code) => resolve({ code, stderr }));
+      });
+      assert.equal(r.code, 1);
+      assert.equal(r.stderr, `meshgate: cannot listen on 127.0.0.1:${port}: the port is in use\n`);
+    } finally {
+      taken.close();
+    }
   });
 });
