@@ -24,7 +24,7 @@ import { TcpConnection } from './tcpip/connection.js';
 import { buildEcho, parseEcho } from './tcpip/icmp.js';
 import { formatAddress, type IpPacket, Protocol, parseAddress, parseIp } from './tcpip/ip.js';
 import { buildSegment, Flags, parseSegment } from './tcpip/segment.js';
-import { Device, type Output, type Peer as WgPeer } from './wireguard/device.js';
+import { DEFAULT_TIMERS, Device, type Output, type Peer as WgPeer } from './wireguard/device.js';
 import { MessageType, messageType } from './wireguard/messages.js';
 
 /** Mesh interfaces carry 1420-byte packets (WireGuard over a 1500-byte path). */
@@ -37,6 +37,8 @@ const UDP_RECEIVE_BUFFER = 4 * 1024 * 1024;
 const RELAY_BACKLOG = 64;
 /** Peers add a node that has just joined when their netmap update is applied, some 100 ms later. */
 const FIRST_RETRANSMIT_MS = 250;
+/** How long one handshake attempt tries the direct paths alone before the relay too. */
+const RELAY_AFTER_MS = 500;
 
 export class MeshError extends Error {
   override name = 'MeshError';
@@ -86,6 +88,8 @@ interface PeerEntry {
   wg: WgPeer;
   addresses: Uint8Array[];
   candidates: string[];
+  /** When the handshake attempt under way sent its first initiation. */
+  initiatingSince: number | null;
 }
 
 /** Joins the mesh; resolves once the first netmap has arrived. */
@@ -438,7 +442,7 @@ export class Mesh {
           publicKey: decodeWgKey(p.nodeKey),
           persistentKeepaliveSeconds: map.keepaliveSeconds || 25,
         });
-        entry = { info, wg, addresses, candidates };
+        entry = { info, wg, addresses, candidates, initiatingSince: null };
         this.entries.set(p.id, entry);
         this.byKey.set(wg.key, entry);
       } else Object.assign(entry, { info, addresses, candidates });
@@ -462,14 +466,35 @@ export class Mesh {
     this.schedule();
   }
 
-  /** Handshake initiations go to every candidate at once; the path that answers first wins (WireGuard roams to it). */
+  /**
+   * Handshake initiations go to every direct candidate at once, and after
+   * RELAY_AFTER_MS of one attempt also to the relay; the path that answers
+   * first wins (WireGuard roams to it). The relay waits because a peer that
+   * has not yet added this node drops the first direct copy, and a relayed
+   * copy arriving after it has would otherwise pin the session to the relay.
+   */
   private transmit(to: string, data: Uint8Array): void {
-    if (messageType(data) === MessageType.Initiation) {
-      const entry = [...this.entries.values()].find((e) => e.wg.endpoint === to || e.candidates.includes(to));
-      for (const c of entry?.candidates ?? [to]) this.sendTo(c, data);
+    if (messageType(data) !== MessageType.Initiation) {
+      this.sendTo(to, data);
       return;
     }
-    this.sendTo(to, data);
+    const entry = [...this.entries.values()].find((e) => e.wg.endpoint === to || e.candidates.includes(to));
+    if (!entry) {
+      this.sendTo(to, data);
+      return;
+    }
+    const now = Date.now();
+    // A new attempt after a confirmed session (or a stale one) tries direct first again.
+    const confirmed = entry.wg.current?.createdMs ?? -1;
+    if (
+      entry.initiatingSince === null ||
+      confirmed >= entry.initiatingSince ||
+      now - entry.initiatingSince > DEFAULT_TIMERS.rekeyAttemptMs
+    )
+      entry.initiatingSince = now;
+    const direct = entry.candidates.filter((c) => !c.startsWith(RELAY));
+    const relayToo = direct.length === 0 || now - entry.initiatingSince >= RELAY_AFTER_MS;
+    for (const c of relayToo ? entry.candidates : direct) this.sendTo(c, data);
   }
 
   private sendTo(to: string, data: Uint8Array): void {

@@ -47,7 +47,8 @@ export interface Timers {
   rekeyAfterMessages: number;
   rejectAfterMessages: number;
   /**
-   * Until the first handshake with a peer completes, retransmit after this,
+   * While there is no confirmed session with a peer (an initiation it
+   * answered does not count), retransmit after this,
    * doubling up to REKEY_TIMEOUT; 0 keeps REKEY_TIMEOUT throughout. A node
    * that has just joined is often not yet in its peers' configuration, which
    * drops its first initiation.
@@ -324,7 +325,7 @@ export class Device {
     // Jitter keeps two peers that started together from retrying in lockstep.
     const first = this.timers.firstRetransmitMs;
     const wait =
-      peer.lastHandshakeMs === null && first > 0
+      peer.current === null && first > 0
         ? Math.min(first * 2 ** peer.handshakeRetries, this.timers.rekeyTimeoutMs)
         : this.timers.rekeyTimeoutMs;
     peer.retransmitAt = nowMs + wait + (view(this.random(2)).getUint16(0) % 334);
