@@ -167,6 +167,7 @@ async function main(): Promise<Record<string, unknown>> {
         runs: RUNS,
         agentWireguardGoMbitPerS: a,
         userspaceConnectMbitPerS: u,
+        samples: { agent: agent.map((t) => round(mbps(t))), userspace: userspace.map((t) => round(mbps(t))) },
         ratio: round(u.p50 / a.p50, 3),
         profile,
       };
@@ -225,7 +226,7 @@ async function main(): Promise<Record<string, unknown>> {
         times.push(ready);
         log(`ssh run ${r + 1}/${SSH_RUNS}: ${Math.round(ready)} ms to output`);
       }
-      results.ssh = { runs: SSH_RUNS, msToOutput: summarize(times) };
+      results.ssh = { runs: SSH_RUNS, msToOutput: summarize(times), samples: times.map((t) => round(t)) };
     }
     results.loadAfter = loadavg().map((l) => round(l, 2));
     return results;

@@ -290,9 +290,9 @@ describe('userspace node', { skip: suiteSkip([...TOOLS, 'setpriv', 'sha256sum', 
     'meshgate ping with --state-dir: replies as ping prints them; the node stays and comes back without a key',
     async () => {
       const own = join(home, 'op');
-    mkdirSync(own, { mode: 0o755 });
-    chownSync(own, NOBODY, NOBODY);
-    const state = join(own, 'state');
+      mkdirSync(own, { mode: 0o755 });
+      chownSync(own, NOBODY, NOBODY);
+      const state = join(own, 'state');
       const key = join(home, 'reusable-key');
       writeFileSync(key, readFileSync(lab.authKey('dc1', { reusable: true })), { mode: 0o600 });
       chownSync(key, NOBODY, NOBODY);
