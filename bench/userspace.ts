@@ -3,10 +3,11 @@
 // object on stdout, a summary on stderr.
 //
 //   node --import tsx bench/userspace.ts                          everything
-//   node --import tsx bench/userspace.ts --only throughput --mb 128 --runs 3
+//   node --import tsx bench/userspace.ts --only throughput,upload --mb 128 --runs 3
 //   node --import tsx bench/userspace.ts --only throughput --cpu-prof /tmp/prof
 //   node --import tsx bench/userspace.ts --only ssh --ssh-runs 10
 //
+// upload: the same in the other direction, op → fw, timed at fw.
 // throughput: fw serves MB megabytes per connection; op reads them once
 // through its own agent (wireguard-go, kernel TCP) and once through
 // `meshgate connect` (WireGuard and TCP in one Node process). Both are timed
@@ -30,7 +31,7 @@ import { round, summarize } from './lib/stats.js';
 
 const { values } = parseArgs({
   options: {
-    only: { type: 'string', default: 'throughput,ssh' },
+    only: { type: 'string', default: 'throughput,upload,ssh' },
     mb: { type: 'string', default: '64' },
     runs: { type: 'string', default: '3' },
     'ssh-runs': { type: 'string', default: '5' },
@@ -89,6 +90,15 @@ const dialMs = performance.now() - t;
 socket.destroy();
 await mesh.close();
 console.log(JSON.stringify({ joinMs, dialMs }));
+`;
+
+/** Takes connections on 9001 and prints, per connection, bytes and ms from first to last byte. */
+const SINK_SERVER = `
+require('node:net').createServer((c) => {
+  let bytes = 0, first = 0;
+  c.on('data', (d) => { if (!bytes) first = performance.now(); bytes += d.length; });
+  c.on('end', () => { console.log(JSON.stringify({ bytes, ms: performance.now() - first })); c.end(); });
+}).listen(9001, () => console.log('listening'));
 `;
 
 interface Transfer {
@@ -174,6 +184,53 @@ async function main(): Promise<Record<string, unknown>> {
       source.kill();
     }
 
+    if (only.has('upload')) {
+      const server = lab.topo.spawn('fw', process.execPath, ['-e', SINK_SERVER]);
+      const lines: string[] = [];
+      let buf = '';
+      server.stdout?.on('data', (d) => {
+        buf += d;
+        for (let i = buf.indexOf('\n'); i >= 0; i = buf.indexOf('\n')) {
+          lines.push(buf.slice(0, i));
+          buf = buf.slice(i + 1);
+        }
+      });
+      await until('the sink', async () => lines.includes('listening'));
+      const received = async (command: string): Promise<Transfer> => {
+        const before = lines.length;
+        await lab.topo.exec('op', 'bash', ['-c', command], { timeoutMs: 300_000 });
+        await until('the sink to report', async () => lines.length > before, 30_000, 50);
+        const t = JSON.parse(lines[before]!) as Transfer;
+        if (t.bytes !== BYTES) throw new Error(`received ${t.bytes} of ${BYTES} bytes`);
+        return t;
+      };
+      const agent: Transfer[] = [];
+      const userspace: Transfer[] = [];
+      for (let r = 0; r < RUNS; r++) {
+        log(`upload run ${r + 1}/${RUNS}: ${values.mb} MB op → fw through the agent, then meshgate connect`);
+        agent.push(await received(`head -c ${BYTES} /dev/zero > /dev/tcp/${fwIp}/9001`));
+        const prof = r === 0 ? `--cpu-prof --cpu-prof-dir=${join(profDir, 'upload')}` : '';
+        userspace.push(
+          await received(
+            `set -o pipefail; head -c ${BYTES} /dev/zero | "${process.execPath}" ${prof} ${BIN} connect ${joinArgs(`bench-upload-${r}`)} fw1 9001 >/dev/null`,
+          ),
+        );
+      }
+      const a = summarize(agent.map(mbps));
+      const u = summarize(userspace.map(mbps));
+      const file = readdirSync(join(profDir, 'upload')).find((f) => f.endsWith('.cpuprofile'));
+      results.upload = {
+        profile: file ? summarizeProfile(join(profDir, 'upload', file), 20) : null,
+        megabytes: Number(values.mb),
+        runs: RUNS,
+        agentWireguardGoMbitPerS: a,
+        userspaceConnectMbitPerS: u,
+        samples: { agent: agent.map((t) => round(mbps(t))), userspace: userspace.map((t) => round(mbps(t))) },
+        ratio: round(u.p50 / a.p50, 3),
+      };
+      server.kill();
+    }
+
     if (only.has('ssh')) {
       const phases = join(lab.dir, 'phases.mjs');
       writeFileSync(phases, PHASES);
@@ -246,10 +303,19 @@ const s = results as {
     userspaceConnectMbitPerS: { p50: number };
     ratio: number;
   };
+  upload?: {
+    agentWireguardGoMbitPerS: { p50: number };
+    userspaceConnectMbitPerS: { p50: number };
+    ratio: number;
+  };
   ssh?: { msToOutput: { p50: number; max: number } };
 };
 if (s.throughput)
   log(
     `throughput: agent (wireguard-go) ${s.throughput.agentWireguardGoMbitPerS.p50} Mbit/s, meshgate connect ${s.throughput.userspaceConnectMbitPerS.p50} Mbit/s (${s.throughput.ratio})`,
+  );
+if (s.upload)
+  log(
+    `upload: agent (wireguard-go) ${s.upload.agentWireguardGoMbitPerS.p50} Mbit/s, meshgate connect ${s.upload.userspaceConnectMbitPerS.p50} Mbit/s (${s.upload.ratio})`,
   );
 if (s.ssh) log(`meshgate ssh to output: median ${s.ssh.msToOutput.p50} ms, max ${s.ssh.msToOutput.max} ms`);
