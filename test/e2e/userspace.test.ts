@@ -236,7 +236,7 @@ describe('userspace node', { skip: suiteSkip([...TOOLS, 'setpriv', 'sha256sum', 
   });
 
   step(
-    'meshgate proxy --socks5 as nobody: curl reaches fw by name and by mesh IP; refusals are logged; it leaves at exit',
+    'meshgate proxy --socks5 as nobody: curl reaches fw by name, NAME.<domain> and mesh IP; refusals are logged; it leaves at exit',
     async () => {
       const proxy = lab.topo.spawn('op', 'setpriv', [
         '--reuid=nobody',
@@ -268,6 +268,9 @@ describe('userspace node', { skip: suiteSkip([...TOOLS, 'setpriv', 'sha256sum', 
           ]);
         assert.equal(await curl('http://fw1:8080/'), 'hello from fw\n');
         assert.equal(await curl(`http://${await lab.meshIp('fw1')}:8080/`), 'hello from fw\n');
+        const domain = (await lab.status('fw1')).dns.domain;
+        assert.ok(domain, 'the mesh has a DNS domain');
+        assert.equal(await curl(`http://fw1.${domain}:8080/`), 'hello from fw\n', `fw1.${domain}`);
         await assert.rejects(curl('http://fw1:8081/'));
         await assert.rejects(curl('http://nosuch:80/'));
         assert.match(log, /socks5 127\.0\.0\.1:\d+ -> fw1:8080: connected/);
