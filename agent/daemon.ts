@@ -31,6 +31,7 @@ import { registerWithResolved, resolvedRunning } from './dns/resolved.js';
 import { MeshDns, type NameTable } from './dns/server.js';
 import { FirewallGuard } from './firewall/guard.js';
 import type { FilterRule, FirewallSpec, PortForward } from './firewall/render.js';
+import type { Operator } from './localapi/operator.js';
 import { type LocalApi, startLocalApi } from './localapi/server.js';
 import type { AgentStatus, PeerStatus } from './localapi/types.js';
 import { RelayConnection } from './relay/connection.js';
@@ -55,6 +56,8 @@ export interface AgentOptions {
   advertiseTags: string[];
   advertiseRoutes: string[];
   socket: string;
+  /** A non-root user or group that may read the status through a socket of its own. */
+  operator?: Operator;
   log: Logger;
   /** How often local endpoints and peer paths are re-checked. */
   tickMs?: number;
@@ -160,13 +163,17 @@ export class Agent {
     this.state.load();
     this.updater?.started();
     this.guard.start();
-    this.api = await startLocalApi(this.opts.socket, {
-      status: () => this.status(),
-      down: () => this.serialLifecycle(() => this.down()),
-      up: () => this.serialLifecycle(() => this.up()),
-      logout: () => this.serialLifecycle(() => this.logout()),
-      metrics: () => this.metrics(),
-    });
+    this.api = await startLocalApi(
+      this.opts.socket,
+      {
+        status: () => this.status(),
+        down: () => this.serialLifecycle(() => this.down()),
+        up: () => this.serialLifecycle(() => this.up()),
+        logout: () => this.serialLifecycle(() => this.logout()),
+        metrics: () => this.metrics(),
+      },
+      this.opts.operator,
+    );
     if (this.opts.authKeyFile) {
       let seen = 0;
       watchFile(this.opts.authKeyFile, { interval: 1000 }, (cur) => {

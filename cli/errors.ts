@@ -19,6 +19,7 @@ const EXPECTED = new Set([
   'ListenError',
   'DataDirError',
   'LocalApiError',
+  'OperatorError',
   'ReleaseError',
   'SemVerError',
   'DatabaseError',

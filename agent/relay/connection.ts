@@ -11,7 +11,7 @@ import {
 import { Backoff } from '../control/backoff.js';
 import type { ControlClient } from '../control/client.js';
 
-export class RelayConnection extends EventEmitter<{ datagram: [string, Uint8Array] }> {
+export class RelayConnection extends EventEmitter<{ datagram: [string, Uint8Array]; open: [] }> {
   private stream: grpc.ClientDuplexStream<RelayRequest, RelayResponse> | null = null;
   private readonly backoff = new Backoff(500, 15_000);
   private timer: NodeJS.Timeout | null = null;
@@ -30,6 +30,7 @@ export class RelayConnection extends EventEmitter<{ datagram: [string, Uint8Arra
     void this.client.relay().then(
       (stream) => {
         this.stream = stream;
+        this.emit('open');
         stream.on('data', (msg: RelayResponse) => {
           this.backoff.reset();
           this.emit('datagram', msg.peerId, msg.payload);

@@ -8,6 +8,7 @@ import { DEFAULT_NODE_KEY_LIFETIME_MS, parseKeyLifetime } from '../../agent/cont
 import { AgentError } from '../../agent/control/session.js';
 import { Agent } from '../../agent/daemon.js';
 import { MissingToolError } from '../../agent/dataplane/exec.js';
+import { resolveOperator } from '../../agent/localapi/operator.js';
 import { createAgentLogger } from '../../agent/log.js';
 import { DEFAULT_INSTALL_PREFIX } from '../../agent/update/install.js';
 import { DEFAULT_UPDATE_TIMEOUT_MS, RESTART_EXIT_CODE } from '../../agent/update/updater.js';
@@ -39,6 +40,8 @@ const AgentConfig = z
     advertiseTags: z.array(z.string()).default([]),
     advertiseRoutes: z.array(z.string()).default([]),
     socket: z.string().default(DEFAULT_AGENT_SOCKET),
+    /** A non-root user ("alice") or group (":ops") that may use status, ping and ssh. */
+    operator: z.string().optional(),
     logLevel: z.enum(['trace', 'debug', 'info', 'warn', 'error']).default('info'),
     logFormat: z.enum(['auto', 'json', 'text']).default('auto'),
     nodeKeyLifetime: z
@@ -190,6 +193,10 @@ export function registerAgentCommand(program: Command): void {
     )
     .option('--config <file>', 'YAML file with the same settings (camelCase keys)')
     .option('--socket <path>', `local API socket (default ${DEFAULT_AGENT_SOCKET})`)
+    .option(
+      '--operator <user|:group>',
+      'let this non-root user (or :group) use meshgate status, ping and ssh (env MESHGATE_OPERATOR)',
+    )
     .option('--log-level <level>', 'trace, debug, info, warn, error (default info)')
     .option(
       '--log-format <format>',
@@ -233,6 +240,7 @@ Example (what install.sh runs under systemd):
           advertiseTags: typeof o.advertiseTags === 'string' ? csv(o.advertiseTags) : undefined,
           advertiseRoutes: typeof o.advertiseRoutes === 'string' ? csv(o.advertiseRoutes) : undefined,
           socket: o.socket,
+          operator: o.operator ?? process.env.MESHGATE_OPERATOR,
           logLevel: o.logLevel,
           logFormat: o.logFormat,
           nodeKeyLifetime: o.nodeKeyLifetime,
@@ -262,6 +270,7 @@ Example (what install.sh runs under systemd):
         );
       const releaseKey = c.autoUpdate ? readReleaseKey(c.releaseKey!) : '';
       preflight(c.backend);
+      const operator = c.operator ? resolveOperator(c.operator) : undefined;
       // A key readable by others is refused at once, not found out at the next registration.
       if (c.authKeyFile && existsSync(c.authKeyFile)) readAuthKeyFile(c.authKeyFile);
       const authKey = () => {
@@ -288,6 +297,7 @@ Example (what install.sh runs under systemd):
         advertiseTags: c.advertiseTags,
         advertiseRoutes: c.advertiseRoutes,
         socket: c.socket,
+        ...(operator ? { operator } : {}),
         log,
         nodeKeyLifetimeMs: c.nodeKeyLifetime,
         autoUpdate: c.autoUpdate

@@ -9,7 +9,13 @@ import { drifts } from '../../release/semver.js';
 import { CliError } from '../errors.js';
 import { ago, type Column, FORMATS, parseFormat, render } from '../output.js';
 import { DEFAULT_AGENT_SOCKET } from './agent.js';
-import { joinFromOptions, sshOverMesh, type UserspaceOptions, userspaceOptions } from './userspace.js';
+import {
+  joinFromOptions,
+  pingOverMesh,
+  sshOverMesh,
+  type UserspaceOptions,
+  userspaceOptions,
+} from './userspace.js';
 
 const socketOption = (cmd: Command) =>
   cmd.option('--socket <path>', "the agent's local API socket", DEFAULT_AGENT_SOCKET);
@@ -111,20 +117,41 @@ export function registerLocalCommands(program: Command): void {
       );
     });
 
-  socketOption(
-    program.command('ping <node>').description('ping a peer over the mesh (name, id, id prefix or mesh IP)'),
+  userspaceOptions(
+    socketOption(
+      program
+        .command('ping <node>')
+        .description('ping a peer over the mesh (name, id, id prefix or mesh IP)'),
+    ),
   )
     .option('-c, --count <n>', 'number of pings', '3')
-    .action(async (node: string, o: { socket: string; count: string }) => {
-      const peer = resolvePeer(await agentStatus(o.socket), node);
-      process.exitCode = await runInherit('ping', [
-        '-c',
-        String(Number(o.count) || 3),
-        '-W',
-        '2',
-        peer.ipAddresses[0]!,
-      ]);
-    });
+    .option('--userspace', 'join the mesh in this process even if an agent runs here (no root needed)')
+    .addHelpText(
+      'after',
+      `
+Without an agent on this host (or with --userspace) meshgate joins the mesh in
+this process, as meshgate ssh does, and sends the ICMP echoes itself.`,
+    )
+    .action(
+      async (node: string, o: { socket: string; count: string; userspace?: boolean } & UserspaceOptions) => {
+        const count = Number(o.count);
+        if (!Number.isInteger(count) || count < 1)
+          throw new CliError(`--count: "${o.count}" is not a positive number`);
+        const status = o.userspace ? null : await agentStatus(o.socket).catch((e: Error) => e);
+        if (status === null || (status instanceof Error && !existsSync(o.socket))) {
+          const mesh = await joinFromOptions(o);
+          try {
+            process.exitCode = await pingOverMesh(mesh, node, count);
+          } finally {
+            await mesh.close();
+          }
+          return;
+        }
+        if (status instanceof Error) throw status;
+        const peer = resolvePeer(status, node);
+        process.exitCode = await runInherit('ping', ['-c', String(count), '-W', '2', peer.ipAddresses[0]!]);
+      },
+    );
 
   userspaceOptions(
     socketOption(

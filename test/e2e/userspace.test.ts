@@ -1,16 +1,22 @@
 // The operator side without root: on `op` there is no agent and the commands
-// run as `nobody`. `meshgate ssh` and `meshgate connect` join the mesh inside
-// their own process, reach a locked-down firewall over the mesh (directly, and
-// through the relay when UDP is blocked), and leave no node behind.
+// run as `nobody`. `meshgate ssh`, `connect`, `proxy` and `ping` join the mesh
+// inside their own process, reach a locked-down firewall over the mesh
+// (directly, and through the relay when UDP is blocked), and leave no node
+// behind unless given a --state-dir; a program does the same through the
+// `meshgate/userspace` package export.
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import {
   chmodSync,
   chownSync,
   copyFileSync,
+  mkdirSync,
   mkdtempSync,
+  readdirSync,
   readFileSync,
   rmSync,
+  statSync,
+  symlinkSync,
   writeFileSync,
 } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -41,6 +47,26 @@ require('node:net').createServer({ allowHalfOpen: true }, (c) => {
 }).listen(9000, () => console.log('listening'));
 `;
 
+const HTTP = `require('node:http').createServer((q, r) => r.end('hello from fw\\n')).listen(8080, () => console.log('listening'));`;
+
+/** What a program using the library writes: join, list peers, dial, leave. */
+const LIBRARY_USER = `
+import { readFileSync } from 'node:fs';
+import { joinMesh } from 'meshgate/userspace';
+const [coordinator, fingerprint, keyFile] = process.argv.slice(2);
+const mesh = await joinMesh({ coordinator, fingerprint, authKey: readFileSync(keyFile, 'utf8').trim(), hostname: 'op-library' });
+try {
+  console.log('peers: ' + mesh.peers().map((p) => p.name).sort().join(' '));
+  const socket = await mesh.dial('fw1', 8080);
+  socket.end('GET / HTTP/1.0\\r\\n\\r\\n');
+  let reply = '';
+  for await (const chunk of socket) reply += chunk;
+  console.log('body: ' + reply.split('\\r\\n\\r\\n')[1].trim());
+} finally {
+  await mesh.close();
+}
+`;
+
 function expectedHash(n: number): string {
   const h = createHash('sha256');
   let x = 1;
@@ -56,7 +82,7 @@ function expectedHash(n: number): string {
   return h.digest('hex');
 }
 
-describe('userspace node', { skip: suiteSkip([...TOOLS, 'setpriv', 'sha256sum']) }, () => {
+describe('userspace node', { skip: suiteSkip([...TOOLS, 'setpriv', 'sha256sum', 'curl']) }, () => {
   let lab: MeshLab;
   let addr: Record<string, string>;
   /** Files the unprivileged operator may read: its auth key and its SSH key. */
@@ -198,6 +224,146 @@ describe('userspace node', { skip: suiteSkip([...TOOLS, 'setpriv', 'sha256sum'])
     } finally {
       await lab.topo.exec('op', 'nft', ['delete', 'table', 'inet', 'noudp']);
     }
+  });
+
+  step('an HTTP server on fw, for the proxy and the library', async () => {
+    const server = lab.topo.spawn('fw', process.execPath, ['-e', HTTP]);
+    await until(
+      'the HTTP server',
+      async () => server.stdout?.read()?.toString().includes('listening') ?? false,
+      10_000,
+    );
+  });
+
+  step(
+    'meshgate proxy --socks5 as nobody: curl reaches fw by name, NAME.<domain> and mesh IP; refusals are logged; it leaves at exit',
+    async () => {
+      const proxy = lab.topo.spawn('op', 'setpriv', [
+        '--reuid=nobody',
+        '--regid=nogroup',
+        '--clear-groups',
+        '--',
+        process.execPath,
+        BIN,
+        'proxy',
+        '--socks5',
+        '127.0.0.1:1080',
+        ...joinArgs(operatorKey(), 'op-proxy'),
+      ]);
+      let log = '';
+      proxy.stderr?.on('data', (d) => {
+        log += d;
+      });
+      const exited = new Promise<number | null>((resolve) => proxy.once('exit', (code) => resolve(code)));
+      try {
+        await until('the proxy', async () => log.includes('SOCKS5 on 127.0.0.1:1080'), 30_000);
+        const curl = (url: string) =>
+          lab.topo.exec('op', 'curl', [
+            '-sS',
+            '--max-time',
+            '20',
+            '--socks5-hostname',
+            '127.0.0.1:1080',
+            url,
+          ]);
+        assert.equal(await curl('http://fw1:8080/'), 'hello from fw\n');
+        assert.equal(await curl(`http://${await lab.meshIp('fw1')}:8080/`), 'hello from fw\n');
+        const domain = (await lab.status('fw1')).dns.domain;
+        assert.ok(domain, 'the mesh has a DNS domain');
+        assert.equal(await curl(`http://fw1.${domain}:8080/`), 'hello from fw\n', `fw1.${domain}`);
+        await assert.rejects(curl('http://fw1:8081/'));
+        await assert.rejects(curl('http://nosuch:80/'));
+        assert.match(log, /socks5 127\.0\.0\.1:\d+ -> fw1:8080: connected/);
+        assert.match(log, /-> fw1:8080: closed, \d+ bytes sent, \d+ received/);
+        assert.match(log, /-> fw1:8081: .*refused/i);
+        assert.match(log, /-> nosuch:80: no node "nosuch" in this mesh/);
+        assert.ok(
+          nodeNames().some((n) => n.startsWith('op-proxy')),
+          `nodes: ${nodeNames().join(', ')}`,
+        );
+      } finally {
+        proxy.kill('SIGTERM');
+      }
+      assert.equal(await exited, 0, log);
+      assert.ok(!nodeNames().some((n) => n.startsWith('op-proxy')), `nodes: ${nodeNames().join(', ')}`);
+    },
+  );
+
+  step(
+    'meshgate ping with --state-dir: replies as ping prints them; the node stays and comes back without a key',
+    async () => {
+      const own = join(home, 'op');
+      mkdirSync(own, { mode: 0o755 });
+      chownSync(own, NOBODY, NOBODY);
+      const state = join(own, 'state');
+      const key = join(home, 'reusable-key');
+      writeFileSync(key, readFileSync(lab.authKey('dc1', { reusable: true })), { mode: 0o600 });
+      chownSync(key, NOBODY, NOBODY);
+      const [coordinator, url, fingerprint, fp] = joinArgs(key, 'op-state');
+      // No agent socket here: ping joins the mesh itself.
+      const ping = (extra: string[]) =>
+        asOperator([
+          'ping',
+          'fw1',
+          '-c',
+          '2',
+          '--socket',
+          join(home, 'no-agent.sock'),
+          coordinator!,
+          url!,
+          fingerprint!,
+          fp!,
+          '--hostname',
+          'op-state',
+          '--state-dir',
+          state,
+          ...extra,
+        ]);
+      const first = await ping(['--auth-key-file', key]);
+      assert.match(first, /^PING fw1 \(\S+\) over the mesh$/m);
+      assert.match(first, /^reply from fw1 \(\S+\): icmp_seq=2 time=\d+\.\d\d ms$/m);
+      assert.match(first, /^2 packets transmitted, 2 received, 0% packet loss$/m);
+      assert.deepEqual(
+        nodeNames().filter((n) => n.startsWith('op-state')),
+        ['op-state'],
+      );
+      assert.equal(statSync(state).mode & 0o777, 0o700);
+      for (const f of readdirSync(state)) assert.equal(statSync(join(state, f)).mode & 0o777, 0o600, f);
+      assert.deepEqual(readdirSync(state).sort(), ['machine.key', 'node.json', 'node.key']);
+      const again = await ping([]);
+      assert.match(again, /2 received/);
+      assert.deepEqual(
+        nodeNames().filter((n) => n.startsWith('op-state')),
+        ['op-state'],
+      );
+    },
+  );
+
+  step('a Node program imports meshgate/userspace by package name and dials fw1', async () => {
+    const app = join(home, 'app');
+    mkdirSync(join(app, 'node_modules'), { recursive: true });
+    symlinkSync(join(import.meta.dirname, '..', '..'), join(app, 'node_modules', 'meshgate'));
+    writeFileSync(join(app, 'dial.mjs'), LIBRARY_USER);
+    chmodSync(app, 0o755);
+    const out = await lab.topo.exec(
+      'op',
+      'setpriv',
+      [
+        '--reuid=nobody',
+        '--regid=nogroup',
+        '--clear-groups',
+        '--',
+        process.execPath,
+        join(app, 'dial.mjs'),
+        lab.coordinator!.url,
+        lab.coordinator!.fingerprint,
+        operatorKey(),
+      ],
+      { timeoutMs: 60_000 },
+    );
+    assert.match(out, /^peers: .*\bfw1\b/m);
+    assert.match(out, /^body: hello from fw$/m);
+    assert.ok(!nodeNames().some((n) => n.startsWith('op-library')), `nodes: ${nodeNames().join(', ')}`);
   });
 
   step('an ambiguous prefix is refused with the candidates named', async () => {

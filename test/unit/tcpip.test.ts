@@ -1,9 +1,11 @@
 // The userspace IP layer: checksums, IPv4/IPv6 headers, ICMP echo, addresses.
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
+import { supersededAck } from '../../userspace/node.js';
 import { checksum } from '../../userspace/tcpip/checksum.js';
 import { buildEcho, parseEcho } from '../../userspace/tcpip/icmp.js';
 import { buildIp, formatAddress, Protocol, parseAddress, parseIp } from '../../userspace/tcpip/ip.js';
+import { buildSegment, Flags } from '../../userspace/tcpip/segment.js';
 
 describe('userspace IP layer', () => {
   it('computes the RFC 1071 checksum, odd lengths included', () => {
@@ -66,5 +68,40 @@ describe('userspace IP layer', () => {
     assert.equal(parseAddress('1::2::3'), null);
     assert.equal(parseAddress('fd7a:zz::1'), null);
     assert.equal(parseAddress('1:2:3:4:5:6:7:8:9'), null);
+  });
+});
+
+describe('stretch ACKs', () => {
+  const a = parseAddress('100.64.0.1')!;
+  const b = parseAddress('fd7a::1')!;
+  const seg = (ack: number, extra: Partial<Parameters<typeof buildSegment>[2]> = {}, src = a) =>
+    buildSegment(src, src === a ? parseAddress('100.64.0.2')! : parseAddress('fd7a::2')!, {
+      sourcePort: 50000,
+      destinationPort: 22,
+      seq: 1,
+      ack,
+      flags: Flags.ACK,
+      window: 1000,
+      payload: new Uint8Array(0),
+      ...extra,
+    });
+
+  it('drops a pure ACK that a later pure ACK acknowledges more than, over IPv4 and IPv6', () => {
+    assert.equal(supersededAck(seg(100), seg(200)), true);
+    assert.equal(supersededAck(seg(100, {}, b), seg(200, {}, b)), true);
+    assert.equal(supersededAck(seg(100, { sack: [[300, 400]] }), seg(500)), true);
+  });
+
+  it('drops a duplicate ACK when the next one carries SACK blocks', () => {
+    assert.equal(supersededAck(seg(100, { sack: [[300, 400]] }), seg(100, { sack: [[300, 500]] })), true);
+    assert.equal(supersededAck(seg(100), seg(100, { sack: [[300, 400]] })), true);
+  });
+
+  it('keeps duplicate ACKs without SACK blocks, and anything carrying data or other flags', () => {
+    assert.equal(supersededAck(seg(100), seg(100)), false);
+    assert.equal(supersededAck(seg(100, { sack: [[300, 400]] }), seg(100)), false);
+    assert.equal(supersededAck(seg(100, { payload: new Uint8Array(10) }), seg(200)), false);
+    assert.equal(supersededAck(seg(100), seg(200, { payload: new Uint8Array(10) })), false);
+    assert.equal(supersededAck(seg(100, { flags: Flags.ACK | Flags.FIN }), seg(200)), false);
   });
 });

@@ -166,6 +166,31 @@ describe('userspace WireGuard device', () => {
     assert.equal(t.peerB.queue.length, 0, 'and drops what waited for it');
   });
 
+  it('retransmits a first initiation sooner with firstRetransmitMs, doubling up to REKEY_TIMEOUT, and not once a handshake completed', () => {
+    const t = pair({ timers: { rekeyTimeoutMs: 5_000, rekeyAttemptMs: 15_000, firstRetransmitMs: 250 } });
+    const started = t.now();
+    t.run(t.a.send(t.peerB, packet('lost'), t.now()), () => true);
+    const at: number[] = [];
+    for (let i = 0; i < 20 && Number.isFinite(t.a.nextDeadline()) && t.peerB.handshake; i++) {
+      t.advance(t.a.nextDeadline() - t.now());
+      if (t.run(t.a.tick(t.now()), () => true).length) at.push(t.now() - started);
+    }
+    const gaps = at.map((x, i) => x - (at[i - 1] ?? 0));
+    const floors = [250, 500, 1_000, 2_000, 4_000, 5_000];
+    for (const [i, floor] of floors.entries())
+      assert.ok(gaps[i]! >= floor && gaps[i]! < floor + 334, `retry ${i + 1} after ${gaps[i]} ms`);
+    assert.ok(at.at(-1)! < 15_000, `gives up after REKEY_ATTEMPT_TIME: ${at.join(', ')}`);
+    assert.equal(t.peerB.handshake, null);
+
+    const u = pair({ timers: { rekeyTimeoutMs: 5_000, firstRetransmitMs: 250, rekeyAfterMs: 60_000 } });
+    u.run(u.a.send(u.peerB, packet('0'), u.now()));
+    assert.ok(u.peerB.current, 'a session');
+    u.advance(61_000);
+    u.run(u.a.send(u.peerB, packet('1'), u.now()), (d) => messageType(d) === MessageType.Initiation);
+    const next = u.peerB.retransmitAt! - u.now();
+    assert.ok(next >= 5_000, `a rekey is retried after REKEY_TIMEOUT, not ${next} ms`);
+  });
+
   it('the initiator rekeys after REKEY_AFTER_TIME and nobody uses a keypair past REJECT_AFTER_TIME', () => {
     const t = pair({ timers: { rekeyAfterMs: 120_000, rejectAfterMs: 180_000 } });
     t.run(t.a.send(t.peerB, packet('0'), t.now()));

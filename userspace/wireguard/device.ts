@@ -46,6 +46,14 @@ export interface Timers {
   keepaliveTimeoutMs: number;
   rekeyAfterMessages: number;
   rejectAfterMessages: number;
+  /**
+   * While there is no confirmed session with a peer (an initiation it
+   * answered does not count), retransmit after this,
+   * doubling up to REKEY_TIMEOUT; 0 keeps REKEY_TIMEOUT throughout. A node
+   * that has just joined is often not yet in its peers' configuration, which
+   * drops its first initiation.
+   */
+  firstRetransmitMs: number;
 }
 
 export const DEFAULT_TIMERS: Timers = {
@@ -56,6 +64,7 @@ export const DEFAULT_TIMERS: Timers = {
   keepaliveTimeoutMs: 10_000,
   rekeyAfterMessages: 2 ** 60,
   rejectAfterMessages: 2 ** 64 - 2 ** 13 - 1,
+  firstRetransmitMs: 0,
 };
 
 /** Initiations from one peer closer together than this are dropped (flood protection). */
@@ -245,7 +254,7 @@ export class Device {
     for (const peer of this.peers.values()) {
       if (peer.retransmitAt !== null && peer.retransmitAt <= nowMs) {
         peer.retransmitAt = null;
-        if (peer.handshakeRetries + 1 >= Math.ceil(this.timers.rekeyAttemptMs / this.timers.rekeyTimeoutMs)) {
+        if (nowMs - peer.handshakeStartedMs >= this.timers.rekeyAttemptMs) {
           // Give up this attempt; the next packet to send starts a new one.
           this.freeHandshake(peer);
           peer.queue.length = 0;
@@ -314,7 +323,12 @@ export class Device {
     peer.handshake = made.state;
     peer.lastInitiationMs = nowMs;
     // Jitter keeps two peers that started together from retrying in lockstep.
-    peer.retransmitAt = nowMs + this.timers.rekeyTimeoutMs + (view(this.random(2)).getUint16(0) % 334);
+    const first = this.timers.firstRetransmitMs;
+    const wait =
+      peer.current === null && first > 0
+        ? Math.min(first * 2 ** peer.handshakeRetries, this.timers.rekeyTimeoutMs)
+        : this.timers.rekeyTimeoutMs;
+    peer.retransmitAt = nowMs + wait + (view(this.random(2)).getUint16(0) % 334);
     this.transmitHandshake(peer, made.message, Initiation.mac1, nowMs, out);
   }
 

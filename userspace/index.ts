@@ -1,0 +1,2 @@
+// The userspace node as a library: `import { joinMesh } from 'meshgate/userspace'`.
+export { type JoinOptions, joinMesh, Mesh, MeshError, type MeshPeer } from './node.js';
