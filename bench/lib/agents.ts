@@ -1,7 +1,8 @@
 // Simulated agents for the load generator: the integration harness's SimAgent
 // (real Ed25519 machine key, real signed Register and Sync calls) with changes
 // that let one process hold thousands of them:
-//  - agents share HTTP/2 connections in groups (AgentFleet.perConn);
+//  - every agent has a TLS connection of its own, as real agents do; groups of
+//    agents can share one instead (AgentFleet.agentsPerConnection);
 //  - sync messages are not decoded: bench/lib/wire.ts reads the peer ids (and
 //    the name and tag of ids seen for the first time) from the bytes;
 //  - the netmap is kept as a set of peer indexes, updated per delta in
@@ -192,29 +193,35 @@ export class AgentFleet {
     readonly url: string,
     readonly fingerprint: string,
     private readonly endpoint: Endpoint,
-    readonly perConn: number,
+    readonly agentsPerConnection: number,
     readonly signer: Signer,
   ) {}
 
-  static async open(url: string, fingerprint: string, perConn: number, signer: Signer): Promise<AgentFleet> {
+  static async open(
+    url: string,
+    fingerprint: string,
+    agentsPerConnection: number,
+    signer: Signer,
+  ): Promise<AgentFleet> {
     if (signer === 'node') {
       checkSameSignatures(machineKey());
       checkScanner();
     }
-    return new AgentFleet(url, fingerprint, await dial(url, { fingerprint }), perConn, signer);
+    return new AgentFleet(url, fingerprint, await dial(url, { fingerprint }), agentsPerConnection, signer);
   }
 
+  /** Connections opened so far (closed ones included). */
   get connections(): number {
     return this.channels.length;
   }
 
   /**
-   * The client of the shared connection for the next agent. All channels use
-   * the same credentials object, so grpc-js would put them on one subchannel
-   * (one TCP connection); a distinct dummy option per group keeps them apart.
+   * The client of the connection for the next agent. All channels use the
+   * same credentials object, so grpc-js would put them on one subchannel (one
+   * TCP connection); a distinct dummy option per group keeps them apart.
    */
   private channel(): grpc.Client {
-    const k = Math.floor(this.created / this.perConn);
+    const k = Math.floor(this.created / this.agentsPerConnection);
     this.created++;
     if (!this.channels[k]) {
       this.channels[k] = makeClient(ControlService, this.endpoint.target, this.endpoint.credentials, {
@@ -228,7 +235,9 @@ export class AgentFleet {
         // One agent on its own connection has a 64 KiB HTTP/2 window; a group
         // sharing a connection gets that per agent, or full netmaps queue behind
         // one window. (The option also raises the per-stream window.)
-        'grpc-node.flow_control_window': 65_535 * this.perConn,
+        ...(this.agentsPerConnection > 1
+          ? { 'grpc-node.flow_control_window': 65_535 * this.agentsPerConnection }
+          : {}),
         ...this.endpoint.options,
         'meshgate.bench.conn': k,
       });
@@ -490,6 +499,16 @@ export class BenchAgent {
     if (this.retry) clearTimeout(this.retry);
     this.stream?.cancel();
     this.stream = null;
+  }
+
+  /**
+   * Ends the stream and, when this agent has its connection to itself, closes
+   * it: agents that only register (the sequential run, the propagation trials)
+   * would otherwise keep thousands of idle TLS connections open on both sides.
+   */
+  close(): void {
+    this.stop();
+    if (this.fleet.agentsPerConnection === 1) this.channel.close();
   }
 }
 
