@@ -34,6 +34,8 @@ export interface SuiteOptions {
   /** node: the agents' calls are signed with node:crypto (same bytes as the agent's tweetnacl). */
   signer: Signer;
   cpuProfDir?: string;
+  /** Write a heap snapshot of the coordinator into this directory before and after the agents connect. */
+  heapSnapshotDir?: string;
 }
 
 export function defaults(agents: number): SuiteOptions {
@@ -145,7 +147,7 @@ export async function runSuite(
     result.phase = name;
     log(name);
   };
-  const c = await CoordinatorProcess.start({ cpuProfDir: o.cpuProfDir });
+  const c = await CoordinatorProcess.start({ cpuProfDir: o.cpuProfDir, heapSnapshotDir: o.heapSnapshotDir });
   log(`coordinator pid ${c.pid} on ${c.url}`);
   const fleet = await AgentFleet.open(c.url, c.fingerprint, o.agentsPerConnection, o.signer);
   const others = await AgentFleet.open(c.url, c.fingerprint, o.agentsPerConnection, o.signer);
@@ -167,6 +169,8 @@ export async function runSuite(
       (await admin.call('createAuthKey', { project, reusable: true, tags, expiration: '24h' })).authKey!.key;
     // Memory per agent counts from here: each agent's node, its TLS
     // connection (opened by Register) and its stream.
+    const snapshots: string[] = [];
+    if (o.heapSnapshotDir) snapshots.push(await c.heapSnapshot());
     const rssBefore = c.rssBytes();
     const heapBefore = await c.metric(HEAP);
     const keys: string[] = [];
@@ -342,6 +346,10 @@ export async function runSuite(
         heapTotalMiB: round((await c.metric(HEAP_TOTAL)) / MiB),
         externalMiB: round((await c.metric(EXTERNAL)) / MiB),
       };
+      if (o.heapSnapshotDir) {
+        snapshots.push(await c.heapSnapshot());
+        result.heapSnapshots = snapshots;
+      }
     }
 
     if (want('registration')) await sequential();
@@ -506,6 +514,7 @@ export function parseSuiteArgs(argv: string[]): { opts: SuiteOptions; json: bool
       'storm-trials': { type: 'string' },
       'idle-seconds': { type: 'string' },
       'cpu-prof': { type: 'string' },
+      'heap-snapshot': { type: 'string' },
       signer: { type: 'string' },
       json: { type: 'boolean', default: false },
     },
@@ -542,6 +551,7 @@ export function parseSuiteArgs(argv: string[]): { opts: SuiteOptions; json: bool
       idleSeconds: num(values['idle-seconds'], d.idleSeconds, 'idle-seconds'),
       signer: signerOf(values.signer ?? d.signer),
       cpuProfDir: values['cpu-prof'],
+      heapSnapshotDir: values['heap-snapshot'],
     },
   };
 }
