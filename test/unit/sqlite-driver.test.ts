@@ -45,7 +45,10 @@ const insert = (id: number, fail = false) =>
   db
     .transaction()
     .execute(async (tx) => {
-      await tx.insertInto('t').values({ id, v: `row ${id}` }).execute();
+      await tx
+        .insertInto('t')
+        .values({ id, v: `row ${id}` })
+        .execute();
       if (fail) throw new Error(`transaction ${id} gives up`);
     })
     .then(() => events.push(`done ${id}`));
@@ -55,7 +58,10 @@ const ids = async () => (await db.selectFrom('t').select('id').orderBy('id').exe
 describe('SQLite driver: group commit', () => {
   it('transactions started together share one COMMIT, and none returns before it', async () => {
     await Promise.all(Array.from({ length: 20 }, (_, i) => insert(i + 1)));
-    assert.deepEqual(await ids(), Array.from({ length: 20 }, (_, i) => i + 1));
+    assert.deepEqual(
+      await ids(),
+      Array.from({ length: 20 }, (_, i) => i + 1),
+    );
     assert.deepEqual(
       events.filter((e) => e === 'commit'),
       ['commit'],
