@@ -439,6 +439,7 @@ export async function runSuite(
   } finally {
     clearInterval(ticker);
     result.sequenceErrors = fleet.sequenceErrors;
+    result.registerRetries = fleet.registerRetries + others.registerRetries;
     result.coordinatorLogTail = c.logTail.slice(-5);
     result.loadAverageAtEnd = loadavg()[0];
     fleet.close();

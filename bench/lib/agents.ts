@@ -14,6 +14,7 @@
 import { generateKeyPairSync } from 'node:crypto';
 import { create, toBinary } from '@bufbuild/protobuf';
 import type * as grpc from '@grpc/grpc-js';
+import { status } from '@grpc/grpc-js';
 import { Backoff } from '../../agent/control/backoff.js';
 import { dial, type Endpoint } from '../../proto/dial.js';
 import {
@@ -183,6 +184,8 @@ export class AgentFleet {
   /** Messages received and sequence errors, over all agents. */
   messages = 0;
   sequenceErrors = 0;
+  /** Register calls tried again after DEADLINE_EXCEEDED or UNAVAILABLE. */
+  registerRetries = 0;
   created = 0;
   /** Encoded size of the first full netmap any agent received. */
   fullNetmapBytes = 0;
@@ -355,12 +358,23 @@ export class BenchAgent {
       requestedTags: tags,
       endpoints: ENDPOINTS,
     });
-    const md = this.signer.metadata(REGISTER, '', toBinary(RegisterRequestSchema, req));
-    const res = await unary(this.channel, ControlService, 'register', req, md, {
-      deadline: Date.now() + 15_000,
-    });
-    this.sim.client.nodeId = res.node?.id ?? '';
-    return res;
+    // A call that could not even get its connection in time is tried again,
+    // as the agent does: with thousands of connections opening at once the
+    // load generator itself can fall that far behind. Each try is counted.
+    for (let attempt = 1; ; attempt++) {
+      const md = this.signer.metadata(REGISTER, '', toBinary(RegisterRequestSchema, req));
+      try {
+        const res = await unary(this.channel, ControlService, 'register', req, md, {
+          deadline: Date.now() + 30_000,
+        });
+        this.sim.client.nodeId = res.node?.id ?? '';
+        return res;
+      } catch (err) {
+        const code = (err as grpc.ServiceError).code;
+        if (attempt >= 3 || (code !== status.DEADLINE_EXCEEDED && code !== status.UNAVAILABLE)) throw err;
+        this.fleet.registerRetries++;
+      }
+    }
   }
 
   private async sync(): Promise<SyncStream> {
