@@ -72,6 +72,7 @@ export class CoordinatorProcess {
   /** The last lines the coordinator logged (warnings and errors), for diagnostics. */
   readonly logTail: string[] = [];
   private adminClient: AdminClient | null = null;
+  private forget = () => {};
 
   private constructor(
     readonly dataDir: string,
@@ -85,7 +86,20 @@ export class CoordinatorProcess {
       mode: 0o600,
     });
     const c = new CoordinatorProcess(dataDir, await freePort(), opts);
-    await c.spawn();
+    // A benchmark stopped from outside exits without close(): the coordinator
+    // and its data dir must not outlive it.
+    const cleanUp = () => {
+      c.proc?.kill('SIGKILL');
+      rmSync(dataDir, { recursive: true, force: true });
+    };
+    process.once('exit', cleanUp);
+    c.forget = () => process.off('exit', cleanUp);
+    try {
+      await c.spawn();
+    } catch (err) {
+      await c.close();
+      throw err;
+    }
     return c;
   }
 
@@ -225,5 +239,6 @@ export class CoordinatorProcess {
   async close(): Promise<void> {
     await this.stop();
     rmSync(this.dataDir, { recursive: true, force: true });
+    this.forget();
   }
 }
