@@ -23,8 +23,8 @@ export interface SuiteOptions {
   /** The agents are spread over this many projects; propagation and policy run in the first. */
   projects: number;
   only: Benchmark[];
-  /** Agents per HTTP/2 connection. */
-  perConn: number;
+  /** Agents per TLS connection: 1, as real agents have; more to share connections. */
+  agentsPerConnection: number;
   /** Registrations in flight in the concurrent registration run. */
   concurrency: number;
   trials: number;
@@ -34,6 +34,8 @@ export interface SuiteOptions {
   /** node: the agents' calls are signed with node:crypto (same bytes as the agent's tweetnacl). */
   signer: Signer;
   cpuProfDir?: string;
+  /** Write a heap snapshot of the coordinator into this directory before and after the agents connect. */
+  heapSnapshotDir?: string;
 }
 
 export function defaults(agents: number): SuiteOptions {
@@ -42,7 +44,7 @@ export function defaults(agents: number): SuiteOptions {
     agents,
     projects: 1,
     only: [...BENCHMARKS],
-    perConn: 50,
+    agentsPerConnection: 1,
     concurrency: 50,
     trials: big ? 5 : 20,
     policyTrials: big ? 2 : 5,
@@ -59,6 +61,9 @@ const POLICY = JSON.stringify({
   acls: [{ action: 'accept', src: ['tag:a'], dst: ['tag:b:*'] }],
 });
 const MiB = 2 ** 20;
+const HEAP = 'meshgate_nodejs_heap_size_used_bytes';
+const HEAP_TOTAL = 'meshgate_nodejs_heap_size_total_bytes';
+const EXTERNAL = 'meshgate_nodejs_external_memory_bytes';
 
 /**
  * What the coordinator and this process (the load generator) spent while `fn`
@@ -142,10 +147,10 @@ export async function runSuite(
     result.phase = name;
     log(name);
   };
-  const c = await CoordinatorProcess.start({ cpuProfDir: o.cpuProfDir });
+  const c = await CoordinatorProcess.start({ cpuProfDir: o.cpuProfDir, heapSnapshotDir: o.heapSnapshotDir });
   log(`coordinator pid ${c.pid} on ${c.url}`);
-  const fleet = await AgentFleet.open(c.url, c.fingerprint, o.perConn, o.signer);
-  const others = await AgentFleet.open(c.url, c.fingerprint, o.perConn, o.signer);
+  const fleet = await AgentFleet.open(c.url, c.fingerprint, o.agentsPerConnection, o.signer);
+  const others = await AgentFleet.open(c.url, c.fingerprint, o.agentsPerConnection, o.signer);
   // Every 15 s: how far the agents got, for long runs.
   const ticker = setInterval(() => {
     try {
@@ -162,32 +167,16 @@ export async function runSuite(
     const admin = await c.admin();
     const keyOf = async (project: string, tags: string[]) =>
       (await admin.call('createAuthKey', { project, reusable: true, tags, expiration: '24h' })).authKey!.key;
+    // Memory per agent counts from here: each agent's node, its TLS
+    // connection (opened by Register) and its stream.
+    const snapshots: string[] = [];
+    if (o.heapSnapshotDir) snapshots.push(await c.heapSnapshot());
+    const rssBefore = c.rssBytes();
+    const heapBefore = await c.metric(HEAP);
     const keys: string[] = [];
     for (let p = 0; p < o.projects; p++) {
       await admin.call('createProject', { name: projectName(p) });
       keys.push(await keyOf(projectName(p), ['tag:a', 'tag:b']));
-    }
-
-    if (want('registration')) {
-      await admin.call('createProject', { name: 'seq' });
-      const seqKey = await keyOf('seq', []);
-      const seq = Array.from({ length: n }, () => others.agent());
-      const lat: number[] = [];
-      phase(`registration: ${n} sequential`);
-      const r = await measured(c, async () => {
-        for (const [i, a] of seq.entries()) {
-          const t = nowMs();
-          await a.register(seqKey, `seq-${i}`);
-          lat.push(nowMs() - t);
-        }
-      });
-      result.registrationSequential = {
-        count: n,
-        perSecond: round((n / r.wallMs) * 1000),
-        latencyMs: summarize(lat),
-        coordinatorCpuMsPerRegistration: round((r.coordinatorCpuPct * r.wallMs) / 100 / n, 2),
-        ...costs(r),
-      };
     }
 
     // The N agents in projects of equal size (±1), in each half tag:a, half
@@ -201,36 +190,66 @@ export async function runSuite(
     const mesh = groups[0]!;
     const members = groups.flatMap((g, p) => g.map((a) => ({ a, key: keys[p]! })));
     const lat: number[] = [];
+    const doneAt: number[] = [];
+    // The first calls the coordinator serves since it started: nothing warmed
+    // up its code, its statements or its connections before.
     phase(
-      `registration: ${n}${o.projects > 1 ? ` in ${o.projects} projects` : ''} with ${o.concurrency} concurrent`,
+      `registration, cold: ${n}${o.projects > 1 ? ` in ${o.projects} projects` : ''} with ${o.concurrency} concurrent`,
     );
-    const reg = await measured(c, () =>
-      pool(members, o.concurrency, async ({ a, key }, i) => {
+    let regT0 = 0;
+    const reg = await measured(c, () => {
+      regT0 = nowMs();
+      return pool(members, o.concurrency, async ({ a, key }, i) => {
         const t = nowMs();
         await a.register(key, `agent-${i}`);
+        doneAt.push(nowMs());
         lat.push(nowMs() - t);
-      }),
-    );
-    result.registrationConcurrent = {
+      });
+    });
+    const first = Math.min(n, 1000);
+    result.registrationCold = {
       count: n,
       concurrency: o.concurrency,
       perSecond: round((n / reg.wallMs) * 1000),
+      [`first${first}PerSecond`]: round((first / (doneAt[first - 1]! - regT0)) * 1000),
       latencyMs: summarize(lat),
       coordinatorCpuMsPerRegistration: round((reg.coordinatorCpuPct * reg.wallMs) / 100 / n, 2),
       ...costs(reg),
     };
+
+    // Warm: after the connected agents, so that its nodes and connections do
+    // not count in the memory per connected agent.
+    const sequential = async () => {
+      await admin.call('createProject', { name: 'seq' });
+      const seqKey = await keyOf('seq', []);
+      const seq = Array.from({ length: n }, () => others.agent());
+      const lat: number[] = [];
+      phase(`registration: ${n} sequential`);
+      const r = await measured(c, async () => {
+        for (const [i, a] of seq.entries()) {
+          const t = nowMs();
+          await a.register(seqKey, `seq-${i}`);
+          lat.push(nowMs() - t);
+          a.close();
+        }
+      });
+      result.registrationSequential = {
+        count: n,
+        perSecond: round((n / r.wallMs) * 1000),
+        latencyMs: summarize(lat),
+        coordinatorCpuMsPerRegistration: round((r.coordinatorCpuPct * r.wallMs) / 100 / n, 2),
+        ...costs(r),
+      };
+    };
+
     if (o.only.every((b) => b === 'registration')) {
+      await sequential();
       phase('done');
       return result;
     }
 
     await sleep(1000);
-    const HEAP = 'meshgate_nodejs_heap_size_used_bytes';
-    const HEAP_TOTAL = 'meshgate_nodejs_heap_size_total_bytes';
-    const EXTERNAL = 'meshgate_nodejs_external_memory_bytes';
-    const rssBefore = c.rssBytes();
-    const heapBefore = await c.metric(HEAP);
-    phase(`connect: ${n} agents over ${fleet.connections} connections`);
+    phase(`connect: ${n} agents over ${fleet.connections} TLS connections`);
     const conn = await measured(c, async () => {
       const t0 = nowMs();
       const fulls = fleet.watch(agents, (a) => a.hasFull);
@@ -258,6 +277,54 @@ export async function runSuite(
     };
     log(`connected; settled after ${round(conn.value.settled / 1000)} s`);
 
+    if (want('propagation')) {
+      const add: number[] = [];
+      const del: number[] = [];
+      const addAll: number[] = [];
+      const delAll: number[] = [];
+      const trials: Record<string, unknown>[] = [];
+      phase(`propagation: ${o.trials} trials, ${mesh.length} agents`);
+      const prop = await measured(c, async () => {
+        for (let t = 0; t < o.trials; t++) {
+          const name = `prop-${t}`;
+          const w = fleet.watch(mesh, (a) => {
+            const id = fleet.idOfName(name);
+            return id !== undefined && a.hasPeer(id);
+          });
+          const node = others.agent();
+          const res = await node.register(keys[0]!, name);
+          const t0 = nowMs();
+          node.close();
+          await w.wait(waitMs, `new node ${name}`);
+          const a = w.latencies(t0);
+          add.push(...a);
+          addAll.push(Math.max(...a));
+          const id = res.node!.id;
+          const d = fleet.watch(mesh, (a) => !a.hasPeer(id));
+          await admin.call('deleteNode', { id, project: PROJECT });
+          const t1 = nowMs();
+          await d.wait(waitMs, `removal of ${name}`);
+          const r = d.latencies(t1);
+          del.push(...r);
+          delAll.push(Math.max(...r));
+          // Per agent: p99 and the slowest; trial 1 is the first change after everyone connected.
+          const pick = ({ p50, p99, max }: Summary) => ({ p50, p99, max });
+          trials.push({ trial: t + 1, addMs: pick(summarize(a)), deleteMs: pick(summarize(r)) });
+          await sleep(100);
+        }
+      });
+      result.propagation = {
+        trials: o.trials,
+        agents: mesh.length,
+        addAllAgentsMs: summarize(addAll),
+        addPerAgentMs: summarize(add),
+        deleteAllAgentsMs: summarize(delAll),
+        deletePerAgentMs: summarize(del),
+        trialsMs: trials,
+        ...costs(prop),
+      };
+    }
+
     if (want('idle')) {
       await sleep(2000);
       const m0 = fleet.messages;
@@ -269,56 +336,23 @@ export async function runSuite(
         seconds: o.idleSeconds,
         ...costs(idle),
         messagesPerAgentPerMinute: round(((fleet.messages - m0) / n / o.idleSeconds) * 60, 2),
-        rssBeforeConnectMiB: round(rssBefore / MiB),
+        rssBeforeAgentsMiB: round(rssBefore / MiB),
         rssConnectedMiB: round(rss / MiB),
         rssPerAgentKiB: round((rss - rssBefore) / n / 1024),
-        heapUsedBeforeConnectMiB: round(heapBefore / MiB),
+        heapUsedBeforeAgentsMiB: round(heapBefore / MiB),
         heapUsedConnectedMiB: round(heap / MiB),
         heapUsedPerAgentKiB: round((heap - heapBefore) / n / 1024),
         // What V8 keeps committed (live objects and room for more) and memory outside the heap.
         heapTotalMiB: round((await c.metric(HEAP_TOTAL)) / MiB),
         externalMiB: round((await c.metric(EXTERNAL)) / MiB),
       };
+      if (o.heapSnapshotDir) {
+        snapshots.push(await c.heapSnapshot());
+        result.heapSnapshots = snapshots;
+      }
     }
 
-    if (want('propagation')) {
-      const add: number[] = [];
-      const del: number[] = [];
-      const addAll: number[] = [];
-      const delAll: number[] = [];
-      phase(`propagation: ${o.trials} trials, ${mesh.length} agents`);
-      const prop = await measured(c, async () => {
-        for (let t = 0; t < o.trials; t++) {
-          const name = `prop-${t}`;
-          const w = fleet.watch(mesh, (a) => {
-            const id = fleet.idOfName(name);
-            return id !== undefined && a.hasPeer(id);
-          });
-          const res = await others.agent().register(keys[0]!, name);
-          const t0 = nowMs();
-          await w.wait(waitMs, `new node ${name}`);
-          add.push(...w.latencies(t0));
-          addAll.push(Math.max(...w.latencies(t0)));
-          const id = res.node!.id;
-          const d = fleet.watch(mesh, (a) => !a.hasPeer(id));
-          await admin.call('deleteNode', { id, project: PROJECT });
-          const t1 = nowMs();
-          await d.wait(waitMs, `removal of ${name}`);
-          del.push(...d.latencies(t1));
-          delAll.push(Math.max(...d.latencies(t1)));
-          await sleep(100);
-        }
-      });
-      result.propagation = {
-        trials: o.trials,
-        agents: mesh.length,
-        addAllAgentsMs: summarize(addAll),
-        addPerAgentMs: summarize(add),
-        deleteAllAgentsMs: summarize(delAll),
-        deletePerAgentMs: summarize(del),
-        ...costs(prop),
-      };
-    }
+    if (want('registration')) await sequential();
 
     if (want('policy')) {
       const m = mesh.length;
@@ -405,6 +439,7 @@ export async function runSuite(
   } finally {
     clearInterval(ticker);
     result.sequenceErrors = fleet.sequenceErrors;
+    result.registerRetries = fleet.registerRetries + others.registerRetries;
     result.coordinatorLogTail = c.logTail.slice(-5);
     result.loadAverageAtEnd = loadavg()[0];
     fleet.close();
@@ -423,12 +458,15 @@ export function humanSummary(r: Record<string, unknown>): string {
   const g = (k: string) => r[k] as Record<string, unknown> | undefined;
   const projects = (r.options as SuiteOptions | undefined)?.projects ?? 1;
   const lines = [`N = ${r.agents}${projects > 1 ? ` in ${projects} projects` : ''}`];
+  if (g('registrationCold')) {
+    const cold = g('registrationCold')!;
+    const first = Object.keys(cold).find((k) => /^first\d+PerSecond$/.test(k))!;
+    lines.push(
+      `  registrations/s ${cold.concurrency} concurrent, cold  ${cold.perSecond} (${first.slice(5, -9)} first: ${cold[first]})`,
+    );
+  }
   if (g('registrationSequential'))
     lines.push(`  registrations/s sequential   ${g('registrationSequential')!.perSecond}`);
-  if (g('registrationConcurrent'))
-    lines.push(
-      `  registrations/s ${g('registrationConcurrent')!.concurrency} concurrent  ${g('registrationConcurrent')!.perSecond}`,
-    );
   if (g('connect'))
     lines.push(
       `  connect: all full netmaps ${g('connect')!.allFullNetmapsMs} ms, settled ${g('connect')!.settledMs} ms`,
@@ -440,6 +478,10 @@ export function humanSummary(r: Record<string, unknown>): string {
   if (g('propagation')) {
     lines.push(`  propagation add (all agents)     ${fmt(g('propagation')!.addAllAgentsMs as Summary)}`);
     lines.push(`  propagation delete (all agents)  ${fmt(g('propagation')!.deleteAllAgentsMs as Summary)}`);
+    const trials = g('propagation')!.trialsMs as { addMs: Summary; deleteMs: Summary }[];
+    lines.push(
+      `  per trial, add / delete p99 ms   ${trials.map((t) => `${t.addMs.p99}/${t.deleteMs.p99}`).join(' ')}`,
+    );
   }
   if (g('policy')) {
     lines.push(`  policy set (all agents)          ${fmt(g('policy')!.setAllAgentsMs as Summary)}`);
@@ -466,13 +508,14 @@ export function parseSuiteArgs(argv: string[]): { opts: SuiteOptions; json: bool
       agents: { type: 'string', default: '100' },
       projects: { type: 'string' },
       only: { type: 'string' },
-      'per-conn': { type: 'string' },
+      'agents-per-connection': { type: 'string' },
       concurrency: { type: 'string' },
       trials: { type: 'string' },
       'policy-trials': { type: 'string' },
       'storm-trials': { type: 'string' },
       'idle-seconds': { type: 'string' },
       'cpu-prof': { type: 'string' },
+      'heap-snapshot': { type: 'string' },
       signer: { type: 'string' },
       json: { type: 'boolean', default: false },
     },
@@ -497,7 +540,11 @@ export function parseSuiteArgs(argv: string[]): { opts: SuiteOptions; json: bool
       agents,
       projects,
       only: only as Benchmark[],
-      perConn: num(values['per-conn'], d.perConn, 'per-conn'),
+      agentsPerConnection: num(
+        values['agents-per-connection'],
+        d.agentsPerConnection,
+        'agents-per-connection',
+      ),
       concurrency: num(values.concurrency, d.concurrency, 'concurrency'),
       trials: num(values.trials, d.trials, 'trials'),
       policyTrials: num(values['policy-trials'], d.policyTrials, 'policy-trials'),
@@ -505,6 +552,7 @@ export function parseSuiteArgs(argv: string[]): { opts: SuiteOptions; json: bool
       idleSeconds: num(values['idle-seconds'], d.idleSeconds, 'idle-seconds'),
       signer: signerOf(values.signer ?? d.signer),
       cpuProfDir: values['cpu-prof'],
+      heapSnapshotDir: values['heap-snapshot'],
     },
   };
 }

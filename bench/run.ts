@@ -19,7 +19,7 @@ const { values } = parseArgs({
     sizes: { type: 'string', default: '100,1000' },
     projects: { type: 'string', default: '1' },
     only: { type: 'string' },
-    'per-conn': { type: 'string' },
+    'agents-per-connection': { type: 'string' },
     'idle-seconds': { type: 'string' },
     trials: { type: 'string' },
     'policy-trials': { type: 'string' },
@@ -43,7 +43,7 @@ const passThrough = (
   [
     'projects',
     'only',
-    'per-conn',
+    'agents-per-connection',
     'idle-seconds',
     'trials',
     'policy-trials',

@@ -51,6 +51,9 @@ const SERVER_OPTIONS: grpc.ServerOptions = {
   'grpc.keepalive_timeout_ms': 20_000,
   'grpc.keepalive_permit_without_calls': 1,
   'grpc.http2.min_ping_interval_without_data_ms': 10_000,
+  // Channelz keeps trace and tracking objects per connection and call, which
+  // nothing here reads: about 2 KiB of heap per connected agent.
+  'grpc.enable_channelz': 0,
 };
 
 function splitHostPort(hp: string): { host: string; port: number } {

@@ -1,8 +1,9 @@
-// The coordinator's TLS identity: an RSA key and a self-signed
+// The coordinator's TLS identity: an ECDSA P-256 key and a self-signed
 // certificate made on first start in the data dir. Clients pin the SHA-256
 // of the certificate's public key (SPKI), which survives re-issuing the
-// certificate for the same key.
-import { generateKeyPairSync, randomBytes } from 'node:crypto';
+// certificate for the same key. Data dirs made before keep their RSA-3072
+// identity (and their pin).
+import { generateKeyPairSync, randomBytes, sign } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { isIP } from 'node:net';
 import { hostname } from 'node:os';
@@ -39,16 +40,18 @@ export async function ensureTlsIdentity(
 ): Promise<TlsIdentity & { created: boolean }> {
   const p = tlsPaths(dataDir);
   if (existsSync(p.key) && existsSync(p.cert)) return { ...loadTlsIdentity(dataDir), created: false };
-  const { privateKey, publicKey } = generateKeyPairSync('rsa', {
-    modulusLength: 3072,
+  // Every agent connection costs the coordinator one handshake signature:
+  // 0.03 ms with P-256, 1.8 ms with RSA-3072, which made TLS the largest cost
+  // of registering a fleet.
+  const { privateKey, publicKey } = generateKeyPairSync('ec', {
+    namedCurve: 'P-256',
     privateKeyEncoding: { type: 'pkcs8', format: 'pem' },
-    publicKeyEncoding: { type: 'spki', format: 'pem' },
+    publicKeyEncoding: { type: 'spki', format: 'der' },
   });
   const isIp = (n: string) => isIP(n) !== 0;
   const dns = [...new Set(['localhost', hostname(), ...names.filter((n) => !isIp(n))])];
   const ips = [...new Set(['127.0.0.1', '::1', ...names.filter(isIp)])];
   const cert = forge.pki.createCertificate();
-  cert.publicKey = forge.pki.publicKeyFromPem(publicKey);
   cert.serialNumber = `01${randomBytes(15).toString('hex')}`;
   const now = Date.now();
   cert.validity.notBefore = new Date(now - 3_600_000);
@@ -58,15 +61,50 @@ export async function ensureTlsIdentity(
   cert.setIssuer(subject);
   cert.setExtensions([
     { name: 'basicConstraints', cA: false },
-    { name: 'keyUsage', digitalSignature: true, keyEncipherment: true },
+    { name: 'keyUsage', digitalSignature: true },
     { name: 'extKeyUsage', serverAuth: true },
     {
       name: 'subjectAltName',
       altNames: [...dns.map((value) => ({ type: 2, value })), ...ips.map((ip) => ({ type: 7, ip }))],
     },
   ]);
-  cert.sign(forge.pki.privateKeyFromPem(privateKey) as forge.pki.rsa.PrivateKey, forge.md.sha256.create());
   writeFileSync(p.key, privateKey, { mode: 0o600, flag: 'wx' });
-  writeFileSync(p.cert, forge.pki.certificateToPem(cert), { mode: 0o644, flag: 'wx' });
+  writeFileSync(p.cert, signedWithEcdsa(cert, publicKey, privateKey), { mode: 0o644, flag: 'wx' });
   return { ...loadTlsIdentity(dataDir), created: true };
+}
+
+const ECDSA_WITH_SHA256 = '1.2.840.10045.4.3.2';
+
+/**
+ * The certificate in PEM, signed with the P-256 key. node-forge signs with
+ * RSA only: it lays out the to-be-signed part (with a stand-in key), then its
+ * key and signature algorithm are replaced and node:crypto signs it.
+ */
+function signedWithEcdsa(cert: forge.pki.Certificate, spki: Buffer, privateKey: string): string {
+  const { asn1 } = forge;
+  const one = new forge.jsbn.BigInteger('1');
+  cert.publicKey = forge.pki.rsa.setPublicKey(one, one);
+  (cert as unknown as { siginfo: { algorithmOid: string } }).siginfo.algorithmOid = ECDSA_WITH_SHA256;
+  // ECDSA's AlgorithmIdentifier has no parameters (RFC 5758 3.2), not even NULL.
+  const algorithm = () =>
+    asn1.create(asn1.Class.UNIVERSAL, asn1.Type.SEQUENCE, true, [
+      asn1.create(asn1.Class.UNIVERSAL, asn1.Type.OID, false, asn1.oidToDer(ECDSA_WITH_SHA256).getBytes()),
+    ]);
+  // Exported by node-forge, missing from its type declarations.
+  const { getTBSCertificate } = forge.pki as unknown as {
+    getTBSCertificate(c: forge.pki.Certificate): forge.asn1.Asn1;
+  };
+  const tbs = getTBSCertificate(cert);
+  const fields = tbs.value as forge.asn1.Asn1[];
+  // version, serial, signature algorithm, issuer, validity, subject, public key, extensions
+  fields[2] = algorithm();
+  fields[6] = asn1.fromDer(forge.util.createBuffer(spki.toString('binary')));
+  const tbsDer = Buffer.from(asn1.toDer(tbs).getBytes(), 'binary');
+  const signature = sign('sha256', tbsDer, privateKey);
+  const certificate = asn1.create(asn1.Class.UNIVERSAL, asn1.Type.SEQUENCE, true, [
+    tbs,
+    algorithm(),
+    asn1.create(asn1.Class.UNIVERSAL, asn1.Type.BITSTRING, false, `\0${signature.toString('binary')}`),
+  ]);
+  return forge.pem.encode({ type: 'CERTIFICATE', body: asn1.toDer(certificate).getBytes() });
 }

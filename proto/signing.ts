@@ -72,12 +72,10 @@ export function signCall(
 }
 
 /** DER header of an Ed25519 SubjectPublicKeyInfo; the raw 32-byte key follows it. */
-const ED25519_SPKI = Buffer.from('302a300506032b6570032100', 'hex');
-
 /**
- * Parsing a key costs nearly as much as checking a signature (80 against
- * 110 µs), and a node signs all its calls with the same key. Bounded so that
- * callers inventing keys cannot grow it; the oldest entry goes first.
+ * Parsing a key costs nearly as much as checking a signature, and a node
+ * signs all its calls with the same key. Bounded so that callers inventing
+ * keys cannot grow it; the oldest entry goes first.
  */
 const publicKeys = new Map<string, KeyObject>();
 const PUBLIC_KEY_CACHE_SIZE = 100_000;
@@ -86,7 +84,12 @@ function ed25519PublicKey(raw: Uint8Array): KeyObject {
   const hex = Buffer.from(raw).toString('hex');
   let key = publicKeys.get(hex);
   if (!key) {
-    key = createPublicKey({ key: Buffer.concat([ED25519_SPKI, raw]), format: 'der', type: 'spki' });
+    // As a JWK: OpenSSL 3 decodes a DER key about ten times slower (250 against
+    // 27 µs here), which every new machine's first call paid.
+    key = createPublicKey({
+      key: { kty: 'OKP', crv: 'Ed25519', x: Buffer.from(raw).toString('base64url') },
+      format: 'jwk',
+    });
     if (publicKeys.size >= PUBLIC_KEY_CACHE_SIZE) publicKeys.delete(publicKeys.keys().next().value!);
     publicKeys.set(hex, key);
   }

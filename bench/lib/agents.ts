@@ -1,7 +1,8 @@
 // Simulated agents for the load generator: the integration harness's SimAgent
 // (real Ed25519 machine key, real signed Register and Sync calls) with changes
 // that let one process hold thousands of them:
-//  - agents share HTTP/2 connections in groups (AgentFleet.perConn);
+//  - every agent has a TLS connection of its own, as real agents do; groups of
+//    agents can share one instead (AgentFleet.agentsPerConnection);
 //  - sync messages are not decoded: bench/lib/wire.ts reads the peer ids (and
 //    the name and tag of ids seen for the first time) from the bytes;
 //  - the netmap is kept as a set of peer indexes, updated per delta in
@@ -13,6 +14,7 @@
 import { generateKeyPairSync } from 'node:crypto';
 import { create, toBinary } from '@bufbuild/protobuf';
 import type * as grpc from '@grpc/grpc-js';
+import { status } from '@grpc/grpc-js';
 import { Backoff } from '../../agent/control/backoff.js';
 import { dial, type Endpoint } from '../../proto/dial.js';
 import {
@@ -182,6 +184,8 @@ export class AgentFleet {
   /** Messages received and sequence errors, over all agents. */
   messages = 0;
   sequenceErrors = 0;
+  /** Register calls tried again after DEADLINE_EXCEEDED or UNAVAILABLE. */
+  registerRetries = 0;
   created = 0;
   /** Encoded size of the first full netmap any agent received. */
   fullNetmapBytes = 0;
@@ -192,29 +196,35 @@ export class AgentFleet {
     readonly url: string,
     readonly fingerprint: string,
     private readonly endpoint: Endpoint,
-    readonly perConn: number,
+    readonly agentsPerConnection: number,
     readonly signer: Signer,
   ) {}
 
-  static async open(url: string, fingerprint: string, perConn: number, signer: Signer): Promise<AgentFleet> {
+  static async open(
+    url: string,
+    fingerprint: string,
+    agentsPerConnection: number,
+    signer: Signer,
+  ): Promise<AgentFleet> {
     if (signer === 'node') {
       checkSameSignatures(machineKey());
       checkScanner();
     }
-    return new AgentFleet(url, fingerprint, await dial(url, { fingerprint }), perConn, signer);
+    return new AgentFleet(url, fingerprint, await dial(url, { fingerprint }), agentsPerConnection, signer);
   }
 
+  /** Connections opened so far (closed ones included). */
   get connections(): number {
     return this.channels.length;
   }
 
   /**
-   * The client of the shared connection for the next agent. All channels use
-   * the same credentials object, so grpc-js would put them on one subchannel
-   * (one TCP connection); a distinct dummy option per group keeps them apart.
+   * The client of the connection for the next agent. All channels use the
+   * same credentials object, so grpc-js would put them on one subchannel (one
+   * TCP connection); a distinct dummy option per group keeps them apart.
    */
   private channel(): grpc.Client {
-    const k = Math.floor(this.created / this.perConn);
+    const k = Math.floor(this.created / this.agentsPerConnection);
     this.created++;
     if (!this.channels[k]) {
       this.channels[k] = makeClient(ControlService, this.endpoint.target, this.endpoint.credentials, {
@@ -228,7 +238,9 @@ export class AgentFleet {
         // One agent on its own connection has a 64 KiB HTTP/2 window; a group
         // sharing a connection gets that per agent, or full netmaps queue behind
         // one window. (The option also raises the per-stream window.)
-        'grpc-node.flow_control_window': 65_535 * this.perConn,
+        ...(this.agentsPerConnection > 1
+          ? { 'grpc-node.flow_control_window': 65_535 * this.agentsPerConnection }
+          : {}),
         ...this.endpoint.options,
         'meshgate.bench.conn': k,
       });
@@ -346,12 +358,23 @@ export class BenchAgent {
       requestedTags: tags,
       endpoints: ENDPOINTS,
     });
-    const md = this.signer.metadata(REGISTER, '', toBinary(RegisterRequestSchema, req));
-    const res = await unary(this.channel, ControlService, 'register', req, md, {
-      deadline: Date.now() + 15_000,
-    });
-    this.sim.client.nodeId = res.node?.id ?? '';
-    return res;
+    // A call that could not even get its connection in time is tried again,
+    // as the agent does: with thousands of connections opening at once the
+    // load generator itself can fall that far behind. Each try is counted.
+    for (let attempt = 1; ; attempt++) {
+      const md = this.signer.metadata(REGISTER, '', toBinary(RegisterRequestSchema, req));
+      try {
+        const res = await unary(this.channel, ControlService, 'register', req, md, {
+          deadline: Date.now() + 30_000,
+        });
+        this.sim.client.nodeId = res.node?.id ?? '';
+        return res;
+      } catch (err) {
+        const code = (err as grpc.ServiceError).code;
+        if (attempt >= 3 || (code !== status.DEADLINE_EXCEEDED && code !== status.UNAVAILABLE)) throw err;
+        this.fleet.registerRetries++;
+      }
+    }
   }
 
   private async sync(): Promise<SyncStream> {
@@ -490,6 +513,16 @@ export class BenchAgent {
     if (this.retry) clearTimeout(this.retry);
     this.stream?.cancel();
     this.stream = null;
+  }
+
+  /**
+   * Ends the stream and, when this agent has its connection to itself, closes
+   * it: agents that only register (the sequential run, the propagation trials)
+   * would otherwise keep thousands of idle TLS connections open on both sides.
+   */
+  close(): void {
+    this.stop();
+    if (this.fleet.agentsPerConnection === 1) this.channel.close();
   }
 }
 

@@ -2,7 +2,7 @@
 // process of its own, so its CPU and memory can be read from /proc and the
 // load generator does not share its event loop.
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { get } from 'node:https';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -13,6 +13,8 @@ import { BIN, stop } from '../../test/integration/process.js';
 export interface CoordinatorOptions {
   /** Write a V8 CPU profile of the coordinator into this directory (node --cpu-prof). */
   cpuProfDir?: string;
+  /** Let the coordinator write a V8 heap snapshot into this directory on SIGUSR2 (heapSnapshot()). */
+  heapSnapshotDir?: string;
   /** Extra YAML configuration keys (coordinator/config.ts). */
   config?: Record<string, unknown>;
 }
@@ -23,6 +25,25 @@ export const BENCH_CONFIG = {
   // load generator that registers thousands of machines from 127.0.0.1.
   registrationRate: { perSecond: 1_000_000, burst: 1_000_000 },
 };
+
+/**
+ * The environment the systemd unit gives the coordinator (its Environment=
+ * lines), so that the benchmark measures memory as deployed.
+ */
+export function unitEnvironment(
+  unit = join(import.meta.dirname, '..', '..', 'deploy', 'meshgate-coordinator.service'),
+): Record<string, string> {
+  const env: Record<string, string> = {};
+  for (const line of readFileSync(unit, 'utf8').split('\n')) {
+    const m = /^Environment=(.*)$/.exec(line);
+    if (!m) continue;
+    for (const pair of m[1]!.trim().split(/\s+/)) {
+      const i = pair.indexOf('=');
+      env[pair.slice(0, i)] = pair.slice(i + 1);
+    }
+  }
+  return env;
+}
 
 const CLK_TCK = (() => {
   try {
@@ -51,6 +72,7 @@ export class CoordinatorProcess {
   /** The last lines the coordinator logged (warnings and errors), for diagnostics. */
   readonly logTail: string[] = [];
   private adminClient: AdminClient | null = null;
+  private forget = () => {};
 
   private constructor(
     readonly dataDir: string,
@@ -64,7 +86,20 @@ export class CoordinatorProcess {
       mode: 0o600,
     });
     const c = new CoordinatorProcess(dataDir, await freePort(), opts);
-    await c.spawn();
+    // A benchmark stopped from outside exits without close(): the coordinator
+    // and its data dir must not outlive it.
+    const cleanUp = () => {
+      c.proc?.kill('SIGKILL');
+      rmSync(dataDir, { recursive: true, force: true });
+    };
+    process.once('exit', cleanUp);
+    c.forget = () => process.off('exit', cleanUp);
+    try {
+      await c.spawn();
+    } catch (err) {
+      await c.close();
+      throw err;
+    }
     return c;
   }
 
@@ -77,7 +112,12 @@ export class CoordinatorProcess {
   }
 
   private spawn(): Promise<void> {
-    const nodeArgs = this.opts.cpuProfDir ? ['--cpu-prof', '--cpu-prof-dir', this.opts.cpuProfDir] : [];
+    const nodeArgs = [
+      ...(this.opts.cpuProfDir ? ['--cpu-prof', '--cpu-prof-dir', this.opts.cpuProfDir] : []),
+      ...(this.opts.heapSnapshotDir
+        ? ['--heapsnapshot-signal=SIGUSR2', '--diagnostic-dir', this.opts.heapSnapshotDir]
+        : []),
+    ];
     const proc = spawn(
       process.execPath,
       [
@@ -95,7 +135,7 @@ export class CoordinatorProcess {
         '--log-level',
         'warn',
       ],
-      { stdio: ['ignore', 'pipe', 'pipe'] },
+      { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...unitEnvironment() } },
     );
     this.proc = proc;
     proc.stderr!.setEncoding('utf8').on('data', (d: string) => {
@@ -160,6 +200,25 @@ export class CoordinatorProcess {
     });
   }
 
+  /**
+   * Writes a heap snapshot (needs `heapSnapshotDir`) and resolves with its
+   * path once it is complete: V8 writes it synchronously, so the coordinator
+   * answers /metrics again only when the file is done.
+   */
+  async heapSnapshot(): Promise<string> {
+    const dir = this.opts.heapSnapshotDir;
+    if (!dir) throw new Error('the coordinator was started without heapSnapshotDir');
+    const before = new Set(readdirSync(dir));
+    this.proc!.kill('SIGUSR2');
+    for (;;) {
+      await new Promise((r) => setTimeout(r, 500));
+      const made = readdirSync(dir).find((f) => f.endsWith('.heapsnapshot') && !before.has(f));
+      // A connection made while V8 writes the snapshot can be reset; asking again is enough.
+      const answers = await this.metric('meshgate_nodejs_heap_size_used_bytes').catch(() => Number.NaN);
+      if (made && Number.isFinite(answers)) return join(dir, made);
+    }
+  }
+
   /** SIGTERM (a clean shutdown) and wait for the exit. */
   async stop(): Promise<void> {
     this.adminClient?.close();
@@ -180,5 +239,6 @@ export class CoordinatorProcess {
   async close(): Promise<void> {
     await this.stop();
     rmSync(this.dataDir, { recursive: true, force: true });
+    this.forget();
   }
 }

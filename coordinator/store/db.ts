@@ -1,11 +1,12 @@
 // Opens the database behind the coordinator: SQLite (embedded default,
 // optionally encrypted, see sqlite.ts) or PostgreSQL. Everything above this
 // file speaks Kysely only.
-import { Kysely, PostgresDialect, SqliteDialect, sql } from 'kysely';
+import { Kysely, PostgresDialect, sql } from 'kysely';
 import pg from 'pg';
 import { type Dialect, migrate } from './migrations.js';
 import type { Database } from './schema.js';
 import { DatabaseError, openSqliteFile, sqlitePath } from './sqlite.js';
+import { sqliteDialect } from './sqlite-driver.js';
 import { retryingDialect } from './unavailable.js';
 
 export interface StoreOptions {
@@ -58,7 +59,7 @@ function openSqlite(url: string, key: string | undefined, busyWaitMs: number): K
   // SQLite's busy wait blocks the event loop: keep it short, the dialect retries asynchronously.
   conn.pragma('busy_timeout = 20');
   return new Kysely<Database>({
-    dialect: retryingDialect(new SqliteDialect({ database: conn }), { busyWaitMs }),
+    dialect: retryingDialect(sqliteDialect(conn), { busyWaitMs }),
   });
 }
 

@@ -1,0 +1,232 @@
+// The Kysely driver for the coordinator's SQLite file, in place of Kysely's
+// own, for two costs that dominated registering many agents at once:
+//  - Group commit. With synchronous=FULL every COMMIT waits for the disk
+//    (about 2 ms here), and better-sqlite3 waits on the event loop's thread,
+//    so one commit per registration capped registrations at a few hundred per
+//    second whatever the CPU. Transactions that meet here within one turn of
+//    the event loop now run one after another inside one SQLite transaction,
+//    each in a savepoint of its own (its failure undoes only its changes),
+//    and share one COMMIT. None of them returns before that COMMIT is on
+//    disk, so an acknowledged change still survives a power loss; if the
+//    COMMIT fails, every one of them fails.
+//  - Statements are prepared once per SQL text and kept, instead of once per
+//    execution.
+import type SQLite from 'better-sqlite3-multiple-ciphers';
+import {
+  type CompiledQuery,
+  type DatabaseConnection,
+  type DatabaseIntrospector,
+  type Dialect,
+  type DialectAdapter,
+  type Driver,
+  type Kysely,
+  type QueryCompiler,
+  type QueryResult,
+  SqliteAdapter,
+  SqliteIntrospector,
+  SqliteQueryCompiler,
+} from 'kysely';
+import { storeUnavailable } from './unavailable.js';
+
+/** Transactions that share one COMMIT at most; more wait for the next one. */
+export const GROUP_LIMIT = 64;
+/** Prepared statements kept; the coordinator issues far fewer distinct ones. */
+const STATEMENT_CACHE = 500;
+const SAVEPOINT = 'meshgate_tx';
+
+export function sqliteDialect(db: SQLite.Database): Dialect {
+  return {
+    createAdapter: (): DialectAdapter => new SqliteAdapter(),
+    createDriver: (): Driver => new GroupCommitDriver(db),
+    createIntrospector: (k: Kysely<unknown>): DatabaseIntrospector => new SqliteIntrospector(k),
+    createQueryCompiler: (): QueryCompiler => new SqliteQueryCompiler(),
+  };
+}
+
+/** One caller's turn on the single SQLite connection. */
+class Lease implements DatabaseConnection {
+  /** Inside its savepoint. */
+  inTransaction = false;
+  /** Gave the connection up after its transaction; taken again if the lease is used once more. */
+  handedOff = false;
+
+  constructor(private readonly driver: GroupCommitDriver) {}
+
+  async executeQuery<R>(query: CompiledQuery): Promise<QueryResult<R>> {
+    await this.driver.beforeStatement(this);
+    return this.driver.run<R>(query);
+  }
+
+  async *streamQuery<R>(query: CompiledQuery): AsyncIterableIterator<QueryResult<R>> {
+    await this.driver.beforeStatement(this);
+    // Not from the cache: an iterating statement cannot run again until it is done.
+    for (const row of this.driver.prepare(query.sql, false).iterate(query.parameters))
+      yield { rows: [row as R] };
+  }
+}
+
+interface Member {
+  resolve(): void;
+  reject(err: unknown): void;
+}
+
+export class GroupCommitDriver implements Driver {
+  private readonly statements = new Map<string, SQLite.Statement>();
+  private locked = false;
+  private readonly waiting: (() => void)[] = [];
+  /** An outer BEGIN is open; these transactions finished inside it and wait for its COMMIT. */
+  private groupOpen = false;
+  private members: Member[] = [];
+  private commitScheduled = false;
+
+  constructor(private readonly db: SQLite.Database) {}
+
+  async init(): Promise<void> {}
+
+  prepare(sql: string, cache = true): SQLite.Statement {
+    let stmt = cache ? this.statements.get(sql) : undefined;
+    if (!stmt) {
+      stmt = this.db.prepare(sql);
+      if (cache) {
+        if (this.statements.size >= STATEMENT_CACHE)
+          this.statements.delete(this.statements.keys().next().value!);
+        this.statements.set(sql, stmt);
+      }
+    }
+    return stmt;
+  }
+
+  run<R>(query: CompiledQuery): QueryResult<R> {
+    const stmt = this.prepare(query.sql);
+    const params = query.parameters as unknown[];
+    if (stmt.reader) return { rows: stmt.all(params) as R[] };
+    const { changes, lastInsertRowid } = stmt.run(params);
+    return {
+      numAffectedRows: BigInt(changes),
+      insertId: lastInsertRowid === undefined ? undefined : BigInt(lastInsertRowid),
+      rows: [],
+    };
+  }
+
+  private lock(): Promise<void> {
+    if (!this.locked) {
+      this.locked = true;
+      return Promise.resolve();
+    }
+    return new Promise((resolve) => this.waiting.push(resolve));
+  }
+
+  private unlock(): void {
+    const next = this.waiting.shift();
+    if (next) next();
+    else this.locked = false;
+  }
+
+  /**
+   * A lease that gave the connection up takes it again; a statement outside
+   * a transaction first commits the open group, so that it is not acknowledged
+   * before it is on disk either.
+   */
+  async beforeStatement(lease: Lease): Promise<void> {
+    if (lease.handedOff) {
+      await this.lock();
+      lease.handedOff = false;
+    }
+    if (!lease.inTransaction && this.groupOpen) this.commitGroup();
+  }
+
+  async acquireConnection(): Promise<DatabaseConnection> {
+    await this.lock();
+    return new Lease(this);
+  }
+
+  async beginTransaction(c: DatabaseConnection): Promise<void> {
+    const lease = leaseOf(c);
+    if (lease.handedOff) {
+      await this.lock();
+      lease.handedOff = false;
+    }
+    if (!this.groupOpen) {
+      this.db.exec('begin');
+      this.groupOpen = true;
+    }
+    this.db.exec(`savepoint ${SAVEPOINT}`);
+    lease.inTransaction = true;
+  }
+
+  async commitTransaction(c: DatabaseConnection): Promise<void> {
+    const lease = leaseOf(c);
+    this.db.exec(`release ${SAVEPOINT}`);
+    lease.inTransaction = false;
+    const committed = new Promise<void>((resolve, reject) => this.members.push({ resolve, reject }));
+    if (this.members.length >= GROUP_LIMIT) {
+      this.commitGroup();
+    } else {
+      // Let the transactions already waiting, and those that start in this
+      // turn of the event loop, join before the COMMIT.
+      lease.handedOff = true;
+      this.scheduleCommit();
+      this.unlock();
+    }
+    await committed;
+  }
+
+  async rollbackTransaction(c: DatabaseConnection): Promise<void> {
+    const lease = leaseOf(c);
+    // Not inside its savepoint any more: the shared COMMIT failed and rolled everything back.
+    if (!lease.inTransaction) return;
+    lease.inTransaction = false;
+    this.db.exec(`rollback to ${SAVEPOINT}`);
+    this.db.exec(`release ${SAVEPOINT}`);
+    this.scheduleCommit();
+  }
+
+  private scheduleCommit(): void {
+    if (this.commitScheduled) return;
+    this.commitScheduled = true;
+    setImmediate(() => {
+      void this.lock().then(() => {
+        this.commitScheduled = false;
+        if (this.groupOpen) this.commitGroup();
+        this.unlock();
+      });
+    });
+  }
+
+  /** COMMIT (the caller holds the connection) and settle every transaction of the group. */
+  private commitGroup(): void {
+    const members = this.members;
+    this.members = [];
+    this.groupOpen = false;
+    try {
+      this.db.exec('commit');
+    } catch (err) {
+      if (this.db.inTransaction) this.db.exec('rollback');
+      const failure = storeUnavailable(err) ?? err;
+      for (const m of members) m.reject(failure);
+      return;
+    }
+    for (const m of members) m.resolve();
+  }
+
+  async releaseConnection(c: DatabaseConnection): Promise<void> {
+    const lease = leaseOf(c);
+    if (lease.handedOff) return;
+    lease.handedOff = true;
+    this.unlock();
+  }
+
+  async destroy(): Promise<void> {
+    await this.lock();
+    if (this.groupOpen) this.commitGroup();
+    this.statements.clear();
+    this.db.close();
+  }
+}
+
+/** The lease behind a connection, also when the retrying dialect wrapped it. */
+function leaseOf(c: DatabaseConnection): Lease {
+  const l = c instanceof Lease ? c : (c as { inner?: unknown }).inner;
+  if (!(l instanceof Lease)) throw new Error('not a connection of the SQLite driver');
+  return l;
+}

@@ -1,0 +1,124 @@
+import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, beforeEach, describe, it } from 'node:test';
+import SQLite from 'better-sqlite3-multiple-ciphers';
+import { Kysely, sql } from 'kysely';
+import { GROUP_LIMIT, sqliteDialect } from '../../coordinator/store/sqlite-driver.js';
+import { StoreUnavailableError } from '../../coordinator/store/unavailable.js';
+
+interface Db {
+  t: { id: number; v: string };
+}
+
+const dir = mkdtempSync(join(tmpdir(), 'meshgate-driver-'));
+after(() => rmSync(dir, { recursive: true, force: true }));
+
+let n = 0;
+let conn: SQLite.Database;
+let db: Kysely<Db>;
+/** Every BEGIN / COMMIT / ROLLBACK the driver sent, and when each transaction's promise settled. */
+let events: string[];
+/** Makes the next COMMIT fail as a failing disk would. */
+let failCommit = false;
+
+beforeEach(async () => {
+  conn = new SQLite(join(dir, `db-${n++}.sqlite`));
+  conn.pragma('journal_mode = WAL');
+  conn.pragma('synchronous = FULL');
+  conn.exec('create table t (id integer primary key, v text not null)');
+  events = [];
+  const exec = conn.exec.bind(conn);
+  conn.exec = (s: string) => {
+    if (/^(begin|commit|rollback)$/.test(s)) events.push(s);
+    if (s === 'commit' && failCommit) {
+      failCommit = false;
+      throw Object.assign(new Error('disk I/O error'), { code: 'SQLITE_IOERR_WRITE' });
+    }
+    return exec(s);
+  };
+  db = new Kysely<Db>({ dialect: sqliteDialect(conn) });
+});
+
+const insert = (id: number, fail = false) =>
+  db
+    .transaction()
+    .execute(async (tx) => {
+      await tx
+        .insertInto('t')
+        .values({ id, v: `row ${id}` })
+        .execute();
+      if (fail) throw new Error(`transaction ${id} gives up`);
+    })
+    .then(() => events.push(`done ${id}`));
+
+const ids = async () => (await db.selectFrom('t').select('id').orderBy('id').execute()).map((r) => r.id);
+
+describe('SQLite driver: group commit', () => {
+  it('transactions started together share one COMMIT, and none returns before it', async () => {
+    await Promise.all(Array.from({ length: 20 }, (_, i) => insert(i + 1)));
+    assert.deepEqual(
+      await ids(),
+      Array.from({ length: 20 }, (_, i) => i + 1),
+    );
+    assert.deepEqual(
+      events.filter((e) => e === 'commit'),
+      ['commit'],
+      `one COMMIT for 20 transactions: ${events.join(', ')}`,
+    );
+    const commitAt = events.indexOf('commit');
+    for (let i = 1; i <= 20; i++) assert.ok(events.indexOf(`done ${i}`) > commitAt, `transaction ${i}`);
+    // And it is on disk: another connection reads it.
+    const other = new SQLite(conn.name, { readonly: true });
+    assert.equal((other.prepare('select count(*) as c from t').get() as { c: number }).c, 20);
+    other.close();
+  });
+
+  it('a group holds at most GROUP_LIMIT transactions', async () => {
+    const count = GROUP_LIMIT * 2 + 1;
+    await Promise.all(Array.from({ length: count }, (_, i) => insert(i + 1)));
+    assert.equal((await ids()).length, count);
+    assert.equal(events.filter((e) => e === 'commit').length, 3);
+  });
+
+  it('a transaction that fails undoes only its own changes', async () => {
+    const results = await Promise.allSettled([insert(1), insert(2, true), insert(3)]);
+    assert.deepEqual(
+      results.map((r) => r.status),
+      ['fulfilled', 'rejected', 'fulfilled'],
+    );
+    assert.match(String((results[1] as PromiseRejectedResult).reason), /transaction 2 gives up/);
+    assert.deepEqual(await ids(), [1, 3]);
+  });
+
+  it('a failed COMMIT fails every transaction of the group with a typed error; the next one works', async () => {
+    failCommit = true;
+    const results = await Promise.allSettled([insert(1), insert(2), insert(3)]);
+    for (const r of results) {
+      assert.equal(r.status, 'rejected');
+      assert.ok((r as PromiseRejectedResult).reason instanceof StoreUnavailableError);
+      assert.match(String((r as PromiseRejectedResult).reason), /cannot read or write its database/);
+    }
+    assert.deepEqual(await ids(), []);
+    await insert(4);
+    assert.deepEqual(await ids(), [4]);
+  });
+
+  it('a statement outside a transaction waits for nothing and commits what is pending first', async () => {
+    const pending = insert(1);
+    // Issued while transaction 1 waits for its COMMIT: that COMMIT comes first.
+    await sql`insert into t (id, v) values (2, 'outside')`.execute(db);
+    assert.equal(events.filter((e) => e === 'commit').length, 1);
+    await pending;
+    assert.deepEqual(await ids(), [1, 2]);
+  });
+
+  it('a transaction inside a connection that goes on afterwards keeps its turn', async () => {
+    await db.connection().execute(async (c) => {
+      await c.transaction().execute((tx) => tx.insertInto('t').values({ id: 1, v: 'a' }).execute());
+      await c.insertInto('t').values({ id: 2, v: 'b' }).execute();
+    });
+    assert.deepEqual(await ids(), [1, 2]);
+  });
+});
