@@ -26,10 +26,13 @@ export class AddressPool {
   private next = 1;
 
   constructor(inUse: Iterable<number>) {
-    for (const i of inUse) {
-      this.used.add(i);
-      if (i >= this.next) this.next = i + 1;
-    }
+    for (const i of inUse) this.use(i);
+  }
+
+  /** Marks an index taken elsewhere (loaded from the store, or given out by another coordinator). */
+  use(index: number): void {
+    this.used.add(index);
+    if (index >= this.next) this.next = index + 1;
   }
 
   /** Reserves an index now, before any await, so concurrent callers never share one. */
