@@ -1,6 +1,7 @@
 // Starts and stops the coordinator: store, state, mapper, the gRPC servers
 // (TLS on TCP, plaintext on the 0600 local admin socket), the HTTP listener
 // and the lifecycle timers.
+import { randomBytes } from 'node:crypto';
 import { chmodSync, existsSync, unlinkSync } from 'node:fs';
 import { createServer as createHttpServer, type Server as HttpServer } from 'node:http';
 import { createServer as createHttpsServer } from 'node:https';
@@ -28,6 +29,8 @@ import { lockDataDir, prepareDataDir } from './datadir.js';
 import type { Logger } from './log.js';
 import { Mapper } from './mapper/mapper.js';
 import { readSecretFile } from './secret-file.js';
+import { changeBounds } from './state/changelog.js';
+import { Replication } from './state/replication.js';
 import { State } from './state/state.js';
 import { openStore } from './store/db.js';
 import { ensureTlsIdentity } from './tls.js';
@@ -164,7 +167,20 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
     key: config.databaseKeyFile ? readSecretFile(config.databaseKeyFile, 'database key') : undefined,
   });
   undo.push(() => store.close());
-  const state = await State.load(store.db, { ephemeralTimeoutMs: parseDuration(config.ephemeralTimeout) });
+  // On PostgreSQL other coordinators may share the database (docs/ha.md).
+  const replica = store.dialect === 'postgres' ? randomBytes(8).toString('hex') : undefined;
+  const seenSeq = replica ? (await changeBounds(store.db)).last : 0;
+  const state = await State.load(store.db, {
+    ephemeralTimeoutMs: parseDuration(config.ephemeralTimeout),
+    replica,
+  });
+  const replication = replica
+    ? new Replication(store.db, state, { url: config.database, replica, log }, seenSeq)
+    : null;
+  if (replication) {
+    await replication.start();
+    undo.push(() => replication.close());
+  }
   const metrics = new Metrics({
     nodesOnline: () => state.onlineCount(),
     nodesTotal: () => state.listNodes().length,
@@ -287,9 +303,16 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
   const lifecycle = setInterval(
     async () => {
       try {
+        // Every coordinator tells its own agents about expiries; what writes runs on one only.
+        state.sweepExpiry();
+        if (replication && !(await replication.holds('periodic'))) return;
+        for (const id of (await replication?.reapDead()) ?? [])
+          log.warn(
+            { replica: id },
+            'a coordinator stopped renewing its lease; its nodes are offline unless they reconnect elsewhere',
+          );
         for (const n of await state.reapEphemeral())
           log.info({ node: n.id, name: n.name, project: n.project }, 'removed inactive ephemeral node');
-        state.sweepExpiry();
         const now = Date.now();
         for (const k of await state.keys.listApiKeys()) {
           if (k.revokedAt === null && k.expiresAt - now < warnWindow && !warned.has(k.id)) {
@@ -342,6 +365,7 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
       ]);
       // After the servers: closing streams marks nodes offline, and that last_seen must reach the store too.
       try {
+        await replication?.close();
         await state.close();
       } finally {
         await store.close();

@@ -8,14 +8,34 @@ export type Counter = 'projects' | 'nodes';
 export class Counters {
   private readonly last: Record<Counter, number> = { projects: 0, nodes: 0 };
 
-  async load(db: Kysely<Database>): Promise<void> {
-    for (const c of await db.selectFrom('id_counters').selectAll().execute()) {
+  /**
+   * `shared`: other coordinators take numbers from the same database, so each
+   * is taken there; otherwise this process is the only one and counts in memory.
+   */
+  constructor(
+    private readonly db: Kysely<Database>,
+    private readonly shared: boolean,
+  ) {}
+
+  async load(): Promise<void> {
+    for (const c of await this.db.selectFrom('id_counters').selectAll().execute()) {
       this.last[c.name as Counter] = Number(c.last);
     }
   }
 
-  /** Reserves the next number of a counter in memory; `save` makes it durable. */
-  next(counter: Counter): number {
+  /** Reserves the next number of a counter; `save` makes it durable when it is only reserved in memory. */
+  async next(counter: Counter): Promise<number> {
+    if (this.shared) {
+      // Its own short statement, outside the caller's transaction: the row lock
+      // is released at once, and a number lost to a failed write is a gap, never a repeat.
+      const r = await this.db
+        .updateTable('id_counters')
+        .set((eb) => ({ last: eb('last', '+', 1) }))
+        .where('name', '=', counter)
+        .returning('last')
+        .executeTakeFirstOrThrow();
+      return Number(r.last);
+    }
     this.last[counter] += 1;
     return this.last[counter];
   }

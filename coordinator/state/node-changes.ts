@@ -1,17 +1,18 @@
 // Changes to registered nodes: by admins (delete, expire, rename, tags,
 // routes) and by their agents (endpoints, version, key rotation, logout).
 // Each is written first and then applied to memory and announced.
-import type { Kysely } from 'kysely';
+import type { Kysely, Transaction } from 'kysely';
 import { isDnsLabel, isTag } from '../../proto/names.js';
 import { quote } from '../../proto/text.js';
 import type { Database } from '../store/schema.js';
 import { audit } from './audit.js';
+import type { ChangeLog } from './changelog.js';
 import { exists, invalid, notFound, precondition } from './errors.js';
 import type { EventBus } from './events.js';
 import type { AddressPool } from './ipam.js';
 import { duplicateKeyOr, type NodeIndex } from './node-index.js';
 import type { Presence } from './presence.js';
-import type { NodeRecord } from './records.js';
+import { type NodeRecord, nodeFromRow } from './records.js';
 
 export class NodeChanges {
   constructor(
@@ -21,7 +22,16 @@ export class NodeChanges {
     private readonly pool: AddressPool,
     private readonly presence: Presence,
     private readonly events: EventBus,
+    private readonly log: ChangeLog,
   ) {}
+
+  /** One transaction that changes node `id` and records that it did. */
+  async write(id: string, fn: (tx: Transaction<Database>) => Promise<unknown>): Promise<void> {
+    await this.db.transaction().execute(async (tx) => {
+      await fn(tx);
+      await this.log.record(tx, { kind: 'node', ref: id });
+    });
+  }
 
   // ---- by agents
 
@@ -29,11 +39,13 @@ export class NodeChanges {
     const n = this.nodes.get(id);
     if (!n || sameList(endpoints, n.endpoints)) return;
     n.endpoints = endpoints;
-    await this.db
-      .updateTable('nodes')
-      .set({ endpoints: JSON.stringify(endpoints) })
-      .where('id', '=', id)
-      .execute();
+    await this.write(id, (tx) =>
+      tx
+        .updateTable('nodes')
+        .set({ endpoints: JSON.stringify(endpoints) })
+        .where('id', '=', id)
+        .execute(),
+    );
     this.events.emit({ type: 'node-patched', node: n, endpointsChanged: true });
   }
 
@@ -41,18 +53,20 @@ export class NodeChanges {
   async updateLockdownPorts(id: string, ports: number[]): Promise<void> {
     const n = this.nodes.get(id);
     if (!n || sameList(ports, n.lockdownPorts)) return;
-    await this.db
-      .updateTable('nodes')
-      .set({ lockdown_ports: JSON.stringify(ports) })
-      .where('id', '=', id)
-      .execute();
+    await this.write(id, (tx) =>
+      tx
+        .updateTable('nodes')
+        .set({ lockdown_ports: JSON.stringify(ports) })
+        .where('id', '=', id)
+        .execute(),
+    );
     n.lockdownPorts = ports;
   }
 
   async updateVersion(id: string, version: string): Promise<void> {
     const n = this.nodes.get(id);
     if (!n || n.version === version) return;
-    await this.db.updateTable('nodes').set({ version }).where('id', '=', id).execute();
+    await this.write(id, (tx) => tx.updateTable('nodes').set({ version }).where('id', '=', id).execute());
     this.apply(n, { version }, 'node-changed');
   }
 
@@ -63,11 +77,13 @@ export class NodeChanges {
     const release = this.nodes.claimNodeKey(nodeKey, id);
     const keySetAt = this.now();
     try {
-      await this.db
-        .updateTable('nodes')
-        .set({ node_key: nodeKey, key_set_at: keySetAt })
-        .where('id', '=', id)
-        .execute();
+      await this.write(id, (tx) =>
+        tx
+          .updateTable('nodes')
+          .set({ node_key: nodeKey, key_set_at: keySetAt })
+          .where('id', '=', id)
+          .execute(),
+      );
     } catch (err) {
       release();
       throw duplicateKeyOr(err);
@@ -90,14 +106,47 @@ export class NodeChanges {
   }
 
   async remove(actor: string, n: NodeRecord, action: string): Promise<void> {
-    await this.db.transaction().execute(async (tx) => {
+    await this.write(n.id, async (tx) => {
       await tx.deleteFrom('nodes').where('id', '=', n.id).execute();
       await audit(tx, this.now(), actor, action, n.id, { project: n.project, name: n.name });
     });
+    this.forget(n);
+    this.events.emit({ type: 'node-removed', node: n });
+  }
+
+  /** A node deleted from memory: its address is free again, its presence gone. Not announced. */
+  forget(n: NodeRecord): void {
     this.nodes.remove(n);
     this.pool.release(n.ipIndex);
     this.presence.forget(n.id);
-    this.events.emit({ type: 'node-removed', node: n });
+  }
+
+  /**
+   * The stored row of a node as another coordinator left it (undefined:
+   * deleted), applied and announced as if the change had been made here.
+   */
+  applyRow(id: string, row: Database['nodes'] | undefined): void {
+    const old = this.nodes.get(id);
+    if (!row) {
+      if (!old) return;
+      this.forget(old);
+      this.events.emit({ type: 'node-removed', node: old });
+      return;
+    }
+    const node = nodeFromRow(row);
+    if (!old) {
+      this.nodes.add(node);
+      this.pool.use(node.ipIndex);
+      this.events.emit({ type: 'node-added', node });
+      return;
+    }
+    // last_seen is kept in memory where the node streams; the stored one lags.
+    node.lastSeen = Math.max(old.lastSeen ?? 0, node.lastSeen ?? 0) || null;
+    if (sameNode(old, node)) return;
+    const visible = !sameNode({ ...old, endpoints: node.endpoints, lastSeen: node.lastSeen }, node);
+    this.nodes.replace(node);
+    if (visible) this.events.emit({ type: 'node-changed', node });
+    else this.events.emit({ type: 'node-patched', node, endpointsChanged: true });
   }
 
   async expire(
@@ -159,7 +208,7 @@ export class NodeChanges {
     change: Partial<NodeRecord>,
     row: Partial<Database['nodes']>,
   ): Promise<NodeRecord> {
-    await this.db.transaction().execute(async (tx) => {
+    await this.write(n.id, async (tx) => {
       await tx.updateTable('nodes').set(row).where('id', '=', n.id).execute();
       await audit(tx, this.now(), actor, action, n.id, { project: n.project, ...change });
     });
@@ -185,6 +234,10 @@ export class NodeChanges {
     else this.events.emit({ type: event, node });
     return node;
   }
+}
+
+function sameNode(a: NodeRecord, b: NodeRecord): boolean {
+  return JSON.stringify(a) === JSON.stringify(b);
 }
 
 export function sameList<T>(a: readonly T[], b: readonly T[]): boolean {

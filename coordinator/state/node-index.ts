@@ -132,8 +132,10 @@ export class NodeIndex {
 
   remove(n: NodeRecord): void {
     this.nodes.delete(n.id);
-    this.byNumber.delete(n.numericId);
-    this.byMachineKey.delete(n.machineKey);
+    // Only what still points at this node: a failed registration must not
+    // unindex the node another coordinator registered for the same machine.
+    if (this.byNumber.get(n.numericId) === n.id) this.byNumber.delete(n.numericId);
+    if (this.byMachineKey.get(n.machineKey) === n.id) this.byMachineKey.delete(n.machineKey);
     if (this.byNodeKey.get(n.nodeKey) === n.id) this.byNodeKey.delete(n.nodeKey);
     this.byProject.get(n.project)?.delete(n.id);
     this.releaseName(n);

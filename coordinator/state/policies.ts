@@ -16,6 +16,7 @@ import {
 } from '../policy/index.js';
 import type { Database } from '../store/schema.js';
 import { audit } from './audit.js';
+import type { ChangeLog } from './changelog.js';
 import { invalid, precondition } from './errors.js';
 import type { EventBus } from './events.js';
 import { type NodeRecord, storedTime } from './records.js';
@@ -44,6 +45,7 @@ export class Policies {
     private readonly now: () => number,
     private readonly events: EventBus,
     private readonly ctx: PolicyContext,
+    private readonly log: ChangeLog,
   ) {
     // Subscribed first, so every other listener already compiles the new state.
     events.on((e) => {
@@ -113,6 +115,7 @@ export class Policies {
       if (parsed) await tx.insertInto('policies').values({ project, source, updated_at: now }).execute();
       const detail = objected ? { force: true, ...objections } : force ? { force: true } : {};
       await audit(tx, this.now(), actor, parsed ? 'policy.set' : 'policy.remove', project, detail);
+      await this.log.record(tx, { kind: 'policy', ref: project });
     });
     if (parsed) this.policies.set(project, { source, parsed, updatedAt: now });
     else this.policies.delete(project);
@@ -158,12 +161,39 @@ export class Policies {
       await tx.deleteFrom('global_policy').execute();
       if (parsed) await tx.insertInto('global_policy').values({ id: 1, source, updated_at: now }).execute();
       await audit(tx, this.now(), actor, parsed ? 'policy.global.set' : 'policy.global.remove', '*');
+      await this.log.record(tx, { kind: 'global-policy', ref: '' });
     });
     this.globalPolicy = parsed ? { source, parsed, updatedAt: now } : undefined;
+    this.announceGlobal();
+    return now;
+  }
+
+  private announceGlobal(): void {
     for (const p of this.ctx.projectNames()) {
       if (!this.policies.has(p)) this.events.emit({ type: 'policy-changed', project: p });
     }
-    return now;
+  }
+
+  /** The stored policy of a project as another coordinator left it (undefined: none). */
+  applyRow(project: string, row: Database['policies'] | undefined): void {
+    if (row) {
+      if (this.policies.get(project)?.source === row.source) return;
+      this.policies.set(project, {
+        source: row.source,
+        parsed: parsePolicy(row.source, { stored: true }),
+        updatedAt: storedTime(row.updated_at),
+      });
+    } else if (this.policies.has(project)) this.policies.delete(project);
+    else return;
+    this.events.emit({ type: 'policy-changed', project });
+  }
+
+  applyGlobalRow(row: Database['global_policy'] | undefined): void {
+    if (this.globalPolicy?.source === row?.source) return;
+    this.globalPolicy = row
+      ? { source: row.source, parsed: parsePolicy(row.source), updatedAt: Number(row.updated_at) }
+      : undefined;
+    this.announceGlobal();
   }
 
   check(project: string, source: string | undefined): PolicyTestOutcome[] {

@@ -9,8 +9,17 @@ import type { NodeRecord } from './records.js';
 
 const SEEN_BATCH_MS = 5_000;
 
+/** Where a coordinator sharing its database records which nodes stream to it (see replica.ts). */
+export interface PresenceRecorder {
+  streaming(id: string, online: boolean): void;
+}
+
 export class Presence {
+  /** Streaming to this coordinator. */
   private readonly online = new Set<string>();
+  /** Streaming to another coordinator on the same database. */
+  private readonly remote = new Set<string>();
+  recorder: PresenceRecorder | null = null;
   private readonly observed = new Map<string, string>();
   private readonly unsavedSeen = new Set<string>();
   private seenTimer: NodeJS.Timeout | null = null;
@@ -26,27 +35,50 @@ export class Presence {
   ) {}
 
   isOnline(id: string): boolean {
-    return this.online.has(id);
+    return this.online.has(id) || this.remote.has(id);
   }
 
   count(): number {
-    return this.online.size;
+    let n = this.online.size;
+    for (const id of this.remote) if (!this.online.has(id)) n++;
+    return n;
   }
 
   /** A removed node: nothing of it is kept. */
   forget(id: string): void {
     this.online.delete(id);
+    this.remote.delete(id);
     this.observed.delete(id);
   }
 
   set(id: string, online: boolean): void {
     const n = this.nodes.get(id);
     if (!n || this.online.has(id) === online) return;
+    const before = this.isOnline(id);
     if (online) this.online.add(id);
     else this.online.delete(id);
     n.lastSeen = this.now();
     this.markSeen(id);
-    this.events.emit({ type: 'node-patched', node: n, endpointsChanged: false });
+    this.recorder?.streaming(id, online);
+    if (this.isOnline(id) !== before)
+      this.events.emit({ type: 'node-patched', node: n, endpointsChanged: false });
+  }
+
+  /** Whether the node streams to another coordinator, as the shared presence rows say. */
+  setRemote(id: string, online: boolean): void {
+    const n = this.nodes.get(id);
+    if (!n || this.remote.has(id) === online) return;
+    const before = this.isOnline(id);
+    if (online) this.remote.add(id);
+    else this.remote.delete(id);
+    // Seen until now elsewhere: the ephemeral reaper counts from here.
+    n.lastSeen = this.now();
+    if (this.isOnline(id) !== before)
+      this.events.emit({ type: 'node-patched', node: n, endpointsChanged: false });
+  }
+
+  remoteIds(): string[] {
+    return [...this.remote];
   }
 
   /** Endpoints peers should try: what the agent reported, then where the coordinator saw it come from. */

@@ -6,6 +6,7 @@ import { isDnsLabel } from '../../proto/names.js';
 import { quote } from '../../proto/text.js';
 import type { Database } from '../store/schema.js';
 import { audit } from './audit.js';
+import type { ChangeLog } from './changelog.js';
 import type { Counters } from './counters.js';
 import { exists, invalid, notFound, precondition } from './errors.js';
 import type { EventBus } from './events.js';
@@ -42,6 +43,7 @@ export class Projects {
     private readonly counters: Counters,
     private readonly nodes: NodeIndex,
     private readonly events: EventBus,
+    private readonly log: ChangeLog,
   ) {}
 
   async load(): Promise<void> {
@@ -84,7 +86,8 @@ export class Projects {
       throw exists(`project ${quote(name)} already exists`);
     this.creating.add(name);
     try {
-      const p = { name, numericId: this.counters.next('projects'), createdAt: this.now(), maxKeyAgeMs: null };
+      const numericId = await this.counters.next('projects');
+      const p = { name, numericId, createdAt: this.now(), maxKeyAgeMs: null };
       await this.db.transaction().execute(async (tx) => {
         await tx
           .insertInto('projects')
@@ -92,6 +95,7 @@ export class Projects {
           .execute();
         await this.counters.save(tx, 'projects', p.numericId);
         await audit(tx, this.now(), actor, 'project.create', name);
+        await this.log.record(tx, { kind: 'project', ref: name });
       });
       this.add(p);
       return p;
@@ -122,6 +126,7 @@ export class Projects {
         .where('name', '=', name)
         .execute();
       await audit(tx, this.now(), actor, 'project.max-key-age', name, { maxKeyAgeMs });
+      await this.log.record(tx, { kind: 'project', ref: name });
     });
     const next = { ...p, maxKeyAgeMs };
     this.projects.set(name, next);
@@ -142,10 +147,31 @@ export class Projects {
       await tx.deleteFrom('nodes').where('project', '=', name).execute();
       await tx.deleteFrom('projects').where('name', '=', name).execute();
       await audit(tx, this.now(), actor, 'project.delete', name, { nodes: members.length });
+      await this.log.record(tx, { kind: 'project', ref: name });
     });
     for (const n of members) this.nodes.remove(n);
     this.forget(name);
     return members;
+  }
+
+  /**
+   * The stored row of a project changed by another coordinator (undefined:
+   * deleted). Returns the nodes a deletion removed, not yet announced.
+   */
+  applyRow(name: string, row: Database['projects'] | undefined): NodeRecord[] {
+    const old = this.projects.get(name);
+    if (!row) {
+      if (!old) return [];
+      const members = this.nodes.projectNodes(name);
+      for (const n of members) this.nodes.remove(n);
+      this.forget(name);
+      return members;
+    }
+    const p = projectFromRow(row);
+    this.add(p);
+    if (old && old.maxKeyAgeMs !== p.maxKeyAgeMs)
+      for (const n of this.nodes.projectNodes(name)) this.events.emit({ type: 'node-changed', node: n });
+    return [];
   }
 
   private forget(name: string): void {

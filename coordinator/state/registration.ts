@@ -2,12 +2,10 @@
 // after expiry with a fresh key (same node, same addresses), or reconnects
 // (usually nothing to write).
 import { randomBytes } from 'node:crypto';
-import type { Kysely } from 'kysely';
 import { isTag, toDnsLabel } from '../../proto/names.js';
 import { quote } from '../../proto/text.js';
-import type { Database } from '../store/schema.js';
 import type { Counters } from './counters.js';
-import { denied, invalid, unauthenticated } from './errors.js';
+import { CoordinatorError, denied, invalid, unauthenticated } from './errors.js';
 import type { EventBus } from './events.js';
 import { type AddressPool, ipv4ForIndex, ipv6ForIndex } from './ipam.js';
 import type { KeyStore } from './keys.js';
@@ -30,7 +28,6 @@ export interface RegisterInput {
 
 export class Registration {
   constructor(
-    private readonly db: Kysely<Database>,
     private readonly now: () => number,
     private readonly deps: {
       nodes: NodeIndex;
@@ -40,10 +37,30 @@ export class Registration {
       pool: AddressPool;
       changes: NodeChanges;
       events: EventBus;
+      /**
+       * Applies what other coordinators committed; set when they share the
+       * database. A registration that collides with one of theirs (address,
+       * name, machine) catches up and tries again.
+       */
+      catchUp?: () => Promise<void>;
     },
   ) {}
 
   async register(input: RegisterInput): Promise<{ node: NodeRecord; existing: boolean }> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.registerOnce(input);
+      } catch (err) {
+        if (!this.deps.catchUp || attempt >= MAX_ATTEMPTS || !collidedElsewhere(err)) throw err;
+        // Coordinators that collided once tend to pick the same next address
+        // again: a random pause spreads them out.
+        await new Promise((r) => setTimeout(r, Math.random() * 20 * attempt));
+        await this.deps.catchUp();
+      }
+    }
+  }
+
+  private async registerOnce(input: RegisterInput): Promise<{ node: NodeRecord; existing: boolean }> {
     const { nodes, keys, counters, pool, changes, events } = this.deps;
     const known = nodes.byMachine(input.machineKey);
     if (known && !isNodeExpired(known, this.now())) {
@@ -57,7 +74,7 @@ export class Registration {
       const keySetAt = input.nodeKey === known.nodeKey ? known.keySetAt : this.now();
       const release = nodes.claimNodeKey(input.nodeKey, known.id);
       try {
-        await this.db.transaction().execute(async (tx) => {
+        await changes.write(known.id, async (tx) => {
           await keys.spend(tx, key);
           await tx
             .updateTable('nodes')
@@ -82,11 +99,14 @@ export class Registration {
       return { node, existing: true };
     }
     nodes.requireFreeNodeKey(input.nodeKey);
+    const numericId = await counters.next('nodes');
+    // Registered meanwhile, here or (applied from the database) elsewhere: that node is this machine's.
+    if (nodes.byMachine(input.machineKey)) return this.registerOnce(input);
     const index = pool.reserve();
     const now = this.now();
     const node: NodeRecord = {
       id: randomBytes(8).toString('hex'),
-      numericId: counters.next('nodes'),
+      numericId,
       project: key.project,
       name: nodes.uniqueName(key.project, toDnsLabel(input.hostname) || 'node'),
       machineKey: input.machineKey,
@@ -112,7 +132,7 @@ export class Registration {
     // Claim the name before awaiting so a concurrent registration picks another.
     nodes.add(node);
     try {
-      await this.db.transaction().execute(async (tx) => {
+      await changes.write(node.id, async (tx) => {
         await keys.spend(tx, key);
         await tx.insertInto('nodes').values(nodeToRow(node)).execute();
         await counters.save(tx, 'nodes', node.numericId);
@@ -148,19 +168,21 @@ export class Registration {
     if (!changed && !endpointsChanged) return known;
     const release = this.deps.nodes.claimNodeKey(node.nodeKey, known.id);
     try {
-      await this.db
-        .updateTable('nodes')
-        .set({
-          node_key: node.nodeKey,
-          key_set_at: node.keySetAt,
-          hostname: node.hostname,
-          os: node.os,
-          version: node.version,
-          advertised_routes: JSON.stringify(node.advertisedRoutes),
-          endpoints: JSON.stringify(node.endpoints),
-        })
-        .where('id', '=', node.id)
-        .execute();
+      await this.deps.changes.write(node.id, (tx) =>
+        tx
+          .updateTable('nodes')
+          .set({
+            node_key: node.nodeKey,
+            key_set_at: node.keySetAt,
+            hostname: node.hostname,
+            os: node.os,
+            version: node.version,
+            advertised_routes: JSON.stringify(node.advertisedRoutes),
+            endpoints: JSON.stringify(node.endpoints),
+          })
+          .where('id', '=', node.id)
+          .execute(),
+      );
     } catch (err) {
       release();
       throw duplicateKeyOr(err);
@@ -184,6 +206,15 @@ export class Registration {
       throw unauthenticated(`auth key ${key.id} belongs to a deleted project`);
     return key;
   }
+}
+
+const MAX_ATTEMPTS = 10;
+
+/** A unique index other than the node key's refused the write: another coordinator got there first. */
+function collidedElsewhere(err: unknown): boolean {
+  const e = err as { code?: unknown; message?: unknown };
+  if (e instanceof CoordinatorError) return false;
+  return e?.code === '23505' && !String(e.message).includes('node_key');
 }
 
 function tagsFor(key: AuthKeyRecord, requested: string[]): string[] {

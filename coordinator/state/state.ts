@@ -7,6 +7,7 @@ import type { Kysely } from 'kysely';
 import type { CompiledPolicy, PolicyTestOutcome } from '../policy/index.js';
 import type { Database } from '../store/schema.js';
 import { type AuditEntry, type AuditQuery, readAudit } from './audit.js';
+import { type Change, type ChangeLog, SharedChangeLog, unshared } from './changelog.js';
 import { Counters } from './counters.js';
 import { CoordinatorError } from './errors.js';
 import { EventBus, type StateEvent } from './events.js';
@@ -15,10 +16,11 @@ import { KeyStore } from './keys.js';
 import { NodeChanges } from './node-changes.js';
 import { NodeIndex } from './node-index.js';
 import { Policies, type PolicyRecord } from './policies.js';
-import { Presence } from './presence.js';
+import { Presence, type PresenceRecorder } from './presence.js';
 import { type ProjectRecord, Projects } from './projects.js';
 import { isNodeExpired, type NodeRecord, nodeFromRow } from './records.js';
 import { type RegisterInput, Registration } from './registration.js';
+import { RemoteChanges } from './remote-changes.js';
 import { type DesiredArtifact, type DesiredVersionRecord, Versions } from './versions.js';
 
 export interface StateOptions {
@@ -26,13 +28,24 @@ export interface StateOptions {
   now?: () => number;
   /** How long changed last_seen times wait in memory before one transaction writes them all. */
   seenBatchMs?: number;
+  /**
+   * This coordinator's id when others share its PostgreSQL database: every
+   * change is then recorded for them (changelog.ts) and numbers are taken
+   * from the database. Unset with SQLite, which one process owns.
+   */
+  replica?: string;
 }
 
 export class State {
   readonly now: () => number;
   readonly keys: KeyStore;
   private readonly events = new EventBus();
-  private readonly counters = new Counters();
+  private readonly counters: Counters;
+  private readonly log: ChangeLog;
+  /** Applies other coordinators' changes; null when none share the database. */
+  readonly remote: RemoteChanges | null;
+  /** Set by replication: applies what other coordinators committed so far. */
+  catchUp: (() => Promise<void>) | null = null;
   private readonly nodes = new NodeIndex();
   private readonly pool = new AddressPool([]);
   private readonly projects: Projects;
@@ -49,21 +62,35 @@ export class State {
   ) {
     const now = options.now ?? Date.now;
     this.now = now;
-    this.projects = new Projects(db, now, this.counters, this.nodes, this.events);
+    this.log = options.replica ? new SharedChangeLog(options.replica, now) : unshared;
+    this.counters = new Counters(db, options.replica !== undefined);
+    this.projects = new Projects(db, now, this.counters, this.nodes, this.events, this.log);
     this.keys = new KeyStore(db, now, (name) => this.requireProject(name));
-    this.policies = new Policies(db, now, this.events, {
-      requireProject: (name) => this.requireProject(name),
-      projectNames: () => this.projects.names(),
-      activeProjectNodes: (project) => this.activeProjectNodes(project),
-    });
-    this.versions = new Versions(db, now, this.events, {
-      requireProject: (name) => this.requireProject(name),
-      listNodes: (project) => this.listNodes(project),
-      keys: this.keys,
-    });
+    this.policies = new Policies(
+      db,
+      now,
+      this.events,
+      {
+        requireProject: (name) => this.requireProject(name),
+        projectNames: () => this.projects.names(),
+        activeProjectNodes: (project) => this.activeProjectNodes(project),
+      },
+      this.log,
+    );
+    this.versions = new Versions(
+      db,
+      now,
+      this.events,
+      {
+        requireProject: (name) => this.requireProject(name),
+        listNodes: (project) => this.listNodes(project),
+        keys: this.keys,
+      },
+      this.log,
+    );
     this.presence = new Presence(db, now, this.nodes, this.events, options.seenBatchMs);
-    this.changes = new NodeChanges(db, now, this.nodes, this.pool, this.presence, this.events);
-    this.registration = new Registration(db, now, {
+    this.changes = new NodeChanges(db, now, this.nodes, this.pool, this.presence, this.events, this.log);
+    this.registration = new Registration(now, {
       nodes: this.nodes,
       projects: this.projects,
       keys: this.keys,
@@ -71,13 +98,30 @@ export class State {
       pool: this.pool,
       changes: this.changes,
       events: this.events,
+      catchUp: options.replica ? () => this.catchUp?.() ?? Promise.resolve() : undefined,
     });
+    this.remote = options.replica
+      ? new RemoteChanges(
+          db,
+          {
+            nodes: this.nodes,
+            projects: this.projects,
+            policies: this.policies,
+            versions: this.versions,
+            presence: this.presence,
+            changes: this.changes,
+            events: this.events,
+          },
+          options.replica,
+          now,
+        )
+      : null;
   }
 
   static async load(db: Kysely<Database>, options: StateOptions): Promise<State> {
     const s = new State(db, options);
     s.lastExpirySweep = s.now();
-    await s.counters.load(db);
+    await s.counters.load();
     await s.projects.load();
     for (const r of await db.selectFrom('nodes').selectAll().execute()) {
       const n = nodeFromRow(r);
@@ -91,6 +135,11 @@ export class State {
 
   onEvent(listener: (e: StateEvent) => void): void {
     this.events.on(listener);
+  }
+
+  /** Where stream opens and closes are recorded for other coordinators. */
+  recordPresence(recorder: PresenceRecorder): void {
+    this.presence.recorder = recorder;
   }
 
   // ---- projects
@@ -361,5 +410,13 @@ export class State {
 
 export type { ApiKeyRecord } from './keys.js';
 export { policyNode } from './policies.js';
-export type { DesiredArtifact, DesiredVersionRecord, PolicyRecord, ProjectRecord, RegisterInput, StateEvent };
+export type {
+  Change,
+  DesiredArtifact,
+  DesiredVersionRecord,
+  PolicyRecord,
+  ProjectRecord,
+  RegisterInput,
+  StateEvent,
+};
 export { CoordinatorError };

@@ -6,6 +6,7 @@ import { quote, unsafeCharacter } from '../../proto/text.js';
 import { drifts, requireSemVer, type SemVerError } from '../../release/semver.js';
 import type { Database } from '../store/schema.js';
 import { audit } from './audit.js';
+import type { ChangeLog } from './changelog.js';
 import { invalid } from './errors.js';
 import type { EventBus } from './events.js';
 import type { KeyStore } from './keys.js';
@@ -59,6 +60,7 @@ export class Versions {
     private readonly now: () => number,
     private readonly events: EventBus,
     private readonly ctx: VersionContext,
+    private readonly log: ChangeLog,
   ) {}
 
   async load(): Promise<void> {
@@ -135,11 +137,18 @@ export class Versions {
         ...(rec.artifactUrl ? { artifactUrl: rec.artifactUrl } : {}),
         ...(rec.allowDowngrade ? { allowDowngrade: true } : {}),
       });
+      await this.log.record(tx, { kind: 'versions', ref: project });
     });
     if (version) this.versionMap(project).set(tag, rec);
     else this.versionMap(project).delete(tag);
     this.events.emit({ type: 'versions-changed', project });
     return rec;
+  }
+
+  /** The stored entries of a project as another coordinator left them. */
+  applyRows(project: string, rows: Database['desired_versions'][]): void {
+    this.versions.set(project, new Map(rows.map((r) => [r.tag, desiredVersionFromRow(r)])));
+    this.events.emit({ type: 'versions-changed', project });
   }
 
   list(project?: string): DesiredVersionRecord[] {
