@@ -39,6 +39,13 @@ export const ConfigSchema = z
     headscaleListen: hostPort.optional(),
     /** The Headscale API in plaintext HTTP/2 (h2c), as metal-api and metal-apiserver dial it today. */
     headscaleInsecure: z.boolean().default(false),
+    /**
+     * A TLS key (0600) and certificate to serve instead of the ones made in
+     * the data dir: the same pair on every coordinator of one database gives
+     * them one fingerprint. Both or neither.
+     */
+    tlsKeyFile: z.string().min(1).optional(),
+    tlsCertFile: z.string().min(1).optional(),
     /** Extra names and addresses for the certificate made on first start. */
     serverNames: z.array(z.string()).default([]),
     logLevel: z.enum(['trace', 'debug', 'info', 'warn', 'error', 'fatal']).default('info'),
@@ -135,5 +142,9 @@ export function loadConfig(
     );
   }
   const c = parsed.data;
+  if ((c.tlsKeyFile === undefined) !== (c.tlsCertFile === undefined))
+    throw new ConfigError(
+      'invalid configuration: tlsKeyFile and tlsCertFile go together; set both or neither',
+    );
   return { ...c, database: c.database ?? `sqlite://${join(c.dataDir, 'meshgate.db')}` };
 }

@@ -33,7 +33,7 @@ import { changeBounds } from './state/changelog.js';
 import { Replication } from './state/replication.js';
 import { State } from './state/state.js';
 import { openStore } from './store/db.js';
-import { ensureTlsIdentity } from './tls.js';
+import { ensureTlsIdentity, loadTlsFiles } from './tls.js';
 
 export interface Coordinator {
   fingerprint: string | null;
@@ -158,7 +158,11 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
     : undefined;
   const headscaleTls = config.headscaleListen !== undefined && !config.headscaleInsecure;
   const identity =
-    config.plaintext && !headscaleTls ? null : await ensureTlsIdentity(config.dataDir, config.serverNames);
+    config.plaintext && !headscaleTls
+      ? null
+      : config.tlsKeyFile && config.tlsCertFile
+        ? { ...loadTlsFiles(config.tlsKeyFile, config.tlsCertFile), created: false }
+        : await ensureTlsIdentity(config.dataDir, config.serverNames);
   if (identity?.created)
     log.info({ fingerprint: identity.fingerprint }, 'created TLS key and self-signed certificate');
 

@@ -84,7 +84,10 @@ export function registerAgentCommand(program: Command): void {
   program
     .command('agent')
     .description('run the node daemon: join the mesh and keep WireGuard and nftables in sync')
-    .option('--coordinator <url>', 'coordinator address, grpcs://HOST:PORT (env MESHGATE_COORDINATOR)')
+    .option(
+      '--coordinator <url>',
+      'coordinator address, grpcs://HOST:PORT; several coordinators of one database: comma-separated (env MESHGATE_COORDINATOR)',
+    )
     .option(
       '--auth-key-file <file>',
       'file (0600) with the auth key; only needed until the machine has joined',

@@ -2,9 +2,20 @@
 // cluster, three coordinators in this process, simulated agents spread over
 // them.
 import assert from 'node:assert/strict';
+import { type ChildProcess, spawn } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
+import { ControlClient } from '../../agent/control/client.js';
+import { ControlSession } from '../../agent/control/session.js';
+import { connectAdmin } from '../../cli/admin-client.js';
+import { ensureTlsIdentity } from '../../coordinator/tls.js';
+import type { NetMap } from '../../proto/gen/meshgate/v1/types_pb.js';
+import { generateMachineKey, generateNodeKey } from '../../proto/keys.js';
 import { authKey, SimAgent, startTestCoordinator, type TestCoordinator } from './harness.js';
 import { type PostgresCluster, postgresSkip, startPostgres } from './postgres.js';
+import { BIN, stop } from './process.js';
 
 const skip = postgresSkip('high-availability test');
 
@@ -14,6 +25,41 @@ async function until(pred: () => boolean | Promise<boolean>, timeoutMs: number, 
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 20));
   }
+}
+
+/** A coordinator in a child process, so that it can be killed with SIGKILL. */
+function spawnCoordinator(
+  args: string[],
+): Promise<{ proc: ChildProcess; grpcPort: number; fingerprint: string }> {
+  return new Promise((resolve, reject) => {
+    const proc = spawn(
+      process.execPath,
+      [
+        BIN,
+        'coordinator',
+        '--grpc-listen',
+        '127.0.0.1:0',
+        '--http-listen',
+        '127.0.0.1:0',
+        '--log-level',
+        'warn',
+        ...args,
+      ],
+      { stdio: ['ignore', 'pipe', 'pipe'] },
+    );
+    let out = '';
+    let err = '';
+    proc.stderr!.on('data', (d) => {
+      err += d;
+    });
+    proc.stdout!.on('data', (d) => {
+      out += d;
+      const grpc = /gRPC\s+\S+:(\d+)/.exec(out);
+      const fp = /fingerprint\s+(sha256:[0-9a-f]{64})/.exec(out);
+      if (grpc && fp) resolve({ proc, grpcPort: Number(grpc[1]), fingerprint: fp[1]! });
+    });
+    proc.once('exit', (code) => reject(new Error(`coordinator exited with ${code}: ${err}`)));
+  });
 }
 
 describe('several coordinators on one PostgreSQL database', { skip }, () => {
@@ -69,7 +115,7 @@ describe('several coordinators on one PostgreSQL database', { skip }, () => {
       assert.equal((await r.admin.call('listNodes', { project: 'reg' })).nodes.length, 200);
   });
 
-  it('brings a change made on one coordinator to an agent streaming to another', async () => {
+  it('brings a change made on one coordinator to an agent streaming to another', async (t) => {
     const [a, b, c] = replicas as [TestCoordinator, TestCoordinator, TestCoordinator];
     const key = await authKey(a, 'prop', { reusable: true });
     await until(
@@ -94,6 +140,7 @@ describe('several coordinators on one PostgreSQL database', { skip }, () => {
       'the rename on b',
     );
     const latency = Date.now() - started;
+    t.diagnostic(`a rename on a reached an agent on b after ${latency} ms`);
     assert.ok(latency < 2000, `a rename on a reached an agent on b after ${latency} ms`);
 
     await a.admin.call('deleteNode', { id: y.id, project: 'prop' });
@@ -124,5 +171,94 @@ describe('several coordinators on one PostgreSQL database', { skip }, () => {
     const audit = await a.admin.call('listAuditEntries', { project: 'eph' });
     const reaps = audit.entries.filter((x) => x.action === 'node.reap' && x.target === e.id);
     assert.equal(reaps.length, 1, 'reaped once');
+  });
+
+  it('moves the agents of a coordinator killed with SIGKILL to another, losing nothing acknowledged', async (t) => {
+    const tlsDir = mkdtempSync(join(tmpdir(), 'meshgate-ha-tls-'));
+    const aDir = mkdtempSync(join(tmpdir(), 'meshgate-ha-a-'));
+    await ensureTlsIdentity(tlsDir);
+    const tls = { tlsKeyFile: join(tlsDir, 'tls.key'), tlsCertFile: join(tlsDir, 'tls.crt') };
+    const b = await startTestCoordinator({ database: url, ...tls });
+    replicas.push(b);
+    const a = await spawnCoordinator([
+      '--data-dir',
+      aDir,
+      '--database',
+      url,
+      '--tls-key-file',
+      tls.tlsKeyFile,
+      '--tls-cert-file',
+      tls.tlsCertFile,
+    ]);
+    let session: ControlSession | null = null;
+    try {
+      assert.equal(a.fingerprint, b.fingerprint, 'one fingerprint pins both coordinators');
+      const key = await authKey(b, 'failover', { reusable: true });
+      await until(
+        () => replicas.every((r) => r.c.state.getProject('failover') !== undefined),
+        5000,
+        'the project',
+      );
+      const y = agentOn(b);
+      await y.register(key, 'y');
+      await y.connect();
+
+      const aUrl = `grpcs://127.0.0.1:${a.grpcPort}`;
+      const machine = generateMachineKey();
+      const moving = new ControlClient({
+        url: `${aUrl},${b.url}`,
+        fingerprint: b.fingerprint,
+        machineSecretKey: machine.secretKey,
+      });
+      while (!moving.display.endsWith(`:${a.grpcPort}`)) moving.failover();
+      let netmap: NetMap | null = null;
+      session = new ControlSession(
+        moving,
+        {
+          authKey: () => key,
+          nodePublic: generateNodeKey().publicKey,
+          machinePublic: machine.publicKey,
+          hostname: 'x',
+          os: 'linux',
+          version: '0.1.0',
+          requestedTags: [],
+          advertisedRoutes: [],
+          endpoints: () => ['192.0.2.20:41641'],
+          lockdownPorts: [],
+        },
+        false,
+      );
+      session.on('netmap', (m) => {
+        netmap = m;
+      });
+      await session.start();
+      const peerName = () => (netmap as NetMap | null)?.peers.find((p) => p.id === y.id)?.name;
+      await until(() => session!.state === 'connected' && peerName() === 'y', 10_000, 'x connected to a');
+      const xId = moving.nodeId;
+      await until(() => b.c.state.isOnline(xId), 5000, 'x online as b sees it');
+
+      // Acknowledged by a, then a dies at once.
+      const admin = await connectAdmin({ socket: join(aDir, 'admin.sock'), output: 'json' });
+      await admin.call('renameNode', { id: y.id, project: 'failover', name: 'acked' });
+      admin.close();
+      const killed = Date.now();
+      await stop(a.proc, 'SIGKILL');
+
+      await until(
+        () => session!.state === 'connected' && peerName() === 'acked' && b.c.mapper.hasSession(xId),
+        10_000,
+        'x back on b with the acknowledged change',
+      );
+      const failover = Date.now() - killed;
+      t.diagnostic(`x was back on b ${failover} ms after the kill`);
+      assert.ok(failover < 10_000, `x was back on b ${failover} ms after the kill`);
+      assert.equal(b.c.state.getNode(y.id)?.name, 'acked');
+      assert.ok(b.c.state.isOnline(xId));
+    } finally {
+      session?.stop();
+      await stop(a.proc, 'SIGKILL');
+      rmSync(tlsDir, { recursive: true, force: true });
+      rmSync(aDir, { recursive: true, force: true });
+    }
   });
 });
