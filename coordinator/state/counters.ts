@@ -3,10 +3,11 @@
 import type { Kysely, Transaction } from 'kysely';
 import type { Database } from '../store/schema.js';
 
-export type Counter = 'projects' | 'nodes';
+/** `addresses` is only counted in the database, by coordinators sharing it (see AddressPool.reserveFrom). */
+export type Counter = 'projects' | 'nodes' | 'addresses';
 
 export class Counters {
-  private readonly last: Record<Counter, number> = { projects: 0, nodes: 0 };
+  private readonly last: Record<Counter, number> = { projects: 0, nodes: 0, addresses: 0 };
 
   /**
    * `shared`: other coordinators take numbers from the same database, so each
@@ -14,7 +15,7 @@ export class Counters {
    */
   constructor(
     private readonly db: Kysely<Database>,
-    private readonly shared: boolean,
+    readonly shared: boolean,
   ) {}
 
   async load(): Promise<void> {

@@ -100,9 +100,10 @@ export class Registration {
     }
     nodes.requireFreeNodeKey(input.nodeKey);
     const numericId = await counters.next('nodes');
+    const addressTurn = counters.shared ? await counters.next('addresses') : 0;
     // Registered meanwhile, here or (applied from the database) elsewhere: that node is this machine's.
     if (nodes.byMachine(input.machineKey)) return this.registerOnce(input);
-    const index = pool.reserve();
+    const index = counters.shared ? pool.reserveFrom(addressTurn) : pool.reserve();
     const now = this.now();
     const node: NodeRecord = {
       id: randomBytes(8).toString('hex'),

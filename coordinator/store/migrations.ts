@@ -257,6 +257,9 @@ export function migrations(dialect: Dialect): Record<string, Migration> {
           .addColumn('ref', 'text', (c) => c.notNull())
           .execute();
         await db.schema.createIndex('changes_at').on('changes').column('at').execute();
+        // Where coordinators sharing the database look for the next free address.
+        await sql`insert into id_counters (name, last)
+          select 'addresses', coalesce(max(ip_index), 0) from nodes`.execute(db);
         await db.schema
           .createTable('replicas')
           .addColumn('id', 'text', (c) => c.primaryKey())
