@@ -46,6 +46,15 @@ export const ConfigSchema = z
      */
     tlsKeyFile: z.string().min(1).optional(),
     tlsCertFile: z.string().min(1).optional(),
+    /**
+     * grpcs://HOST:PORT (or grpc:// with --plaintext) where the other
+     * coordinators of the same PostgreSQL database reach this one's gRPC port
+     * to forward relay datagrams (docs/ha.md); unset: they do not.
+     */
+    replicaAddress: z
+      .string()
+      .regex(/^grpcs?:\/\/\S+:\d{1,5}$/, 'expected grpcs://HOST:PORT')
+      .optional(),
     /** Extra names and addresses for the certificate made on first start. */
     serverNames: z.array(z.string()).default([]),
     logLevel: z.enum(['trace', 'debug', 'info', 'warn', 'error', 'fatal']).default('info'),

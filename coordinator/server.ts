@@ -11,6 +11,7 @@ import * as grpc from '@grpc/grpc-js';
 import { parseDuration } from '../proto/duration.js';
 import { AdminService } from '../proto/gen/meshgate/v1/admin_pb.js';
 import { ControlService } from '../proto/gen/meshgate/v1/control_pb.js';
+import { ReplicaService } from '../proto/gen/meshgate/v1/replica_pb.js';
 import { serviceDefinition } from '../proto/grpc.js';
 import { VERSION } from '../release/version.js';
 import { adminHandlers } from './api/admin.js';
@@ -23,6 +24,7 @@ import { Metrics } from './api/metrics.js';
 import { RateLimiter } from './api/ratelimit.js';
 import { RelayHub } from './api/relay.js';
 import { ReleaseDir } from './api/releases.js';
+import { RelayForwarder, replicaImplementation } from './api/replica-relay.js';
 import { AuthThrottle } from './api/throttle.js';
 import type { CoordinatorConfig } from './config.js';
 import { lockDataDir, prepareDataDir } from './datadir.js';
@@ -179,7 +181,12 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
     replica,
   });
   const replication = replica
-    ? new Replication(store.db, state, { url: config.database, replica, log }, seenSeq)
+    ? new Replication(
+        store.db,
+        state,
+        { url: config.database, replica, log, address: config.replicaAddress },
+        seenSeq,
+      )
     : null;
   if (replication) {
     await replication.start();
@@ -218,10 +225,20 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
     metrics,
   );
   undo.push(() => relay.close());
+  const forwarder = replication ? new RelayForwarder(state, replication, identity?.fingerprint, log) : null;
+  if (forwarder) {
+    relay.forwarder = forwarder.forward;
+    undo.push(() => forwarder.close());
+  }
   const limiter = new RateLimiter(config.registrationRate.perSecond, config.registrationRate.burst);
   const server = new grpc.Server(SERVER_OPTIONS);
   undo.push(() => server.forceShutdown());
   server.addService(serviceDefinition(AdminService), adminImplementation(handlers, state, log, throttle));
+  if (replication)
+    server.addService(
+      serviceDefinition(ReplicaService),
+      replicaImplementation(relay, () => replication.secret(), log),
+    );
   server.addService(
     serviceDefinition(ControlService),
     controlImplementation({
@@ -359,6 +376,7 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
     async close() {
       clearInterval(lifecycle);
       mapper.close();
+      forwarder?.close();
       relay.close();
       http.closeAllConnections();
       await Promise.all([

@@ -41,6 +41,10 @@ export function registerCoordinatorCommands(program: Command): void {
       '--tls-cert-file <file>',
       'and this certificate: the same pair on every coordinator of one database pins them all with one fingerprint',
     )
+    .option(
+      '--replica-address <url>',
+      'grpcs://HOST:PORT where the other coordinators of the same database reach this one to forward relay datagrams',
+    )
     .option('--log-level <level>', 'trace, debug, info, warn, error')
     .option('--ephemeral-timeout <duration>', 'remove ephemeral nodes offline this long (default 30m)')
     .option(
@@ -74,6 +78,7 @@ socket (0600) in the data dir needs no API key: use it to create the first one:
         headscaleInsecure: o.headscaleInsecure,
         tlsKeyFile: o.tlsKeyFile,
         tlsCertFile: o.tlsCertFile,
+        replicaAddress: o.replicaAddress,
         logLevel: o.logLevel,
         ephemeralTimeout: o.ephemeralTimeout,
       });

@@ -17,8 +17,8 @@ export interface PresenceRecorder {
 export class Presence {
   /** Streaming to this coordinator. */
   private readonly online = new Set<string>();
-  /** Streaming to another coordinator on the same database. */
-  private readonly remote = new Set<string>();
+  /** Streaming to another coordinator on the same database: node id -> that coordinator. */
+  private readonly remote = new Map<string, string>();
   recorder: PresenceRecorder | null = null;
   private readonly observed = new Map<string, string>();
   private readonly unsavedSeen = new Set<string>();
@@ -40,7 +40,7 @@ export class Presence {
 
   count(): number {
     let n = this.online.size;
-    for (const id of this.remote) if (!this.online.has(id)) n++;
+    for (const id of this.remote.keys()) if (!this.online.has(id)) n++;
     return n;
   }
 
@@ -64,12 +64,12 @@ export class Presence {
       this.events.emit({ type: 'node-patched', node: n, endpointsChanged: false });
   }
 
-  /** Whether the node streams to another coordinator, as the shared presence rows say. */
-  setRemote(id: string, online: boolean): void {
+  /** Which other coordinator the node streams to, as the shared presence rows say; null: none. */
+  setRemote(id: string, replica: string | null): void {
     const n = this.nodes.get(id);
-    if (!n || this.remote.has(id) === online) return;
+    if (!n || (this.remote.get(id) ?? null) === replica) return;
     const before = this.isOnline(id);
-    if (online) this.remote.add(id);
+    if (replica !== null) this.remote.set(id, replica);
     else this.remote.delete(id);
     // Seen until now elsewhere: the ephemeral reaper counts from here.
     n.lastSeen = this.now();
@@ -78,7 +78,12 @@ export class Presence {
   }
 
   remoteIds(): string[] {
-    return [...this.remote];
+    return [...this.remote.keys()];
+  }
+
+  /** The other coordinator the node streams to, if it does not stream here. */
+  remoteHome(id: string): string | undefined {
+    return this.online.has(id) ? undefined : this.remote.get(id);
   }
 
   /** Endpoints peers should try: what the agent reported, then where the coordinator saw it come from. */

@@ -65,7 +65,7 @@ export class RemoteChanges {
         return;
       case 'presence': {
         const live = await this.streamingElsewhere(c.ref);
-        parts.presence.setRemote(c.ref, live.has(c.ref));
+        parts.presence.setRemote(c.ref, live.get(c.ref) ?? null);
         return;
       }
     }
@@ -95,8 +95,8 @@ export class RemoteChanges {
         versions.filter((v) => v.project === name),
       );
     const live = await this.streamingElsewhere();
-    for (const id of parts.presence.remoteIds()) if (!live.has(id)) parts.presence.setRemote(id, false);
-    for (const id of live) parts.presence.setRemote(id, true);
+    for (const id of parts.presence.remoteIds()) if (!live.has(id)) parts.presence.setRemote(id, null);
+    for (const [id, replica] of live) parts.presence.setRemote(id, replica);
   }
 
   private applyProject(name: string, row: Database['projects'] | undefined): void {
@@ -115,14 +115,16 @@ export class RemoteChanges {
   }
 
   /** Nodes with a stream on another coordinator whose lease has not run out (one node, or all). */
-  private async streamingElsewhere(node?: string): Promise<Set<string>> {
+  private async streamingElsewhere(node?: string): Promise<Map<string, string>> {
     let q = this.db
       .selectFrom('presence')
       .innerJoin('replicas', 'replicas.id', 'presence.replica')
-      .select('presence.node_id')
+      .select(['presence.node_id', 'presence.replica'])
       .where('presence.replica', '!=', this.self)
       .where('replicas.expires_at', '>', this.now());
     if (node !== undefined) q = q.where('presence.node_id', '=', node);
-    return new Set((await q.execute()).map((r) => r.node_id));
+    // A node on two (its old stream not yet gone): the newest row wins.
+    q = q.orderBy('presence.since');
+    return new Map((await q.execute()).map((r) => [r.node_id, r.replica]));
   }
 }

@@ -3,6 +3,7 @@
 // (presence), applies the changes the others commit (changelog.ts: NOTIFY
 // for speed, the changes table for what a broken connection missed), and
 // takes turns with them on the periodic jobs (leases).
+import { randomBytes } from 'node:crypto';
 import type { Kysely } from 'kysely';
 import type { Logger } from '../log.js';
 import { PgListener } from '../store/listener.js';
@@ -29,6 +30,8 @@ export interface ReplicationOptions {
   heartbeatMs?: number;
   /** How long changes are kept for coordinators that were cut off. */
   keepChangesMs?: number;
+  /** grpcs://HOST:PORT where the others reach this coordinator to forward relay datagrams; '' for nowhere. */
+  address?: string;
   log: Logger;
 }
 
@@ -45,6 +48,9 @@ export class Replication implements PresenceRecorder {
   private applying: Promise<void> = Promise.resolve();
   private presenceWrites: Promise<void> = Promise.resolve();
   private closed = false;
+  /** Live coordinators' forwarding addresses, as of the last heartbeat. */
+  private addresses = new Map<string, string>();
+  private sharedSecret: Promise<string> | null = null;
 
   /** `lastSeq`: the newest change already in the state (read before it was loaded). */
   constructor(
@@ -73,8 +79,14 @@ export class Replication implements PresenceRecorder {
     const now = this.state.now();
     await this.db
       .insertInto('replicas')
-      .values({ id: this.id, started_at: now, expires_at: now + this.leaseMs })
+      .values({
+        id: this.id,
+        started_at: now,
+        expires_at: now + this.leaseMs,
+        address: this.opts.address ?? '',
+      })
       .execute();
+    await this.readAddresses();
     this.state.catchUp = () => this.enqueue(() => this.readLog());
     this.state.recordPresence(this);
     this.listener.start();
@@ -89,12 +101,45 @@ export class Replication implements PresenceRecorder {
         .set({ expires_at: this.state.now() + this.leaseMs })
         .where('id', '=', this.id)
         .execute();
+      await this.readAddresses();
     } catch (err) {
       this.opts.log.warn({ err: (err as Error).message }, 'could not renew this coordinator lease');
     }
     // A notification can be lost without the connection breaking (the
     // listener's server restarted between two reads); the log cannot.
     await this.enqueue(() => this.readLog()).catch(() => {});
+  }
+
+  private async readAddresses(): Promise<void> {
+    const rows = await this.db
+      .selectFrom('replicas')
+      .select(['id', 'address'])
+      .where('expires_at', '>', this.state.now())
+      .where('address', '!=', '')
+      .execute();
+    this.addresses = new Map(rows.map((r) => [r.id, r.address]));
+  }
+
+  /** Where another live coordinator takes forwarded relay datagrams. */
+  addressOf(replica: string): string | undefined {
+    return this.addresses.get(replica);
+  }
+
+  /** The secret coordinators on this database present to each other; made by the first one. */
+  secret(): Promise<string> {
+    this.sharedSecret ??= (async () => {
+      await this.db
+        .insertInto('replica_secret')
+        .values({ id: 1, secret: randomBytes(32).toString('base64url') })
+        .onConflict((oc) => oc.column('id').doNothing())
+        .execute();
+      const row = await this.db.selectFrom('replica_secret').select('secret').executeTakeFirstOrThrow();
+      return row.secret;
+    })().catch((err) => {
+      this.sharedSecret = null;
+      throw err;
+    });
+    return this.sharedSecret;
   }
 
   private enqueue(step: () => Promise<void>): Promise<void> {

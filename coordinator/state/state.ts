@@ -137,6 +137,11 @@ export class State {
     this.events.on(listener);
   }
 
+  /** The other coordinator node `id` streams to, when it streams to one and not here. */
+  remoteHome(id: string): string | undefined {
+    return this.presence.remoteHome(id);
+  }
+
   /** Where stream opens and closes are recorded for other coordinators. */
   recordPresence(recorder: PresenceRecorder): void {
     this.presence.recorder = recorder;

@@ -265,6 +265,14 @@ export function migrations(dialect: Dialect): Record<string, Migration> {
           .addColumn('id', 'text', (c) => c.primaryKey())
           .addColumn('started_at', 'bigint', (c) => c.notNull())
           .addColumn('expires_at', 'bigint', (c) => c.notNull())
+          // Where the others reach its gRPC port to forward relay datagrams; '' if they cannot.
+          .addColumn('address', 'text', (c) => c.notNull().defaultTo(''))
+          .execute();
+        // What coordinators present to each other (ReplicaService): whoever can read it can read the database.
+        await db.schema
+          .createTable('replica_secret')
+          .addColumn('id', 'integer', (c) => c.primaryKey())
+          .addColumn('secret', 'text', (c) => c.notNull())
           .execute();
         await db.schema
           .createTable('presence')

@@ -126,6 +126,14 @@ export interface ReplicaTable {
   id: string;
   started_at: number;
   expires_at: number;
+  /** grpcs://HOST:PORT where the others forward relay datagrams to it; '' when they cannot. */
+  address: string;
+}
+
+/** The one secret coordinators on this database present to each other. */
+export interface ReplicaSecretTable {
+  id: number;
+  secret: string;
 }
 
 /** A node streaming to a coordinator: online means a row whose replica is alive. */
@@ -156,4 +164,5 @@ export interface Database {
   replicas: ReplicaTable;
   presence: PresenceTable;
   leases: LeaseTable;
+  replica_secret: ReplicaSecretTable;
 }

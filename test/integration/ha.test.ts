@@ -4,14 +4,26 @@
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
+import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
+import { create } from '@bufbuild/protobuf';
+import type * as grpc from '@grpc/grpc-js';
+import { status as grpcStatus, Metadata } from '@grpc/grpc-js';
 import { ControlClient } from '../../agent/control/client.js';
 import { ControlSession } from '../../agent/control/session.js';
 import { connectAdmin } from '../../cli/admin-client.js';
 import { ensureTlsIdentity } from '../../coordinator/tls.js';
+import { dial } from '../../proto/dial.js';
+import {
+  type RelayRequest,
+  RelayRequestSchema,
+  type RelayResponse,
+} from '../../proto/gen/meshgate/v1/control_pb.js';
+import { ForwardRelayRequestSchema, ReplicaService } from '../../proto/gen/meshgate/v1/replica_pb.js';
 import type { NetMap } from '../../proto/gen/meshgate/v1/types_pb.js';
+import { makeClient } from '../../proto/grpc.js';
 import { generateMachineKey, generateNodeKey } from '../../proto/keys.js';
 import { authKey, SimAgent, startTestCoordinator, type TestCoordinator } from './harness.js';
 import { type PostgresCluster, postgresSkip, startPostgres } from './postgres.js';
@@ -25,6 +37,17 @@ async function until(pred: () => boolean | Promise<boolean>, timeoutMs: number, 
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 20));
   }
+}
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address() as { port: number };
+      s.close(() => resolve(port));
+    });
+  });
 }
 
 /** A coordinator in a child process, so that it can be killed with SIGKILL. */
@@ -259,6 +282,77 @@ describe('several coordinators on one PostgreSQL database', { skip }, () => {
       await stop(a.proc, 'SIGKILL');
       rmSync(tlsDir, { recursive: true, force: true });
       rmSync(aDir, { recursive: true, force: true });
+    }
+  });
+
+  it('relays between two agents whose relay streams end on different coordinators', async () => {
+    const tlsDir = mkdtempSync(join(tmpdir(), 'meshgate-ha-tls-'));
+    await ensureTlsIdentity(tlsDir);
+    const tls = { tlsKeyFile: join(tlsDir, 'tls.key'), tlsCertFile: join(tlsDir, 'tls.crt') };
+    const pair: TestCoordinator[] = [];
+    for (let i = 0; i < 2; i++) {
+      const port = await freePort();
+      const r = await startTestCoordinator({
+        database: url,
+        ...tls,
+        grpcListen: `127.0.0.1:${port}`,
+        replicaAddress: `grpcs://127.0.0.1:${port}`,
+      });
+      replicas.push(r);
+      pair.push(r);
+    }
+    const streams: grpc.ClientDuplexStream<RelayRequest, RelayResponse>[] = [];
+    try {
+      const [p, q] = pair as [TestCoordinator, TestCoordinator];
+      const key = await authKey(p, 'relay', { reusable: true });
+      await until(() => q.c.state.getProject('relay') !== undefined, 5000, 'the project on q');
+      const x = agentOn(p);
+      await x.register(key, 'x');
+      await x.connect();
+      const y = agentOn(q);
+      await y.register(key, 'y');
+      await y.connect();
+      await until(() => p.c.state.isOnline(y.id) && q.c.state.isOnline(x.id), 5000, 'both online on both');
+      const got: string[] = [];
+      const open = async (a: SimAgent) => {
+        const s = await a.client.relay();
+        s.on('error', () => {});
+        streams.push(s);
+        return s;
+      };
+      const fromX = await open(x);
+      const toY = await open(y);
+      toY.on('data', (m: RelayResponse) => {
+        if (m.peerId === x.id) got.push(new TextDecoder().decode(m.payload));
+      });
+      // Datagrams are dropped while the stream between the coordinators opens: send until one arrives.
+      await until(
+        () => {
+          fromX.write(
+            create(RelayRequestSchema, { peerId: y.id, payload: new TextEncoder().encode('hello') }),
+          );
+          return got.includes('hello');
+        },
+        10_000,
+        'a datagram from x (on p) at y (on q)',
+      );
+
+      // Only coordinators of the database, which can read its secret, may forward.
+      const endpoint = await dial(p.url, { fingerprint: p.fingerprint });
+      const client = makeClient(ReplicaService, endpoint.target, endpoint.credentials, endpoint.options);
+      const md = new Metadata();
+      md.set('authorization', 'Bearer not-the-secret');
+      const refused = await new Promise<grpc.ServiceError | null>((resolve) => {
+        // biome-ignore lint/suspicious/noExplicitAny: generic client methods are untyped
+        const s = (client as any).forwardRelay(md, resolve) as grpc.ClientWritableStream<unknown>;
+        s.write(create(ForwardRelayRequestSchema, { fromId: x.id, toId: y.id, payload: new Uint8Array(4) }));
+        s.end();
+      });
+      client.close();
+      assert.equal(refused?.code, grpcStatus.UNAUTHENTICATED);
+    } finally {
+      for (const s of streams) s.cancel();
+      rmSync(tlsDir, { recursive: true, force: true });
     }
   });
 });
