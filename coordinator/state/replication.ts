@@ -271,7 +271,15 @@ export class Replication implements PresenceRecorder {
     await this.listener.close();
     await this.presenceWrites;
     await this.applying;
-    await this.forgetReplica(this.id);
+    try {
+      await this.forgetReplica(this.id);
+    } catch (err) {
+      // The others clear this coordinator when its lease runs out.
+      this.opts.log.warn(
+        { err: (err as Error).message },
+        'could not tell the other coordinators that this one stops',
+      );
+    }
   }
 }
 
