@@ -77,6 +77,11 @@ export class Presence {
       this.events.emit({ type: 'node-patched', node: n, endpointsChanged: false });
   }
 
+  /** Nodes streaming to this coordinator. */
+  localIds(): string[] {
+    return [...this.online];
+  }
+
   remoteIds(): string[] {
     return [...this.remote.keys()];
   }

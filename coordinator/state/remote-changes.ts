@@ -94,9 +94,15 @@ export class RemoteChanges {
         name,
         versions.filter((v) => v.project === name),
       );
+    await this.syncPresence();
+  }
+
+  /** Which nodes stream to other coordinators, all read again (at start, and in reload). */
+  async syncPresence(): Promise<void> {
+    const { presence } = this.parts;
     const live = await this.streamingElsewhere();
-    for (const id of parts.presence.remoteIds()) if (!live.has(id)) parts.presence.setRemote(id, null);
-    for (const [id, replica] of live) parts.presence.setRemote(id, replica);
+    for (const id of presence.remoteIds()) if (!live.has(id)) presence.setRemote(id, null);
+    for (const [id, replica] of live) presence.setRemote(id, replica);
   }
 
   private applyProject(name: string, row: Database['projects'] | undefined): void {

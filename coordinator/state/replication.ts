@@ -87,6 +87,7 @@ export class Replication implements PresenceRecorder {
       })
       .execute();
     await this.readAddresses();
+    await this.state.remote?.syncPresence();
     this.state.catchUp = () => this.enqueue(() => this.readLog());
     this.state.recordPresence(this);
     this.listener.start();
@@ -96,11 +97,15 @@ export class Replication implements PresenceRecorder {
 
   private async beat(): Promise<void> {
     try {
-      await this.db
+      const now = this.state.now();
+      const renewed = await this.db
         .updateTable('replicas')
-        .set({ expires_at: this.state.now() + this.leaseMs })
+        .set({ expires_at: now + this.leaseMs })
         .where('id', '=', this.id)
-        .execute();
+        .executeTakeFirst();
+      // Cut off from the database longer than the lease: the others cleared
+      // this coordinator and its streams. It comes back with them.
+      if (renewed.numUpdatedRows === 0n) await this.rejoin(now);
       await this.readAddresses();
     } catch (err) {
       this.opts.log.warn({ err: (err as Error).message }, 'could not renew this coordinator lease');
@@ -108,6 +113,31 @@ export class Replication implements PresenceRecorder {
     // A notification can be lost without the connection breaking (the
     // listener's server restarted between two reads); the log cannot.
     await this.enqueue(() => this.readLog()).catch(() => {});
+  }
+
+  private async rejoin(now: number): Promise<void> {
+    this.opts.log.warn(
+      'this coordinator lost its lease (database unreachable for too long); registering again',
+    );
+    const online = this.state.localOnline();
+    await this.db.transaction().execute(async (tx) => {
+      await tx
+        .insertInto('replicas')
+        .values({
+          id: this.id,
+          started_at: now,
+          expires_at: now + this.leaseMs,
+          address: this.opts.address ?? '',
+        })
+        .execute();
+      for (const id of online)
+        await tx
+          .insertInto('presence')
+          .values({ node_id: id, replica: this.id, since: now })
+          .onConflict((oc) => oc.columns(['node_id', 'replica']).doNothing())
+          .execute();
+      await this.changeLog.record(tx, ...online.map((id): Change => ({ kind: 'presence', ref: id })));
+    });
   }
 
   private async readAddresses(): Promise<void> {

@@ -142,6 +142,11 @@ export class State {
     return this.presence.remoteHome(id);
   }
 
+  /** Nodes streaming to this coordinator. */
+  localOnline(): string[] {
+    return this.presence.localIds();
+  }
+
   /** Where stream opens and closes are recorded for other coordinators. */
   recordPresence(recorder: PresenceRecorder): void {
     this.presence.recorder = recorder;

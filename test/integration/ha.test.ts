@@ -11,6 +11,8 @@ import { after, before, describe, it } from 'node:test';
 import { create } from '@bufbuild/protobuf';
 import type * as grpc from '@grpc/grpc-js';
 import { status as grpcStatus, Metadata } from '@grpc/grpc-js';
+import { Kysely, PostgresDialect } from 'kysely';
+import Pg from 'pg';
 import { ControlClient } from '../../agent/control/client.js';
 import { ControlSession } from '../../agent/control/session.js';
 import { connectAdmin } from '../../cli/admin-client.js';
@@ -168,6 +170,44 @@ describe('several coordinators on one PostgreSQL database', { skip }, () => {
 
     await a.admin.call('deleteNode', { id: y.id, project: 'prop' });
     await x.waitFor(() => !x.peerIds().includes(y.id), 5000, 'y gone from the netmap of x');
+
+    // A coordinator that starts now knows at once who streams to the others.
+    const late = await startTestCoordinator({ database: url });
+    replicas.push(late);
+    assert.ok(late.c.state.isOnline(x.id), 'x online as a coordinator started later sees it');
+
+    // Cut off from the database longer than its lease, b was cleared by the
+    // others (as the lease holder does): b registers again with its streams.
+    const sql = new Kysely<{
+      presence: { node_id: string; replica: string };
+      replicas: { id: string };
+      changes: { at: number; origin: string; kind: string; ref: string };
+    }>({
+      dialect: new PostgresDialect({ pool: new Pg.Pool({ connectionString: url, max: 1 }) }),
+    });
+    try {
+      const row = await sql
+        .selectFrom('presence')
+        .select('replica')
+        .where('node_id', '=', x.id)
+        .executeTakeFirstOrThrow();
+      await sql.transaction().execute(async (tx) => {
+        await tx.deleteFrom('presence').where('replica', '=', row.replica).execute();
+        await tx.deleteFrom('replicas').where('id', '=', row.replica).execute();
+        await tx
+          .insertInto('changes')
+          .values({ at: Date.now(), origin: 'test', kind: 'presence', ref: x.id })
+          .execute();
+      });
+      const back = async () =>
+        (await sql.selectFrom('presence').select('replica').where('node_id', '=', x.id).execute()).length ===
+          1 &&
+        (await sql.selectFrom('replicas').select('id').where('id', '=', row.replica).execute()).length === 1;
+      await until(back, 10_000, 'b and the stream of x back in the database');
+      await until(() => a.c.state.isOnline(x.id), 5000, 'x online on a');
+    } finally {
+      await sql.destroy();
+    }
 
     x.disconnect();
     await until(() => !a.c.state.isOnline(x.id) && !c.c.state.isOnline(x.id), 5000, 'x offline everywhere');
