@@ -1,7 +1,8 @@
 // Several coordinators on one PostgreSQL database (docs/ha.md): how fast a
 // change made on one reaches agents streaming to the others, what each
 // coordinator costs, and how long agents of a coordinator killed with
-// SIGKILL take to be back on another.
+// SIGKILL take to be back on another; and, first, the same agents and
+// trials against one coordinator on its own database, for comparison.
 //
 //   node --import tsx bench/ha.ts [--agents 1000] [--replicas 3] [--trials 10] [--movers 50] [--json]
 //
@@ -49,6 +50,73 @@ async function until(pred: () => boolean | Promise<boolean>, timeoutMs: number, 
   }
 }
 
+/** Connections the coordinators hold to database `name` now. */
+async function connections(url: string, name: string): Promise<number> {
+  const db = new Kysely<unknown>({
+    dialect: new PostgresDialect({ pool: new pg.Pool({ connectionString: url, max: 1 }) }),
+  });
+  try {
+    const r = await sql<{
+      n: number;
+    }>`select count(*)::int as n from pg_stat_activity where datname = ${name}`.execute(db);
+    return r.rows[0]!.n - 1;
+  } finally {
+    await db.destroy();
+  }
+}
+
+/**
+ * The same agents and trials against one coordinator on its own database, in
+ * the same run: what the replicas' figures compare with.
+ */
+async function baseline(url: string, config: Record<string, unknown>): Promise<Record<string, unknown>> {
+  const c = await CoordinatorProcess.start({ config: { ...config, database: url } });
+  const fleet = await AgentFleet.open(c.url, c.fingerprint, 50, 'node');
+  const extra = await AgentFleet.open(c.url, c.fingerprint, 50, 'node');
+  try {
+    const admin = await c.admin();
+    await admin.call('createProject', { name: PROJECT });
+    const key = (await admin.call('createAuthKey', { project: PROJECT, reusable: true, expiration: '24h' }))
+      .authKey!.key;
+    const agents = Array.from({ length: n }, () => fleet.agent());
+    log(`baseline: one coordinator, ${n} agents`);
+    const t0 = nowMs();
+    await pool(agents, 50, (a, i) => a.register(key, `agent-${i}`).then(() => undefined));
+    await pool(agents, 100, (a) => a.connect());
+    await until(() => agents.every((a) => a.peers.size === n - 1), Math.max(60_000, n * 60), 'full meshes');
+    const connectMs = round(nowMs() - t0);
+    await sleep(2000);
+    const add: number[] = [];
+    const cpu0 = c.cpuSeconds();
+    const tp0 = nowMs();
+    for (let t = 0; t < trials; t++) {
+      let id = '';
+      const w = fleet.watch(agents, (a) => id !== '' && a.hasPeer(id));
+      const res = await extra.agent().register(key, `prop-${t}`);
+      const start = nowMs();
+      id = res.node!.id;
+      for (const a of agents) w.check(a);
+      await w.wait(60_000, `node prop-${t}`);
+      add.push(...w.latencies(start));
+      const gone = fleet.watch(agents, (a) => !a.hasPeer(id));
+      await admin.call('deleteNode', { id, project: PROJECT });
+      await gone.wait(60_000, `removal of prop-${t}`);
+      await sleep(200);
+    }
+    return {
+      allPeersKnownMs: connectMs,
+      addMs: summarize(add),
+      coordinatorCpuPct: round(((c.cpuSeconds() - cpu0) / ((nowMs() - tp0) / 1000)) * 100),
+      rssMiB: round(c.rssBytes() / MiB),
+      databaseConnections: await connections(url, 'baseline'),
+    };
+  } finally {
+    fleet.close();
+    extra.close();
+    await c.close();
+  }
+}
+
 const cluster = startPostgres();
 const tlsDir = mkdtempSync(join(tmpdir(), 'meshgate-bench-tls-'));
 const coordinators: CoordinatorProcess[] = [];
@@ -60,9 +128,11 @@ const result: Record<string, unknown> = {
   loadAverageAtStart: loadavg()[0],
 };
 try {
-  const url = cluster.createDatabase('meshgate');
   await ensureTlsIdentity(tlsDir);
-  const config = { database: url, tlsKeyFile: join(tlsDir, 'tls.key'), tlsCertFile: join(tlsDir, 'tls.crt') };
+  const tls = { tlsKeyFile: join(tlsDir, 'tls.key'), tlsCertFile: join(tlsDir, 'tls.crt') };
+  result.oneCoordinator = await baseline(cluster.createDatabase('baseline'), tls);
+  const url = cluster.createDatabase('meshgate');
+  const config = { database: url, ...tls };
   for (let i = 0; i < r; i++) coordinators.push(await CoordinatorProcess.start({ config }));
   const fp = coordinators[0]!.fingerprint;
   if (coordinators.some((c) => c.fingerprint !== fp)) throw new Error('coordinators differ in fingerprint');
@@ -139,17 +209,10 @@ try {
     coordinatorCpuPct: coordinators.map((c, i) => round(((c.cpuSeconds() - cpu0[i]!) / wall) * 100)),
   };
 
-  const db = new Kysely<unknown>({
-    dialect: new PostgresDialect({ pool: new pg.Pool({ connectionString: url, max: 1 }) }),
-  });
-  const conns = await sql<{
-    n: number;
-  }>`select count(*)::int as n from pg_stat_activity where datname = 'meshgate'`.execute(db);
-  await db.destroy();
   result.cost = {
-    note: 'connected, after the propagation trials',
+    note: 'connected, after the propagation trials; compare oneCoordinator',
     rssMiB: coordinators.map((c) => round(c.rssBytes() / MiB)),
-    databaseConnections: conns.rows[0]!.n - 1,
+    databaseConnections: await connections(url, 'meshgate'),
   };
 
   // Agents with every coordinator's address (the agent's own session code)
