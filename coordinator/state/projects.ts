@@ -88,15 +88,22 @@ export class Projects {
     try {
       const numericId = await this.counters.next('projects');
       const p = { name, numericId, createdAt: this.now(), maxKeyAgeMs: null };
-      await this.db.transaction().execute(async (tx) => {
-        await tx
-          .insertInto('projects')
-          .values({ name, created_at: p.createdAt, numeric_id: p.numericId })
-          .execute();
-        await this.counters.save(tx, 'projects', p.numericId);
-        await audit(tx, this.now(), actor, 'project.create', name);
-        await this.log.record(tx, { kind: 'project', ref: name });
-      });
+      try {
+        await this.db.transaction().execute(async (tx) => {
+          await tx
+            .insertInto('projects')
+            .values({ name, created_at: p.createdAt, numeric_id: p.numericId })
+            .execute();
+          await this.counters.save(tx, 'projects', p.numericId);
+          await audit(tx, this.now(), actor, 'project.create', name);
+          await this.log.record(tx, { kind: 'project', ref: name });
+        });
+      } catch (err) {
+        // Created at the same moment by another coordinator of the database.
+        if ((err as { code?: unknown }).code === '23505')
+          throw exists(`project ${quote(name)} already exists`);
+        throw err;
+      }
       this.add(p);
       return p;
     } finally {

@@ -113,6 +113,14 @@ describe('several coordinators on one PostgreSQL database', { skip }, () => {
 
   it('gives 200 machines registering on three coordinators at once distinct addresses, one node each', async () => {
     const [a, b, c] = replicas as [TestCoordinator, TestCoordinator, TestCoordinator];
+    // One project created on all three at once: one creates it, the others say it exists.
+    const created = await Promise.allSettled(
+      replicas.map((r) => r.admin.call('createProject', { name: 'race' })),
+    );
+    assert.equal(created.filter((x) => x.status === 'fulfilled').length, 1);
+    for (const x of created)
+      if (x.status === 'rejected')
+        assert.equal((x.reason as grpc.ServiceError).code, grpcStatus.ALREADY_EXISTS);
     const key = await authKey(a, 'reg', { reusable: true });
     await until(
       () => replicas.every((r) => r.c.state.getProject('reg') !== undefined),
