@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { ControlClient } from '../../agent/control/client.js';
 import { ConfigError, loadConfig } from '../../coordinator/config.js';
+import { AddressPool, MAX_INDEX } from '../../coordinator/state/ipam.js';
 import { ensureTlsIdentity, loadTlsFiles, TlsError } from '../../coordinator/tls.js';
 import { generateMachineKey } from '../../proto/keys.js';
 
@@ -62,5 +63,16 @@ describe('a shared TLS identity', () => {
   it('wants the key and the certificate together', () => {
     assert.throws(() => loadConfig(undefined, {}, { tlsKeyFile: '/k' }), ConfigError);
     assert.equal(loadConfig(undefined, {}, { tlsKeyFile: '/k', tlsCertFile: '/c' }).tlsCertFile, '/c');
+  });
+});
+
+describe('addresses taken in turns from a shared counter', () => {
+  it('starts at the n-th address, skips used ones and wraps past the end', () => {
+    const pool = new AddressPool([5, 6]);
+    assert.equal(pool.reserveFrom(3), 3);
+    assert.equal(pool.reserveFrom(5), 7);
+    assert.equal(pool.reserveFrom(MAX_INDEX + 1), 1);
+    pool.use(MAX_INDEX);
+    assert.equal(pool.reserveFrom(MAX_INDEX), 2);
   });
 });
