@@ -9,6 +9,7 @@ import { AgentError } from '../../agent/control/session.js';
 import { Agent } from '../../agent/daemon.js';
 import { MissingToolError } from '../../agent/dataplane/exec.js';
 import { createAgentLogger } from '../../agent/log.js';
+import { parseCoordinatorUrl } from '../../proto/dial.js';
 import { CliError } from '../errors.js';
 
 export const DEFAULT_AGENT_SOCKET = '/run/meshgate/agent.sock';
@@ -181,6 +182,14 @@ Example (what install.sh runs under systemd):
         throw new CliError(`${issue.path.join('.') || 'configuration'}: ${issue.message}`);
       }
       const c = parsed.data;
+      // Every address now, not when the agent first fails over to a mistyped one.
+      for (const url of c.coordinator.split(',')) {
+        try {
+          parseCoordinatorUrl(url.trim());
+        } catch (err) {
+          throw new CliError((err as Error).message);
+        }
+      }
       preflight(c.backend);
       // A key readable by others is refused at once, not found out at the next registration.
       if (c.authKeyFile && existsSync(c.authKeyFile)) readAuthKeyFile(c.authKeyFile);
