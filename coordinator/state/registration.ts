@@ -98,11 +98,12 @@ export class Registration {
       );
       return { node, existing: true };
     }
-    nodes.requireFreeNodeKey(input.nodeKey);
     const numericId = await counters.next('nodes');
     const addressTurn = counters.shared ? await counters.next('addresses') : 0;
     // Registered meanwhile, here or (applied from the database) elsewhere: that node is this machine's.
     if (nodes.byMachine(input.machineKey)) return this.registerOnce(input);
+    // From here to claiming the key and name nothing awaits.
+    nodes.requireFreeNodeKey(input.nodeKey);
     const index = counters.shared ? pool.reserveFrom(addressTurn) : pool.reserve();
     const now = this.now();
     const node: NodeRecord = {
