@@ -4,7 +4,7 @@
 // SIGKILL take to be back on another; and, first, the same agents and
 // trials against one coordinator on its own database, for comparison.
 //
-//   node --import tsx bench/ha.ts [--agents 1000] [--replicas 3] [--trials 10] [--movers 50] [--json]
+//   node --import tsx bench/ha.ts [--agents 1000] [--projects 1] [--replicas 3] [--trials 10] [--movers 50] [--json]
 //
 // Needs root and PostgreSQL's server binaries (a throwaway cluster, as the
 // integration tests use). Each coordinator is `bin/meshgate coordinator` in a
@@ -31,6 +31,8 @@ const { values } = parseArgs({
     replicas: { type: 'string', default: '3' },
     trials: { type: 'string', default: '10' },
     movers: { type: 'string', default: '50' },
+    /** The agents in this many projects of equal size; propagation is measured in the first. */
+    projects: { type: 'string', default: '1' },
     json: { type: 'boolean', default: false },
   },
 });
@@ -38,9 +40,28 @@ const n = Number(values.agents);
 const r = Number(values.replicas);
 const trials = Number(values.trials);
 const movers = Number(values.movers);
-if (!(n >= r && r >= 2 && trials >= 1 && movers >= 1)) throw new Error('need --agents ≥ --replicas ≥ 2');
+const projects = Number(values.projects);
+if (!(n >= r && r >= 2 && trials >= 1 && movers >= 1 && projects >= 1 && n >= projects * 2))
+  throw new Error('need --agents ≥ --replicas ≥ 2 and at least two agents per project');
 const MiB = 2 ** 20;
-const PROJECT = 'mesh';
+/** Propagation is measured in the first project. */
+const PROJECT = 'p0';
+const projectNames = Array.from({ length: projects }, (_, p) => `p${p}`);
+/** Agent i's project: consecutive agents share one, so each project spans every coordinator. */
+const projectOf = (i: number) => Math.floor((i * projects) / n);
+const projectSize = (p: number) => Math.floor(((p + 1) * n) / projects) - Math.floor((p * n) / projects);
+
+/** One reusable auth key per project. */
+async function createProjects(admin: Awaited<ReturnType<CoordinatorProcess['admin']>>): Promise<string[]> {
+  const keys: string[] = [];
+  for (const name of projectNames) {
+    await admin.call('createProject', { name });
+    keys.push(
+      (await admin.call('createAuthKey', { project: name, reusable: true, expiration: '24h' })).authKey!.key,
+    );
+  }
+  return keys;
+}
 
 async function until(pred: () => boolean | Promise<boolean>, timeoutMs: number, what: string): Promise<void> {
   const deadline = nowMs() + timeoutMs;
@@ -75,15 +96,19 @@ async function baseline(url: string, config: Record<string, unknown>): Promise<R
   const extra = await AgentFleet.open(c.url, c.fingerprint, 50, 'node');
   try {
     const admin = await c.admin();
-    await admin.call('createProject', { name: PROJECT });
-    const key = (await admin.call('createAuthKey', { project: PROJECT, reusable: true, expiration: '24h' }))
-      .authKey!.key;
+    const keys = await createProjects(admin);
+    const key = keys[0]!;
     const agents = Array.from({ length: n }, () => fleet.agent());
     log(`baseline: one coordinator, ${n} agents`);
     const t0 = nowMs();
-    await pool(agents, 50, (a, i) => a.register(key, `agent-${i}`).then(() => undefined));
+    await pool(agents, 50, (a, i) => a.register(keys[projectOf(i)]!, `agent-${i}`).then(() => undefined));
     await pool(agents, 100, (a) => a.connect());
-    await until(() => agents.every((a) => a.peers.size === n - 1), Math.max(60_000, n * 60), 'full meshes');
+    await until(
+      () => agents.every((a, i) => a.peers.size === projectSize(projectOf(i)) - 1),
+      Math.max(60_000, n * 60),
+      'full meshes',
+    );
+    const mesh = agents.filter((_, i) => projectOf(i) === 0);
     const connectMs = round(nowMs() - t0);
     await sleep(2000);
     const add: number[] = [];
@@ -91,14 +116,14 @@ async function baseline(url: string, config: Record<string, unknown>): Promise<R
     const tp0 = nowMs();
     for (let t = 0; t < trials; t++) {
       let id = '';
-      const w = fleet.watch(agents, (a) => id !== '' && a.hasPeer(id));
+      const w = fleet.watch(mesh, (a) => id !== '' && a.hasPeer(id));
       const res = await extra.agent().register(key, `prop-${t}`);
       const start = nowMs();
       id = res.node!.id;
-      for (const a of agents) w.check(a);
+      for (const a of mesh) w.check(a);
       await w.wait(60_000, `node prop-${t}`);
       add.push(...w.latencies(start));
-      const gone = fleet.watch(agents, (a) => !a.hasPeer(id));
+      const gone = fleet.watch(mesh, (a) => !a.hasPeer(id));
       await admin.call('deleteNode', { id, project: PROJECT });
       await gone.wait(60_000, `removal of prop-${t}`);
       await sleep(200);
@@ -123,7 +148,7 @@ const coordinators: CoordinatorProcess[] = [];
 const fleets: AgentFleet[] = [];
 const sessions: ControlSession[] = [];
 const result: Record<string, unknown> = {
-  command: `bench/ha.ts --agents ${n} --replicas ${r} --trials ${trials} --movers ${movers}`,
+  command: `bench/ha.ts --agents ${n} --projects ${projects} --replicas ${r} --trials ${trials} --movers ${movers}`,
   machine: machineInfo(),
   loadAverageAtStart: loadavg()[0],
 };
@@ -138,13 +163,12 @@ try {
   if (coordinators.some((c) => c.fingerprint !== fp)) throw new Error('coordinators differ in fingerprint');
   log(`${r} coordinators on one database: ${coordinators.map((c) => c.url).join(' ')}`);
   const admin = await coordinators[0]!.admin();
-  await admin.call('createProject', { name: PROJECT });
-  const key = (await admin.call('createAuthKey', { project: PROJECT, reusable: true, expiration: '24h' }))
-    .authKey!.key;
+  const keys = await createProjects(admin);
+  const key = keys[0]!;
   for (const c of coordinators) {
     const a = await c.admin();
     await until(
-      async () => (await a.call('listProjects', {})).projects.some((p) => p.name === PROJECT),
+      async () => (await a.call('listProjects', {})).projects.length === projects,
       10_000,
       'the project on every coordinator',
     );
@@ -152,16 +176,22 @@ try {
   for (const c of coordinators) fleets.push(await AgentFleet.open(c.url, fp, 50, 'node'));
   const others = await AgentFleet.open(coordinators[0]!.url, fp, 50, 'node');
   fleets.push(others);
-  const agents: { a: BenchAgent; replica: number }[] = Array.from({ length: n }, (_, i) => ({
+  const all: { a: BenchAgent; replica: number; project: number }[] = Array.from({ length: n }, (_, i) => ({
     a: fleets[i % r]!.agent(),
     replica: i % r,
+    project: projectOf(i),
   }));
+  const agents = all.filter((x) => x.project === 0);
   log(`registering and connecting ${n} agents, ${Math.ceil(n / r)} per coordinator`);
   const t0 = nowMs();
-  await pool(agents, 50, ({ a }, i) => a.register(key, `agent-${i}`).then(() => undefined));
-  await pool(agents, 100, ({ a }) => a.connect());
-  await until(() => agents.every(({ a }) => a.peers.size === n - 1), Math.max(60_000, n * 60), 'full meshes');
-  result.connect = { agents: n, replicas: r, allPeersKnownMs: round(nowMs() - t0) };
+  await pool(all, 50, ({ a, project }, i) => a.register(keys[project]!, `agent-${i}`).then(() => undefined));
+  await pool(all, 100, ({ a }) => a.connect());
+  await until(
+    () => all.every(({ a, project }) => a.peers.size === projectSize(project) - 1),
+    Math.max(60_000, n * 60),
+    'full meshes',
+  );
+  result.connect = { agents: n, projects, replicas: r, allPeersKnownMs: round(nowMs() - t0) };
   await sleep(2000);
 
   // A node added on coordinator 0 and deleted there again; every agent's
