@@ -78,26 +78,53 @@ export async function connectAdmin(flags: AdminFlags, env = process.env): Promis
       'an API key is needed for a remote coordinator: set MESHGATE_API_KEY or pass --api-key-file',
     );
   const fingerprint = flags.fingerprint ?? env.MESHGATE_FINGERPRINT;
-  const endpoint = await dial(url, { fingerprint });
-  const client = makeClient(AdminService, endpoint.target, endpoint.credentials, {
-    ...CLIENT_RECEIVE_LIMIT,
-    ...endpoint.options,
-  });
+  // Several coordinators of one database, comma-separated: a call that finds
+  // one unreachable goes to the next (docs/ha.md).
+  const urls = local
+    ? [url]
+    : url
+        .split(',')
+        .map((u) => u.trim())
+        .filter(Boolean);
+  const endpoints = await Promise.all(urls.map((u) => dial(u, { fingerprint })));
+  const clients = endpoints.map((endpoint) =>
+    makeClient(AdminService, endpoint.target, endpoint.credentials, {
+      ...CLIENT_RECEIVE_LIMIT,
+      ...endpoint.options,
+    }),
+  );
+  let current = 0;
   return {
     format,
-    display: endpoint.display,
-    call(method, req) {
+    display: endpoints.map((e) => e.display).join(','),
+    async call(method, req) {
       const md = new grpc.Metadata();
       if (!local) md.set('authorization', `Bearer ${apiKey}`);
       const m = AdminService.method[method];
-      return unary(client, AdminService, method, create(m.input, req as never) as never, md, {
-        deadline: Date.now() + 15_000,
-      }).catch(async (err: Partial<grpc.ServiceError>) => {
-        if (err?.code === grpc.status.UNAVAILABLE)
-          throw (await explainUnavailable(url, { fingerprint })) ?? err;
-        throw err;
-      });
+      for (let tried = 1; ; tried++) {
+        try {
+          return await unary(
+            clients[current]!,
+            AdminService,
+            method,
+            create(m.input, req as never) as never,
+            md,
+            {
+              deadline: Date.now() + 15_000,
+            },
+          );
+        } catch (err) {
+          if ((err as Partial<grpc.ServiceError>)?.code !== grpc.status.UNAVAILABLE) throw err;
+          if (tried < clients.length) {
+            current = (current + 1) % clients.length;
+            continue;
+          }
+          throw (await explainUnavailable(urls[current]!, { fingerprint })) ?? err;
+        }
+      }
     },
-    close: () => client.close(),
+    close: () => {
+      for (const c of clients) c.close();
+    },
   };
 }

@@ -39,6 +39,22 @@ export const ConfigSchema = z
     headscaleListen: hostPort.optional(),
     /** The Headscale API in plaintext HTTP/2 (h2c), as metal-api and metal-apiserver dial it today. */
     headscaleInsecure: z.boolean().default(false),
+    /**
+     * A TLS key (0600) and certificate to serve instead of the ones made in
+     * the data dir: the same pair on every coordinator of one database gives
+     * them one fingerprint. Both or neither.
+     */
+    tlsKeyFile: z.string().min(1).optional(),
+    tlsCertFile: z.string().min(1).optional(),
+    /**
+     * grpcs://HOST:PORT (or grpc:// with --plaintext) where the other
+     * coordinators of the same PostgreSQL database reach this one's gRPC port
+     * to forward relay datagrams (docs/ha.md); unset: they do not.
+     */
+    replicaAddress: z
+      .string()
+      .regex(/^grpcs?:\/\/\S+:\d{1,5}$/, 'expected grpcs://HOST:PORT')
+      .optional(),
     /** Extra names and addresses for the certificate made on first start. */
     serverNames: z.array(z.string()).default([]),
     logLevel: z.enum(['trace', 'debug', 'info', 'warn', 'error', 'fatal']).default('info'),
@@ -135,5 +151,9 @@ export function loadConfig(
     );
   }
   const c = parsed.data;
+  if ((c.tlsKeyFile === undefined) !== (c.tlsCertFile === undefined))
+    throw new ConfigError(
+      'invalid configuration: tlsKeyFile and tlsCertFile go together; set both or neither',
+    );
   return { ...c, database: c.database ?? `sqlite://${join(c.dataDir, 'meshgate.db')}` };
 }

@@ -1,6 +1,7 @@
 // Starts and stops the coordinator: store, state, mapper, the gRPC servers
 // (TLS on TCP, plaintext on the 0600 local admin socket), the HTTP listener
 // and the lifecycle timers.
+import { randomBytes } from 'node:crypto';
 import { chmodSync, existsSync, unlinkSync } from 'node:fs';
 import { createServer as createHttpServer, type Server as HttpServer } from 'node:http';
 import { createServer as createHttpsServer } from 'node:https';
@@ -10,6 +11,7 @@ import * as grpc from '@grpc/grpc-js';
 import { parseDuration } from '../proto/duration.js';
 import { AdminService } from '../proto/gen/meshgate/v1/admin_pb.js';
 import { ControlService } from '../proto/gen/meshgate/v1/control_pb.js';
+import { ReplicaService } from '../proto/gen/meshgate/v1/replica_pb.js';
 import { serviceDefinition } from '../proto/grpc.js';
 import { VERSION } from '../release/version.js';
 import { adminHandlers } from './api/admin.js';
@@ -22,15 +24,18 @@ import { Metrics } from './api/metrics.js';
 import { RateLimiter } from './api/ratelimit.js';
 import { RelayHub } from './api/relay.js';
 import { ReleaseDir } from './api/releases.js';
+import { RelayForwarder, replicaImplementation } from './api/replica-relay.js';
 import { AuthThrottle } from './api/throttle.js';
 import type { CoordinatorConfig } from './config.js';
 import { lockDataDir, prepareDataDir } from './datadir.js';
 import type { Logger } from './log.js';
 import { Mapper } from './mapper/mapper.js';
 import { readSecretFile } from './secret-file.js';
+import { changeBounds } from './state/changelog.js';
+import { Replication } from './state/replication.js';
 import { State } from './state/state.js';
 import { openStore } from './store/db.js';
-import { ensureTlsIdentity } from './tls.js';
+import { ensureTlsIdentity, loadTlsFiles } from './tls.js';
 
 export interface Coordinator {
   fingerprint: string | null;
@@ -158,7 +163,11 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
     : undefined;
   const headscaleTls = config.headscaleListen !== undefined && !config.headscaleInsecure;
   const identity =
-    config.plaintext && !headscaleTls ? null : await ensureTlsIdentity(config.dataDir, config.serverNames);
+    config.plaintext && !headscaleTls
+      ? null
+      : config.tlsKeyFile && config.tlsCertFile
+        ? { ...loadTlsFiles(config.tlsKeyFile, config.tlsCertFile), created: false }
+        : await ensureTlsIdentity(config.dataDir, config.serverNames);
   if (identity?.created)
     log.info({ fingerprint: identity.fingerprint }, 'created TLS key and self-signed certificate');
 
@@ -167,7 +176,25 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
     key: config.databaseKeyFile ? readSecretFile(config.databaseKeyFile, 'database key') : undefined,
   });
   undo.push(() => store.close());
-  const state = await State.load(store.db, { ephemeralTimeoutMs: parseDuration(config.ephemeralTimeout) });
+  // On PostgreSQL other coordinators may share the database (docs/ha.md).
+  const replica = store.dialect === 'postgres' ? randomBytes(8).toString('hex') : undefined;
+  const seenSeq = replica ? (await changeBounds(store.db)).last : 0;
+  const state = await State.load(store.db, {
+    ephemeralTimeoutMs: parseDuration(config.ephemeralTimeout),
+    replica,
+  });
+  const replication = replica
+    ? new Replication(
+        store.db,
+        state,
+        { url: config.database, replica, log, address: config.replicaAddress },
+        seenSeq,
+      )
+    : null;
+  if (replication) {
+    await replication.start();
+    undo.push(() => replication.close());
+  }
   const metrics = new Metrics({
     nodesOnline: () => state.onlineCount(),
     nodesTotal: () => state.listNodes().length,
@@ -201,10 +228,20 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
     metrics,
   );
   undo.push(() => relay.close());
+  const forwarder = replication ? new RelayForwarder(state, replication, identity?.fingerprint, log) : null;
+  if (forwarder) {
+    relay.forwarder = forwarder.forward;
+    undo.push(() => forwarder.close());
+  }
   const limiter = new RateLimiter(config.registrationRate.perSecond, config.registrationRate.burst);
   const server = new grpc.Server(SERVER_OPTIONS);
   undo.push(() => server.forceShutdown());
   server.addService(serviceDefinition(AdminService), adminImplementation(handlers, state, log, throttle));
+  if (replication)
+    server.addService(
+      serviceDefinition(ReplicaService),
+      replicaImplementation(relay, () => replication.secret(), log),
+    );
   server.addService(
     serviceDefinition(ControlService),
     controlImplementation({
@@ -290,9 +327,16 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
   const lifecycle = setInterval(
     async () => {
       try {
+        // Every coordinator tells its own agents about expiries; what writes runs on one only.
+        state.sweepExpiry();
+        if (replication && !(await replication.holds('periodic'))) return;
+        for (const id of (await replication?.reapDead()) ?? [])
+          log.warn(
+            { replica: id },
+            'a coordinator stopped renewing its lease; its nodes are offline unless they reconnect elsewhere',
+          );
         for (const n of await state.reapEphemeral())
           log.info({ node: n.id, name: n.name, project: n.project }, 'removed inactive ephemeral node');
-        state.sweepExpiry();
         const now = Date.now();
         for (const k of await state.keys.listApiKeys()) {
           if (k.revokedAt === null && k.expiresAt - now < warnWindow && !warned.has(k.id)) {
@@ -335,6 +379,7 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
     async close() {
       clearInterval(lifecycle);
       mapper.close();
+      forwarder?.close();
       relay.close();
       http.closeAllConnections();
       await Promise.all([
@@ -345,6 +390,7 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
       ]);
       // After the servers: closing streams marks nodes offline, and that last_seen must reach the store too.
       try {
+        await replication?.close();
         await state.close();
       } finally {
         await store.close();

@@ -8,8 +8,10 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { isIP } from 'node:net';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
+import { createSecureContext } from 'node:tls';
 import forge from 'node-forge';
 import { spkiOf } from '../proto/fingerprint.js';
+import { readSecretFile } from './secret-file.js';
 
 export class TlsError extends Error {
   override name = 'TlsError';
@@ -31,6 +33,31 @@ export function loadTlsIdentity(dataDir: string): TlsIdentity {
     throw new TlsError(`no TLS certificate in ${dataDir}; start the coordinator once to create it`);
   const cert = readFileSync(p.cert);
   return { key: readFileSync(p.key), cert, fingerprint: spkiOf(cert) };
+}
+
+/**
+ * An identity made elsewhere, e.g. one key and certificate for every
+ * coordinator sharing a database, so that one fingerprint pins them all.
+ * The key must be readable by its owner only.
+ */
+export function loadTlsFiles(keyFile: string, certFile: string): TlsIdentity {
+  const key = Buffer.from(`${readSecretFile(keyFile, 'TLS key')}\n`);
+  let cert: Buffer;
+  try {
+    cert = readFileSync(certFile);
+  } catch (err) {
+    throw new TlsError(
+      `cannot read TLS certificate ${certFile}: ${(err as NodeJS.ErrnoException).code ?? err}`,
+    );
+  }
+  try {
+    createSecureContext({ key, cert });
+  } catch (err) {
+    throw new TlsError(
+      `TLS key ${keyFile} and certificate ${certFile} do not fit together: ${(err as Error).message}`,
+    );
+  }
+  return { key, cert, fingerprint: spkiOf(cert) };
 }
 
 /** Loads the identity, creating key and certificate when the data dir has none. */

@@ -20,6 +20,10 @@ import { CLIENT_RECEIVE_LIMIT, makeClient, methodPath, unary } from '../../proto
 import { signCall } from '../../proto/signing.js';
 
 export interface ControlClientOptions {
+  /**
+   * grpcs://HOST:PORT, or several separated by commas: coordinators sharing
+   * one database (docs/ha.md), tried in turn when one goes away.
+   */
   url: string;
   fingerprint?: string;
   /** Ed25519 secret key (64 bytes, tweetnacl layout). */
@@ -34,17 +38,38 @@ const path = (name: string) =>
 export class ControlClient {
   private client: grpc.Client | null = null;
   private endpoint: Endpoint | null = null;
+  private readonly urls: string[];
+  private current = 0;
   nodeId = '';
 
-  constructor(private readonly opts: ControlClientOptions) {}
+  constructor(private readonly opts: ControlClientOptions) {
+    const urls = opts.url
+      .split(',')
+      .map((u) => u.trim())
+      .filter(Boolean);
+    this.urls = urls.length ? urls : [opts.url];
+    // Agents spread over the coordinators instead of all starting on the first.
+    this.current = Math.floor(Math.random() * this.urls.length);
+  }
 
   get display(): string {
-    return this.endpoint?.display ?? this.opts.url;
+    return this.endpoint?.display ?? this.urls[this.current]!;
+  }
+
+  /**
+   * The next coordinator for the next call, after this one failed. With one
+   * address nothing changes: its channel reconnects by itself.
+   */
+  failover(): void {
+    if (this.urls.length < 2) return;
+    this.close();
+    this.endpoint = null;
+    this.current = (this.current + 1) % this.urls.length;
   }
 
   private async grpc(): Promise<grpc.Client> {
     if (!this.client) {
-      this.endpoint = await dial(this.opts.url, { fingerprint: this.opts.fingerprint });
+      this.endpoint = await dial(this.urls[this.current]!, { fingerprint: this.opts.fingerprint });
       this.client = makeClient(ControlService, this.endpoint.target, this.endpoint.credentials, {
         'grpc.keepalive_time_ms': 30_000,
         'grpc.keepalive_timeout_ms': 10_000,

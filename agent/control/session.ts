@@ -248,7 +248,11 @@ export class ControlSession extends EventEmitter<SessionEvents> {
     } else if (e.code === grpc.status.UNAUTHENTICATED) {
       // The coordinator answered: it no longer knows this node as it was. Registering tells why.
       this.setState('connecting', detail);
-    } else this.setState('offline', detail);
+    } else {
+      this.setState('offline', detail);
+      // Another coordinator of the same database may be up: the next attempt goes there.
+      this.client.failover();
+    }
     const delay = revoked ? REVOKED_RETRY_MS : this.backoff.next();
     this.timer = setTimeout(() => {
       this.timer = null;

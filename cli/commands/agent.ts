@@ -138,7 +138,10 @@ export function registerAgentCommand(program: Command): void {
   program
     .command('agent')
     .description('run the node daemon: join the mesh and keep WireGuard and nftables in sync')
-    .option('--coordinator <url>', 'coordinator address, grpcs://HOST:PORT (env MESHGATE_COORDINATOR)')
+    .option(
+      '--coordinator <url>',
+      'coordinator address, grpcs://HOST:PORT; several coordinators of one database: comma-separated (env MESHGATE_COORDINATOR)',
+    )
     .option(
       '--auth-key-file <file>',
       'file (0600) with the auth key; only needed until the machine has joined',
@@ -264,6 +267,14 @@ Example (what install.sh runs under systemd):
         throw new CliError(`${issue.path.join('.') || 'configuration'}: ${issue.message}`);
       }
       const c = parsed.data;
+      // Every address now, not when the agent first fails over to a mistyped one.
+      for (const url of c.coordinator.split(',')) {
+        try {
+          parseCoordinatorUrl(url.trim());
+        } catch (err) {
+          throw new CliError((err as Error).message);
+        }
+      }
       if (c.autoUpdate && !c.releaseKey)
         throw new CliError(
           '--auto-update needs --release-key (the ed25519: key printed by meshgate release keygen)',

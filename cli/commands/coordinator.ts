@@ -36,6 +36,15 @@ export function registerCoordinatorCommands(program: Command): void {
       "serve Headscale v0.28's gRPC API for metal-api and metal-apiserver, e.g. :50443 (default off)",
     )
     .option('--headscale-insecure', 'serve the Headscale API in plaintext HTTP/2 (h2c) instead of TLS')
+    .option('--tls-key-file <file>', 'serve this TLS key (0600) instead of the one in the data dir')
+    .option(
+      '--tls-cert-file <file>',
+      'and this certificate: the same pair on every coordinator of one database pins them all with one fingerprint',
+    )
+    .option(
+      '--replica-address <url>',
+      'grpcs://HOST:PORT where the other coordinators of the same database reach this one to forward relay datagrams',
+    )
     .option('--log-level <level>', 'trace, debug, info, warn, error')
     .option('--ephemeral-timeout <duration>', 'remove ephemeral nodes offline this long (default 30m)')
     .option(
@@ -67,6 +76,9 @@ socket (0600) in the data dir needs no API key: use it to create the first one:
         plaintext: o.plaintext,
         headscaleListen: o.headscaleListen,
         headscaleInsecure: o.headscaleInsecure,
+        tlsKeyFile: o.tlsKeyFile,
+        tlsCertFile: o.tlsCertFile,
+        replicaAddress: o.replicaAddress,
         logLevel: o.logLevel,
         ephemeralTimeout: o.ephemeralTimeout,
       });

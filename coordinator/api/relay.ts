@@ -31,6 +31,8 @@ export type RelayResult = 'forwarded' | 'denied' | 'offline' | 'rate-limited' | 
 
 export class RelayHub {
   private readonly links = new Map<string, Link>();
+  /** For receivers on another coordinator of the same database (replica-relay.ts). */
+  forwarder: ((fromId: string, toId: string, payload: Uint8Array) => RelayResult) | null = null;
 
   constructor(
     private readonly state: State,
@@ -67,7 +69,7 @@ export class RelayHub {
     if (!from || !src || !dst || dst.project !== src.project) return 'denied';
     if (!this.state.compiled(src.project).canSee(src.id, dst.id)) return 'denied';
     const to = this.links.get(dst.id);
-    if (!to) return 'offline';
+    if (!to && !this.forwarder) return 'offline';
     const now = Date.now();
     from.tokens = Math.min(
       this.limits.burstBytes,
@@ -76,9 +78,28 @@ export class RelayHub {
     from.at = now;
     if (from.tokens < frame.payload.length) return 'rate-limited';
     from.tokens -= frame.payload.length;
+    if (!to) return this.forwarder!(src.id, dst.id, frame.payload);
     // A full HTTP/2 window means a slow receiver: drop like a full UDP buffer would.
     if (to.call.writableNeedDrain) return 'congested';
     to.call.write(create(RelayResponseSchema, { peerId: src.id, payload: frame.payload }));
+    return 'forwarded';
+  }
+
+  /**
+   * A datagram another coordinator forwarded, for a node streaming here. It
+   * checked the policy with the same state; checked again, as that state may
+   * be a change behind.
+   */
+  deliver(fromId: string, toId: string, payload: Uint8Array): RelayResult {
+    if (payload.length > MAX_DATAGRAM) return 'too-large';
+    const src = this.state.getNode(fromId);
+    const dst = this.state.getNode(toId);
+    if (!src || !dst || dst.project !== src.project) return 'denied';
+    if (!this.state.compiled(src.project).canSee(src.id, dst.id)) return 'denied';
+    const to = this.links.get(dst.id);
+    if (!to) return 'offline';
+    if (to.call.writableNeedDrain) return 'congested';
+    to.call.write(create(RelayResponseSchema, { peerId: src.id, payload }));
     return 'forwarded';
   }
 

@@ -26,16 +26,18 @@ export class AddressPool {
   private next = 1;
 
   constructor(inUse: Iterable<number>) {
-    for (const i of inUse) {
-      this.used.add(i);
-      if (i >= this.next) this.next = i + 1;
-    }
+    for (const i of inUse) this.use(i);
+  }
+
+  /** Marks an index taken elsewhere (loaded from the store, or given out by another coordinator). */
+  use(index: number): void {
+    this.used.add(index);
+    if (index >= this.next) this.next = index + 1;
   }
 
   /** Reserves an index now, before any await, so concurrent callers never share one. */
   reserve(): number {
-    if (this.used.size >= MAX_INDEX)
-      throw new CoordinatorError('exhausted', 'the mesh address range 100.64.0.0/10 is full');
+    this.requireRoom();
     // Fresh addresses first: a freed address is reused only after wrapping,
     // so a stale peer entry somewhere never points at a new node.
     while (this.used.has(this.next) || this.next > MAX_INDEX) {
@@ -45,6 +47,24 @@ export class AddressPool {
     this.used.add(index);
     this.next = index + 1;
     return index;
+  }
+
+  /**
+   * Reserves the first free index at or after the n-th of a counter that
+   * coordinators sharing a database take turns on: each starts at another
+   * place, so they rarely pick the same address at once.
+   */
+  reserveFrom(n: number): number {
+    this.requireRoom();
+    let index = ((n - 1) % MAX_INDEX) + 1;
+    while (this.used.has(index)) index = (index % MAX_INDEX) + 1;
+    this.use(index);
+    return index;
+  }
+
+  private requireRoom(): void {
+    if (this.used.size >= MAX_INDEX)
+      throw new CoordinatorError('exhausted', 'the mesh address range 100.64.0.0/10 is full');
   }
 
   release(index: number): void {

@@ -46,6 +46,11 @@ export interface AuthKeyRecord {
   revokedAt: number | null;
 }
 
+/** An expired node is cut off the mesh until an admin re-authorizes it. */
+export function isNodeExpired(n: NodeRecord, now: number): boolean {
+  return n.expiresAt !== null && n.expiresAt <= now;
+}
+
 const list = (text: string): string[] => JSON.parse(text) as string[];
 
 /** The last millisecond of year 9999: far inside int64, a protobuf Timestamp and a JavaScript Date. */

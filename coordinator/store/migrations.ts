@@ -247,6 +247,59 @@ export function migrations(dialect: Dialect): Record<string, Migration> {
           .execute();
       },
     },
+    // Several coordinators on one PostgreSQL database: a log of committed
+    // changes (announced with NOTIFY, read back after a missed one), the
+    // coordinators alive, which node streams to which, and leases for the
+    // periodic jobs only one of them runs. Only new tables: a coordinator of
+    // the previous version keeps working beside them during a rollout.
+    '0011_replication': {
+      async up(db: Kysely<unknown>) {
+        await db.schema
+          .createTable('changes')
+          .$call((t) =>
+            dialect === 'postgres'
+              ? t.addColumn('seq', 'bigserial', (c) => c.primaryKey())
+              : t.addColumn('seq', 'integer', (c) => c.primaryKey().autoIncrement()),
+          )
+          .addColumn('at', 'bigint', (c) => c.notNull())
+          .addColumn('origin', 'text', (c) => c.notNull())
+          .addColumn('kind', 'text', (c) => c.notNull())
+          .addColumn('ref', 'text', (c) => c.notNull())
+          .execute();
+        await db.schema.createIndex('changes_at').on('changes').column('at').execute();
+        // Where coordinators sharing the database look for the next free address.
+        await sql`insert into id_counters (name, last)
+          select 'addresses', coalesce(max(ip_index), 0) from nodes`.execute(db);
+        await db.schema
+          .createTable('replicas')
+          .addColumn('id', 'text', (c) => c.primaryKey())
+          .addColumn('started_at', 'bigint', (c) => c.notNull())
+          .addColumn('expires_at', 'bigint', (c) => c.notNull())
+          // Where the others reach its gRPC port to forward relay datagrams; '' if they cannot.
+          .addColumn('address', 'text', (c) => c.notNull().defaultTo(''))
+          .execute();
+        // What coordinators present to each other (ReplicaService): whoever can read it can read the database.
+        await db.schema
+          .createTable('replica_secret')
+          .addColumn('id', 'integer', (c) => c.primaryKey())
+          .addColumn('secret', 'text', (c) => c.notNull())
+          .execute();
+        await db.schema
+          .createTable('presence')
+          .addColumn('node_id', 'text', (c) => c.notNull())
+          .addColumn('replica', 'text', (c) => c.notNull())
+          .addColumn('since', 'bigint', (c) => c.notNull())
+          .addPrimaryKeyConstraint('presence_pk', ['node_id', 'replica'])
+          .execute();
+        await db.schema.createIndex('presence_replica').on('presence').column('replica').execute();
+        await db.schema
+          .createTable('leases')
+          .addColumn('name', 'text', (c) => c.primaryKey())
+          .addColumn('holder', 'text', (c) => c.notNull())
+          .addColumn('expires_at', 'bigint', (c) => c.notNull())
+          .execute();
+      },
+    },
   };
 }
 

@@ -113,6 +113,45 @@ export interface AuditTable {
   detail: string;
 }
 
+/** One committed change, for coordinators sharing a PostgreSQL database (see docs/ha.md). */
+export interface ChangeTable {
+  seq: Generated<number>;
+  at: number;
+  /** The coordinator that made it; it skips its own changes. */
+  origin: string;
+  kind: string;
+  ref: string;
+}
+
+/** Coordinators alive on this database; a row whose lease passed belongs to a dead one. */
+export interface ReplicaTable {
+  id: string;
+  started_at: number;
+  expires_at: number;
+  /** grpcs://HOST:PORT where the others forward relay datagrams to it; '' when they cannot. */
+  address: string;
+}
+
+/** The one secret coordinators on this database present to each other. */
+export interface ReplicaSecretTable {
+  id: number;
+  secret: string;
+}
+
+/** A node streaming to a coordinator: online means a row whose replica is alive. */
+export interface PresenceTable {
+  node_id: string;
+  replica: string;
+  since: number;
+}
+
+/** Periodic jobs that exactly one coordinator runs: the holder until expires_at. */
+export interface LeaseTable {
+  name: string;
+  holder: string;
+  expires_at: number;
+}
+
 export interface Database {
   projects: ProjectTable;
   auth_keys: AuthKeyTable;
@@ -123,4 +162,9 @@ export interface Database {
   audit_log: AuditTable;
   id_counters: IdCounterTable;
   global_policy: GlobalPolicyTable;
+  changes: ChangeTable;
+  replicas: ReplicaTable;
+  presence: PresenceTable;
+  leases: LeaseTable;
+  replica_secret: ReplicaSecretTable;
 }

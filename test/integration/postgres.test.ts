@@ -80,6 +80,8 @@ describe('coordinator on PostgreSQL', { skip }, () => {
       assert.equal(node.numeric_id, 1);
       const counters = await store.db.selectFrom('id_counters').selectAll().orderBy('name').execute();
       assert.deepEqual(counters, [
+        // Where coordinators sharing the database continue handing out addresses.
+        { name: 'addresses', last: 9 },
         { name: 'nodes', last: 1 },
         { name: 'projects', last: 2 },
       ]);

@@ -261,6 +261,7 @@ describe('control session', () => {
         streams.push(s);
         return s;
       },
+      failover() {},
       close() {},
     } as unknown as ControlClient;
     const session = new ControlSession(

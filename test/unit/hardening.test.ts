@@ -160,7 +160,10 @@ describe('node keys are unique in the store', () => {
     await sql`alter table nodes drop column key_set_at`.execute(store.db);
     await sql`alter table projects drop column max_key_age_ms`.execute(store.db);
     await sql`alter table desired_versions drop column max_unavailable`.execute(store.db);
-    await sql`delete from kysely_migration where name in ('0008_unique_node_keys', '0009_node_key_set_at', '0010_rollout_max_unavailable')`.execute(
+    for (const table of ['changes', 'replicas', 'presence', 'leases', 'replica_secret'])
+      await sql`drop table ${sql.table(table)}`.execute(store.db);
+    await sql`delete from id_counters where name = 'addresses'`.execute(store.db);
+    await sql`delete from kysely_migration where name in ('0008_unique_node_keys', '0009_node_key_set_at', '0010_rollout_max_unavailable', '0011_replication')`.execute(
       store.db,
     );
     await store.db.insertInto('projects').values({ name: 'p', created_at: 1 }).execute();
