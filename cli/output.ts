@@ -1,6 +1,16 @@
 // Prints listings as a table, a wide table, JSON or YAML (-o).
-import YAML, { Scalar } from 'yaml';
+import { createRequire } from 'node:module';
 import { escapeUnsafe, unsafeCharacter } from '../proto/text.js';
+
+// yaml is loaded on the first `-o yaml`, not at every start of the CLI: it is
+// one of its largest imports. Its Node build is CommonJS, so require() loads
+// it synchronously.
+const load = createRequire(import.meta.url);
+let yaml: typeof import('yaml') | undefined;
+const YAML = () => {
+  yaml ??= load('yaml') as typeof import('yaml');
+  return yaml;
+};
 
 export type Format = 'table' | 'wide' | 'json' | 'yaml';
 export const FORMATS: Format[] = ['table', 'wide', 'json', 'yaml'];
@@ -44,7 +54,7 @@ export function render<T>(format: Format, data: unknown, rows: T[], columns: Col
       return escapeUnsafe(JSON.stringify(data, null, 2), '\n');
     case 'yaml':
       // Double-quoted YAML scalars are the ones where \uXXXX escapes mean the character.
-      return escapeUnsafe(YAML.stringify(quoteUnsafe(data), { lineWidth: 0 }).trimEnd(), '\n');
+      return escapeUnsafe(YAML().stringify(quoteUnsafe(data), { lineWidth: 0 }).trimEnd(), '\n');
     default:
       return renderTable(rows, columns, format === 'wide');
   }
@@ -54,6 +64,7 @@ export function render<T>(format: Format, data: unknown, rows: T[], columns: Col
 function quoteUnsafe(data: unknown): unknown {
   if (typeof data === 'string') {
     if (!unsafeCharacter(data)) return data;
+    const { Scalar } = YAML();
     const s = new Scalar(data);
     s.type = Scalar.QUOTE_DOUBLE;
     return s;

@@ -1,9 +1,6 @@
 // `meshgate coordinator`: run the control plane, print its fingerprint, or
 // encrypt and re-key its SQLite database.
 import type { Command } from 'commander';
-import { loadConfig } from '../../coordinator/config.js';
-import { createLogger } from '../../coordinator/log.js';
-import { readSecretFile } from '../../coordinator/secret-file.js';
 import { VERSION } from '../../release/version.js';
 import { CliError } from '../errors.js';
 
@@ -65,6 +62,7 @@ socket (0600) in the data dir needs no API key: use it to create the first one:
   meshgate apikeys create --socket DATA_DIR/admin.sock`,
     )
     .action(async (o: Record<string, string | boolean | undefined>) => {
+      const { loadConfig } = await import('../../coordinator/config.js');
       const config = loadConfig(o.config as string | undefined, process.env, {
         dataDir: o.dataDir,
         database: o.database,
@@ -82,6 +80,7 @@ socket (0600) in the data dir needs no API key: use it to create the first one:
         logLevel: o.logLevel,
         ephemeralTimeout: o.ephemeralTimeout,
       });
+      const { createLogger } = await import('../../coordinator/log.js');
       const log = createLogger(config.logLevel);
       // Loaded here: the release artifact leaves the coordinator (and its SQLite addon) out.
       const { startCoordinator } = await import('../../coordinator/server.js');
@@ -155,7 +154,8 @@ socket (0600) in the data dir needs no API key: use it to create the first one:
     c
       .option('--data-dir <dir>', 'data dir of the coordinator', '/var/lib/meshgate')
       .option('--database <url>', 'sqlite:///path/file.db (default: meshgate.db in the data dir)');
-  const databasePath = (o: { dataDir: string; database?: string }) => {
+  const databasePath = async (o: { dataDir: string; database?: string }) => {
+    const { loadConfig } = await import('../../coordinator/config.js');
     const url = loadConfig(undefined, {}, { dataDir: o.dataDir, database: o.database }).database;
     if (!url.startsWith('sqlite://'))
       throw new CliError('only a SQLite database can be encrypted here; see docs/security.md for PostgreSQL');
@@ -163,14 +163,20 @@ socket (0600) in the data dir needs no API key: use it to create the first one:
   };
   // Loaded here, like the coordinator itself: the release artifact has no SQLite addon.
   const sqlite = () => import('../../coordinator/store/sqlite.js');
+  const readSecretFile = async (file: string, what: string) =>
+    (await import('../../coordinator/secret-file.js')).readSecretFile(file, what);
   dbOptions(
     db
       .command('encrypt')
       .description('encrypt a plain database in place with the key in a file')
       .requiredOption('--database-key-file <file>', 'file (0600) with the new key'),
   ).action(async (o: { dataDir: string; database?: string; databaseKeyFile: string }) => {
-    const path = databasePath(o);
-    (await sqlite()).rekeySqliteFile(path, undefined, readSecretFile(o.databaseKeyFile, 'database key'));
+    const path = await databasePath(o);
+    (await sqlite()).rekeySqliteFile(
+      path,
+      undefined,
+      await readSecretFile(o.databaseKeyFile, 'database key'),
+    );
     process.stderr.write(
       `encrypted ${path}; start the coordinator with --database-key-file ${o.databaseKeyFile}\n`,
     );
@@ -182,11 +188,11 @@ socket (0600) in the data dir needs no API key: use it to create the first one:
       .requiredOption('--database-key-file <file>', 'file (0600) with the current key')
       .requiredOption('--new-key-file <file>', 'file (0600) with the new key'),
   ).action(async (o: { dataDir: string; database?: string; databaseKeyFile: string; newKeyFile: string }) => {
-    const path = databasePath(o);
+    const path = await databasePath(o);
     (await sqlite()).rekeySqliteFile(
       path,
-      readSecretFile(o.databaseKeyFile, 'database key'),
-      readSecretFile(o.newKeyFile, 'new database key'),
+      await readSecretFile(o.databaseKeyFile, 'database key'),
+      await readSecretFile(o.newKeyFile, 'new database key'),
     );
     process.stderr.write(
       `re-keyed ${path}; start the coordinator with --database-key-file ${o.newKeyFile}\n`,

@@ -3,17 +3,12 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Command } from 'commander';
-import {
-  generateSigningKey,
-  MANIFEST_FILE,
-  parseManifest,
-  verifyArtifact,
-  verifyManifest,
-} from '../../release/manifest.js';
 import { versionLine } from '../../release/version.js';
 import { CliError } from '../errors.js';
 
 const out = (s: string) => process.stdout.write(`${s}\n`);
+// Loaded by the commands that need it: its schema library would slow every start of the CLI.
+const manifest = () => import('../../release/manifest.js');
 
 export function registerReleaseCommands(program: Command): void {
   program
@@ -29,8 +24,8 @@ export function registerReleaseCommands(program: Command): void {
     .command('keygen')
     .description('make an Ed25519 signing key (file 0600) and print its public key')
     .requiredOption('--out <file>', 'where to write the private key; an existing file is kept')
-    .action((o: { out: string }) => {
-      const key = generateSigningKey();
+    .action(async (o: { out: string }) => {
+      const key = (await manifest()).generateSigningKey();
       try {
         writeFileSync(o.out, key.pem, { mode: 0o600, flag: 'wx' });
       } catch (err) {
@@ -54,14 +49,15 @@ export function registerReleaseCommands(program: Command): void {
       const { pack } = await import('../../release/pack.js');
       const r = await pack({ version: o.version, signingKeyFile: o.signingKey, outDir: o.out });
       out(`${r.artifact} (${r.manifest.size} bytes, sha256 ${r.manifest.sha256})`);
-      out(join(r.dir, MANIFEST_FILE));
+      out(join(r.dir, (await manifest()).MANIFEST_FILE));
     });
 
   release
     .command('verify <dir>')
     .description('check a release directory (manifest.json and artifact) against the release key')
     .requiredOption('--release-key <ed25519:base64>', 'public key printed by "meshgate release keygen"')
-    .action((dir: string, o: { releaseKey: string }) => {
+    .action(async (dir: string, o: { releaseKey: string }) => {
+      const { MANIFEST_FILE, parseManifest, verifyArtifact, verifyManifest } = await manifest();
       let text: string;
       try {
         text = readFileSync(join(dir, MANIFEST_FILE), 'utf8');
