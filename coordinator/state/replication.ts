@@ -76,16 +76,7 @@ export class Replication implements PresenceRecorder {
 
   /** Before streams are served: the others see this coordinator alive and its changes flow both ways. */
   async start(): Promise<void> {
-    const now = this.state.now();
-    await this.db
-      .insertInto('replicas')
-      .values({
-        id: this.id,
-        started_at: now,
-        expires_at: now + this.leaseMs,
-        address: this.opts.address ?? '',
-      })
-      .execute();
+    await this.announce(this.db, this.state.now());
     await this.readAddresses();
     await this.state.remote?.syncPresence();
     this.state.catchUp = () => this.enqueue(() => this.readLog());
@@ -121,15 +112,7 @@ export class Replication implements PresenceRecorder {
     );
     const online = this.state.localOnline();
     await this.db.transaction().execute(async (tx) => {
-      await tx
-        .insertInto('replicas')
-        .values({
-          id: this.id,
-          started_at: now,
-          expires_at: now + this.leaseMs,
-          address: this.opts.address ?? '',
-        })
-        .execute();
+      await this.announce(tx, now);
       for (const id of online)
         await tx
           .insertInto('presence')
@@ -138,6 +121,19 @@ export class Replication implements PresenceRecorder {
           .execute();
       await this.changeLog.record(tx, ...online.map((id): Change => ({ kind: 'presence', ref: id })));
     });
+  }
+
+  /** This coordinator's row: alive until the lease ends, reachable at its address for relay forwarding. */
+  private async announce(db: Kysely<Database>, now: number): Promise<void> {
+    await db
+      .insertInto('replicas')
+      .values({
+        id: this.id,
+        started_at: now,
+        expires_at: now + this.leaseMs,
+        address: this.opts.address ?? '',
+      })
+      .execute();
   }
 
   private async readAddresses(): Promise<void> {

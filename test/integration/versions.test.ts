@@ -1,7 +1,6 @@
 // Desired versions are semantic versions the coordinator can serve; the
 // coordinator serves releases and install.sh on its HTTPS port.
 import assert from 'node:assert/strict';
-import { createHash } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { request } from 'node:https';
 import { tmpdir } from 'node:os';
@@ -10,14 +9,8 @@ import { after, before, describe, it } from 'node:test';
 import { create } from '@bufbuild/protobuf';
 import type * as grpc from '@grpc/grpc-js';
 import { SyncRequestSchema, UpdateState } from '../../proto/gen/meshgate/v1/control_pb.js';
-import {
-  artifactFile,
-  generateSigningKey,
-  loadSigningKey,
-  MANIFEST_FORMAT,
-  parseManifest,
-  signManifest,
-} from '../../release/manifest.js';
+import { artifactFile, generateSigningKey, loadSigningKey, parseManifest } from '../../release/manifest.js';
+import { signedRelease } from '../fixtures/release.js';
 import { authKey, SimAgent, startTestCoordinator, type TestCoordinator } from './harness.js';
 
 function get(
@@ -54,22 +47,7 @@ function get(
 
 /** A release directory as `meshgate release pack` lays it out, with a small artifact. */
 function fakeRelease(releasesDir: string, version: string, body = `// meshgate ${version}\n`): void {
-  const bytes = Buffer.from(body);
-  const m = signManifest(
-    {
-      format: MANIFEST_FORMAT,
-      name: 'meshgate',
-      version,
-      commit: 'unknown',
-      file: artifactFile(version),
-      sha256: createHash('sha256').update(bytes).digest('hex'),
-      size: bytes.length,
-      node: '>=20',
-      platform: 'linux',
-      created: new Date().toISOString(),
-    },
-    loadSigningKey(generateSigningKey().pem),
-  );
+  const { bytes, manifest: m } = signedRelease(version, body, loadSigningKey(generateSigningKey().pem));
   mkdirSync(join(releasesDir, version), { recursive: true });
   writeFileSync(join(releasesDir, version, m.file), bytes);
   writeFileSync(join(releasesDir, version, 'manifest.json'), JSON.stringify(m));

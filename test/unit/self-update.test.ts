@@ -3,7 +3,6 @@
 // remembering a bad release, and the watchdog's rollback.
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { createHash } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readFileSync, readlinkSync, rmSync, symlinkSync } from 'node:fs';
 import { createServer } from 'node:https';
 import type { AddressInfo } from 'node:net';
@@ -26,35 +25,15 @@ import { SelfUpdater } from '../../agent/update/updater.js';
 import { watchUpdate } from '../../agent/update/watchdog.js';
 import { ensureTlsIdentity } from '../../coordinator/tls.js';
 import { DesiredReleaseSchema } from '../../proto/gen/meshgate/v1/types_pb.js';
-import {
-  artifactFile,
-  generateSigningKey,
-  loadSigningKey,
-  MANIFEST_FORMAT,
-  signManifest,
-} from '../../release/manifest.js';
+import { generateSigningKey, loadSigningKey } from '../../release/manifest.js';
+import { signedRelease } from '../fixtures/release.js';
 
 const signing = generateSigningKey();
 const key = loadSigningKey(signing.pem);
 const otherKey = generateSigningKey().publicKey;
 
 function release(version: string, body = `console.log(${JSON.stringify(version)});\n`) {
-  const bytes = Buffer.from(body);
-  const manifest = signManifest(
-    {
-      format: MANIFEST_FORMAT,
-      name: 'meshgate',
-      version,
-      commit: 'unknown',
-      file: artifactFile(version),
-      sha256: createHash('sha256').update(bytes).digest('hex'),
-      size: bytes.length,
-      node: '>=20',
-      platform: 'linux',
-      created: new Date().toISOString(),
-    },
-    key,
-  );
+  const { bytes, manifest } = signedRelease(version, body, key);
   return { bytes, manifest, text: JSON.stringify(manifest) };
 }
 
