@@ -67,17 +67,27 @@ export function httpApp({
       .send(ok ? 'ready\n' : 'database unreachable\n');
   });
   app.get('/metrics', async (req, res) => {
-    if (metricsToken !== undefined && !bearerMatches(req.get('authorization'), metricsToken)) {
-      log.warn(
-        { peer: req.socket.remoteAddress, reason: 'bad or missing metrics token' },
-        'refused metrics scrape',
-      );
-      res
-        .status(401)
-        .set('www-authenticate', 'Bearer')
-        .type('text/plain')
-        .send('metrics need a bearer token\n');
-      return;
+    if (metricsToken !== undefined) {
+      // The token is a secret like an API key: guessing it spends the same per-address budget.
+      const peer = peerAddress(req.socket.remoteAddress ?? '');
+      try {
+        throttle.check('rest', peer, 'GET /metrics');
+      } catch (err) {
+        res
+          .status(429)
+          .type('text/plain')
+          .send(`${(err as Error).message}\n`);
+        return;
+      }
+      if (!bearerMatches(req.get('authorization'), metricsToken)) {
+        throttle.failed('rest', peer, 'GET /metrics', 'bad or missing metrics token');
+        res
+          .status(401)
+          .set('www-authenticate', 'Bearer')
+          .type('text/plain')
+          .send('metrics need a bearer token\n');
+        return;
+      }
     }
     res.type(metrics.registry.contentType).send(await metrics.registry.metrics());
   });

@@ -49,18 +49,44 @@ function secretFile(name: string, text: string, mode = 0o600): string {
 }
 
 describe('/metrics with a bearer token', () => {
-  it('answers only the right token, and refuses a token file others can read', async () => {
+  it('refuses a wrong token like a wrong API key: logged, counted, throttled per address', async () => {
     const token = 'scrape-token-0123456789abcdef';
-    const t = await startTestCoordinator({ metricsTokenFile: secretFile('metrics.token', token) });
+    const t = await startTestCoordinator({
+      metricsTokenFile: secretFile('metrics.token', token),
+      authFailureRate: { perSecond: 0.001, burst: 3 },
+    });
     try {
       assert.equal((await get(t, '/metrics')).status, 401);
       assert.equal((await get(t, '/metrics', 'Bearer wrong-token')).status, 401);
       assert.equal((await get(t, '/metrics', `Basic ${token}`)).status, 401);
+      const refusals = t.logs.filter((l) => l.includes('"msg":"refused call"')).map((l) => JSON.parse(l));
+      assert.equal(refusals.length, 3);
+      for (const l of refusals) {
+        assert.deepEqual(
+          { api: l.api, peer: l.peer, method: l.method, reason: l.reason },
+          { api: 'rest', peer: '127.0.0.1', method: 'GET /metrics', reason: 'bad or missing metrics token' },
+        );
+        assert.ok(!JSON.stringify(l).includes('wrong-token'), 'the token tried is not logged');
+      }
+      // Three guesses spent the address's budget: now even the right token waits.
+      const held = await get(t, '/metrics', `Bearer ${token}`);
+      assert.equal(held.status, 429);
+      assert.match(held.body, /too many failed authentications from this address/);
+      assert.equal((await get(t, '/healthz')).status, 200, 'health stays open');
+    } finally {
+      await t.close();
+    }
+  });
+
+  it('answers the right token, and refuses a token file others can read', async () => {
+    const token = 'scrape-token-0123456789abcdef';
+    const t = await startTestCoordinator({ metricsTokenFile: secretFile('metrics2.token', token) });
+    try {
+      assert.equal((await get(t, '/metrics', 'Bearer wrong-token')).status, 401);
       const ok = await get(t, '/metrics', `Bearer ${token}`);
       assert.equal(ok.status, 200);
       assert.match(ok.body, /^meshgate_nodes_online \d+$/m);
-      assert.equal((await get(t, '/healthz')).status, 200, 'health stays open');
-      assert.ok(t.logs.some((l) => l.includes('refused metrics scrape')));
+      assert.match(ok.body, /^meshgate_auth_failures_total\{api="rest"\} 1$/m);
     } finally {
       await t.close();
     }
