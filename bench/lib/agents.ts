@@ -26,6 +26,7 @@ import {
 } from '../../proto/gen/meshgate/v1/control_pb.js';
 import { CLIENT_RECEIVE_LIMIT, makeClient, methodPath, unary } from '../../proto/grpc.js';
 import type { MachineKeyPair } from '../../proto/keys.js';
+import { IMPLIED_PEER_FIELDS, NETMAP_FEATURES_HEADER } from '../../proto/netmap.js';
 import { SimAgent } from '../../test/integration/harness.js';
 import { checkSameSignatures, NodeSigner } from './signer.js';
 import { nowMs } from './stats.js';
@@ -380,6 +381,8 @@ export class BenchAgent {
   private async sync(): Promise<SyncStream> {
     if (!this.signer) return this.sim.client.sync();
     const md = this.signer.metadata(SYNC, this.id, new Uint8Array());
+    // As the agent's client asks for it (agent/control/client.ts).
+    md.set(NETMAP_FEATURES_HEADER, IMPLIED_PEER_FIELDS);
     return this.channel.makeBidiStreamRequest(SYNC, serializeSyncRequest, (buf: Buffer) => buf, md);
   }
 

@@ -1,27 +1,24 @@
 // Fans state changes out to the connected agents as deltas. Changes are
 // collected for a short window and then sent, per project, only to the
 // sessions of nodes that saw the changed node before or see it now; nobody's
-// full netmap is rebuilt for a change.
+// full netmap is rebuilt for a change, unless it is smaller than the delta.
 import { create, toBinary } from '@bufbuild/protobuf';
 import { timestampFromMs } from '@bufbuild/protobuf/wkt';
 import { SyncResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
-import { DnsRecordSchema, PeerPatchSchema, PeerSchema } from '../../proto/gen/meshgate/v1/types_pb.js';
+import { PeerPatchSchema } from '../../proto/gen/meshgate/v1/types_pb.js';
 import type { CompiledPolicy, FilterRuleSpec } from '../policy/index.js';
 import type { NodeRecord } from '../state/records.js';
 import type { DesiredVersionRecord, State, StateEvent } from '../state/state.js';
 import {
   desiredReleaseMessage,
-  dnsRecord,
-  domainOf,
-  type EncodedPeer,
+  EncodedPeer,
   filterKey,
   filterPieces,
   type NetMapOptions,
   netMapPieces,
   nodeMessage,
-  peerMessage,
 } from './netmap.js';
-import { assemble, KEEPALIVE, type Piece, seqField } from './wire.js';
+import { assemble, KEEPALIVE, type Piece, seqField, sizeOf } from './wire.js';
 
 const SYNC = SyncResponseSchema.field;
 
@@ -35,6 +32,8 @@ export interface Session {
    * again; `retry`: the stream was replaced or the coordinator is stopping.
    */
   close(reason: string, why: 'gone' | 'retry'): void;
+  /** The agent understands IMPLIED_PEER_FIELDS (proto/netmap.ts): peers go without what it reconstructs. */
+  readonly impliedPeerFields?: boolean;
 }
 
 interface Attached {
@@ -47,6 +46,7 @@ interface Attached {
   desired: DesiredVersionRecord | undefined;
   /** Bytes of the full netmap the transport has not taken yet. */
   unsent: number;
+  implied: boolean;
 }
 
 interface Pending {
@@ -88,8 +88,17 @@ export interface MapperOptions extends NetMapOptions {
   onDelivered?: (latencyMs: number, sessions: number) => void;
 }
 
+/**
+ * Fewer bytes than any encoded Peer has: its node key alone is 46. A delta
+ * that removes R peers and leaves V − C of the V peers unchanged can be larger
+ * than a full netmap only if R · (id bytes) > (V − C) · MIN_PEER_BYTES.
+ */
+const MIN_PEER_BYTES = 46;
+/** Below this many removed peers a full netmap is never considered. */
+const FULL_CHECK_MIN_REMOVED = 64;
+
 class Delta {
-  readonly changed = new Map<string, Uint8Array>();
+  readonly changed = new Map<string, EncodedPeer>();
   readonly removed = new Set<string>();
   readonly patches: Uint8Array[] = [];
   self = false;
@@ -192,11 +201,6 @@ export class Mapper {
     const compiled = this.state.compiled(node.project);
     if (!this.delivered.has(node.project)) this.delivered.set(node.project, compiled);
     const rules = compiled.filterFor(node.id);
-    const peers: EncodedPeer[] = [];
-    for (const id of compiled.visiblePeers(node.id)) {
-      const n = this.state.getNode(id);
-      if (n) peers.push(this.encode(n));
-    }
     const entry: Attached = {
       session,
       project: node.project,
@@ -205,6 +209,7 @@ export class Mapper {
       filterKey: filterKey(rules),
       desired: this.state.desiredEntryFor(node),
       unsent: 0,
+      implied: session.impliedPeerFields === true,
     };
     this.sessions.set(node.id, entry);
     let set = this.byProject.get(node.project);
@@ -213,12 +218,28 @@ export class Mapper {
       this.byProject.set(node.project, set);
     }
     set.add(node.id);
-    const msg = this.frame(entry, [
-      { field: SYNC.full.number, message: netMapPieces(this.state, node, this.opts, rules, peers) },
-    ]);
+    const msg = this.frame(entry, [this.fullPiece(entry, node, compiled, rules)]);
     entry.unsent = msg.length;
     this.unsentFull += msg.length;
     session.send(msg, () => this.fullSent(entry));
+  }
+
+  /** The full netmap of the entry's node as the SyncResponse field that carries it. */
+  private fullPiece(
+    entry: Attached,
+    node: NodeRecord,
+    compiled: CompiledPolicy,
+    rules: FilterRuleSpec[],
+  ): Piece {
+    const peers: EncodedPeer[] = [];
+    for (const id of compiled.visiblePeers(node.id)) {
+      const n = this.state.getNode(id);
+      if (n) peers.push(this.encode(n));
+    }
+    return {
+      field: SYNC.full.number,
+      message: netMapPieces(this.state, node, this.opts, rules, peers, entry.implied),
+    };
   }
 
   /** The transport took a full netmap, or its stream ended: the next waiting stream may have its turn. */
@@ -233,10 +254,7 @@ export class Mapper {
   private encode(n: NodeRecord): EncodedPeer {
     let e = this.encoded.get(n.id);
     if (!e) {
-      e = {
-        peer: toBinary(PeerSchema, peerMessage(this.state, n, this.opts.relay)),
-        dns: toBinary(DnsRecordSchema, dnsRecord(n, domainOf(n.project, this.opts))),
-      };
+      e = new EncodedPeer(this.state, n, this.opts);
       this.encoded.set(n.id, e);
     }
     return e;
@@ -385,7 +403,7 @@ export class Mapper {
       }
       return d;
     };
-    const peerOf = (n: NodeRecord): Uint8Array => this.encode(n).peer;
+    const peerOf = (n: NodeRecord): EncodedPeer => this.encode(n);
     const filterCheck = new Set<string>();
     const rulesChanged = oldC !== newC && !(oldC.allowAll && newC.allowAll);
 
@@ -474,7 +492,7 @@ export class Mapper {
       const entry = this.sessions.get(id);
       const node = this.state.getNode(id);
       if (!entry || !node) continue;
-      if (p.policy) this.diffVisibility(id, oldC, newC, delta, peerOf);
+      const visible = p.policy ? this.diffVisibility(id, oldC, newC, delta, peerOf) : undefined;
       const d = delta(id);
       if (!d) continue;
       if (p.policy || filterCheck.has(id)) {
@@ -496,33 +514,70 @@ export class Mapper {
         });
         pieces.push(toBinary(SyncResponseSchema, head));
       }
-      if (d.changed.size) pieces.push({ field: SYNC.peersChanged.number, elements: [...d.changed.values()] });
-      if (d.removed.size)
-        pieces.push({ field: SYNC.peersRemoved.number, elements: Array.from(d.removed, idOf) });
+      if (d.changed.size)
+        pieces.push({
+          field: SYNC.peersChanged.number,
+          elements: Array.from(d.changed.values(), (e) => e.peer(entry.implied)),
+        });
+      const removed = Array.from(d.removed, idOf);
+      if (removed.length) pieces.push({ field: SYNC.peersRemoved.number, elements: removed });
       if (d.patches.length) pieces.push({ field: SYNC.peerPatches.number, elements: d.patches });
-      this.write(entry, pieces);
+      const full = this.fullIfSmaller(entry, node, newC, pieces, d, removed, visible);
+      this.write(entry, full ? [full] : pieces);
       sent++;
     }
     if (sent && p.urgentAt !== null) this.opts.onDelivered?.(Date.now() - p.urgentAt, sent);
   }
 
+  /**
+   * The full netmap, when it is smaller than the delta `pieces`: after a
+   * change of policy that replaces most of what a node sees, the ids of the
+   * peers it no longer sees can outweigh the peers it still does. Building a
+   * full netmap to compare costs as much as sending it, so it is built only
+   * when the delta's removals alone could make it the larger. `visible`: the
+   * node's number of peers now, when known.
+   */
+  private fullIfSmaller(
+    entry: Attached,
+    node: NodeRecord,
+    compiled: CompiledPolicy,
+    pieces: Piece[],
+    d: Delta,
+    removed: Uint8Array[],
+    visible: number | undefined,
+  ): Piece | undefined {
+    if (removed.length < FULL_CHECK_MIN_REMOVED) return undefined;
+    let removedBytes = 0;
+    for (const r of removed) removedBytes += r.length + 2;
+    const deltaBytes = sizeOf(pieces);
+    // Mostly peers that change: the full netmap would carry them too, and more.
+    if (removedBytes * 2 < deltaBytes) return undefined;
+    const v = visible ?? compiled.visiblePeers(node.id).length;
+    if (removedBytes <= (v - d.changed.size) * MIN_PEER_BYTES) return undefined;
+    const full = this.fullPiece(entry, node, compiled, compiled.filterFor(node.id));
+    return sizeOf([full]) < deltaBytes ? full : undefined;
+  }
+
+  /** Adds to the node's delta what the change of policy shows or hides; returns its number of peers now. */
   private diffVisibility(
     id: string,
     oldC: CompiledPolicy,
     newC: CompiledPolicy,
     delta: (id: string) => Delta | undefined,
-    peerOf: (n: NodeRecord) => Uint8Array,
-  ): void {
-    if (oldC === newC) return;
+    peerOf: (n: NodeRecord) => EncodedPeer,
+  ): number | undefined {
+    if (oldC === newC) return undefined;
     const d = delta(id);
-    if (!d) return;
+    if (!d) return undefined;
+    const visible = newC.visiblePeers(id);
     // canSee answers in O(rules) without building sets of the whole project per node.
-    for (const other of newC.visiblePeers(id)) {
+    for (const other of visible) {
       if (oldC.canSee(id, other)) continue;
       const n = this.state.getNode(other);
       if (n) d.changed.set(other, peerOf(n));
     }
     for (const other of oldC.visiblePeers(id)) if (!newC.canSee(id, other)) d.removed.add(other);
+    return visible.length;
   }
 
   private write(entry: Attached, pieces: Piece[]): void {

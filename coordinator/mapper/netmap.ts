@@ -71,13 +71,17 @@ export function nodeMessage(state: State, n: NodeRecord): Node {
   });
 }
 
-export function peerMessage(state: State, n: NodeRecord, relay: boolean): Peer {
+/**
+ * `implied`: for agents that understand IMPLIED_PEER_FIELDS, without the
+ * allowed IPs that repeat the peer's addresses.
+ */
+export function peerMessage(state: State, n: NodeRecord, relay: boolean, implied = false): Peer {
   return create(PeerSchema, {
     id: n.id,
     name: n.name,
     nodeKey: n.nodeKey,
     ipAddresses: [n.ipv4, n.ipv6],
-    allowedIps: [`${n.ipv4}/32`, `${n.ipv6}/128`, ...n.approvedRoutes],
+    allowedIps: implied ? n.approvedRoutes : [`${n.ipv4}/32`, `${n.ipv6}/128`, ...n.approvedRoutes],
     endpoints: state.endpointsOf(n),
     online: state.isOnline(n.id),
     tags: n.tags,
@@ -141,21 +145,51 @@ export function filterKey(rules: FilterRuleSpec[]): string {
     .join('|');
 }
 
-/** A node as its peers receive it, encoded once and reused until the node changes. */
-export interface EncodedPeer {
-  peer: Uint8Array;
-  dns: Uint8Array;
+/**
+ * A node as its peers receive it, each form encoded when first asked for and
+ * reused until the node changes (the owner drops it then).
+ */
+export class EncodedPeer {
+  private full: Uint8Array | undefined;
+  private short: Uint8Array | undefined;
+  private record: Uint8Array | undefined;
+
+  constructor(
+    private readonly state: State,
+    private readonly node: NodeRecord,
+    private readonly opts: NetMapOptions,
+  ) {}
+
+  /** `implied`: without what IMPLIED_PEER_FIELDS lets the agent reconstruct. */
+  peer(implied: boolean): Uint8Array {
+    if (implied) {
+      this.short ??= toBinary(PeerSchema, peerMessage(this.state, this.node, this.opts.relay, true));
+      return this.short;
+    }
+    this.full ??= toBinary(PeerSchema, peerMessage(this.state, this.node, this.opts.relay));
+    return this.full;
+  }
+
+  dns(): Uint8Array {
+    this.record ??= toBinary(DnsRecordSchema, dnsRecord(this.node, domainOf(this.node.project, this.opts)));
+    return this.record;
+  }
 }
 
 const NETMAP = NetMapSchema.field;
 
-/** A node's netmap as pieces of the message that carries it. */
+/**
+ * A node's netmap as pieces of the message that carries it. `implied`: in
+ * the form for agents that understand IMPLIED_PEER_FIELDS, whose DNS records
+ * are the node's own alone.
+ */
 export function netMapPieces(
   state: State,
   self: NodeRecord,
   opts: NetMapOptions,
   rules: FilterRuleSpec[],
   peers: EncodedPeer[],
+  implied: boolean,
 ): Piece[] {
   const domain = domainOf(self.project, opts);
   const head = create(NetMapSchema, {
@@ -170,7 +204,7 @@ export function netMapPieces(
   return [
     toBinary(NetMapSchema, head),
     { field: NETMAP.packetFilter.number, message: filterPieces(rules) },
-    { field: NETMAP.peers.number, elements: peers.map((p) => p.peer) },
-    { field: NETMAP.dns.number, elements: peers.map((p) => p.dns) },
+    { field: NETMAP.peers.number, elements: peers.map((p) => p.peer(implied)) },
+    ...(implied ? [] : [{ field: NETMAP.dns.number, elements: peers.map((p) => p.dns()) }]),
   ];
 }

@@ -41,7 +41,8 @@ function writeVarint(buf: Uint8Array, pos: number, n: number): number {
 
 const delimited = (field: number) => field * 8 + WireType.LengthDelimited;
 
-function sizeOf(pieces: readonly Piece[]): number {
+/** The encoded size of a message made of `pieces`. */
+export function sizeOf(pieces: readonly Piece[]): number {
   let total = 0;
   for (const p of pieces) {
     if (p instanceof Uint8Array) {

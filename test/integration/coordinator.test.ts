@@ -7,8 +7,10 @@ import * as grpc from '@grpc/grpc-js';
 import { hashSecret, parseSecret } from '../../coordinator/state/secrets.js';
 import { dial } from '../../proto/dial.js';
 import { ControlService, RegisterRequestSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
+import type { NetMap } from '../../proto/gen/meshgate/v1/types_pb.js';
 import { makeClient, methodPath, unary } from '../../proto/grpc.js';
 import { generateMachineKey, generateNodeKey, type MachineKeyPair } from '../../proto/keys.js';
+import { NETMAP_FEATURES_HEADER } from '../../proto/netmap.js';
 import { signCall } from '../../proto/signing.js';
 import { authKey, SimAgent, startTestCoordinator, type TestCoordinator } from './harness.js';
 
@@ -165,6 +167,66 @@ describe('coordinator over real gRPC + TLS', () => {
 
     await t.admin.call('setPolicy', { project: 'pol', policy: '' });
     await m1.waitFor(() => m1.peerIds().length === 2, 3000, 'policy removed: all see all again');
+  });
+
+  it('gives an agent without the netmap-features header the full form, and one with it the same netmap in fewer bytes', async () => {
+    const key = await authKey(t, 'forms', { reusable: true });
+    const router = agent();
+    await router.register(key, 'router', { routes: ['10.20.0.0/16'] });
+    await t.admin.call('setNodeRoutes', {
+      id: router.id,
+      project: 'forms',
+      approvedRoutes: ['10.20.0.0/16'],
+    });
+    await router.connect();
+    // An agent of an earlier release opens its stream without the header.
+    const withoutHeader: grpc.Interceptor = (options, next) =>
+      new grpc.InterceptingCall(next(options), {
+        start(metadata, listener, start) {
+          metadata.remove(NETMAP_FEATURES_HEADER);
+          start(metadata, listener);
+        },
+      });
+    const old = new SimAgent(t.url, t.fingerprint, undefined, { interceptors: [withoutHeader] });
+    agents.push(old);
+    const fresh = agent();
+    await old.register(key, 'old');
+    await fresh.register(key, 'fresh');
+    await old.connect();
+    await fresh.connect();
+
+    const wire = (a: SimAgent) => a.messages[0]!.full!;
+    const routerOn = (m: NetMap) => m.peers.find((p) => p.id === router.id)!;
+    const r = router.netmap!.self!.ipAddresses;
+    assert.deepEqual(routerOn(wire(old)).allowedIps, [`${r[0]}/32`, `${r[1]}/128`, '10.20.0.0/16']);
+    assert.deepEqual(
+      wire(old).dns.map((d) => d.name),
+      ['old.forms.mesh', ...wire(old).peers.map((p) => `${p.name}.forms.mesh`)],
+    );
+    assert.deepEqual(routerOn(wire(fresh)).allowedIps, ['10.20.0.0/16'], 'only what is not implied');
+    assert.deepEqual(
+      wire(fresh).dns.map((d) => d.name),
+      ['fresh.forms.mesh'],
+    );
+    // What the agent decodes is the full form again.
+    assert.deepEqual(routerOn(fresh.netmap!).allowedIps, routerOn(wire(old)).allowedIps);
+    assert.deepEqual(
+      fresh.netmap!.dns.find((d) => d.name === 'router.forms.mesh'),
+      wire(old).dns.find((d) => d.name === 'router.forms.mesh'),
+    );
+    assert.deepEqual(
+      fresh.netmap!.peers.map((p) => p.allowedIps.slice(0, 2)),
+      fresh.netmap!.peers.map((p) => p.ipAddresses.map((a, i) => `${a}/${i ? 128 : 32}`)),
+    );
+    // And in a delta: the old agent arrives in the router's netmap as the fresh one would.
+    await router.waitFor(() => router.peerIds().length === 2, 3000, 'router sees both');
+    const delta = router.messages.find((m) => m.peersChanged.some((p) => p.id === old.id))!;
+    assert.deepEqual(delta.peersChanged.find((p) => p.id === old.id)!.allowedIps, []);
+    const o = old.netmap!.self!.ipAddresses;
+    assert.deepEqual(router.netmap!.peers.find((p) => p.id === old.id)!.allowedIps, [
+      `${o[0]}/32`,
+      `${o[1]}/128`,
+    ]);
   });
 
   it('reaps ephemeral nodes after inactivity and at once on logout', async () => {

@@ -131,7 +131,11 @@ export class SimAgent {
     return (this.netmap?.peers ?? []).map((p) => p.id).sort();
   }
 
-  async register(authKey: string, hostname: string, extra: { tags?: string[]; endpoints?: string[] } = {}) {
+  async register(
+    authKey: string,
+    hostname: string,
+    extra: { tags?: string[]; endpoints?: string[]; routes?: string[] } = {},
+  ) {
     return this.client.register({
       authKey,
       machineKey: this.machine.publicKey,
@@ -141,6 +145,7 @@ export class SimAgent {
       version: this.version,
       requestedTags: extra.tags ?? [],
       endpoints: extra.endpoints ?? ['192.0.2.10:41641'],
+      advertisedRoutes: extra.routes ?? [],
     });
   }
 

@@ -27,7 +27,10 @@ const full = (): NetMap =>
       peer('b'),
     ],
     packetFilter: filter('100.64.0.1/32'),
-    dns: [create(DnsRecordSchema, { name: 'a.p.mesh', ipAddresses: ['100.64.0.2'] })],
+    dns: [
+      create(DnsRecordSchema, { name: 'a.p.mesh', ipAddresses: ['100.64.0.2'] }),
+      create(DnsRecordSchema, { name: 'b.p.mesh', ipAddresses: [] }),
+    ],
     domain: 'p.mesh',
     desiredVersion: '1.0.0',
   });
