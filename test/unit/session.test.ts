@@ -3,6 +3,7 @@
 // or a deletion, and stays down after stop().
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
+import { create } from '@bufbuild/protobuf';
 import { ControlClient } from '../../agent/control/client.js';
 import {
   AgentError,
@@ -10,6 +11,8 @@ import {
   ControlSession,
   type RegistrationInfo,
 } from '../../agent/control/session.js';
+import { describeError } from '../../cli/errors.js';
+import { RegisterResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
 import type { NetMap, Node } from '../../proto/gen/meshgate/v1/types_pb.js';
 import { generateMachineKey, generateNodeKey } from '../../proto/keys.js';
 import { authKey, startTestCoordinator, type TestCoordinator } from '../integration/harness.js';
@@ -84,6 +87,8 @@ describe('control session against a coordinator', () => {
     await assert.rejects(a.session.start(), (err: Error) => {
       assert.ok(err instanceof AgentError);
       assert.match(err.message, /^registration refused: \S/);
+      // An expected failure: the command prints this one line, no stack.
+      assert.equal(describeError(err), err.message);
       return true;
     });
     assert.deepEqual(a.states, []);
@@ -94,6 +99,8 @@ describe('control session against a coordinator', () => {
     const key = await authKey(t, 'sess');
     const a = agent(t, 'm1', () => key);
     running.push(a);
+    assert.equal(a.session.state, 'connecting');
+    assert.equal(a.session.lastError, '');
     await a.session.start();
     await until('connected', () => a.session.state === 'connected');
     assert.equal(a.session.lastError, '');
@@ -199,5 +206,35 @@ describe('control session through a coordinator outage', () => {
       a.session.stop();
       await t.close();
     }
+  });
+});
+
+describe('control session with a coordinator that answers without a node', () => {
+  it('refuses to go on, saying what the coordinator did', async () => {
+    const client = {
+      register: async () => create(RegisterResponseSchema, {}),
+      close() {},
+    } as unknown as ControlClient;
+    const session = new ControlSession(
+      client,
+      {
+        authKey: () => 'mgk_key',
+        nodePublic: new Uint8Array(32),
+        machinePublic: new Uint8Array(32),
+        hostname: 'h',
+        os: 'linux',
+        version: '1',
+        requestedTags: [],
+        advertisedRoutes: [],
+        lockdownPorts: [],
+        endpoints: () => [],
+      },
+      false,
+    );
+    await assert.rejects(session.start(), {
+      name: 'AgentError',
+      message: 'registration refused: coordinator answered registration without a node',
+    });
+    session.stop();
   });
 });
