@@ -108,7 +108,6 @@ describe('control session against a coordinator', () => {
       a.registered.map((n) => n.name),
       ['m1'],
     );
-    assert.equal(a.netmaps.length, 1);
     assert.equal(a.netmaps[0]?.self?.name, 'm1');
     await until('the hello on record', async () => (await node('m1'))?.online === true);
     const seen = await node('m1');
@@ -133,7 +132,7 @@ describe('control session against a coordinator', () => {
     assert.equal(m1.states.length, before, `states: ${names(m1)}`);
   });
 
-  it('names an expiry by an admin, says why the auth key at hand cannot bring it back, and recovers with a new one', async () => {
+  it('names an expiry by an admin and says why the auth key at hand cannot bring it back', async () => {
     const [m1] = running as [Agent];
     m1.states.length = 0;
     await t.admin.call('expireNode', { id: 'm1', project: 'sess' });
@@ -143,15 +142,46 @@ describe('control session against a coordinator', () => {
     // The stream's refusal is no outage: the agent registers again at once to learn why.
     assert.equal(m1.states[0]?.[0], 'connecting');
     assert.notEqual(m1.states[0]?.[1], '');
+  });
+
+  it('reports a missing auth key, a deletion while expired, and recovers with a new key', async () => {
+    const [m1] = running as [Agent];
+    let calls = 0;
+    let missing = 'no auth key: write one to the key file';
+    m1.info.authKey = () => {
+      calls++;
+      throw new Error(missing);
+    };
+    m1.session.retryNow();
+    await until('the missing key reported', () => m1.session.lastError === missing);
+    assert.equal(m1.session.state, 'expired');
+
+    await t.admin.call('deleteNode', { id: 'm1', project: 'sess' });
+    m1.session.retryNow();
+    await until('deleted', () => m1.session.state === 'deleted');
+    assert.equal(m1.session.lastError, missing);
+
+    // The same refusal again changes nothing a user sees.
+    const count = m1.states.length;
+    const before = calls;
+    m1.session.retryNow();
+    await until('the auth key asked for', () => calls > before);
+    await new Promise((r) => setImmediate(r));
+    assert.equal(m1.states.length, count, `states: ${names(m1)}`);
+
+    missing = 'no auth key: the key file is empty';
+    m1.session.retryNow();
+    await until('the new reason reported', () => m1.session.lastError === missing);
 
     const fresh = await authKey(t, 'sess');
     m1.info.authKey = () => fresh;
     m1.session.retryNow();
     await until('connected again', () => m1.session.state === 'connected', 3000);
+    assert.equal(m1.registered.at(-1)?.name, 'm1');
     assert.equal((await node('m1'))?.online, true);
   });
 
-  it('names a deletion, and reports a missing auth key file as such', async () => {
+  it('names a deletion while connected', async () => {
     const [m1] = running as [Agent];
     m1.states.length = 0;
     m1.info.authKey = () => {
@@ -161,18 +191,41 @@ describe('control session against a coordinator', () => {
     await until('deleted', () => m1.session.state === 'deleted', 8000);
     assert.equal(m1.session.lastError, 'no auth key: write one to the key file');
     assert.ok(!names(m1).includes('offline'), `states: ${names(m1)}`);
-    const count = m1.states.length;
-    m1.session.retryNow();
-    await until('the second refusal', async () => {
-      // The same refusal again changes nothing a user sees.
-      return m1.session.state === 'deleted' && m1.states.length === count;
-    });
+  });
 
-    const fresh = await authKey(t, 'sess');
-    m1.info.authKey = () => fresh;
-    m1.session.retryNow();
-    await until('connected again', () => m1.session.state === 'connected', 3000);
-    assert.equal(m1.registered.at(-1)?.name, 'm1');
+  it('leaves for good on logout: the coordinator deletes the node', async () => {
+    const key = await authKey(t, 'sess');
+    const m3 = agent(t, 'm3', () => key);
+    await m3.session.start();
+    await until('connected', () => m3.session.state === 'connected');
+    await m3.session.logout();
+    m3.session.stop();
+    assert.equal(await node('m3'), undefined);
+  });
+
+  it('retries a first registration that cannot reach the coordinator instead of refusing it', async () => {
+    const a = agent({ ...t, url: 'grpcs://127.0.0.1:1' }, 'far', () => 'mgk_key');
+    await a.session.start();
+    assert.equal(a.session.state, 'offline');
+    assert.notEqual(a.session.lastError, '');
+    // Without a stream there is nobody to tell.
+    a.session.sendEndpoints(['192.0.2.1:41641']);
+    a.session.stop();
+  });
+
+  it('names a node the coordinator no longer knows as deleted already at start', async () => {
+    const a = agent(
+      t,
+      'ghost',
+      () => {
+        throw new Error('no auth key: write one to the key file');
+      },
+      true,
+    );
+    await a.session.start();
+    assert.equal(a.session.state, 'deleted');
+    assert.equal(a.session.lastError, 'no auth key: write one to the key file');
+    a.session.stop();
   });
 
   it('stays down after stop(): the coordinator sees it go, and no state follows', async () => {
@@ -201,6 +254,10 @@ describe('control session through a coordinator outage', () => {
       t = await startTestCoordinator({ dataDir: first.dataDir, grpcListen: `127.0.0.1:${first.c.grpcPort}` });
       await until('connected again', () => a.session.state === 'connected', 10_000);
       assert.equal(a.session.lastError, '');
+      assert.deepEqual(a.states.slice(-2), [
+        ['connecting', ''],
+        ['connected', ''],
+      ]);
       assert.equal(a.registered.length, 2, 'registered again before the new stream');
     } finally {
       a.session.stop();
