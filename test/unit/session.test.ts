@@ -226,6 +226,14 @@ describe('control session against a coordinator', () => {
     assert.equal(a.session.state, 'deleted');
     assert.equal(a.session.lastError, 'no auth key: write one to the key file');
     a.session.stop();
+    // A registration starts by reading the endpoints; after stop() none starts, not even when asked.
+    let reads = 0;
+    a.info.endpoints = () => {
+      reads++;
+      return [];
+    };
+    a.session.retryNow();
+    assert.equal(reads, 0);
   });
 
   it('stays down after stop(): the coordinator sees it go, and no state follows', async () => {
