@@ -248,6 +248,48 @@ describe('control session', () => {
     }
   };
 
+  it('hands on a netmap only when it changed, not on a keepalive', async () => {
+    const streams: FakeStream[] = [];
+    const client = {
+      register: async () => create(RegisterResponseSchema, { node: create(NodeSchema, { id: 'n1' }) }),
+      sync: async () => {
+        const s = new FakeStream();
+        streams.push(s);
+        return s;
+      },
+      close() {},
+    } as unknown as ControlClient;
+    const session = new ControlSession(
+      client,
+      {
+        authKey: () => '',
+        nodePublic: new Uint8Array(32),
+        machinePublic: new Uint8Array(32),
+        hostname: 'h',
+        os: 'linux',
+        version: '1',
+        requestedTags: [],
+        advertisedRoutes: [],
+        lockdownPorts: [],
+        endpoints: () => [],
+      },
+      true,
+    );
+    const netmaps: NetMap[] = [];
+    session.on('netmap', (m) => netmaps.push(m));
+    try {
+      await session.start();
+      await until('the stream', () => streams.length === 1);
+      const map = create(NetMapSchema, { peers: [create(PeerSchema, { name: 'p' })] });
+      streams[0]!.emit('data', create(SyncResponseSchema, { seq: 1n, full: map }));
+      streams[0]!.emit('data', create(SyncResponseSchema, { seq: 2n, keepalive: true }));
+      assert.equal(netmaps.length, 1);
+      assert.equal(session.state, 'connected');
+    } finally {
+      session.stop();
+    }
+  });
+
   it('drops the stream and starts over with a full netmap when a message is missing', async () => {
     const streams: FakeStream[] = [];
     let registrations = 0;
