@@ -210,6 +210,14 @@ describe('control session against a coordinator', () => {
     assert.notEqual(a.session.lastError, '');
     // Without a stream there is nobody to tell.
     a.session.sendEndpoints(['192.0.2.1:41641']);
+    // retryNow is for a new auth key while revoked; an outage keeps its backoff.
+    let reads = 0;
+    a.info.endpoints = () => {
+      reads++;
+      return [];
+    };
+    a.session.retryNow();
+    assert.equal(reads, 0);
     a.session.stop();
   });
 
