@@ -278,6 +278,8 @@ export class RuleSet implements CompiledPolicy {
     if (rule.srcCidrs.length === 0) return;
     for (const { selector, ports: portList } of acl.dst) {
       const ports = frozen(portList.map((p) => Object.freeze({ ...p })));
+      const destination: Destination = { selector, ports };
+      rule.destinations.push(destination);
       const grant = (i: number, dstCidrs: readonly string[], self: boolean) => {
         const dst = frozen([...dstCidrs]);
         this.grants[i]!.push({
@@ -298,8 +300,6 @@ export class RuleSet implements CompiledPolicy {
         }
         continue;
       }
-      const destination: Destination = { selector, ports };
-      rule.destinations.push(destination);
       const open = (i: number, dstCidrs: readonly string[]) => {
         if (dstCidrs.length === 0) return;
         rule.seeDst[i] = 1;

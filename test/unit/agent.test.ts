@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { EventEmitter } from 'node:events';
 import { describe, it } from 'node:test';
 import { create } from '@bufbuild/protobuf';
+import * as grpc from '@grpc/grpc-js';
 import { Backoff } from '../../agent/control/backoff.js';
 import type { ControlClient } from '../../agent/control/client.js';
 import {
@@ -17,6 +18,7 @@ import type { AgentStatus } from '../../agent/localapi/types.js';
 import { resolvePeer, splitSshArgs } from '../../cli/commands/local.js';
 import { RegisterResponseSchema, SyncResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
 import { type NetMap, NetMapSchema, NodeSchema, PeerSchema } from '../../proto/gen/meshgate/v1/types_pb.js';
+import { REASON_TRAILER } from '../../proto/grpc.js';
 import { applySync, SequenceError } from '../../proto/netmap.js';
 
 describe('endpoint candidates', () => {
@@ -247,6 +249,153 @@ describe('control session', () => {
       await new Promise((r) => setTimeout(r, 10));
     }
   };
+
+  const info = () => ({
+    authKey: () => 'mgk_key',
+    nodePublic: new Uint8Array(32),
+    machinePublic: new Uint8Array(32),
+    hostname: 'h',
+    os: 'linux',
+    version: '1',
+    requestedTags: [],
+    advertisedRoutes: [],
+    lockdownPorts: [],
+    endpoints: () => [],
+  });
+  const refusal = (code: grpc.status, details: string, reason?: string) => {
+    const metadata = new grpc.Metadata();
+    if (reason) metadata.set(REASON_TRAILER, reason);
+    return Object.assign(new Error(details), { code, details, metadata });
+  };
+  const registered = create(RegisterResponseSchema, { node: create(NodeSchema, { id: 'n1' }) });
+
+  it('goes offline with the reason when the stream ends or cannot be opened', async () => {
+    const streams: FakeStream[] = [];
+    let syncs = 0;
+    const client = {
+      register: async () => registered,
+      sync: async () => {
+        syncs++;
+        if (syncs === 2) throw refusal(grpc.status.UNAVAILABLE, 'connection refused');
+        const s = new FakeStream();
+        streams.push(s);
+        return s;
+      },
+      close() {},
+    } as unknown as ControlClient;
+    const session = new ControlSession(client, info(), true);
+    try {
+      await session.start();
+      await until('the stream', () => streams.length === 1);
+      streams[0]!.emit('end');
+      assert.equal(session.state, 'offline');
+      assert.equal(session.lastError, 'coordinator closed the stream');
+      await until('the failed reopening', () => session.lastError === 'connection refused', 5000);
+      assert.equal(session.state, 'offline');
+    } finally {
+      session.stop();
+    }
+  });
+
+  it('takes a refusal without a reason for a passing fault, not for a deletion', async () => {
+    const client = {
+      register: async () => {
+        throw refusal(grpc.status.UNAUTHENTICATED, 'call time is 600 s off the coordinator clock');
+      },
+      close() {},
+    } as unknown as ControlClient;
+    const session = new ControlSession(client, info(), true);
+    try {
+      await session.start();
+      assert.deepEqual(
+        [session.state, session.lastError],
+        ['connecting', 'call time is 600 s off the coordinator clock'],
+      );
+    } finally {
+      session.stop();
+    }
+  });
+
+  it('keeps an expired node expired only when the auth key is refused, not when the coordinator is away', async () => {
+    const calls: string[] = [];
+    const client = {
+      register: async (req: { authKey: string }) => {
+        calls.push(req.authKey);
+        if (!req.authKey) throw refusal(grpc.status.UNAUTHENTICATED, 'node h has expired', 'node-expired');
+        throw refusal(grpc.status.UNAVAILABLE, 'connection reset');
+      },
+      close() {},
+    } as unknown as ControlClient;
+    const session = new ControlSession(client, info(), true);
+    try {
+      await session.start();
+      assert.deepEqual(calls, ['', 'mgk_key']);
+      assert.deepEqual([session.state, session.lastError], ['offline', 'connection reset']);
+    } finally {
+      session.stop();
+    }
+  });
+
+  it('opens no stream when stopped while registering', async () => {
+    let answer: (r: typeof registered) => void = () => {};
+    let syncs = 0;
+    const client = {
+      register: () => new Promise((resolve) => (answer = resolve)),
+      sync: async () => {
+        syncs++;
+        return new FakeStream();
+      },
+      close() {},
+    } as unknown as ControlClient;
+    const session = new ControlSession(client, info(), true);
+    const started = session.start();
+    session.stop();
+    answer(registered);
+    await started;
+    assert.equal(syncs, 0);
+  });
+
+  it('hands on a netmap only when it changed, not on a keepalive', async () => {
+    const streams: FakeStream[] = [];
+    const client = {
+      register: async () => create(RegisterResponseSchema, { node: create(NodeSchema, { id: 'n1' }) }),
+      sync: async () => {
+        const s = new FakeStream();
+        streams.push(s);
+        return s;
+      },
+      close() {},
+    } as unknown as ControlClient;
+    const session = new ControlSession(
+      client,
+      {
+        authKey: () => '',
+        nodePublic: new Uint8Array(32),
+        machinePublic: new Uint8Array(32),
+        hostname: 'h',
+        os: 'linux',
+        version: '1',
+        requestedTags: [],
+        advertisedRoutes: [],
+        lockdownPorts: [],
+        endpoints: () => [],
+      },
+      true,
+    );
+    const netmaps: NetMap[] = [];
+    session.on('netmap', (m) => netmaps.push(m));
+    try {
+      await session.start();
+      await until('the stream', () => streams.length === 1);
+      const map = create(NetMapSchema, { peers: [create(PeerSchema, { name: 'p' })] });
+      streams[0]!.emit('data', create(SyncResponseSchema, { seq: 1n, full: map }));
+      streams[0]!.emit('data', create(SyncResponseSchema, { seq: 2n, keepalive: true }));
+      assert.equal(netmaps.length, 1);
+      assert.equal(session.state, 'connected');
+    } finally {
+      session.stop();
+    }
+  });
 
   it('drops the stream and starts over with a full netmap when a message is missing', async () => {
     const streams: FakeStream[] = [];

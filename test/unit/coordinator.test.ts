@@ -48,6 +48,36 @@ describe('secrets', () => {
     assert.deepEqual(parsed, { id: '0123456789ab', secret });
     assert.ok(secretMatches(parsed.secret, hashSecret(secret)));
   });
+  it('draws every secret character uniformly, with no letter favoured', () => {
+    const counts = new Map<string, number>();
+    const keys = 2000;
+    for (let i = 0; i < keys; i++) {
+      const { secret } = parseSecret('api', issueSecret('api').key)!;
+      for (const c of secret) counts.set(c, (counts.get(c) ?? 0) + 1);
+    }
+    assert.equal(counts.size, 62, 'all of A-Z, a-z and 0-9 occur');
+    const mean = (keys * 43) / 62;
+    const most = Math.max(...counts.values());
+    // Uniform counts stay within 7 % of the mean (about 2.5 standard deviations); folding the bytes
+    // 248..255 onto the first 8 letters would give them 25 % more.
+    assert.ok(most < mean * 1.15, `most frequent character drawn ${most} times, mean ${mean.toFixed(0)}`);
+  });
+  it('takes a key with the newline of a key file, but not one embedded in other text', () => {
+    const s = issueSecret('auth');
+    assert.equal(parseSecret('auth', ` ${s.key}\n`)?.id, s.id);
+    assert.equal(parseSecret('auth', `x${s.key}`), null);
+    assert.equal(parseSecret('auth', `${s.key}x`), null);
+    const dashed = `mgkey-auth-0123456789ab-${'a'.repeat(43)}`;
+    assert.equal(parseSecret('auth', dashed)?.id, '0123456789ab');
+    assert.equal(parseSecret('auth', `x${dashed}`), null);
+    assert.equal(parseSecret('auth', `${dashed}x`), null);
+  });
+  it('refuses a stored hash of another length instead of throwing', () => {
+    const s = issueSecret('auth');
+    const { secret } = parseSecret('auth', s.key)!;
+    assert.equal(secretMatches(secret, s.hash.slice(0, 32)), false);
+    assert.equal(secretMatches(secret, ''), false);
+  });
   it('does not accept one kind of key for another', () => {
     assert.equal(parseSecret('api', issueSecret('auth').key), null);
     assert.equal(parseSecret('auth', 'mgkey_auth_short'), null);

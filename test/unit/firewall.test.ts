@@ -127,3 +127,95 @@ test("forwards peers' WireGuard ports addressed to this host, and refuses junk",
 test('renderRemoval deletes the table whether or not it exists', () => {
   assert.equal(renderRemoval(), 'table inet meshgate {}\ndelete table inet meshgate\n');
 });
+
+test('renders the whole script, prerouting chain included, exactly as nft reads it', () => {
+  const script = renderFirewall({
+    meshInterface: 'mg0',
+    filter: [
+      {
+        srcCidrs: ['100.64.0.1'],
+        dstCidrs: ['100.64.0.2'],
+        ports: [{ first: 65535, last: 65535 }],
+        protocols: ['udp'],
+      },
+    ],
+    lockdownPorts: [65535],
+    portForwards: [{ port: 51820, to: '10.20.0.11/32' }],
+  });
+  assert.equal(
+    script,
+    [
+      'table inet meshgate {}',
+      'delete table inet meshgate',
+      'table inet meshgate {',
+      '  chain input {',
+      '    type filter hook input priority filter - 10; policy accept;',
+      '    iifname != { "lo", "mg0" } tcp dport { 65535 } drop',
+      '    iifname "mg0" ct state established,related accept',
+      '    iifname "mg0" ct state invalid drop',
+      '    iifname "mg0" ip saddr { 100.64.0.1/32 } ip daddr { 100.64.0.2/32 } meta l4proto { udp } th dport { 65535 } accept',
+      '    iifname "mg0" drop',
+      '  }',
+      '  chain prerouting {',
+      '    type nat hook prerouting priority dstnat; policy accept;',
+      '    fib daddr type local udp dport 51820 dnat ip to 10.20.0.11:51820',
+      '  }',
+      '}',
+      '',
+    ].join('\n'),
+  );
+});
+
+test('says which rule, port or forward is wrong, so the log line leads to the cause', () => {
+  const rule = { srcCidrs: ['100.64.0.1'], dstCidrs: ['100.64.0.2'], ports: [], protocols: [] };
+  const base: FirewallSpec = { meshInterface: 'mg0', filter: [], lockdownPorts: [] };
+  const cases: [FirewallSpec, string][] = [
+    [{ ...base, lockdownPorts: [0] }, 'invalid firewall spec: lockdown port 0 is not 1..65535'],
+    [{ ...base, lockdownPorts: [65536] }, 'invalid firewall spec: lockdown port 65536 is not 1..65535'],
+    [{ ...base, lockdownPorts: [22.5] }, 'invalid firewall spec: lockdown port 22.5 is not 1..65535'],
+    [
+      { ...base, filter: [rule, { ...rule, protocols: ['sctp' as 'tcp'] }] },
+      'invalid firewall spec: filter rule 2: unknown protocol sctp',
+    ],
+    [
+      { ...base, filter: [{ ...rule, ports: [{ first: 70000, last: 70001 }] }] },
+      'invalid firewall spec: filter rule 1 port 70000 is not 1..65535',
+    ],
+    [
+      { ...base, filter: [{ ...rule, ports: [{ first: 22, last: 70000 }] }] },
+      'invalid firewall spec: filter rule 1 port 70000 is not 1..65535',
+    ],
+    [
+      { ...base, filter: [{ ...rule, ports: [{ first: 90, last: 80 }] }] },
+      'invalid firewall spec: filter rule 1: port range 90-80 is reversed',
+    ],
+    [
+      { ...base, portForwards: [{ port: 0, to: '10.0.0.1' }] },
+      'invalid firewall spec: forwarded port 0 is not 1..65535',
+    ],
+    [
+      {
+        ...base,
+        portForwards: [
+          { port: 41000, to: '10.0.0.1' },
+          { port: 41000, to: '10.0.0.2' },
+        ],
+      },
+      'invalid firewall spec: port 41000 is forwarded twice',
+    ],
+    [
+      { ...base, portForwards: [{ port: 41000, to: 'fd00::/32' }] },
+      'invalid firewall spec: forward of port 41000: fd00::/32 is not an IPv4 address',
+    ],
+  ];
+  for (const [s, message] of cases) {
+    assert.throws(
+      () => renderFirewall(s),
+      (e: unknown) => e instanceof InvalidFirewallSpecError && e.message === message,
+    );
+  }
+  assert.throws(
+    () => renderFirewall({ ...base, portForwards: [{ port: 41000, to: '10.0.0.1; flush ruleset' }] }),
+    /^InvalidFirewallSpecError: invalid firewall spec: forward of port 41000: .+/,
+  );
+});

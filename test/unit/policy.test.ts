@@ -189,12 +189,14 @@ describe('compilePolicy without a policy', () => {
     assert.equal(open.canSee('n1', 'n1'), false);
     assert.equal(open.canSee('n1', 'unknown'), false);
     assert.deepEqual(open.visiblePeers('n2'), ['n1', 'n3']);
+    assert.deepEqual(open.visiblePeers('nobody'), []);
   });
 
   it('gives every node a filter that accepts everything', () => {
     assert.deepEqual(open.filterFor('n3'), [
       { srcCidrs: ['0.0.0.0/0', '::/0'], dstCidrs: [], ports: [], protocols: [] },
     ]);
+    assert.deepEqual(open.filterFor('nobody'), []);
   });
 });
 
@@ -366,6 +368,195 @@ describe('compilePolicy selectors', () => {
   });
 });
 
+describe('compilePolicy: what each rule opens, and to whom', () => {
+  const router = node(4, 'router', [], 'key-4', ['10.1.0.0/16']);
+  const ports22 = [{ first: 22, last: 22 }];
+  const machineCidrs = ['100.64.0.3/32', 'fd7a:115c:a1e0::3/128'];
+
+  it('keeps rules with different sources apart, even when their CIDR lists run together as text', () => {
+    // "0.0.0.0/1" + "28.0.0.0/8" and "0.0.0.0/12" + "8.0.0.0/8" are the same characters.
+    const compiled = compilePolicy(
+      parsePolicy(`{ "acls": [
+        { "action": "accept", "src": ["0.0.0.0/1", "28.0.0.0/8"], "dst": ["machine:22"] },
+        { "action": "accept", "src": ["0.0.0.0/12", "8.0.0.0/8"], "dst": ["machine:22"] },
+      ] }`),
+      fleet,
+    );
+    assert.deepEqual(compiled.filterFor('n3'), [
+      { srcCidrs: ['0.0.0.0/1', '28.0.0.0/8'], dstCidrs: machineCidrs, ports: ports22, protocols: [] },
+      { srcCidrs: ['0.0.0.0/12', '8.0.0.0/8'], dstCidrs: machineCidrs, ports: ports22, protocols: [] },
+    ]);
+  });
+
+  it('opens no port on a rule that also allows every port, in either order', () => {
+    for (const dst of [
+      ['machine:*', 'machine:22'],
+      ['machine:22', 'machine:*'],
+    ]) {
+      const compiled = compilePolicy(
+        parsePolicy(`{ "tagOwners": { "tag:ops": [] }, "acls": [
+          { "action": "accept", "src": ["tag:ops"], "dst": ["${dst[0]}"] },
+          { "action": "accept", "src": ["tag:ops"], "dst": ["${dst[1]}"] },
+        ] }`),
+        fleet,
+      );
+      assert.deepEqual(compiled.filterFor('n3'), [
+        {
+          srcCidrs: ['100.64.0.1/32', 'fd7a:115c:a1e0::1/128'],
+          dstCidrs: machineCidrs,
+          ports: [],
+          protocols: [],
+        },
+      ]);
+    }
+  });
+
+  it('uses 0.0.0.0/0 and ::/0 when `*` is one source among others', () => {
+    const compiled = compilePolicy(
+      parsePolicy(`{ "tagOwners": { "tag:ops": [] }, "acls": [
+        { "action": "accept", "src": ["tag:ops", "*"], "dst": ["machine:22"] },
+      ] }`),
+      fleet,
+    );
+    assert.deepEqual(compiled.filterFor('n3')[0]?.srcCidrs, ['0.0.0.0/0', '::/0']);
+  });
+
+  it('opens nothing for a rule whose source matches no node and no address', () => {
+    const compiled = compilePolicy(
+      parsePolicy(`{ "tagOwners": { "tag:ghost": [] }, "acls": [
+        { "action": "accept", "src": ["tag:ghost"], "dst": ["machine:22"] },
+      ] }`),
+      fleet,
+    );
+    assert.deepEqual(compiled.filterFor('n3'), []);
+    assert.deepEqual(compiled.visiblePeers('n3'), []);
+  });
+
+  it('opens only the addresses of a router named as destination, not its routes', () => {
+    const compiled = compilePolicy(
+      parsePolicy(`{ "tagOwners": { "tag:ops": [] }, "acls": [
+        { "action": "accept", "src": ["tag:ops"], "dst": ["router:22"] },
+      ] }`),
+      [...fleet, router],
+    );
+    assert.deepEqual(compiled.filterFor('n4'), [
+      {
+        srcCidrs: ['100.64.0.1/32', 'fd7a:115c:a1e0::1/128'],
+        dstCidrs: ['100.64.0.4/32', 'fd7a:115c:a1e0::4/128'],
+        ports: ports22,
+        protocols: [],
+      },
+    ]);
+  });
+
+  it('makes a router visible to the destinations when its routes overlap a source CIDR', () => {
+    const compiled = compilePolicy(
+      parsePolicy('{ "acls": [{ "action": "accept", "src": ["10.0.0.0/8"], "dst": ["machine:22"] }] }'),
+      [...fleet, router],
+    );
+    assert.equal(compiled.canSee('n4', 'n3'), true);
+    assert.deepEqual(compiled.visiblePeers('n3'), ['n4']);
+    assert.equal(compiled.canSee('n1', 'n3'), false);
+  });
+
+  it('does not pair nodes of one owner unless a rule says autogroup:self', () => {
+    const shared = [ops, firewall, { ...machine, owner: ops.owner }];
+    const compiled = compilePolicy(parsePolicy(tagPolicy), shared);
+    assert.deepEqual(compiled.visiblePeers('n1'), ['n2']);
+    assert.equal(compiled.canSee('n1', 'n3'), false);
+    assert.equal(compiled.canSee('n3', 'n1'), false);
+    assert.deepEqual(compiled.visiblePeers('n3'), []);
+  });
+
+  describe('autogroup:self with one source among an owner’s nodes', () => {
+    // a1 is the only source; a2 and a3 share its owner, b1 is another owner's node with the same tag.
+    const a1 = node(1, 'a1', ['tag:ops'], 'key-a');
+    const a2 = node(2, 'a2', [], 'key-a');
+    const a3 = node(3, 'a3', [], 'key-a');
+    const b1 = node(4, 'b1', ['tag:ops'], 'key-b');
+    const nodes = [a1, a2, a3, b1];
+    const policy = parsePolicy(`{
+      "tagOwners": { "tag:ops": [] },
+      "acls": [{ "action": "accept", "src": ["a1"], "dst": ["autogroup:self:22"] }],
+      "tests": [
+        { "src": "a1", "accept": ["a2:22", "a3:22"], "deny": ["a2:80", "b1:22", "10.9.9.9:22"] },
+        { "src": "a2", "deny": ["a1:22", "a3:22"] },
+      ],
+    }`);
+    const compiled = compilePolicy(policy, nodes);
+
+    it('pairs the source with the other nodes of its owner, both ways, and nobody else', () => {
+      assert.equal(compiled.canSee('n1', 'n2'), true);
+      assert.equal(compiled.canSee('n2', 'n1'), true);
+      assert.equal(compiled.canSee('n2', 'n3'), false);
+      assert.equal(compiled.canSee('n1', 'n4'), false);
+      assert.equal(compiled.canSee('n1', 'n1'), false);
+      assert.deepEqual(sorted(compiled.visiblePeers('n1')), ['n2', 'n3']);
+      assert.deepEqual(compiled.visiblePeers('n2'), ['n1']);
+      assert.deepEqual(compiled.visiblePeers('n4'), []);
+    });
+
+    it('opens the port on the other nodes for the source only, and nothing on the source', () => {
+      assert.deepEqual(compiled.filterFor('n2'), [
+        {
+          srcCidrs: ['100.64.0.1/32', 'fd7a:115c:a1e0::1/128'],
+          dstCidrs: ['100.64.0.2/32', 'fd7a:115c:a1e0::2/128'],
+          ports: ports22,
+          protocols: [],
+        },
+      ]);
+      assert.deepEqual(compiled.filterFor('n1'), []);
+      assert.deepEqual(compiled.filterFor('n4'), []);
+    });
+
+    it('answers for node ids it does not know with nothing', () => {
+      assert.equal(compiled.canSee('n1', 'nobody'), false);
+      assert.equal(compiled.canSee('nobody', 'n1'), false);
+      assert.deepEqual(compiled.visiblePeers('nobody'), []);
+      assert.deepEqual(compiled.filterFor('nobody'), []);
+    });
+
+    it('lets policy tests judge what autogroup:self opens, as the filters do', () => {
+      assert.deepEqual(
+        runPolicyTests(policy, nodes).map((o) => [o.passed, o.message]),
+        [
+          [true, 'accept a2:22 from a1: ok'],
+          [true, 'accept a3:22 from a1: ok'],
+          [true, 'deny a2:80 from a1: ok'],
+          [true, 'deny b1:22 from a1: ok'],
+          [true, 'deny 10.9.9.9:22 from a1: ok'],
+          [true, 'deny a1:22 from a2: ok'],
+          [true, 'deny a3:22 from a2: ok'],
+        ],
+      );
+    });
+
+    it('keeps autogroup:self rules with different sources apart', () => {
+      const two = compilePolicy(
+        parsePolicy(`{ "acls": [
+          { "action": "accept", "src": ["a1"], "dst": ["autogroup:self:22"] },
+          { "action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:80"] },
+        ] }`),
+        nodes,
+      );
+      assert.deepEqual(two.filterFor('n2'), [
+        {
+          srcCidrs: ['100.64.0.1/32', 'fd7a:115c:a1e0::1/128'],
+          dstCidrs: ['100.64.0.2/32', 'fd7a:115c:a1e0::2/128'],
+          ports: ports22,
+          protocols: [],
+        },
+        {
+          srcCidrs: ['100.64.0.3/32', 'fd7a:115c:a1e0::3/128'],
+          dstCidrs: ['100.64.0.2/32', 'fd7a:115c:a1e0::2/128'],
+          ports: [{ first: 80, last: 80 }],
+          protocols: [],
+        },
+      ]);
+    });
+  });
+});
+
 describe('runPolicyTests', () => {
   const policy = parsePolicy(`{
     "tagOwners": { "tag:ops": [], "tag:firewall": [] },
@@ -476,6 +667,64 @@ describe('runPolicyTests', () => {
     assert.equal(outcome?.message, 'accept firewall:22 from ops: unknown node "ops"');
     const tagged = runPolicyTests(policy, [firewall, machine]).find((o) => o.src === 'tag:ops');
     assert.match(tagged?.message ?? '', /no node has tag:ops/);
+  });
+});
+
+describe('runPolicyTests judging addresses and ports', () => {
+  const v4only: PolicyNode = { id: 'n7', name: 'v4only', ips: ['100.64.0.7'], tags: [], owner: 'key-7' };
+
+  it('never lets traffic cross address families, and `*` reaches addresses no node has', () => {
+    const policy = parsePolicy(`{
+      "acls": [{ "action": "accept", "src": ["*"], "dst": ["*:*"] }],
+      "tests": [
+        { "src": "v4only", "accept": ["10.9.9.9:22", "machine:22"], "deny": ["[fd00::9]:22"] },
+        { "src": "fd00::5", "accept": ["[fd00::9]:22"], "deny": ["10.9.9.9:22"] },
+      ],
+    }`);
+    assert.deepEqual(
+      runPolicyTests(policy, [...fleet, v4only]).map((o) => [o.passed, o.message]),
+      [
+        [true, 'accept 10.9.9.9:22 from v4only: ok'],
+        [true, 'accept machine:22 from v4only: ok'],
+        [true, 'deny [fd00::9]:22 from v4only: ok'],
+        [true, 'accept [fd00::9]:22 from fd00::5: ok'],
+        [true, 'deny 10.9.9.9:22 from fd00::5: ok'],
+      ],
+    );
+  });
+
+  it('matches a node inside a source CIDR only by its addresses in that CIDR', () => {
+    const policy = parsePolicy(`{
+      "acls": [{ "action": "accept", "src": ["100.64.0.0/24"], "dst": ["*:22"] }],
+      "tests": [{ "src": "ops", "accept": ["10.9.9.9:22"], "deny": ["[fd00::9]:22"] }],
+    }`);
+    assert.deepEqual(
+      runPolicyTests(policy, fleet).map((o) => [o.passed, o.message]),
+      [
+        [true, 'accept 10.9.9.9:22 from ops: ok'],
+        [true, 'deny [fd00::9]:22 from ops: ok'],
+      ],
+    );
+  });
+
+  it('accepts any port of a list, and every port for `*`', () => {
+    const policy = parsePolicy(`{
+      "tagOwners": { "tag:ops": [] },
+      "acls": [
+        { "action": "accept", "src": ["tag:ops"], "dst": ["firewall:22,80"] },
+        { "action": "accept", "src": ["tag:ops"], "dst": ["machine:*"] },
+      ],
+      "tests": [{ "src": "ops", "accept": ["firewall:80", "firewall:22", "machine:5432"], "deny": ["firewall:443"] }],
+    }`);
+    assert.deepEqual(
+      runPolicyTests(policy, fleet).map((o) => [o.dst, o.passed]),
+      [
+        ['firewall:80', true],
+        ['firewall:22', true],
+        ['machine:5432', true],
+        ['firewall:443', true],
+      ],
+    );
   });
 });
 
