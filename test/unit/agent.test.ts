@@ -282,6 +282,7 @@ describe('control session', () => {
         return s;
       },
       close() {},
+      failover() {},
     } as unknown as ControlClient;
     const session = new ControlSession(client, info(), true);
     try {
@@ -303,6 +304,7 @@ describe('control session', () => {
         throw refusal(grpc.status.UNAUTHENTICATED, 'call time is 600 s off the coordinator clock');
       },
       close() {},
+      failover() {},
     } as unknown as ControlClient;
     const session = new ControlSession(client, info(), true);
     try {
@@ -325,6 +327,7 @@ describe('control session', () => {
         throw refusal(grpc.status.UNAVAILABLE, 'connection reset');
       },
       close() {},
+      failover() {},
     } as unknown as ControlClient;
     const session = new ControlSession(client, info(), true);
     try {
@@ -346,6 +349,7 @@ describe('control session', () => {
         return new FakeStream();
       },
       close() {},
+      failover() {},
     } as unknown as ControlClient;
     const session = new ControlSession(client, info(), true);
     const started = session.start();
@@ -365,6 +369,7 @@ describe('control session', () => {
         return s;
       },
       close() {},
+      failover() {},
     } as unknown as ControlClient;
     const session = new ControlSession(
       client,
