@@ -371,22 +371,7 @@ describe('control session', () => {
       close() {},
       failover() {},
     } as unknown as ControlClient;
-    const session = new ControlSession(
-      client,
-      {
-        authKey: () => '',
-        nodePublic: new Uint8Array(32),
-        machinePublic: new Uint8Array(32),
-        hostname: 'h',
-        os: 'linux',
-        version: '1',
-        requestedTags: [],
-        advertisedRoutes: [],
-        lockdownPorts: [],
-        endpoints: () => [],
-      },
-      true,
-    );
+    const session = new ControlSession(client, { ...info(), authKey: () => '' }, true);
     const netmaps: NetMap[] = [];
     session.on('netmap', (m) => netmaps.push(m));
     try {
@@ -418,22 +403,7 @@ describe('control session', () => {
       failover() {},
       close() {},
     } as unknown as ControlClient;
-    const session = new ControlSession(
-      client,
-      {
-        authKey: () => '',
-        nodePublic: new Uint8Array(32),
-        machinePublic: new Uint8Array(32),
-        hostname: 'h',
-        os: 'linux',
-        version: '1',
-        requestedTags: [],
-        advertisedRoutes: [],
-        lockdownPorts: [],
-        endpoints: () => [],
-      },
-      true,
-    );
+    const session = new ControlSession(client, { ...info(), authKey: () => '' }, true);
     const netmaps: NetMap[] = [];
     const states: [ConnectionState, string][] = [];
     session.on('netmap', (m) => netmaps.push(m));
