@@ -9,6 +9,7 @@ import { openStore, type Store } from '../../coordinator/store/db.js';
 import { type SyncResponse, SyncResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
 import { PeerSchema, Protocol } from '../../proto/gen/meshgate/v1/types_pb.js';
 import { encodeWgKey, generateMachineKey, generateNodeKey } from '../../proto/keys.js';
+import { registerTestNode } from '../fixtures/nodes.js';
 
 class FakeSession implements Session {
   readonly sent: SyncResponse[] = [];
@@ -52,25 +53,7 @@ describe('mapper fan-out', () => {
   const ids: Record<string, string> = {};
 
   const register = async (name: string, tags: string[]) => {
-    const { key } = await state.keys.createAuthKey('test', {
-      project: 'p',
-      reusable: false,
-      ephemeral: false,
-      expiresInMs: 60_000,
-      tags,
-      reason: '',
-    });
-    const { node } = await state.register({
-      authKey: key,
-      machineKey: Buffer.from(generateMachineKey().publicKey).toString('hex'),
-      nodeKey: encodeWgKey(generateNodeKey().publicKey),
-      hostname: name,
-      os: 'linux',
-      version: '1',
-      requestedTags: [],
-      endpoints: [],
-      advertisedRoutes: [],
-    });
+    const node = await registerTestNode(state, { project: 'p', name, tags });
     ids[name] = node.id;
     return node;
   };

@@ -14,8 +14,8 @@ import {
   NetMapSchema,
   PeerSchema,
 } from '../../proto/gen/meshgate/v1/types_pb.js';
-import { encodeWgKey, generateMachineKey, generateNodeKey } from '../../proto/keys.js';
 import { applySync, hasNetmapFeature, IMPLIED_PEER_FIELDS, withImpliedFields } from '../../proto/netmap.js';
+import { registerTestNode } from '../fixtures/nodes.js';
 
 class Recorder implements Session {
   readonly bytes: number[] = [];
@@ -89,24 +89,12 @@ describe('the mapper, per agent', () => {
   const ids: Record<string, string> = {};
 
   const register = async (name: string, tags: string[], routes: string[] = []) => {
-    const { key } = await state.keys.createAuthKey('test', {
+    const node = await registerTestNode(state, {
       project: 'p',
-      reusable: false,
-      ephemeral: false,
-      expiresInMs: 60_000,
+      name,
       tags,
-      reason: '',
-    });
-    const { node } = await state.register({
-      authKey: key,
-      machineKey: Buffer.from(generateMachineKey().publicKey).toString('hex'),
-      nodeKey: encodeWgKey(generateNodeKey().publicKey),
-      hostname: name,
-      os: 'linux',
-      version: '1',
-      requestedTags: [],
+      routes,
       endpoints: ['192.0.2.1:41641'],
-      advertisedRoutes: routes,
     });
     ids[name] = node.id;
     return node;
