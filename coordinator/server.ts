@@ -240,7 +240,7 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
   if (replication)
     server.addService(
       serviceDefinition(ReplicaService),
-      replicaImplementation(relay, () => replication.secret(), log),
+      replicaImplementation(relay, () => replication.secret(), throttle),
     );
   server.addService(
     serviceDefinition(ControlService),

@@ -1,4 +1,4 @@
-// A fixed bearer token (the /metrics token), compared in constant time.
+// A fixed bearer token (the /metrics token, the coordinators' shared secret), compared in constant time.
 import { createHash, timingSafeEqual } from 'node:crypto';
 
 const digest = (s: string) => createHash('sha256').update(s).digest();

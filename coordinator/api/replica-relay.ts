@@ -3,7 +3,6 @@
 // forwarded there over one long-lived stream per coordinator, and delivered
 // by that coordinator's hub. Datagrams are dropped, never queued, while the
 // stream is being opened or cannot keep up, as the hub does for agents.
-import { timingSafeEqual } from 'node:crypto';
 import { create } from '@bufbuild/protobuf';
 import * as grpc from '@grpc/grpc-js';
 import { dial } from '../../proto/dial.js';
@@ -16,7 +15,10 @@ import { makeClient } from '../../proto/grpc.js';
 import type { Logger } from '../log.js';
 import type { Replication } from '../state/replication.js';
 import type { State } from '../state/state.js';
+import { peerAddress } from './auth.js';
+import { bearerMatches } from './bearer.js';
 import type { RelayHub, RelayResult } from './relay.js';
+import type { AuthThrottle } from './throttle.js';
 
 interface Link {
   address: string;
@@ -95,25 +97,34 @@ export class RelayForwarder {
   }
 }
 
-/** The receiving side: datagrams from coordinators that know the shared secret. */
-export function replicaImplementation(relay: RelayHub, secret: () => Promise<string>, log: Logger) {
+/**
+ * The receiving side: datagrams from coordinators that know the shared secret. A wrong secret is
+ * a failed authentication like a wrong API key: logged, counted and throttled per address.
+ */
+export function replicaImplementation(
+  relay: RelayHub,
+  secret: () => Promise<string>,
+  throttle: AuthThrottle,
+) {
   return {
     forwardRelay(
       call: grpc.ServerReadableStream<ForwardRelayRequest, unknown>,
       done: grpc.sendUnaryData<unknown>,
     ) {
-      const given = Buffer.from(
-        /^Bearer (.+)$/.exec(String(call.metadata.get('authorization')[0] ?? ''))?.[1] ?? '',
-      );
+      const peer = peerAddress(call.getPeer());
+      try {
+        throttle.check('replica', peer, 'ForwardRelay');
+      } catch (err) {
+        done({ code: grpc.status.RESOURCE_EXHAUSTED, details: (err as Error).message });
+        return;
+      }
+      const authorization = call.metadata.get('authorization')[0];
       secret().then(
         (s) => {
-          const want = Buffer.from(s);
-          if (given.length !== want.length || !timingSafeEqual(given, want)) {
-            log.warn(
-              { peer: call.getPeer() },
-              "refused relay forwarding from a caller without the coordinators' secret",
-            );
-            done({ code: grpc.status.UNAUTHENTICATED, details: 'not a coordinator of this database' });
+          if (!bearerMatches(typeof authorization === 'string' ? authorization : undefined, s)) {
+            const reason = 'not a coordinator of this database';
+            throttle.failed('replica', peer, 'ForwardRelay', reason);
+            done({ code: grpc.status.UNAUTHENTICATED, details: reason });
             return;
           }
           call.on('data', (f: ForwardRelayRequest) => relay.deliver(f.fromId, f.toId, f.payload));

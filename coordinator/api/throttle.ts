@@ -1,5 +1,6 @@
 // Failed authentication, throttled per source address: admin API keys (gRPC
-// and REST) and agent call signatures. Only failures spend the budget, so a
+// and REST), agent call signatures, the metrics token and the coordinators'
+// shared secret. Only failures spend the budget, so a
 // caller that authenticates is never slowed; an address that spent it is
 // refused before any key or signature is checked until the budget refills.
 import type { Logger } from 'pino';
@@ -7,7 +8,7 @@ import { CoordinatorError } from '../state/errors.js';
 import type { Metrics } from './metrics.js';
 import { RateLimiter } from './ratelimit.js';
 
-export type Api = 'admin' | 'rest' | 'control';
+export type Api = 'admin' | 'rest' | 'control' | 'replica';
 
 export interface ThrottleOptions {
   /** Failures an address may have in a row before it is held. */

@@ -398,6 +398,16 @@ describe('several coordinators on one PostgreSQL database', { skip }, () => {
       });
       client.close();
       assert.equal(refused?.code, grpcStatus.UNAUTHENTICATED);
+      const refusal = p.logs
+        .filter((l) => l.includes('"msg":"refused call"'))
+        .map((l) => JSON.parse(l))
+        .find((l) => l.api === 'replica');
+      assert.deepEqual(
+        { peer: refusal?.peer, method: refusal?.method, reason: refusal?.reason },
+        { peer: '127.0.0.1', method: 'ForwardRelay', reason: 'not a coordinator of this database' },
+        'a wrong secret is logged and counted like a wrong API key',
+      );
+      assert.ok(!p.logs.some((l) => l.includes('not-the-secret')), 'the secret tried is not logged');
     } finally {
       for (const s of streams) s.cancel();
       rmSync(tlsDir, { recursive: true, force: true });
