@@ -139,7 +139,13 @@ export class Rollouts {
     }
   }
 
-  forget(nodeId: string): void {
-    this.progress.delete(nodeId);
+  /** Whether an update of the node is in flight or failed. */
+  follows(nodeId: string): boolean {
+    return this.progress.has(nodeId);
+  }
+
+  /** Drops the node's progress; whether there was any. */
+  forget(nodeId: string): boolean {
+    return this.progress.delete(nodeId);
   }
 }

@@ -219,9 +219,15 @@ export class Versions {
 
   private onEvent(e: StateEvent): void {
     if (e.type === 'policy-changed' || e.type === 'versions-changed') return;
-    if (e.type === 'node-removed') this.rollout.forget(e.node.id);
     const project = e.node.project;
-    if (!this.versions.get(project)?.size || this.pending.has(project)) return;
+    if (!this.versions.get(project)?.size) return;
+    // Only a node that still has to update, or one the rollout is following, can change who
+    // may update next: planning a project's nodes for every event of a node that is already
+    // current would cost the whole project at each of them (a connect storm, presence changes).
+    const followed =
+      e.type === 'node-removed' ? this.rollout.forget(e.node.id) : this.rollout.follows(e.node.id);
+    if (!followed && (e.type === 'node-removed' || !this.isDrifting(e.node))) return;
+    if (this.pending.has(project)) return;
     this.pending.add(project);
     queueMicrotask(() => {
       this.pending.delete(project);
