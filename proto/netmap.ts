@@ -1,6 +1,7 @@
 // Applies the coordinator's sync messages to a netmap. The agent keeps its
 // view this way; so do the simulated agents of tests and benchmarks.
-import { create } from '@bufbuild/protobuf';
+import { inflateRawSync } from 'node:zlib';
+import { create, fromBinary } from '@bufbuild/protobuf';
 import type { SyncResponse } from './gen/meshgate/v1/control_pb.js';
 import { DnsRecordSchema, type NetMap, NetMapSchema, type Peer } from './gen/meshgate/v1/types_pb.js';
 
@@ -18,6 +19,23 @@ export const NETMAP_FEATURES_HEADER = 'meshgate-netmap-features';
  * of a full netmap.
  */
 export const IMPLIED_PEER_FIELDS = 'implied-peer-fields';
+/**
+ * A full netmap may carry its peers as `shared_peers`: the compressed peers of
+ * the node's group, the same bytes for every node of the group. Announced
+ * together with IMPLIED_PEER_FIELDS, whose form the shared peers are in.
+ */
+export const SHARED_PEERS = 'shared-peers';
+/**
+ * The most `shared_peers` may inflate to: 100,000 peers of 200 bytes, ten
+ * times the largest project measured. A block that would inflate further is
+ * refused rather than allowed to exhaust the agent's memory.
+ */
+export const MAX_SHARED_PEERS_BYTES = 20 * 1024 * 1024;
+
+/** A netmap the agent cannot use: the stream is dropped and opened again. */
+export class NetmapError extends Error {
+  override name = 'NetmapError';
+}
 
 /**
  * Whether the values of NETMAP_FEATURES_HEADER name `feature`. Unknown
@@ -65,6 +83,39 @@ export class SequenceError extends Error {
 }
 
 /**
+ * The netmap with the peers of `shared_peers` among its own: in the order of
+ * the shared peers, each replaced by the peer of the same id that the netmap
+ * carries (a newer one), without the node itself; then the netmap's peers
+ * that are not among the shared ones. Unchanged without shared peers.
+ */
+export function withSharedPeers(m: NetMap): NetMap {
+  if (!m.sharedPeers.length) return m;
+  let inflated: Buffer;
+  try {
+    inflated = inflateRawSync(m.sharedPeers, { maxOutputLength: MAX_SHARED_PEERS_BYTES });
+  } catch (err) {
+    throw new NetmapError(`the netmap's shared peers do not inflate: ${(err as Error).message}`);
+  }
+  let shared: Peer[];
+  try {
+    shared = fromBinary(NetMapSchema, inflated).peers;
+  } catch (err) {
+    throw new NetmapError(`the netmap's shared peers do not decode: ${(err as Error).message}`);
+  }
+  const own = new Map(m.peers.map((p) => [p.id, p]));
+  const selfId = m.self?.id;
+  const peers: Peer[] = [];
+  for (const p of shared) {
+    if (p.id === selfId) continue;
+    const newer = own.get(p.id);
+    peers.push(newer ?? p);
+    own.delete(p.id);
+  }
+  for (const p of own.values()) peers.push(p);
+  return { ...m, peers, sharedPeers: new Uint8Array(0) };
+}
+
+/**
  * Returns the netmap after `msg`. Keepalives return `current` unchanged.
  * A delta without a prior full netmap, or out of sequence, is an error:
  * the caller must reconnect to get a fresh full map.
@@ -73,7 +124,7 @@ export function applySync(current: NetMap | null, lastSeq: bigint, msg: SyncResp
   if (msg.seq !== lastSeq + 1n && !(msg.full && msg.seq === 1n)) {
     throw new SequenceError(`sync message ${msg.seq} after ${lastSeq}`);
   }
-  if (msg.full) return withImpliedFields(msg.full);
+  if (msg.full) return withImpliedFields(withSharedPeers(msg.full));
   if (msg.keepalive) return current;
   if (!current) throw new SequenceError('delta before the first full netmap');
   // Netmaps are values: the result shares every unchanged peer with `current`

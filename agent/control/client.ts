@@ -17,7 +17,7 @@ import {
 } from '../../proto/gen/meshgate/v1/control_pb.js';
 import type { Node } from '../../proto/gen/meshgate/v1/types_pb.js';
 import { CLIENT_RECEIVE_LIMIT, makeClient, methodPath, unary } from '../../proto/grpc.js';
-import { IMPLIED_PEER_FIELDS, NETMAP_FEATURES_HEADER } from '../../proto/netmap.js';
+import { IMPLIED_PEER_FIELDS, NETMAP_FEATURES_HEADER, SHARED_PEERS } from '../../proto/netmap.js';
 import { signCall } from '../../proto/signing.js';
 
 export interface ControlClientOptions {
@@ -107,7 +107,7 @@ export class ControlClient {
     const client = await this.grpc();
     const md = this.metadata(path('Sync'), new Uint8Array(), this.nodeId);
     // applySync reconstructs what the coordinator may then leave out.
-    md.set(NETMAP_FEATURES_HEADER, IMPLIED_PEER_FIELDS);
+    md.set(NETMAP_FEATURES_HEADER, `${IMPLIED_PEER_FIELDS},${SHARED_PEERS}`);
     // biome-ignore lint/suspicious/noExplicitAny: generic client methods are untyped
     return (client as any).sync(md) as grpc.ClientDuplexStream<SyncRequest, SyncResponse>;
   }

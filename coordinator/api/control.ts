@@ -20,7 +20,12 @@ import {
 } from '../../proto/gen/meshgate/v1/control_pb.js';
 import { methodPath, rawBytes } from '../../proto/grpc.js';
 import { encodeWgKey } from '../../proto/keys.js';
-import { hasNetmapFeature, IMPLIED_PEER_FIELDS, NETMAP_FEATURES_HEADER } from '../../proto/netmap.js';
+import {
+  hasNetmapFeature,
+  IMPLIED_PEER_FIELDS,
+  NETMAP_FEATURES_HEADER,
+  SHARED_PEERS,
+} from '../../proto/netmap.js';
 import { isSemVer } from '../../release/semver.js';
 import type { Mapper, Session } from '../mapper/mapper.js';
 import { nodeMessage } from '../mapper/netmap.js';
@@ -121,10 +126,12 @@ export function controlImplementation(deps: ControlDeps): grpc.UntypedServiceImp
         return;
       }
       const nodeId = node.id;
+      const features = call.metadata.get(NETMAP_FEATURES_HEADER);
       let closed = false;
       const session: Session = {
         nodeId,
-        impliedPeerFields: hasNetmapFeature(call.metadata.get(NETMAP_FEATURES_HEADER), IMPLIED_PEER_FIELDS),
+        impliedPeerFields: hasNetmapFeature(features, IMPLIED_PEER_FIELDS),
+        sharedPeers: hasNetmapFeature(features, SHARED_PEERS),
         // The mapper hands over encoded messages; the service's serializer passes them through.
         send: (msg, sent) => {
           if (closed) sent?.();

@@ -17,7 +17,9 @@ import {
   type NetMapOptions,
   netMapPieces,
   nodeMessage,
+  sharedPeersPiece,
 } from './netmap.js';
+import { SharedPeerBlocks } from './shared-peers.js';
 import { assemble, KEEPALIVE, type Piece, seqField, sizeOf } from './wire.js';
 
 const SYNC = SyncResponseSchema.field;
@@ -34,6 +36,8 @@ export interface Session {
   close(reason: string, why: 'gone' | 'retry'): void;
   /** The agent understands IMPLIED_PEER_FIELDS (proto/netmap.ts): peers go without what it reconstructs. */
   readonly impliedPeerFields?: boolean;
+  /** The agent also understands SHARED_PEERS: a full netmap may carry its group's peers compressed. */
+  readonly sharedPeers?: boolean;
 }
 
 interface Attached {
@@ -47,6 +51,7 @@ interface Attached {
   /** Bytes of the full netmap the transport has not taken yet. */
   unsent: number;
   implied: boolean;
+  shared: boolean;
 }
 
 interface Pending {
@@ -96,6 +101,13 @@ export interface MapperOptions extends NetMapOptions {
 const MIN_PEER_BYTES = 46;
 /** Below this many removed peers a full netmap is never considered. */
 const FULL_CHECK_MIN_REMOVED = 64;
+/**
+ * For a stream that takes shared peers, a full netmap is mostly the group's
+ * compressed peers, already at hand once one member got them: it is weighed
+ * against every delta of at least this size (a policy change that shows a
+ * node many peers), however few peers the delta removes.
+ */
+const SHARED_FULL_CHECK_MIN_BYTES = 16 * 1024;
 
 class Delta {
   readonly changed = new Map<string, EncodedPeer>();
@@ -125,6 +137,7 @@ export class Mapper {
   /** The policy each project's sessions were last brought up to date with. */
   private readonly delivered = new Map<string, CompiledPolicy>();
   private readonly encoded = new Map<string, EncodedPeer>();
+  private readonly shared = new SharedPeerBlocks();
   /** Streams waiting for their full netmap, oldest first. */
   private readonly waiting = new Map<string, Session>();
   /** Bytes of full netmaps handed to streams and not yet taken by the transport. */
@@ -210,6 +223,7 @@ export class Mapper {
       desired: this.state.desiredEntryFor(node),
       unsent: 0,
       implied: session.impliedPeerFields === true,
+      shared: session.impliedPeerFields === true && session.sharedPeers === true,
     };
     this.sessions.set(node.id, entry);
     let set = this.byProject.get(node.project);
@@ -231,15 +245,38 @@ export class Mapper {
     compiled: CompiledPolicy,
     rules: FilterRuleSpec[],
   ): Piece {
-    const peers: EncodedPeer[] = [];
-    for (const id of compiled.visiblePeers(node.id)) {
-      const n = this.state.getNode(id);
-      if (n) peers.push(this.encode(n));
+    const group = entry.shared ? compiled.peerGroup(node.id) : undefined;
+    if (group) {
+      const block = this.shared.get(node.project, compiled, group, (ids) =>
+        assemble([sharedPeersPiece(this.encodeAll(ids))]),
+      );
+      const newer = this.encodeAll([...block.stale].filter((id) => id !== node.id));
+      return {
+        field: SYNC.full.number,
+        message: netMapPieces(this.state, node, this.opts, rules, newer, true, block.bytes),
+      };
     }
     return {
       field: SYNC.full.number,
-      message: netMapPieces(this.state, node, this.opts, rules, peers, entry.implied),
+      message: netMapPieces(
+        this.state,
+        node,
+        this.opts,
+        rules,
+        this.encodeAll(compiled.visiblePeers(node.id)),
+        entry.implied,
+      ),
     };
+  }
+
+  /** The encoded peers of the nodes of `ids` that still exist. */
+  private encodeAll(ids: string[]): EncodedPeer[] {
+    const peers: EncodedPeer[] = [];
+    for (const id of ids) {
+      const n = this.state.getNode(id);
+      if (n) peers.push(this.encode(n));
+    }
+    return peers;
   }
 
   /** The transport took a full netmap, or its stream ended: the next waiting stream may have its turn. */
@@ -268,7 +305,9 @@ export class Mapper {
 
   private detachEntry(entry: Attached): void {
     this.sessions.delete(entry.session.nodeId);
-    this.byProject.get(entry.project)?.delete(entry.session.nodeId);
+    const members = this.byProject.get(entry.project);
+    members?.delete(entry.session.nodeId);
+    if (!members?.size) this.shared.forget(entry.project);
     this.fullSent(entry);
   }
 
@@ -284,6 +323,7 @@ export class Mapper {
 
   private enqueue(e: StateEvent): void {
     if (e.type !== 'policy-changed' && e.type !== 'versions-changed') this.encoded.delete(e.node.id);
+    if (e.type === 'node-patched') this.shared.patched(e.node.project, e.node.id);
     const project = e.type === 'policy-changed' || e.type === 'versions-changed' ? e.project : e.node.project;
     let p = this.pending.get(project);
     if (!p) {
@@ -534,7 +574,8 @@ export class Mapper {
    * change of policy that replaces most of what a node sees, the ids of the
    * peers it no longer sees can outweigh the peers it still does. Building a
    * full netmap to compare costs as much as sending it, so it is built only
-   * when the delta's removals alone could make it the larger. `visible`: the
+   * when the delta's removals alone could make it the larger, or, for a
+   * stream that takes shared peers, when the delta is large. `visible`: the
    * node's number of peers now, when known.
    */
   private fullIfSmaller(
@@ -546,6 +587,12 @@ export class Mapper {
     removed: Uint8Array[],
     visible: number | undefined,
   ): Piece | undefined {
+    if (entry.shared) {
+      const deltaBytes = sizeOf(pieces);
+      if (deltaBytes < SHARED_FULL_CHECK_MIN_BYTES) return undefined;
+      const full = this.fullPiece(entry, node, compiled, compiled.filterFor(node.id));
+      return sizeOf([full]) < deltaBytes ? full : undefined;
+    }
     if (removed.length < FULL_CHECK_MIN_REMOVED) return undefined;
     let removedBytes = 0;
     for (const r of removed) removedBytes += r.length + 2;

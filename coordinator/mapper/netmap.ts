@@ -181,7 +181,8 @@ const NETMAP = NetMapSchema.field;
 /**
  * A node's netmap as pieces of the message that carries it. `implied`: in
  * the form for agents that understand IMPLIED_PEER_FIELDS, whose DNS records
- * are the node's own alone.
+ * are the node's own alone. `shared`: the compressed peers of the node's
+ * group (SHARED_PEERS), which `peers` then only update.
  */
 export function netMapPieces(
   state: State,
@@ -190,6 +191,7 @@ export function netMapPieces(
   rules: FilterRuleSpec[],
   peers: EncodedPeer[],
   implied: boolean,
+  shared?: Uint8Array,
 ): Piece[] {
   const domain = domainOf(self.project, opts);
   const head = create(NetMapSchema, {
@@ -206,5 +208,11 @@ export function netMapPieces(
     { field: NETMAP.packetFilter.number, message: filterPieces(rules) },
     { field: NETMAP.peers.number, elements: peers.map((p) => p.peer(implied)) },
     ...(implied ? [] : [{ field: NETMAP.dns.number, elements: peers.map((p) => p.dns()) }]),
+    ...(shared ? [{ field: NETMAP.sharedPeers.number, elements: [shared] }] : []),
   ];
+}
+
+/** The peers of `nodes` as the `peers` field of an encoded NetMap, in the implied form. */
+export function sharedPeersPiece(nodes: EncodedPeer[]): Piece {
+  return { field: NETMAP.peers.number, elements: nodes.map((p) => p.peer(true)) };
 }

@@ -6,6 +6,7 @@ import type {
   CompiledPolicy,
   DstSelector,
   FilterRuleSpec,
+  PeerGroup,
   Policy,
   PolicyNode,
   PortRange,
@@ -36,6 +37,10 @@ class OpenPolicy implements CompiledPolicy {
 
   visiblePeers(nodeId: string): string[] {
     return this.ids.has(nodeId) ? this.nodes.filter((n) => n.id !== nodeId).map((n) => n.id) : [];
+  }
+
+  peerGroup(nodeId: string): PeerGroup | undefined {
+    return this.ids.has(nodeId) ? { key: '*', members: () => this.nodes.map((n) => n.id) } : undefined;
   }
 
   filterFor(nodeId: string): FilterRuleSpec[] {
@@ -156,6 +161,30 @@ export class RuleSet implements CompiledPolicy {
     }
     seen.delete(i);
     return Array.from(seen, (j) => this.nodes.at(j).node.id);
+  }
+
+  /**
+   * Without autogroup:self a node's peers are the union of the lists of the
+   * rules it is a source or a destination of, so nodes that are so in the
+   * same rules see the same peers; the union holds the node itself only when
+   * a rule lets it see its own kind, and visiblePeers leaves it out.
+   */
+  peerGroup(nodeId: string): PeerGroup | undefined {
+    const i = this.nodes.indexOf(nodeId);
+    if (i === undefined || this.rules.some((r) => r.hasSelf)) return undefined;
+    let key = '';
+    for (const rule of this.rules) key += `${rule.seeSrc[i]}${rule.seeDst[i]}`;
+    return {
+      key,
+      members: () => {
+        const seen = new Set<number>();
+        for (const rule of this.rules) {
+          if (rule.seeSrc[i] === 1) for (const j of rule.seeDstList) seen.add(j);
+          if (rule.seeDst[i] === 1) for (const j of rule.seeSrcList) seen.add(j);
+        }
+        return Array.from(seen, (j) => this.nodes.at(j).node.id);
+      },
+    };
   }
 
   filterFor(nodeId: string): FilterRuleSpec[] {

@@ -6,6 +6,7 @@ export { runPolicyTests } from './tests.js';
 export type {
   CompiledPolicy,
   FilterRuleSpec,
+  PeerGroup,
   Policy,
   PolicyNode,
   PolicyTestOutcome,

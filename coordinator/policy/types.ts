@@ -95,6 +95,20 @@ export interface CompiledPolicy {
    * are shared between nodes and frozen.
    */
   filterFor(nodeId: string): FilterRuleSpec[];
+  /**
+   * The group of nodes that see what `nodeId` sees: every node given the same
+   * key sees exactly the group's members other than itself. Undefined for a
+   * node outside the compiled set, and where a node's peers depend on the
+   * node itself (autogroup:self).
+   */
+  peerGroup(nodeId: string): PeerGroup | undefined;
+}
+
+export interface PeerGroup {
+  /** Equal for nodes of one compiled policy that see the same peers. */
+  readonly key: string;
+  /** Ids of the group's nodes, computed on each call. */
+  members(): string[];
 }
 
 export interface PolicyTestOutcome {

@@ -10,7 +10,7 @@ import { ControlService, RegisterRequestSchema } from '../../proto/gen/meshgate/
 import type { NetMap } from '../../proto/gen/meshgate/v1/types_pb.js';
 import { makeClient, methodPath, unary } from '../../proto/grpc.js';
 import { generateMachineKey, generateNodeKey, type MachineKeyPair } from '../../proto/keys.js';
-import { NETMAP_FEATURES_HEADER } from '../../proto/netmap.js';
+import { NETMAP_FEATURES_HEADER, withSharedPeers } from '../../proto/netmap.js';
 import { signCall } from '../../proto/signing.js';
 import { authKey, SimAgent, startTestCoordinator, type TestCoordinator } from './harness.js';
 
@@ -203,7 +203,15 @@ describe('coordinator over real gRPC + TLS', () => {
       wire(old).dns.map((d) => d.name),
       ['old.forms.mesh', ...wire(old).peers.map((p) => `${p.name}.forms.mesh`)],
     );
-    assert.deepEqual(routerOn(wire(fresh)).allowedIps, ['10.20.0.0/16'], 'only what is not implied');
+    // The fresh agent's peers come compressed, shared with every node of the project.
+    assert.deepEqual(wire(fresh).peers, []);
+    assert.ok(wire(fresh).sharedPeers.length > 0);
+    assert.equal(wire(old).sharedPeers.length, 0);
+    assert.deepEqual(
+      routerOn(withSharedPeers(wire(fresh))).allowedIps,
+      ['10.20.0.0/16'],
+      'only what is not implied',
+    );
     assert.deepEqual(
       wire(fresh).dns.map((d) => d.name),
       ['fresh.forms.mesh'],

@@ -1,0 +1,227 @@
+// Full netmaps whose peers are compressed once per group of nodes that see the
+// same peers, for agents that announce the shared-peers feature: the agent
+// must end up with the netmap it would have had in any other form.
+import assert from 'node:assert/strict';
+import { after, before, describe, it } from 'node:test';
+import { deflateRawSync } from 'node:zlib';
+import { create, fromBinary, toBinary } from '@bufbuild/protobuf';
+import { Mapper, type Session } from '../../coordinator/mapper/mapper.js';
+import { State } from '../../coordinator/state/state.js';
+import { openStore, type Store } from '../../coordinator/store/db.js';
+import { type SyncResponse, SyncResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
+import { type NetMap, NetMapSchema, NodeSchema, PeerSchema } from '../../proto/gen/meshgate/v1/types_pb.js';
+import { applySync, MAX_SHARED_PEERS_BYTES, NetmapError, withSharedPeers } from '../../proto/netmap.js';
+import { registerTestNode } from '../fixtures/nodes.js';
+
+class Recorder implements Session {
+  readonly bytes: number[] = [];
+  readonly sent: SyncResponse[] = [];
+  /** The agent's netmap after every message, as applySync builds it. */
+  map: NetMap | null = null;
+  constructor(
+    readonly nodeId: string,
+    readonly impliedPeerFields: boolean,
+    readonly sharedPeers: boolean,
+  ) {}
+  send(msg: Uint8Array, sent?: () => void) {
+    const m = fromBinary(SyncResponseSchema, msg);
+    this.map = applySync(this.map, this.sent.at(-1)?.seq ?? 0n, m);
+    this.sent.push(m);
+    this.bytes.push(msg.length);
+    sent?.();
+  }
+  close() {}
+}
+
+describe('shared peers, as the agent applies them', () => {
+  const peer = (id: string, name = id) =>
+    create(PeerSchema, { id, name, ipAddresses: [`100.64.0.${id.length}`] });
+  const block = (...peers: ReturnType<typeof peer>[]) =>
+    deflateRawSync(toBinary(NetMapSchema, create(NetMapSchema, { peers })));
+
+  it('leave out the node itself, and a peer the netmap carries replaces its stale copy in place', () => {
+    const m = create(NetMapSchema, {
+      self: create(NodeSchema, { id: 'me' }),
+      peers: [peer('b', 'b-renamed'), peer('z')],
+      sharedPeers: block(peer('a'), peer('me'), peer('b'), peer('c')),
+    });
+    const got = withSharedPeers(m);
+    assert.deepEqual(
+      got.peers.map((p) => `${p.id}:${p.name}`),
+      ['a:a', 'b:b-renamed', 'c:c', 'z:z'],
+    );
+    assert.equal(got.sharedPeers.length, 0);
+    const plain = create(NetMapSchema, { peers: [peer('a')] });
+    assert.equal(withSharedPeers(plain), plain, 'a netmap without shared peers is left as it is');
+  });
+
+  it('are refused with a NetmapError when they inflate beyond the limit or are not DEFLATE', () => {
+    const bomb = deflateRawSync(Buffer.alloc(MAX_SHARED_PEERS_BYTES + 1));
+    assert.ok(bomb.length < 64 * 1024, 'a small message');
+    const full = (sharedPeers: Uint8Array) =>
+      create(SyncResponseSchema, { seq: 1n, full: create(NetMapSchema, { sharedPeers }) });
+    assert.throws(
+      () => applySync(null, 0n, full(bomb)),
+      (e: Error) => {
+        assert.ok(e instanceof NetmapError);
+        assert.match(e.message, /shared peers do not inflate/);
+        return true;
+      },
+    );
+    assert.throws(() => applySync(null, 0n, full(Buffer.from('not deflate at all'))), NetmapError);
+    assert.throws(
+      () => applySync(null, 0n, full(deflateRawSync(Buffer.from([0x12, 0x40, 1])))),
+      /shared peers do not decode/,
+    );
+  });
+});
+
+describe('shared peers from the mapper', () => {
+  let store: Store;
+  let state: State;
+  let mapper: Mapper;
+  const ids: Record<string, string> = {};
+  const register = async (name: string, tags: string[]) => {
+    const node = await registerTestNode(state, { project: 'p', name, tags, endpoints: ['192.0.2.1:41641'] });
+    ids[name] = node.id;
+  };
+  const policy = (acls: { src: string[]; dst: string[] }[]) =>
+    state.setPolicy(
+      'test',
+      'p',
+      acls.length
+        ? JSON.stringify({
+            tagOwners: { 'tag:x': [], 'tag:a': [], 'tag:b': [] },
+            acls: acls.map((a) => ({ action: 'accept', ...a })),
+          })
+        : '',
+    );
+  /** The netmap of `name` in the implied form without shared peers: what the agent must end up with. */
+  const expected = (name: string) => {
+    const r = new Recorder(ids[name]!, true, false);
+    mapper.attach(r);
+    return r;
+  };
+  const shared = (name: string) => {
+    const r = new Recorder(ids[name]!, true, true);
+    mapper.attach(r);
+    return r;
+  };
+
+  before(async () => {
+    store = await openStore({ url: ':memory:' });
+    state = await State.load(store.db, { ephemeralTimeoutMs: 60_000 });
+    mapper = new Mapper(state, {
+      coalesceMs: 5,
+      presenceMs: 5,
+      sliceMs: 60_000,
+      fullNetmapBudget: 2 ** 30,
+      keepaliveMs: 60_000,
+      keepaliveSeconds: 25,
+      relay: false,
+      domainSuffix: 'mesh',
+    });
+    await state.createProject('test', 'p');
+    await register('x', ['tag:x']);
+    for (let i = 0; i < 150; i++) await register(`a${i}`, ['tag:a']);
+    for (let i = 0; i < 150; i++) await register(`b${i}`, ['tag:b']);
+    mapper.flush();
+  });
+  after(async () => {
+    mapper.close();
+    await store.close();
+  });
+
+  it('give every node of a project without policy the same bytes, which decode to its own netmap', () => {
+    const want = expected('a0');
+    const got = shared('a0');
+    const other = shared('b7');
+    assert.equal(got.sent[0]!.full!.peers.length, 0, 'every peer is in the shared block');
+    assert.ok(got.sent[0]!.full!.sharedPeers.length > 0);
+    assert.deepEqual(got.map, want.map);
+    assert.equal(got.map!.peers.length, 300);
+    assert.ok(!got.map!.peers.some((p) => p.id === ids.a0), 'not itself');
+    assert.ok(
+      Buffer.from(other.sent[0]!.full!.sharedPeers).equals(got.sent[0]!.full!.sharedPeers),
+      'compressed once for all of them',
+    );
+    assert.deepEqual(other.map, expected('b7').map);
+    assert.ok(got.bytes[0]! < want.bytes[0]! / 2, `${got.bytes[0]} bytes against ${want.bytes[0]}`);
+  });
+
+  it('send the peers that changed since compression along, until enough changed to compress again', () => {
+    const first = shared('a1').sent[0]!.full!.sharedPeers;
+    state.setOnline(ids.b3!, true);
+    mapper.flush();
+    const later = shared('a2');
+    const full = later.sent[0]!.full!;
+    assert.ok(Buffer.from(full.sharedPeers).equals(first), 'the same block');
+    assert.deepEqual(
+      full.peers.map((p) => [p.id, p.online]),
+      [[ids.b3, true]],
+    );
+    assert.equal(later.map!.peers.find((p) => p.id === ids.b3)?.online, true);
+    assert.deepEqual(later.map, expected('a2').map);
+
+    for (let i = 0; i < 150; i++) state.setOnline(ids[`a${i}`]!, true);
+    mapper.flush();
+    const fresh = shared('a3').sent[0]!.full!;
+    assert.ok(!Buffer.from(fresh.sharedPeers).equals(first), 'compressed again');
+    assert.equal(fresh.peers.length, 0);
+    assert.deepEqual(shared('a4').map, expected('a4').map);
+  });
+
+  it('with a policy, are shared by the nodes that see the same peers, and each sees what the policy lets it', async () => {
+    await policy([
+      { src: ['tag:a'], dst: ['tag:b:*'] },
+      { src: ['tag:x'], dst: ['tag:x:*', 'tag:a:22'] },
+    ]);
+    mapper.flush();
+    for (const name of ['x', 'a0', 'a5', 'b0', 'b9'])
+      assert.deepEqual(shared(name).map, expected(name).map, name);
+    const blockOf = (name: string) => Buffer.from(shared(name).sent[0]!.full!.sharedPeers);
+    assert.ok(blockOf('b0').equals(blockOf('b9')));
+    assert.ok(!blockOf('a0').equals(blockOf('b0')), 'a and b see different peers');
+    assert.equal(shared('x').map!.peers.length, 150, 'x sees the tag:a nodes, not itself');
+  });
+
+  it('after a policy change that shows many peers, come as a full netmap when it is smaller than the delta', async () => {
+    await policy([{ src: ['tag:x'], dst: ['tag:x:*'] }]);
+    mapper.flush();
+    const a = shared('a0');
+    const b = new Recorder(ids.a1!, true, false);
+    mapper.attach(b);
+    assert.equal(a.map!.peers.length, 0);
+    await policy([]);
+    mapper.flush();
+    const last = a.sent.at(-1)!;
+    assert.equal(last.seq, 2n);
+    assert.ok(last.full, 'a full netmap');
+    assert.ok(last.full.sharedPeers.length > 0);
+    assert.equal(a.map!.peers.length, 300);
+    assert.deepEqual(a.map, expected('a0').map);
+    assert.equal(b.sent.at(-1)!.full, undefined, 'a stream without the feature gets the delta');
+    assert.equal(b.sent.at(-1)!.peersChanged.length, 300);
+    assert.ok(a.bytes.at(-1)! < b.bytes.at(-1)!, `${a.bytes.at(-1)} against ${b.bytes.at(-1)}`);
+  });
+
+  it('are not used where a node sees its own kind (autogroup:self), and the netmap is the same', async () => {
+    await register('u0', []);
+    await register('u1', []);
+    const selfPolicy = JSON.stringify({
+      tagOwners: { 'tag:x': [], 'tag:a': [], 'tag:b': [] },
+      acls: [
+        { action: 'accept', src: ['tag:a'], dst: ['tag:b:*'] },
+        { action: 'accept', src: ['autogroup:member'], dst: ['autogroup:self:*'] },
+      ],
+    });
+    await state.setPolicy('test', 'p', selfPolicy);
+    mapper.flush();
+    assert.equal(state.compiled('p').peerGroup(ids.u0!), undefined);
+    for (const name of ['u0', 'a0']) {
+      const got = shared(name);
+      assert.equal(got.sent[0]!.full!.sharedPeers.length, 0);
+      assert.deepEqual(got.map, expected(name).map);
+    }
+  });
+});
