@@ -2,7 +2,8 @@
 // coordinator's real mapper builds the full netmap of one node in a project of
 // N nodes (in-memory SQLite, nothing on the network). Then, for each form of
 // the netmap (the full form old agents get, the one without implied peer
-// fields), it attaches K sessions and measures bytes and CPU per full netmap,
+// fields, the one with the project's peers compressed once and shared), it
+// attaches K sessions and measures bytes and CPU per full netmap,
 // and of the fan-out of two policy changes (tag:a may reach tag:b, then no
 // policy again) to those K sessions; `projected` scales them to N sessions.
 // JSON on stdout.
@@ -73,11 +74,12 @@ function isFull(m: Uint8Array): boolean {
 }
 
 /** Attaches a session that counts what it receives; `first` is its full netmap when `keep`. */
-function attach(id: string, implied: boolean, keep = false) {
+function attach(id: string, implied: boolean, keep = false, shared = false) {
   const rec = { first: undefined as Uint8Array | undefined, bytes: 0, messages: 0, fulls: 0 };
   mapper.attach({
     nodeId: id,
     impliedPeerFields: implied,
+    sharedPeers: shared,
     send: (m: Uint8Array, sent?: () => void) => {
       if (keep) rec.first ??= m;
       rec.bytes += m.length;
@@ -133,14 +135,15 @@ async function fanOut(recs: ReturnType<typeof attach>[], source: string) {
   };
 }
 const forms: Record<string, unknown> = {};
-for (const [name, implied] of [
-  ['full', false],
-  ['implied', true],
+for (const [name, implied, shared] of [
+  ['full', false, false],
+  ['implied', true, false],
+  ['shared', true, true],
 ] as const) {
   global.gc?.();
   let recs: ReturnType<typeof attach>[] = [];
   const ms = cpuMs(() => {
-    recs = ids.slice(0, k).map((id, i) => attach(id, implied, i === 0));
+    recs = ids.slice(0, k).map((id, i) => attach(id, implied, i === 0, shared));
   });
   const netmap = recs[0]!.first!;
   const level1 = deflateSync(netmap, { level: 1 });

@@ -26,7 +26,7 @@ import {
 } from '../../proto/gen/meshgate/v1/control_pb.js';
 import { CLIENT_RECEIVE_LIMIT, makeClient, methodPath, unary } from '../../proto/grpc.js';
 import type { MachineKeyPair } from '../../proto/keys.js';
-import { IMPLIED_PEER_FIELDS, NETMAP_FEATURES_HEADER } from '../../proto/netmap.js';
+import { IMPLIED_PEER_FIELDS, NETMAP_FEATURES_HEADER, SHARED_PEERS } from '../../proto/netmap.js';
 import { SimAgent } from '../../test/integration/harness.js';
 import { checkSameSignatures, NodeSigner } from './signer.js';
 import { nowMs } from './stats.js';
@@ -382,7 +382,7 @@ export class BenchAgent {
     if (!this.signer) return this.sim.client.sync();
     const md = this.signer.metadata(SYNC, this.id, new Uint8Array());
     // As the agent's client asks for it (agent/control/client.ts).
-    md.set(NETMAP_FEATURES_HEADER, IMPLIED_PEER_FIELDS);
+    md.set(NETMAP_FEATURES_HEADER, `${IMPLIED_PEER_FIELDS},${SHARED_PEERS}`);
     return this.channel.makeBidiStreamRequest(SYNC, serializeSyncRequest, (buf: Buffer) => buf, md);
   }
 
@@ -482,6 +482,7 @@ export class BenchAgent {
       if (!this.fleet.fullNetmapBytes) this.fleet.fullNetmapBytes = msg.bytes;
       this.peers.clear();
       this.sameTag = 0;
+      for (const p of msg.shared) if (p.id !== this.id) this.addPeer(p);
       for (const p of msg.full) this.addPeer(p);
       this.hasFull = true;
       this.fulls++;

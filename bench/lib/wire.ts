@@ -5,12 +5,15 @@
 // then be the limit measured instead of the coordinator. The scanner reads
 // the few fields the agents look at and skips everything else.
 
+import { createHash } from 'node:crypto';
 import { isDeepStrictEqual } from 'node:util';
+import { deflateRawSync, inflateRawSync } from 'node:zlib';
 import { create, fromBinary, type MessageInitShape, toBinary } from '@bufbuild/protobuf';
 import { BinaryReader } from '@bufbuild/protobuf/wire';
 import { timestampFromMs } from '@bufbuild/protobuf/wkt';
 import { type SyncResponse, SyncResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
 import { NetMapSchema, type Peer, PeerSchema, Protocol } from '../../proto/gen/meshgate/v1/types_pb.js';
+import { MAX_SHARED_PEERS_BYTES, withSharedPeers } from '../../proto/netmap.js';
 
 const SYNC = SyncResponseSchema.field;
 const NETMAP = NetMapSchema.field;
@@ -28,6 +31,11 @@ export interface SyncView {
   seq: bigint;
   /** The peers of a full netmap; null in a delta. */
   full: PeerView[] | null;
+  /**
+   * The shared peers of a full netmap (SHARED_PEERS), the receiving node
+   * among them if its group holds it; shared between views, not to be changed.
+   */
+  shared: readonly PeerView[];
   changed: PeerView[];
   removed: string[];
   patches: number;
@@ -84,6 +92,7 @@ export function scanSync(buf: Uint8Array, known: (id: string) => boolean = () =>
   const v: SyncView = {
     seq: 0n,
     full: null,
+    shared: [],
     changed: [],
     removed: [],
     patches: 0,
@@ -103,6 +112,7 @@ export function scanSync(buf: Uint8Array, known: (id: string) => boolean = () =>
         while (r.pos < end) {
           const [n, w] = r.tag();
           if (n === NETMAP.peers.number) v.full.push(scanPeer(r, known));
+          else if (n === NETMAP.sharedPeers.number) v.shared = sharedPeersOf(r.bytes());
           else r.skip(w, n);
         }
         if (r.pos !== end) throw new RangeError('SyncResponse: a field runs past the end of the netmap');
@@ -132,6 +142,33 @@ export function scanSync(buf: Uint8Array, known: (id: string) => boolean = () =>
   return v;
 }
 
+/**
+ * Every member of a group receives the same shared peers, so the fleet
+ * inflates and scans each block once (by its digest) instead of once per
+ * simulated agent: 10,000 agents of one project would otherwise spend the
+ * load generator's CPU on one block 10,000 times, where each real agent
+ * inflates its netmap once.
+ */
+const sharedBlocks = new Map<string, readonly PeerView[]>();
+
+function sharedPeersOf(block: Uint8Array): readonly PeerView[] {
+  const digest = createHash('sha1').update(block).digest('base64');
+  let peers = sharedBlocks.get(digest);
+  if (!peers) {
+    const r = new BinaryReader(inflateRawSync(block, { maxOutputLength: MAX_SHARED_PEERS_BYTES }));
+    const list: PeerView[] = [];
+    while (r.pos < r.len) {
+      const [n, w] = r.tag();
+      if (n === NETMAP.peers.number) list.push(scanPeer(r, () => false));
+      else r.skip(w, n);
+    }
+    peers = list;
+    if (sharedBlocks.size >= 64) sharedBlocks.delete(sharedBlocks.keys().next().value!);
+    sharedBlocks.set(digest, peers);
+  }
+  return peers;
+}
+
 const peerView = (p: Peer): PeerView => ({ id: p.id, name: p.name, tag: p.tags[0] ?? '' });
 
 /**
@@ -141,7 +178,8 @@ const peerView = (p: Peer): PeerView => ({ id: p.id, name: p.name, tag: p.tags[0
 export function syncViewOf(msg: SyncResponse, measure: boolean): SyncView {
   return {
     seq: msg.seq,
-    full: msg.full ? msg.full.peers.map(peerView) : null,
+    full: msg.full ? withSharedPeers(msg.full).peers.map(peerView) : null,
+    shared: [],
     changed: msg.peersChanged.map(peerView),
     removed: [...msg.peersRemoved],
     patches: msg.peerPatches.length,
@@ -205,17 +243,44 @@ export function checkScanner(): void {
     },
     // The first message in a project of one node: a full netmap without peers.
     { seq: 1n, full: {} },
+    // Shared peers holding the node itself and a peer that changed since.
+    {
+      seq: 1n,
+      full: {
+        self,
+        peers: [samplePeer(2, ['tag:d'])],
+        sharedPeers: deflateRawSync(
+          toBinary(
+            NetMapSchema,
+            create(NetMapSchema, {
+              peers: [samplePeer(1, ['tag:b']), samplePeer(2, []), { id: 'self', name: 'self' }],
+            }),
+          ),
+        ),
+      },
+    },
     { seq: 3n, keepalive: true },
   ];
   for (const init of samples) {
     const bytes = toBinary(SyncResponseSchema, create(SyncResponseSchema, init));
     const want = syncViewOf(fromBinary(SyncResponseSchema, bytes), true);
     const anon = (p: PeerView) => ({ id: p.id, name: '', tag: '' });
+    // As a simulated agent applies it: the shared peers without itself, then
+    // the netmap's own, which replace shared ones of the same id.
+    const merged = (v: SyncView): SyncView => {
+      if (!v.shared.length || !v.full) return v;
+      const own = new Set(v.full.map((p) => p.id));
+      const full = [...v.shared.filter((p) => p.id !== self.id && !own.has(p.id)), ...v.full];
+      return { ...v, full: full.sort((a, b) => a.id.localeCompare(b.id)), shared: [] };
+    };
+    const sorted = (v: SyncView): SyncView =>
+      v.full ? { ...v, full: [...v.full].sort((a, b) => a.id.localeCompare(b.id)) } : v;
     const cases: [SyncView, SyncView][] = [
-      [scanSync(bytes), want],
+      [merged(scanSync(bytes)), sorted(want)],
       [
-        scanSync(bytes, () => true),
-        { ...want, full: want.full ? want.full.map(anon) : null, changed: want.changed.map(anon) },
+        // The shared peers come with names whether known or not: one scan serves every agent.
+        ((v) => ({ ...v, full: v.full ? v.full.map(anon) : null }))(merged(scanSync(bytes, () => true))),
+        sorted({ ...want, full: want.full ? want.full.map(anon) : null, changed: want.changed.map(anon) }),
       ],
     ];
     for (const [got, expected] of cases)
