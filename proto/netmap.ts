@@ -2,8 +2,14 @@
 // view this way; so do the simulated agents of tests and benchmarks.
 import { inflateRawSync } from 'node:zlib';
 import { create, fromBinary } from '@bufbuild/protobuf';
-import type { SyncResponse } from './gen/meshgate/v1/control_pb.js';
-import { DnsRecordSchema, type NetMap, NetMapSchema, type Peer } from './gen/meshgate/v1/types_pb.js';
+import { type SyncResponse, SyncResponseSchema } from './gen/meshgate/v1/control_pb.js';
+import {
+  DnsRecordSchema,
+  type NetMap,
+  NetMapSchema,
+  type Peer,
+  type PeerPatch,
+} from './gen/meshgate/v1/types_pb.js';
 
 /**
  * The metadata header in which an agent lists, comma-separated, what it
@@ -78,6 +84,50 @@ export function withImpliedFields(m: NetMap): NetMap {
   return { ...m, peers, dns: implied.length ? [...m.dns, ...implied] : m.dns };
 }
 
+/** A compressed part of a sync message, inflated; NetmapError if it cannot be or would be too large. */
+function inflate(bytes: Uint8Array, what: string): Buffer {
+  try {
+    return inflateRawSync(bytes, { maxOutputLength: MAX_SHARED_PEERS_BYTES });
+  } catch (err) {
+    throw new NetmapError(`${what} do not inflate: ${(err as Error).message}`);
+  }
+}
+
+function decode<T>(f: () => T, what: string): T {
+  try {
+    return f();
+  } catch (err) {
+    if (err instanceof NetmapError) throw err;
+    throw new NetmapError(`${what} do not decode: ${(err as Error).message}`);
+  }
+}
+
+/**
+ * The delta with the lists of its shared parts before its own, without
+ * the receiving node `selfId` among the changed peers. Unchanged without
+ * shared parts.
+ */
+export function withSharedDelta(msg: SyncResponse, selfId: string | undefined): SyncResponse {
+  if (!msg.shared.length) return msg;
+  const removed: string[] = [];
+  const changed: Peer[] = [];
+  const patches: PeerPatch[] = [];
+  for (const part of msg.shared) {
+    const what = "the delta's shared parts";
+    const s = decode(() => fromBinary(SyncResponseSchema, inflate(part, what)), what);
+    removed.push(...s.peersRemoved);
+    for (const p of s.peersChanged) if (p.id !== selfId) changed.push(p);
+    patches.push(...s.peerPatches);
+  }
+  return {
+    ...msg,
+    peersRemoved: [...removed, ...msg.peersRemoved],
+    peersChanged: [...changed, ...msg.peersChanged],
+    peerPatches: [...patches, ...msg.peerPatches],
+    shared: [],
+  };
+}
+
 export class SequenceError extends Error {
   override name = 'SequenceError';
 }
@@ -90,18 +140,8 @@ export class SequenceError extends Error {
  */
 export function withSharedPeers(m: NetMap): NetMap {
   if (!m.sharedPeers.length) return m;
-  let inflated: Buffer;
-  try {
-    inflated = inflateRawSync(m.sharedPeers, { maxOutputLength: MAX_SHARED_PEERS_BYTES });
-  } catch (err) {
-    throw new NetmapError(`the netmap's shared peers do not inflate: ${(err as Error).message}`);
-  }
-  let shared: Peer[];
-  try {
-    shared = fromBinary(NetMapSchema, inflated).peers;
-  } catch (err) {
-    throw new NetmapError(`the netmap's shared peers do not decode: ${(err as Error).message}`);
-  }
+  const what = "the netmap's shared peers";
+  const shared = decode(() => fromBinary(NetMapSchema, inflate(m.sharedPeers, what)), what).peers;
   const own = new Map(m.peers.map((p) => [p.id, p]));
   const selfId = m.self?.id;
   const peers: Peer[] = [];
@@ -120,13 +160,15 @@ export function withSharedPeers(m: NetMap): NetMap {
  * A delta without a prior full netmap, or out of sequence, is an error:
  * the caller must reconnect to get a fresh full map.
  */
-export function applySync(current: NetMap | null, lastSeq: bigint, msg: SyncResponse): NetMap | null {
+export function applySync(current: NetMap | null, lastSeq: bigint, received: SyncResponse): NetMap | null {
+  let msg = received;
   if (msg.seq !== lastSeq + 1n && !(msg.full && msg.seq === 1n)) {
     throw new SequenceError(`sync message ${msg.seq} after ${lastSeq}`);
   }
   if (msg.full) return withImpliedFields(withSharedPeers(msg.full));
   if (msg.keepalive) return current;
   if (!current) throw new SequenceError('delta before the first full netmap');
+  msg = withSharedDelta(msg, current.self?.id);
   // Netmaps are values: the result shares every unchanged peer with `current`
   // and copies only the patched ones. A deep copy per message cost 45-90 ms at
   // 10,000 peers.

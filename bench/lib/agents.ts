@@ -389,7 +389,7 @@ export class BenchAgent {
   private view(msg: Buffer | SyncResponse): SyncView {
     return msg instanceof Uint8Array
       ? scanSync(msg, this.fleet.knows)
-      : syncViewOf(msg, msg.full !== undefined && !this.fleet.fullNetmapBytes);
+      : syncViewOf(msg, msg.full !== undefined && !this.fleet.fullNetmapBytes, this.id);
   }
 
   hasPeer(id: string): boolean {
@@ -495,10 +495,14 @@ export class BenchAgent {
       this.fleet.sequenceErrors++;
       return false;
     }
-    for (const id of msg.removed) {
+    for (const id of [...msg.parts.flatMap((p) => p.removed), ...msg.removed]) {
       const i = this.fleet.indexOf(id);
       if (i !== undefined && this.peers.delete(i) && this.tag && this.fleet.tagOf(i) === this.tag)
         this.sameTag--;
+    }
+    for (const part of msg.parts) {
+      for (const p of part.changed) if (p.id !== this.id) this.addPeer(p);
+      this.patches += part.patches;
     }
     for (const p of msg.changed) this.addPeer(p);
     this.patches += msg.patches;

@@ -13,7 +13,7 @@ import { BinaryReader } from '@bufbuild/protobuf/wire';
 import { timestampFromMs } from '@bufbuild/protobuf/wkt';
 import { type SyncResponse, SyncResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
 import { NetMapSchema, type Peer, PeerSchema, Protocol } from '../../proto/gen/meshgate/v1/types_pb.js';
-import { MAX_SHARED_PEERS_BYTES, withSharedPeers } from '../../proto/netmap.js';
+import { MAX_SHARED_PEERS_BYTES, withSharedDelta, withSharedPeers } from '../../proto/netmap.js';
 
 const SYNC = SyncResponseSchema.field;
 const NETMAP = NetMapSchema.field;
@@ -27,6 +27,12 @@ export interface PeerView {
   tag: string;
 }
 
+export interface SharedPart {
+  changed: PeerView[];
+  removed: string[];
+  patches: number;
+}
+
 export interface SyncView {
   seq: bigint;
   /** The peers of a full netmap; null in a delta. */
@@ -36,6 +42,8 @@ export interface SyncView {
    * among them if its group holds it; shared between views, not to be changed.
    */
   shared: readonly PeerView[];
+  /** The delta's shared parts (SyncResponse.shared), before its own lists; shared between views. */
+  parts: readonly SharedPart[];
   changed: PeerView[];
   removed: string[];
   patches: number;
@@ -93,6 +101,7 @@ export function scanSync(buf: Uint8Array, known: (id: string) => boolean = () =>
     seq: 0n,
     full: null,
     shared: [],
+    parts: [],
     changed: [],
     removed: [],
     patches: 0,
@@ -120,6 +129,9 @@ export function scanSync(buf: Uint8Array, known: (id: string) => boolean = () =>
       }
       case SYNC.peersChanged.number:
         v.changed.push(scanPeer(r, known));
+        break;
+      case SYNC.shared.number:
+        v.parts = [...v.parts, sharedPartOf(r.bytes())];
         break;
       case SYNC.peersRemoved.number:
         v.removed.push(r.string());
@@ -151,22 +163,45 @@ export function scanSync(buf: Uint8Array, known: (id: string) => boolean = () =>
  */
 const sharedBlocks = new Map<string, readonly PeerView[]>();
 
-function sharedPeersOf(block: Uint8Array): readonly PeerView[] {
+function memo<T>(cache: Map<string, T>, block: Uint8Array, read: (r: BinaryReader) => T): T {
   const digest = createHash('sha1').update(block).digest('base64');
-  let peers = sharedBlocks.get(digest);
-  if (!peers) {
-    const r = new BinaryReader(inflateRawSync(block, { maxOutputLength: MAX_SHARED_PEERS_BYTES }));
+  let value = cache.get(digest);
+  if (value === undefined) {
+    value = read(new BinaryReader(inflateRawSync(block, { maxOutputLength: MAX_SHARED_PEERS_BYTES })));
+    if (cache.size >= 64) cache.delete(cache.keys().next().value!);
+    cache.set(digest, value);
+  }
+  return value;
+}
+
+function sharedPeersOf(block: Uint8Array): readonly PeerView[] {
+  return memo(sharedBlocks, block, (r) => {
     const list: PeerView[] = [];
     while (r.pos < r.len) {
       const [n, w] = r.tag();
       if (n === NETMAP.peers.number) list.push(scanPeer(r, () => false));
       else r.skip(w, n);
     }
-    peers = list;
-    if (sharedBlocks.size >= 64) sharedBlocks.delete(sharedBlocks.keys().next().value!);
-    sharedBlocks.set(digest, peers);
-  }
-  return peers;
+    return list;
+  });
+}
+
+const sharedParts = new Map<string, SharedPart>();
+
+function sharedPartOf(block: Uint8Array): SharedPart {
+  return memo(sharedParts, block, (r) => {
+    const part: SharedPart = { changed: [], removed: [], patches: 0 };
+    while (r.pos < r.len) {
+      const [n, w] = r.tag();
+      if (n === SYNC.peersChanged.number) part.changed.push(scanPeer(r, () => false));
+      else if (n === SYNC.peersRemoved.number) part.removed.push(r.string());
+      else {
+        if (n === SYNC.peerPatches.number) part.patches++;
+        r.skip(w, n);
+      }
+    }
+    return part;
+  });
 }
 
 const peerView = (p: Peer): PeerView => ({ id: p.id, name: p.name, tag: p.tags[0] ?? '' });
@@ -175,17 +210,19 @@ const peerView = (p: Peer): PeerView => ({ id: p.id, name: p.name, tag: p.tags[0
  * The same view of a decoded message (the `agent` signer mode receives those
  * from ControlClient). `bytes` is 0 unless `measure`, which encodes it again.
  */
-export function syncViewOf(msg: SyncResponse, measure: boolean): SyncView {
+export function syncViewOf(received: SyncResponse, measure: boolean, selfId?: string): SyncView {
+  const msg = withSharedDelta(received, selfId);
   return {
     seq: msg.seq,
     full: msg.full ? withSharedPeers(msg.full).peers.map(peerView) : null,
     shared: [],
+    parts: [],
     changed: msg.peersChanged.map(peerView),
     removed: [...msg.peersRemoved],
     patches: msg.peerPatches.length,
     packetFilter: msg.packetFilter !== undefined,
     keepalive: msg.keepalive,
-    bytes: measure ? toBinary(SyncResponseSchema, msg).length : 0,
+    bytes: measure ? toBinary(SyncResponseSchema, received).length : 0,
   };
 }
 
@@ -260,18 +297,50 @@ export function checkScanner(): void {
       },
     },
     { seq: 3n, keepalive: true },
+    // A delta with shared parts, one naming the node itself.
+    {
+      seq: 4n,
+      peersChanged: [samplePeer(6, ['tag:a'])],
+      peersRemoved: ['0123456789abcde7'],
+      shared: [
+        deflateRawSync(
+          toBinary(
+            SyncResponseSchema,
+            create(SyncResponseSchema, {
+              peersChanged: [samplePeer(8, []), { id: 'self', name: 'self' }],
+              peersRemoved: ['0123456789abcde9'],
+              peerPatches: [{ id: '0123456789abcde1', online: true }],
+            }),
+          ),
+        ),
+        deflateRawSync(
+          toBinary(
+            SyncResponseSchema,
+            create(SyncResponseSchema, { peerPatches: [{ id: '0123456789abcde2', online: false }] }),
+          ),
+        ),
+      ],
+    },
   ];
   for (const init of samples) {
     const bytes = toBinary(SyncResponseSchema, create(SyncResponseSchema, init));
-    const want = syncViewOf(fromBinary(SyncResponseSchema, bytes), true);
+    const want = syncViewOf(fromBinary(SyncResponseSchema, bytes), true, self.id);
     const anon = (p: PeerView) => ({ id: p.id, name: '', tag: '' });
     // As a simulated agent applies it: the shared peers without itself, then
     // the netmap's own, which replace shared ones of the same id.
     const merged = (v: SyncView): SyncView => {
-      if (!v.shared.length || !v.full) return v;
+      const parts = v.parts;
+      const delta = {
+        ...v,
+        changed: [...parts.flatMap((p) => p.changed.filter((c) => c.id !== self.id)), ...v.changed],
+        removed: [...parts.flatMap((p) => p.removed), ...v.removed],
+        patches: parts.reduce((n, p) => n + p.patches, v.patches),
+        parts: [],
+      };
+      if (!v.shared.length || !v.full) return delta;
       const own = new Set(v.full.map((p) => p.id));
       const full = [...v.shared.filter((p) => p.id !== self.id && !own.has(p.id)), ...v.full];
-      return { ...v, full: full.sort((a, b) => a.id.localeCompare(b.id)), shared: [] };
+      return { ...delta, full: full.sort((a, b) => a.id.localeCompare(b.id)), shared: [] };
     };
     const sorted = (v: SyncView): SyncView =>
       v.full ? { ...v, full: [...v.full].sort((a, b) => a.id.localeCompare(b.id)) } : v;
@@ -279,7 +348,9 @@ export function checkScanner(): void {
       [merged(scanSync(bytes)), sorted(want)],
       [
         // The shared peers come with names whether known or not: one scan serves every agent.
-        ((v) => ({ ...v, full: v.full ? v.full.map(anon) : null }))(merged(scanSync(bytes, () => true))),
+        ((v) => ({ ...v, full: v.full ? v.full.map(anon) : null, changed: v.changed.map(anon) }))(
+          merged(scanSync(bytes, () => true)),
+        ),
         sorted({ ...want, full: want.full ? want.full.map(anon) : null, changed: want.changed.map(anon) }),
       ],
     ];

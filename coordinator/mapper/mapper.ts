@@ -6,7 +6,7 @@ import { create, toBinary } from '@bufbuild/protobuf';
 import { timestampFromMs } from '@bufbuild/protobuf/wkt';
 import { SyncResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
 import { PeerPatchSchema } from '../../proto/gen/meshgate/v1/types_pb.js';
-import type { CompiledPolicy, FilterRuleSpec } from '../policy/index.js';
+import type { CompiledPolicy, FilterRuleSpec, PeerGroup } from '../policy/index.js';
 import type { NodeRecord } from '../state/records.js';
 import type { DesiredVersionRecord, State, StateEvent } from '../state/state.js';
 import {
@@ -19,7 +19,7 @@ import {
   nodeMessage,
   sharedPeersPiece,
 } from './netmap.js';
-import { SharedPeerBlocks } from './shared-peers.js';
+import { compressed, SharedPeerBlocks } from './shared-peers.js';
 import { assemble, KEEPALIVE, type Piece, seqField, sizeOf } from './wire.js';
 
 const SYNC = SyncResponseSchema.field;
@@ -117,9 +117,12 @@ class Delta {
   /** The node's new packet filter, when it differs from what the stream has. */
   filter: FilterRuleSpec[] | null = null;
   version = false;
+  /** Compressed parts shared with other streams (SyncResponse.shared). */
+  readonly shared: Uint8Array[] = [];
 
   empty(): boolean {
     return (
+      !this.shared.length &&
       !this.changed.size &&
       !this.removed.size &&
       !this.patches.length &&
@@ -485,6 +488,7 @@ export class Mapper {
         entry.session.close(`node ${node.name} was deleted`, 'gone');
       }
     }
+    const patches: [string, Uint8Array][] = [];
     for (const [id, endpointsChanged] of p.patched) {
       const node = this.state.getNode(id);
       if (!node || p.upserted.has(id)) continue;
@@ -498,11 +502,23 @@ export class Mapper {
           endpoints: endpointsChanged ? this.state.endpointsOf(node) : [],
         }),
       );
-      for (const other of newC.visiblePeers(id)) {
-        const d = delta(other);
-        if (d && !d.changed.has(id)) d.patches.push(patch);
-      }
+      patches.push([id, patch]);
     }
+    // Streams that take the batch's patches as one compressed part of their group's.
+    const grouped = new Map<string, PeerGroup>();
+    if (patches.length >= SHARED_PATCHES_MIN)
+      for (const id of members) {
+        const group = this.sessions.get(id)?.shared ? newC.peerGroup(id) : undefined;
+        if (group) grouped.set(id, group);
+      }
+    if (grouped.size < members.size)
+      for (const [id, patch] of patches)
+        for (const other of newC.visiblePeers(id)) {
+          const d = grouped.has(other) ? undefined : delta(other);
+          if (d && !d.changed.has(id)) d.patches.push(patch);
+        }
+    const patchParts = new Map<string, PatchPart>();
+    const policyParts = new Map<string, Uint8Array | null>();
     if (p.versions) {
       for (const id of members) {
         const node = this.state.getNode(id);
@@ -527,14 +543,29 @@ export class Mapper {
     let sent = 0;
     // After a policy change every member's view is compared, one session per
     // step: that is the part that grows with the square of the project.
-    for (const id of p.policy ? [...members] : [...deltas.keys()]) {
+    for (const id of p.policy || grouped.size ? [...members] : [...deltas.keys()]) {
       yield;
       const entry = this.sessions.get(id);
       const node = this.state.getNode(id);
       if (!entry || !node) continue;
-      const visible = p.policy ? this.diffVisibility(id, oldC, newC, delta, peerOf) : undefined;
       const d = delta(id);
       if (!d) continue;
+      let visible: number | undefined;
+      if (p.policy) {
+        const part = entry.shared ? this.policyPart(id, oldC, newC, policyParts) : undefined;
+        if (part === undefined) visible = this.diffVisibility(id, oldC, newC, delta, peerOf);
+        else if (part) d.shared.push(part);
+      }
+      const group = grouped.get(id);
+      if (group) {
+        let part = patchParts.get(group.key);
+        if (!part) {
+          part = patchPart(group, patches);
+          patchParts.set(group.key, part);
+        }
+        // A batch of the node's own patch alone says nothing to it.
+        if (part.bytes && !(part.count === 1 && part.first === id)) d.shared.push(part.bytes);
+      }
       if (p.policy || filterCheck.has(id)) {
         const rules = newC.filterFor(id);
         const key = filterKey(rules);
@@ -562,6 +593,7 @@ export class Mapper {
       const removed = Array.from(d.removed, idOf);
       if (removed.length) pieces.push({ field: SYNC.peersRemoved.number, elements: removed });
       if (d.patches.length) pieces.push({ field: SYNC.peerPatches.number, elements: d.patches });
+      if (d.shared.length) pieces.push({ field: SYNC.shared.number, elements: d.shared });
       const full = this.fullIfSmaller(entry, node, newC, pieces, d, removed, visible);
       this.write(entry, full ? [full] : pieces);
       sent++;
@@ -605,6 +637,44 @@ export class Mapper {
     return sizeOf([full]) < deltaBytes ? full : undefined;
   }
 
+  /**
+   * What a change of policy shows and hides to the node, as a compressed part
+   * shared by every node that moves between the same two groups: the peers
+   * of the new group that the old lacked, and the ids of the old group's that
+   * the new lacks (the node itself may be among either; the agent ignores it).
+   * Null when nothing changes for the node; undefined when its peers are not
+   * a group's, before or after.
+   */
+  private policyPart(
+    id: string,
+    oldC: CompiledPolicy,
+    newC: CompiledPolicy,
+    parts: Map<string, Uint8Array | null>,
+  ): Uint8Array | null | undefined {
+    if (oldC === newC) return null;
+    const before = oldC.peerGroup(id);
+    const after = newC.peerGroup(id);
+    if (!before || !after) return undefined;
+    const key = `${before.key}\n${after.key}`;
+    let part = parts.get(key);
+    if (part === undefined) {
+      const was = new Set(before.members());
+      const is = after.members();
+      const now = new Set(is);
+      const shown = this.encodeAll(is.filter((m) => !was.has(m)));
+      const hidden = [...was].filter((m) => !now.has(m)).map((m) => Buffer.from(m));
+      part =
+        shown.length || hidden.length
+          ? compressed([
+              { field: SYNC.peersChanged.number, elements: shown.map((e) => e.peer(true)) },
+              { field: SYNC.peersRemoved.number, elements: hidden },
+            ])
+          : null;
+      parts.set(key, part);
+    }
+    return part;
+  }
+
   /** Adds to the node's delta what the change of policy shows or hides; returns its number of peers now. */
   private diffVisibility(
     id: string,
@@ -644,6 +714,32 @@ export class Mapper {
       if (entry.lastSent <= due) this.write(entry, [KEEPALIVE]);
     }
   }
+}
+
+/**
+ * Below this many presence patches in a batch, a project's streams get them
+ * each on their own; from here on, one compressed part per group.
+ */
+const SHARED_PATCHES_MIN = 16;
+
+interface PatchPart {
+  /** Null when no node of the group changed. */
+  bytes: Uint8Array | null;
+  count: number;
+  first: string | undefined;
+}
+
+/** The batch's patches of the group's nodes, compressed. */
+function patchPart(group: PeerGroup, patches: [string, Uint8Array][]): PatchPart {
+  const members = new Set(group.members());
+  const mine = patches.filter(([id]) => members.has(id));
+  return {
+    bytes: mine.length
+      ? compressed([{ field: SYNC.peerPatches.number, elements: mine.map(([, patch]) => patch) }])
+      : null,
+    count: mine.length,
+    first: mine[0]?.[0],
+  };
 }
 
 function union(a: string[], b: string[]): Set<string> {

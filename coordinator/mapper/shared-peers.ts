@@ -12,6 +12,7 @@
 // those go along uncompressed and replace their stale copies.
 import { constants, deflateRawSync } from 'node:zlib';
 import type { CompiledPolicy, PeerGroup } from '../policy/index.js';
+import { assemble, type Piece } from './wire.js';
 
 /**
  * The peers that changed since compression may add this share of the
@@ -40,6 +41,15 @@ interface ProjectBlocks {
   groups: Map<string, Block>;
 }
 
+/** A message made of `pieces`, compressed as shared parts are (raw DEFLATE). */
+export function compressed(pieces: readonly Piece[]): Uint8Array {
+  return deflate(assemble(pieces));
+}
+
+function deflate(raw: Uint8Array): Uint8Array {
+  return deflateRawSync(raw, { level: constants.Z_DEFAULT_COMPRESSION });
+}
+
 export class SharedPeerBlocks {
   private readonly projects = new Map<string, ProjectBlocks>();
 
@@ -64,7 +74,7 @@ export class SharedPeerBlocks {
     const members = group.members();
     const raw = encode(members);
     const fresh: Block = {
-      bytes: deflateRawSync(raw, { level: constants.Z_DEFAULT_COMPRESSION }),
+      bytes: deflate(raw),
       members: new Set(members),
       stale: new Set(),
       peerBytes: members.length ? raw.length / members.length : 0,

@@ -55,6 +55,38 @@ describe('shared peers, as the agent applies them', () => {
     assert.equal(withSharedPeers(plain), plain, 'a netmap without shared peers is left as it is');
   });
 
+  it('in a delta, come before its own lists, without the node itself among the changed peers', () => {
+    const part = (init: Parameters<typeof create<typeof SyncResponseSchema>>[1]) =>
+      deflateRawSync(toBinary(SyncResponseSchema, create(SyncResponseSchema, init)));
+    const start = create(SyncResponseSchema, {
+      seq: 1n,
+      full: create(NetMapSchema, { self: create(NodeSchema, { id: 'me' }), peers: [peer('a'), peer('b')] }),
+    });
+    const map = applySync(null, 0n, start);
+    const delta = create(SyncResponseSchema, {
+      seq: 2n,
+      peersChanged: [peer('c', 'c-own')],
+      shared: [
+        part({ peersChanged: [peer('me'), peer('c'), peer('d')], peersRemoved: ['a', 'me'] }),
+        part({
+          peerPatches: [
+            { id: 'b', online: true },
+            { id: 'me', online: true },
+          ],
+        }),
+      ],
+    });
+    const next = applySync(map, 1n, delta)!;
+    assert.deepEqual(
+      next.peers.map((p) => `${p.id}:${p.name}:${p.online}`),
+      ['b:b:true', 'c:c-own:false', 'd:d:false'],
+    );
+    assert.throws(
+      () => applySync(next, 2n, create(SyncResponseSchema, { seq: 3n, shared: [Buffer.from('junk')] })),
+      /the delta's shared parts do not inflate/,
+    );
+  });
+
   it('are refused with a NetmapError when they inflate beyond the limit or are not DEFLATE', () => {
     const bomb = deflateRawSync(Buffer.alloc(MAX_SHARED_PEERS_BYTES + 1));
     assert.ok(bomb.length < 64 * 1024, 'a small message');
@@ -80,6 +112,7 @@ describe('shared peers from the mapper', () => {
   let store: Store;
   let state: State;
   let mapper: Mapper;
+  let reference: Mapper;
   const ids: Record<string, string> = {};
   const register = async (name: string, tags: string[]) => {
     const node = await registerTestNode(state, { project: 'p', name, tags, endpoints: ['192.0.2.1:41641'] });
@@ -96,12 +129,20 @@ describe('shared peers from the mapper', () => {
           })
         : '',
     );
-  /** The netmap of `name` in the implied form without shared peers: what the agent must end up with. */
+  /**
+   * The netmap of `name` in the implied form without shared peers: what the
+   * agent must end up with. From a mapper of its own, so that the stream
+   * under test is not replaced.
+   */
   const expected = (name: string) => {
     const r = new Recorder(ids[name]!, true, false);
-    mapper.attach(r);
+    reference.attach(r);
     return r;
   };
+  const view = (m: NetMap | null) => ({
+    peers: [...(m?.peers ?? [])].sort((x, y) => x.id.localeCompare(y.id)),
+    packetFilter: m?.packetFilter,
+  });
   const shared = (name: string) => {
     const r = new Recorder(ids[name]!, true, true);
     mapper.attach(r);
@@ -111,7 +152,7 @@ describe('shared peers from the mapper', () => {
   before(async () => {
     store = await openStore({ url: ':memory:' });
     state = await State.load(store.db, { ephemeralTimeoutMs: 60_000 });
-    mapper = new Mapper(state, {
+    const options = {
       coalesceMs: 5,
       presenceMs: 5,
       sliceMs: 60_000,
@@ -120,7 +161,9 @@ describe('shared peers from the mapper', () => {
       keepaliveSeconds: 25,
       relay: false,
       domainSuffix: 'mesh',
-    });
+    };
+    mapper = new Mapper(state, options);
+    reference = new Mapper(state, options);
     await state.createProject('test', 'p');
     await register('x', ['tag:x']);
     for (let i = 0; i < 150; i++) await register(`a${i}`, ['tag:a']);
@@ -129,6 +172,7 @@ describe('shared peers from the mapper', () => {
   });
   after(async () => {
     mapper.close();
+    reference.close();
     await store.close();
   });
 
@@ -185,24 +229,55 @@ describe('shared peers from the mapper', () => {
     assert.equal(shared('x').map!.peers.length, 150, 'x sees the tag:a nodes, not itself');
   });
 
-  it('after a policy change that shows many peers, come as a full netmap when it is smaller than the delta', async () => {
+  it('after a policy change, come as one compressed part for every node that moves between the same groups', async () => {
     await policy([{ src: ['tag:x'], dst: ['tag:x:*'] }]);
     mapper.flush();
     const a = shared('a0');
-    const b = new Recorder(ids.a1!, true, false);
-    mapper.attach(b);
+    const a9 = shared('a9');
+    const old = new Recorder(ids.a1!, true, false);
+    mapper.attach(old);
     assert.equal(a.map!.peers.length, 0);
-    await policy([]);
+    await policy([{ src: ['tag:a'], dst: ['tag:b:*'] }]);
     mapper.flush();
     const last = a.sent.at(-1)!;
     assert.equal(last.seq, 2n);
-    assert.ok(last.full, 'a full netmap');
-    assert.ok(last.full.sharedPeers.length > 0);
-    assert.equal(a.map!.peers.length, 300);
+    assert.equal(last.full, undefined, 'a delta');
+    assert.deepEqual(last.peersChanged, []);
+    assert.equal(last.shared.length, 1);
+    assert.ok(
+      Buffer.from(a9.sent.at(-1)!.shared[0]!).equals(last.shared[0]!),
+      'the same bytes for a0 and a9',
+    );
+    assert.equal(a.map!.peers.length, 150);
+    // Deltas carry no DNS records; peers and packet filter are what a fresh stream gets.
+    assert.deepEqual(view(a.map), view(expected('a0').map));
+    assert.deepEqual(view(a9.map), view(expected('a9').map));
+    assert.equal(old.sent.at(-1)!.peersChanged.length, 150, 'a stream without the feature gets the peers');
+    assert.ok(a.bytes.at(-1)! < old.bytes.at(-1)! / 2, `${a.bytes.at(-1)} against ${old.bytes.at(-1)}`);
+
+    // And back: the part hides them again.
+    await policy([{ src: ['tag:x'], dst: ['tag:x:*'] }]);
+    mapper.flush();
+    assert.equal(a.sent.at(-1)!.shared.length, 1);
+    assert.deepEqual(a.map!.peers, []);
+    assert.deepEqual(old.map!.peers, []);
+  });
+
+  it('after a presence batch, come as one compressed part holding the patches of the group', async () => {
+    await policy([]);
+    mapper.flush();
+    const a = shared('a0');
+    const old = new Recorder(ids.a1!, true, false);
+    mapper.attach(old);
+    for (let i = 20; i < 40; i++) state.setOnline(ids[`b${i}`]!, true);
+    mapper.flush();
+    const last = a.sent.at(-1)!;
+    assert.deepEqual(last.peerPatches, []);
+    assert.equal(last.shared.length, 1);
+    assert.equal(old.sent.at(-1)!.peerPatches.length, 20);
     assert.deepEqual(a.map, expected('a0').map);
-    assert.equal(b.sent.at(-1)!.full, undefined, 'a stream without the feature gets the delta');
-    assert.equal(b.sent.at(-1)!.peersChanged.length, 300);
-    assert.ok(a.bytes.at(-1)! < b.bytes.at(-1)!, `${a.bytes.at(-1)} against ${b.bytes.at(-1)}`);
+    assert.equal(a.map!.peers.find((p) => p.id === ids.b33)?.online, true);
+    assert.ok(a.bytes.at(-1)! < old.bytes.at(-1)!, `${a.bytes.at(-1)} against ${old.bytes.at(-1)}`);
   });
 
   it('are not used where a node sees its own kind (autogroup:self), and the netmap is the same', async () => {
@@ -223,5 +298,17 @@ describe('shared peers from the mapper', () => {
       assert.equal(got.sent[0]!.full!.sharedPeers.length, 0);
       assert.deepEqual(got.map, expected(name).map);
     }
+
+    // Without a group before, the peers a change of policy shows go one by
+    // one; when they outweigh the full netmap, it goes instead.
+    const b = shared('b0');
+    assert.equal(b.map!.peers.length, 150);
+    await policy([]);
+    mapper.flush();
+    const last = b.sent.at(-1)!;
+    assert.ok(last.full, 'a full netmap');
+    assert.ok(last.full.sharedPeers.length > 0);
+    assert.equal(b.map!.peers.length, 302);
+    assert.deepEqual(b.map, expected('b0').map);
   });
 });
