@@ -5,9 +5,11 @@ import { create, fromBinary } from '@bufbuild/protobuf';
 import { type SyncResponse, SyncResponseSchema } from './gen/meshgate/v1/control_pb.js';
 import {
   DnsRecordSchema,
+  FilterRuleSchema,
   type NetMap,
   NetMapSchema,
   type Peer,
+  type PacketFilter,
   type PeerPatch,
 } from './gen/meshgate/v1/types_pb.js';
 
@@ -128,6 +130,20 @@ export function withSharedDelta(msg: SyncResponse, selfId: string | undefined): 
   };
 }
 
+/** The filter with the compressed sources of its rules among their own; unchanged without any. */
+export function withSharedSources(filter: PacketFilter | undefined): PacketFilter | undefined {
+  if (!filter?.rules.some((r) => r.sharedSrcCidrs.length)) return filter;
+  const what = "the packet filter's shared sources";
+  return {
+    ...filter,
+    rules: filter.rules.map((r) => {
+      if (!r.sharedSrcCidrs.length) return r;
+      const shared = decode(() => fromBinary(FilterRuleSchema, inflate(r.sharedSrcCidrs, what)), what);
+      return { ...r, srcCidrs: [...shared.srcCidrs, ...r.srcCidrs], sharedSrcCidrs: new Uint8Array(0) };
+    }),
+  };
+}
+
 export class SequenceError extends Error {
   override name = 'SequenceError';
 }
@@ -165,7 +181,11 @@ export function applySync(current: NetMap | null, lastSeq: bigint, received: Syn
   if (msg.seq !== lastSeq + 1n && !(msg.full && msg.seq === 1n)) {
     throw new SequenceError(`sync message ${msg.seq} after ${lastSeq}`);
   }
-  if (msg.full) return withImpliedFields(withSharedPeers(msg.full));
+  if (msg.full) {
+    const full = withSharedPeers(msg.full);
+    const packetFilter = withSharedSources(full.packetFilter);
+    return withImpliedFields(packetFilter === full.packetFilter ? full : { ...full, packetFilter });
+  }
   if (msg.keepalive) return current;
   if (!current) throw new SequenceError('delta before the first full netmap');
   msg = withSharedDelta(msg, current.self?.id);
@@ -189,7 +209,7 @@ export function applySync(current: NetMap | null, lastSeq: bigint, received: Syn
     }
     next.peers = [...byId.values()];
   }
-  if (msg.packetFilter) next.packetFilter = msg.packetFilter;
+  if (msg.packetFilter) next.packetFilter = withSharedSources(msg.packetFilter);
   if (msg.desiredVersion !== undefined) {
     next.desiredVersion = msg.desiredVersion;
     next.desiredRelease = msg.desiredRelease;

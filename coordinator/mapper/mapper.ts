@@ -19,8 +19,8 @@ import {
   nodeMessage,
   sharedPeersPiece,
 } from './netmap.js';
-import { compressed, SharedPeerBlocks } from './shared-peers.js';
-import { assemble, KEEPALIVE, type Piece, seqField, sizeOf } from './wire.js';
+import { SharedPeerBlocks } from './shared-peers.js';
+import { assemble, compressed, KEEPALIVE, type Piece, seqField, sizeOf } from './wire.js';
 
 const SYNC = SyncResponseSchema.field;
 
@@ -256,7 +256,7 @@ export class Mapper {
       const newer = this.encodeAll([...block.stale].filter((id) => id !== node.id));
       return {
         field: SYNC.full.number,
-        message: netMapPieces(this.state, node, this.opts, rules, newer, true, block.bytes),
+        message: netMapPieces(this.state, node, this.opts, rules, newer, true, block.bytes, true),
       };
     }
     return {
@@ -268,6 +268,8 @@ export class Mapper {
         rules,
         this.encodeAll(compiled.visiblePeers(node.id)),
         entry.implied,
+        undefined,
+        entry.shared,
       ),
     };
   }
@@ -576,7 +578,8 @@ export class Mapper {
       }
       if (d.empty()) continue;
       const pieces: Piece[] = [];
-      if (d.filter) pieces.push({ field: SYNC.packetFilter.number, message: filterPieces(d.filter) });
+      if (d.filter)
+        pieces.push({ field: SYNC.packetFilter.number, message: filterPieces(d.filter, entry.shared) });
       if (d.version || d.self) {
         const head = create(SyncResponseSchema, {
           desiredVersion: d.version ? (entry.desired?.version ?? '') : undefined,

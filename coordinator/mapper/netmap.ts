@@ -20,7 +20,7 @@ import {
 import type { FilterRuleSpec } from '../policy/index.js';
 import type { NodeRecord } from '../state/records.js';
 import type { DesiredVersionRecord, State } from '../state/state.js';
-import type { Piece } from './wire.js';
+import { assemble, deflate, type Piece } from './wire.js';
 
 export interface NetMapOptions {
   keepaliveSeconds: number;
@@ -105,9 +105,16 @@ export function dnsRecord(n: NodeRecord, domain: string): DnsRecord {
  * the addresses of thousands of nodes; encoding or comparing them again for
  * every node was the bulk of a policy change in a large project.
  */
-const sources = new WeakMap<readonly string[], { bytes: Uint8Array; digest: string }>();
+interface Sources {
+  bytes: Uint8Array;
+  digest: string;
+  /** The same as the field shared_src_cidrs, once asked for. */
+  shared?: Uint8Array;
+}
 
-function sourcesOf(cidrs: readonly string[]): { bytes: Uint8Array; digest: string } {
+const sources = new WeakMap<readonly string[], Sources>();
+
+function sourcesOf(cidrs: readonly string[]): Sources {
   let s = sources.get(cidrs);
   if (!s) {
     const bytes = toBinary(FilterRuleSchema, create(FilterRuleSchema, { srcCidrs: [...cidrs] }));
@@ -117,15 +124,33 @@ function sourcesOf(cidrs: readonly string[]): { bytes: Uint8Array; digest: strin
   return s;
 }
 
+/**
+ * Below this many encoded bytes, a rule's sources go as they are: a few
+ * addresses do not compress, and every node's filter has a rule for any
+ * address (the two prefixes of everything).
+ */
+const SHARED_SOURCES_MIN_BYTES = 512;
+
+/** The rule's sources as fields of a FilterRule; compressed once, for streams that take shared peers. */
+function sourcesField(cidrs: readonly string[], shared: boolean): Uint8Array {
+  const s = sourcesOf(cidrs);
+  if (!shared || s.bytes.length < SHARED_SOURCES_MIN_BYTES) return s.bytes;
+  s.shared ??= assemble([{ field: FilterRuleSchema.field.sharedSrcCidrs.number, elements: [deflate(s.bytes)] }]);
+  return s.shared;
+}
+
 const PROTOCOLS = { tcp: Protocol.TCP, udp: Protocol.UDP, icmp: Protocol.ICMP } as const;
 const RULES = PacketFilterSchema.field.rules.number;
 
-/** A PacketFilter's fields, as pieces of the message that carries it. */
-export function filterPieces(rules: FilterRuleSpec[]): Piece[] {
+/**
+ * A PacketFilter's fields, as pieces of the message that carries it.
+ * `shared`: for a stream that takes shared peers, long source lists compressed.
+ */
+export function filterPieces(rules: FilterRuleSpec[], shared = false): Piece[] {
   return rules.map((r) => ({
     field: RULES,
     message: [
-      sourcesOf(r.srcCidrs).bytes,
+      sourcesField(r.srcCidrs, shared),
       toBinary(
         FilterRuleSchema,
         create(FilterRuleSchema, {
@@ -192,6 +217,7 @@ export function netMapPieces(
   peers: EncodedPeer[],
   implied: boolean,
   shared?: Uint8Array,
+  sharedSources = false,
 ): Piece[] {
   const domain = domainOf(self.project, opts);
   const head = create(NetMapSchema, {
@@ -205,7 +231,7 @@ export function netMapPieces(
   });
   return [
     toBinary(NetMapSchema, head),
-    { field: NETMAP.packetFilter.number, message: filterPieces(rules) },
+    { field: NETMAP.packetFilter.number, message: filterPieces(rules, sharedSources) },
     { field: NETMAP.peers.number, elements: peers.map((p) => p.peer(implied)) },
     ...(implied ? [] : [{ field: NETMAP.dns.number, elements: peers.map((p) => p.dns()) }]),
     ...(shared ? [{ field: NETMAP.sharedPeers.number, elements: [shared] }] : []),

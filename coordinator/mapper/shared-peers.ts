@@ -10,9 +10,8 @@
 // again for each change would be the per-recipient cost once more. A block
 // therefore stays while the peers that changed since it was compressed are few:
 // those go along uncompressed and replace their stale copies.
-import { constants, deflateRawSync } from 'node:zlib';
 import type { CompiledPolicy, PeerGroup } from '../policy/index.js';
-import { assemble, type Piece } from './wire.js';
+import { deflate } from './wire.js';
 
 /**
  * The peers that changed since compression may add this share of the
@@ -39,15 +38,6 @@ interface ProjectBlocks {
   /** The policy the groups come from: the blocks hold its member sets. */
   compiled: CompiledPolicy;
   groups: Map<string, Block>;
-}
-
-/** A message made of `pieces`, compressed as shared parts are (raw DEFLATE). */
-export function compressed(pieces: readonly Piece[]): Uint8Array {
-  return deflate(assemble(pieces));
-}
-
-function deflate(raw: Uint8Array): Uint8Array {
-  return deflateRawSync(raw, { level: constants.Z_DEFAULT_COMPRESSION });
 }
 
 export class SharedPeerBlocks {

@@ -8,6 +8,7 @@
 // elements. Each message is written into one buffer of its exact size: a full
 // netmap of 10,000 peers is 2.7 MB, and growing a buffer for it and copying
 // it between stages cost more than encoding it.
+import { constants, deflateRawSync } from 'node:zlib';
 import { create, toBinary } from '@bufbuild/protobuf';
 import { BinaryWriter, WireType } from '@bufbuild/protobuf/wire';
 import { SyncResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
@@ -95,3 +96,13 @@ export function seqField(seq: bigint): Uint8Array {
 }
 
 export const KEEPALIVE = toBinary(SyncResponseSchema, create(SyncResponseSchema, { keepalive: true }));
+
+/** Bytes as the shared parts of messages are compressed (raw DEFLATE). */
+export function deflate(raw: Uint8Array): Uint8Array {
+  return deflateRawSync(raw, { level: constants.Z_DEFAULT_COMPRESSION });
+}
+
+/** A message made of `pieces`, compressed. */
+export function compressed(pieces: readonly Piece[]): Uint8Array {
+  return deflate(assemble(pieces));
+}

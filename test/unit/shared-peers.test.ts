@@ -9,7 +9,14 @@ import { Mapper, type Session } from '../../coordinator/mapper/mapper.js';
 import { State } from '../../coordinator/state/state.js';
 import { openStore, type Store } from '../../coordinator/store/db.js';
 import { type SyncResponse, SyncResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
-import { type NetMap, NetMapSchema, NodeSchema, PeerSchema } from '../../proto/gen/meshgate/v1/types_pb.js';
+import {
+  FilterRuleSchema,
+  type NetMap,
+  NetMapSchema,
+  NodeSchema,
+  PacketFilterSchema,
+  PeerSchema,
+} from '../../proto/gen/meshgate/v1/types_pb.js';
 import { applySync, MAX_SHARED_PEERS_BYTES, NetmapError, withSharedPeers } from '../../proto/netmap.js';
 import { registerTestNode } from '../fixtures/nodes.js';
 
@@ -101,6 +108,18 @@ describe('shared peers, as the agent applies them', () => {
       },
     );
     assert.throws(() => applySync(null, 0n, full(Buffer.from('not deflate at all'))), NetmapError);
+    const filter = create(PacketFilterSchema, {
+      rules: [create(FilterRuleSchema, { sharedSrcCidrs: Buffer.from('junk') })],
+    });
+    assert.throws(
+      () =>
+        applySync(
+          null,
+          0n,
+          create(SyncResponseSchema, { seq: 1n, full: create(NetMapSchema, { packetFilter: filter }) }),
+        ),
+      /the packet filter's shared sources do not inflate/,
+    );
     assert.throws(
       () => applySync(null, 0n, full(deflateRawSync(Buffer.from([0x12, 0x40, 1])))),
       /shared peers do not decode/,
@@ -236,9 +255,18 @@ describe('shared peers from the mapper', () => {
     const a9 = shared('a9');
     const old = new Recorder(ids.a1!, true, false);
     mapper.attach(old);
+    const b = shared('b0');
+    const oldB = new Recorder(ids.b1!, true, false);
+    mapper.attach(oldB);
     assert.equal(a.map!.peers.length, 0);
     await policy([{ src: ['tag:a'], dst: ['tag:b:*'] }]);
     mapper.flush();
+    // b0's filter lets in the 150 tag:a nodes: their addresses go compressed.
+    const rule = b.sent.at(-1)!.packetFilter!.rules.find((r) => r.sharedSrcCidrs.length)!;
+    assert.deepEqual(rule.srcCidrs, []);
+    assert.deepEqual(view(b.map), view(expected('b0').map));
+    assert.equal(b.map!.packetFilter!.rules[0]!.srcCidrs.length, 300, 'both addresses of each');
+    assert.ok(b.bytes.at(-1)! < oldB.bytes.at(-1)! / 2, `${b.bytes.at(-1)} against ${oldB.bytes.at(-1)}`);
     const last = a.sent.at(-1)!;
     assert.equal(last.seq, 2n);
     assert.equal(last.full, undefined, 'a delta');
