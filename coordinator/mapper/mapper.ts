@@ -62,18 +62,22 @@ interface Pending {
   versions: boolean;
   /** When the first change other than presence arrived; null while there is none. */
   urgentAt: number | null;
+  /** When the batch began (Date.now() time). */
+  since: number;
 }
 
 export interface MapperOptions extends NetMapOptions {
   /** How long changes are collected before they are sent. */
   coalesceMs: number;
   /**
-   * How long a batch waits that only says nodes went online or offline.
-   * Agents use presence for display only, and when many agents connect at
-   * once, each of them would otherwise cost a message to every connected agent
-   * per coalescing window.
+   * How long a batch waits that only says nodes went online or offline, per
+   * 1,000 streams of its project (at least once). Agents use presence for
+   * display only, and when many agents connect at once, each of them would
+   * otherwise cost a message to every connected agent per coalescing window.
    */
   presenceMs: number;
+  /** Streams of a project per presence window; 1,000 unless set. */
+  presenceSessions?: number;
   /**
    * A batch for a large project (a policy change at 10,000 nodes is tens of
    * seconds of work) is sent in slices of about this long, with the event
@@ -99,6 +103,8 @@ export interface MapperOptions extends NetMapOptions {
  * than a full netmap only if R · (id bytes) > (V − C) · MIN_PEER_BYTES.
  */
 const MIN_PEER_BYTES = 46;
+/** Sessions of a project per presence window that its presence-only batches wait. */
+const PRESENCE_SESSIONS = 1000;
 /** Below this many removed peers a full netmap is never considered. */
 const FULL_CHECK_MIN_REMOVED = 64;
 /**
@@ -339,6 +345,7 @@ export class Mapper {
         policy: false,
         versions: false,
         urgentAt: null,
+        since: Date.now(),
       };
       this.pending.set(project, p);
     }
@@ -365,11 +372,34 @@ export class Mapper {
     }
     const presence = e.type === 'node-patched' && !e.endpointsChanged;
     if (!presence) p.urgentAt ??= Date.now();
-    // Under load a flush of a large project takes longer than the window;
-    // waiting as long as the last flush took keeps fan-out to at most about
-    // half of the coordinator's time, so registrations and streams still get
-    // served, and batches grow instead of messages multiplying.
-    this.schedule(Math.max(presence ? this.opts.presenceMs : this.opts.coalesceMs, this.backoffMs()));
+    this.scheduleDue();
+  }
+
+  /**
+   * When the project's batch is due. One that only says nodes went online
+   * or offline waits the presence window, longer in large projects: each of
+   * its flushes is a message to every agent of the project, and while
+   * thousands of agents connect, presence changes without pause.
+   */
+  private dueAt(project: string, p: Pending): number {
+    if (p.urgentAt !== null) return p.urgentAt + this.opts.coalesceMs;
+    const sessions = this.byProject.get(project)?.size ?? 0;
+    const per = this.opts.presenceSessions ?? PRESENCE_SESSIONS;
+    return p.since + this.opts.presenceMs * Math.max(1, sessions / per);
+  }
+
+  /**
+   * Flushes when the first batch is due. Under load a flush of a large
+   * project takes longer than the window; waiting as long as the last flush
+   * took keeps fan-out to at most about half of the coordinator's time, so
+   * registrations and streams still get served, and batches grow instead of
+   * messages multiplying.
+   */
+  private scheduleDue(): void {
+    let first = Number.POSITIVE_INFINITY;
+    for (const [project, p] of this.pending) first = Math.min(first, this.dueAt(project, p));
+    if (first === Number.POSITIVE_INFINITY) return;
+    this.schedule(Math.max(first - Date.now(), this.backoffMs()));
   }
 
   /**
@@ -389,23 +419,26 @@ export class Mapper {
       clearTimeout(this.timer);
     }
     this.due = at;
-    this.timer = setTimeout(() => this.flush(), delayMs);
+    this.timer = setTimeout(() => this.flush(true), delayMs);
   }
 
   /**
    * Delivers everything pending: at once when it fits in one slice, which is
    * always so in tests, otherwise over several turns of the event loop. One
    * flush runs at a time, so every stream gets its batches in order; what
-   * arrives meanwhile waits for the next one.
+   * arrives meanwhile waits for the next one. `dueOnly`: only the batches
+   * whose time has come; the others wait for theirs.
    */
-  flush(): void {
+  flush(dueOnly = false): void {
     if (this.timer) {
       clearTimeout(this.timer);
       this.timer = null;
     }
     this.due = Number.POSITIVE_INFINITY;
     if (this.flushing) return;
-    this.flushing = [...this.pending.keys()].map((project) => this.flushProject(project));
+    const now = Date.now();
+    const projects = [...this.pending].filter(([project, p]) => !dueOnly || this.dueAt(project, p) <= now);
+    this.flushing = projects.map(([project]) => this.flushProject(project));
     this.lastFlushMs = 0;
     this.continueFlush();
   }
@@ -425,7 +458,7 @@ export class Mapper {
     }
     this.flushing = null;
     this.lastFlushEnd = performance.now();
-    if (this.pending.size) this.schedule(Math.max(this.opts.coalesceMs, this.backoffMs()));
+    this.scheduleDue();
   }
 
   private *flushProject(project: string): Generator<void> {

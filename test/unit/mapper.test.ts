@@ -160,8 +160,8 @@ describe('mapper fan-out', () => {
 
   it('holds presence-only batches for the presence window, and sends them with the next other change', async () => {
     const m = newMapper({ presenceMs: 10_000 });
-    // The mapper's own timers decide when a batch goes out: move them by hand.
-    mock.timers.enable({ apis: ['setTimeout'] });
+    // The mapper's own timers and clock decide when a batch goes out: move them by hand.
+    mock.timers.enable({ apis: ['setTimeout', 'Date'], now: Date.now() });
     try {
       const ops = new FakeSession(ids.ops!);
       m.attach(ops);
@@ -181,6 +181,37 @@ describe('mapper fan-out', () => {
     } finally {
       mock.timers.reset();
       m.close();
+    }
+  });
+
+  it('holds presence-only batches longer in a project with many streams, and other changes not', async () => {
+    // One presence window per stream here, where it is per 1,000 by default.
+    const m = newMapper({ presenceMs: 1_000, presenceSessions: 1 });
+    const other = await register('presence-other', ['tag:machine']);
+    m.flush();
+    mock.timers.enable({ apis: ['setTimeout', 'Date'], now: Date.now() });
+    try {
+      const ops = new FakeSession(ids.ops!);
+      m.attach(ops);
+      m.attach(new FakeSession(other.id));
+      assert.equal(m.sessionCount, 2);
+      state.setOnline(ids.fw2!, false);
+      state.setOnline(ids.fw2!, true);
+      mock.timers.tick(1_999);
+      assert.equal(ops.sent.length, 1, 'two streams: presence waits two windows');
+      mock.timers.tick(1);
+      assert.equal(ops.sent.length, 2);
+      assert.deepEqual(
+        ops.sent[1]!.peerPatches.map((p) => p.online),
+        [true],
+      );
+      await state.updateEndpoints(ids.fw2!, ['198.51.100.12:41641']);
+      mock.timers.tick(5);
+      assert.equal(ops.sent.length, 3, 'an endpoint change waits the coalescing window alone');
+    } finally {
+      mock.timers.reset();
+      m.close();
+      await state.deleteNode('test', other.id);
     }
   });
 
