@@ -154,7 +154,11 @@ export class Watch {
             reject(
               new Error(
                 `no agent got ${what} for ${stallMs} ms: ${this.pending.size} of ` +
-                  `${this.pending.size + this.reachedAt.size} agents lack it`,
+                  `${this.pending.size + this.reachedAt.size} agents lack it, such as ` +
+                  [...this.pending]
+                    .slice(0, 3)
+                    .map((a) => a.describe())
+                    .join('; '),
               ),
             );
         },
@@ -513,6 +517,15 @@ export class BenchAgent {
   private addPeer(p: PeerView): void {
     const i = this.fleet.peerIndex(p);
     if (this.peers.add(i) && this.tag && this.fleet.tagOf(i) === this.tag) this.sameTag++;
+  }
+
+  /** What a person debugging a stalled wait needs to know of the agent, on one line. */
+  describe(): string {
+    return (
+      `${this.id} (${this.tag || 'no tag'}): ${this.peers.size} peers, ${this.sameTag} of its own tag, ` +
+      `seq ${this.seq}, ${this.fulls} full netmaps, ${this.filters} packet filters, ` +
+      `${this.messages} messages, stream ${this.stream ? 'open' : 'closed'}, ${this.reconnects} reconnects`
+    );
   }
 
   /** Ends the stream for good. */

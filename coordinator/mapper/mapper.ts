@@ -52,6 +52,14 @@ interface Attached {
   unsent: number;
   implied: boolean;
   shared: boolean;
+  /**
+   * The compiled policy the stream's view follows. A full netmap is built from
+   * the policy of the moment, which can be newer than the one the project's
+   * last flush started from (a stream that opens during a flush, or while a
+   * change waits for its window): the next flush brings such a stream from
+   * its own policy to the new one.
+   */
+  base: CompiledPolicy;
 }
 
 interface Pending {
@@ -147,6 +155,8 @@ export class Mapper {
   private readonly delivered = new Map<string, CompiledPolicy>();
   private readonly encoded = new Map<string, EncodedPeer>();
   private readonly shared = new SharedPeerBlocks();
+  private readonly compiledIds = new WeakMap<CompiledPolicy, number>();
+  private lastCompiledId = 0;
   /** Streams waiting for their full netmap, oldest first. */
   private readonly waiting = new Map<string, Session>();
   /** Bytes of full netmaps handed to streams and not yet taken by the transport. */
@@ -177,6 +187,11 @@ export class Mapper {
 
   get sessionCount(): number {
     return this.sessions.size + this.waiting.size;
+  }
+
+  /** Whether everything has been handed to the streams: no batch waits, no flush is under way. */
+  get idle(): boolean {
+    return !this.flushing && !this.pending.size && !this.waiting.size;
   }
 
   /**
@@ -233,6 +248,7 @@ export class Mapper {
       unsent: 0,
       implied: session.impliedPeerFields === true,
       shared: session.impliedPeerFields === true && session.sharedPeers === true,
+      base: compiled,
     };
     this.sessions.set(node.id, entry);
     let set = this.byProject.get(node.project);
@@ -470,6 +486,18 @@ export class Mapper {
     this.pending.delete(project);
     const members = this.byProject.get(project);
     if (!members?.size) return;
+    // The streams this flush is for: one that opens while a sliced flush runs
+    // has a full netmap newer than the flush and waits for the next one.
+    const entries = new Map<string, Attached>();
+    // Streams whose view follows another policy than the last flush's.
+    const rebased = new Set<string>();
+    for (const id of members) {
+      const entry = this.sessions.get(id);
+      if (!entry) continue;
+      entries.set(id, entry);
+      if (entry.base === oldC) entry.base = newC;
+      else rebased.add(id);
+    }
 
     const deltas = new Map<string, Delta>();
     const delta = (id: string): Delta | undefined => {
@@ -578,17 +606,21 @@ export class Mapper {
     let sent = 0;
     // After a policy change every member's view is compared, one session per
     // step: that is the part that grows with the square of the project.
-    for (const id of p.policy || grouped.size ? [...members] : [...deltas.keys()]) {
+    const recipients = p.policy || grouped.size ? [...members] : [...new Set([...deltas.keys(), ...rebased])];
+    for (const id of recipients) {
       yield;
       const entry = this.sessions.get(id);
       const node = this.state.getNode(id);
-      if (!entry || !node) continue;
+      if (!entry || entry !== entries.get(id) || !node) continue;
       const d = delta(id);
       if (!d) continue;
       let visible: number | undefined;
-      if (p.policy) {
-        const part = entry.shared ? this.policyPart(id, oldC, newC, policyParts) : undefined;
-        if (part === undefined) visible = this.diffVisibility(id, oldC, newC, delta, peerOf);
+      const moved = rebased.has(id);
+      if (p.policy || moved) {
+        const from = moved ? entry.base : oldC;
+        entry.base = newC;
+        const part = entry.shared ? this.policyPart(id, from, newC, policyParts) : undefined;
+        if (part === undefined) visible = this.diffVisibility(id, from, newC, delta, peerOf);
         else if (part) d.shared.push(part);
       }
       const group = grouped.get(id);
@@ -601,7 +633,7 @@ export class Mapper {
         // A batch of the node's own patch alone says nothing to it.
         if (part.bytes && !(part.count === 1 && part.first === id)) d.shared.push(part.bytes);
       }
-      if (p.policy || filterCheck.has(id)) {
+      if (p.policy || moved || filterCheck.has(id)) {
         const rules = newC.filterFor(id);
         const key = filterKey(rules);
         if (key !== entry.filterKey) {
@@ -691,7 +723,7 @@ export class Mapper {
     const before = oldC.peerGroup(id);
     const after = newC.peerGroup(id);
     if (!before || !after) return undefined;
-    const key = `${before.key}\n${after.key}`;
+    const key = `${this.compiledId(oldC)}:${before.key}\n${this.compiledId(newC)}:${after.key}`;
     let part = parts.get(key);
     if (part === undefined) {
       const was = new Set(before.members());
@@ -709,6 +741,16 @@ export class Mapper {
       parts.set(key, part);
     }
     return part;
+  }
+
+  /** A number per compiled policy, for keys that must not mix groups of different policies. */
+  private compiledId(c: CompiledPolicy): number {
+    let id = this.compiledIds.get(c);
+    if (id === undefined) {
+      id = ++this.lastCompiledId;
+      this.compiledIds.set(c, id);
+    }
+    return id;
   }
 
   /** Adds to the node's delta what the change of policy shows or hides; returns its number of peers now. */
