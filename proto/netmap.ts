@@ -28,15 +28,17 @@ export const NETMAP_FEATURES_HEADER = 'meshgate-netmap-features';
  */
 export const IMPLIED_PEER_FIELDS = 'implied-peer-fields';
 /**
- * A full netmap may carry its peers as `shared_peers`: the compressed peers of
- * the node's group, the same bytes for every node of the group. Announced
- * together with IMPLIED_PEER_FIELDS, whose form the shared peers are in.
+ * What many agents receive alike may come compressed, the same bytes for
+ * each: a full netmap's peers as `shared_peers` (those of the node's group),
+ * parts of a delta as `shared`, and a filter rule's long source list as
+ * `shared_src_cidrs`. Announced together with IMPLIED_PEER_FIELDS, whose
+ * form the shared peers are in.
  */
 export const SHARED_PEERS = 'shared-peers';
 /**
- * The most `shared_peers` may inflate to: 100,000 peers of 200 bytes, ten
- * times the largest project measured. A block that would inflate further is
- * refused rather than allowed to exhaust the agent's memory.
+ * The most one compressed part may inflate to: 100,000 peers of 200 bytes,
+ * ten times the largest project measured. A part that would inflate further
+ * is refused rather than allowed to exhaust the agent's memory.
  */
 export const MAX_SHARED_PEERS_BYTES = 20 * 1024 * 1024;
 
