@@ -8,8 +8,8 @@ import {
   FilterRuleSchema,
   type NetMap,
   NetMapSchema,
-  type Peer,
   type PacketFilter,
+  type Peer,
   type PeerPatch,
 } from './gen/meshgate/v1/types_pb.js';
 

@@ -135,7 +135,9 @@ const SHARED_SOURCES_MIN_BYTES = 512;
 function sourcesField(cidrs: readonly string[], shared: boolean): Uint8Array {
   const s = sourcesOf(cidrs);
   if (!shared || s.bytes.length < SHARED_SOURCES_MIN_BYTES) return s.bytes;
-  s.shared ??= assemble([{ field: FilterRuleSchema.field.sharedSrcCidrs.number, elements: [deflate(s.bytes)] }]);
+  s.shared ??= assemble([
+    { field: FilterRuleSchema.field.sharedSrcCidrs.number, elements: [deflate(s.bytes)] },
+  ]);
   return s.shared;
 }
 
