@@ -537,6 +537,14 @@ describe('registration on a database shared with other coordinators', () => {
     );
     assert.equal(caughtUp, 0);
 
+    mock.restoreAll();
+    const lost = Object.assign(new Error('terminating connection due to administrator command'), {
+      code: '57P01',
+    });
+    failWrites(1, lost);
+    await assert.rejects(registration(catchUp).register(machine(await authKey(), 'a')), (e) => e === lost);
+    assert.equal(caughtUp, 0, 'a store that fails is not a collision');
+
     const err = collision('nodes_ipv4_key');
     mock.restoreAll();
     failWrites(1, err);
