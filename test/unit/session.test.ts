@@ -208,8 +208,9 @@ describe('control session against a coordinator', () => {
     await a.session.start();
     assert.equal(a.session.state, 'offline');
     assert.notEqual(a.session.lastError, '');
-    // Without a stream there is nobody to tell.
+    // Without a stream there is nobody to tell; an update report is lost, a failure told again later.
     a.session.sendEndpoints(['192.0.2.1:41641']);
+    a.session.sendUpdate('1.0.0', 'updating', '');
     // retryNow is for a new auth key while revoked; an outage keeps its backoff.
     let reads = 0;
     a.info.endpoints = () => {
