@@ -10,6 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import { after, before, describe, it } from 'node:test';
+import { create } from '@bufbuild/protobuf';
 import pino from 'pino';
 import { ControlClient } from '../../agent/control/client.js';
 import { StateDir } from '../../agent/control/identity.js';
@@ -18,7 +19,9 @@ import { Agent, type AgentOptions } from '../../agent/daemon.js';
 import { agentDown, agentLogout, agentStatus, agentUp } from '../../agent/localapi/client.js';
 import type { AgentStatus } from '../../agent/localapi/types.js';
 import { describeError } from '../../cli/errors.js';
+import { SyncRequestSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
 import { encodeWgKey, generateNodeKey } from '../../proto/keys.js';
+import { VERSION } from '../../release/version.js';
 import { authKey, SimAgent, startTestCoordinator, type TestCoordinator } from '../integration/harness.js';
 import { type FakeNetTools, installFakeNetTools } from './fake-net-tools.js';
 
@@ -196,8 +199,21 @@ describe('agent daemon', () => {
     assert.match(set, / endpoint 192\.0\.2\.10:41641 /);
     assert.ok(said(web, 'mesh is up: public SSH locked down'));
     assert.ok(said(web, 'registered'));
+    const states = web.logs.filter((l) => l.state).map((l) => [l.level, l.state, l.msg]);
+    assert.deepEqual(states, [
+      [30, 'not-joined', 'never joined: registering with the auth key'],
+      [30, 'connecting', 'joined: connecting to the coordinator'],
+      [30, 'connected', 'joined and connected'],
+    ]);
+    assert.equal(s.dns.domain, 'dc.mesh');
+    assert.deepEqual([self!.version, self!.lockdownPorts], [VERSION, [22]]);
     // The identity is kept for the next start.
-    assert.equal(new StateDir(web.opts.stateDir).load().node?.id, self!.id);
+    assert.deepEqual(new StateDir(web.opts.stateDir).load().node, {
+      id: self!.id,
+      name: 'web-1',
+      project: 'dc',
+      ipAddresses: self!.ipAddresses,
+    });
     await until('the netmap cached', () => existsSync(cacheOf(web)));
     const m = await metrics(web.opts.socket);
     assert.match(m, /^meshgate_agent_node_state\{state="connected"\} 1$/m);
@@ -237,6 +253,22 @@ describe('agent daemon', () => {
     assert.match(table, /meta l4proto \{ tcp, udp \} th dport \{ 22, 8000-8080 \} accept/);
     assert.match(table, /meta l4proto \{ udp \} th dport \{ 53 \} accept/);
     assert.doesNotMatch(table, /tcp, udp \} th dport \{ 53 \}/, 'udp only');
+    assert.equal(
+      web.logs.filter((l) => l.msg === 'mesh is up: public SSH locked down').length,
+      1,
+      'said when the lockdown starts, not at every change',
+    );
+    const writes = () => tools.commands().filter((c) => c === 'nft -f -').length;
+    const before = writes();
+    peer.stream!.write(
+      create(SyncRequestSchema, {
+        message: { case: 'endpoints', value: { endpoints: ['192.0.2.11:41641'] } },
+      }),
+    );
+    await until('the new endpoint', () =>
+      tools.commands().some((c) => c.includes(' endpoint 192.0.2.11:41641 ')),
+    );
+    assert.equal(writes(), before, 'a netmap that leaves the firewall as it is does not rewrite it');
 
     await t.admin.call('setNodeRoutes', { id: peer.id, project: 'dc', approvedRoutes: ['10.20.0.0/16'] });
     await until('the route', () =>
@@ -299,8 +331,10 @@ describe('agent daemon', () => {
   it('keeps the firewall and the interface on stop(), and closes its socket', async () => {
     const table = tools.ruleset();
     const from = tools.commands().length;
+    const stopped = web.agent.wait();
     await web.agent.stop();
-    assert.equal(await web.agent.wait(), 'stopped');
+    assert.equal(await stopped, 'stopped');
+    assert.equal(await web.agent.wait(), 'stopped', 'also when asked afterwards');
     assert.equal(tools.ruleset(), table, 'public SSH stays locked down while no agent runs');
     assert.deepEqual(
       since(from).filter((c) => c.startsWith('ip link del') || c.startsWith('nft -f')),
@@ -327,6 +361,13 @@ describe('agent daemon', () => {
     );
     assert.equal(s.self.name, 'web-1', 'who it is, from the cache');
     assert.ok(said(n, 'restoring peers from the cached netmap'));
+    assert.deepEqual(
+      n.logs.filter((l) => l.state).map((l) => [l.level, l.state]),
+      [
+        [30, 'connecting'],
+        [40, 'unreachable'],
+      ],
+    );
     const peerKey = encodeWgKey(peer.nodeKey.publicKey);
     await until('the peer configured', () => since(from).some((c) => c.includes(`peer ${peerKey}`)));
     await until('the firewall', async () => (await n.status()).firewall.kernel === 'as-applied');
@@ -364,11 +405,8 @@ describe('agent daemon', () => {
     const line = describeError(err);
     assert.equal(line.split('\n').length, 1, line);
     assert.ok(line.startsWith(`${file} is damaged (`), line);
-    assert.deepEqual(
-      since(from).filter((c) => !c.startsWith('nft monitor')),
-      [],
-      'nothing was touched',
-    );
+    assert.deepEqual(since(from), [], 'refused before anything started');
+    assert.ok(!existsSync(web.opts.socket), 'no local API either');
   });
 
   it('goes down keeping the lockdown, stays down across a restart, and comes up again', async () => {
@@ -426,8 +464,9 @@ describe('agent daemon', () => {
   it('keeps the interface and the firewall when it stops to restart into another release', async () => {
     const table = tools.ruleset();
     const from = tools.commands().length;
+    const stopped = web.agent.wait();
     await web.agent.restartForUpdate();
-    assert.equal(await web.agent.wait(), 'restart');
+    assert.equal(await stopped, 'restart');
     assert.equal(tools.ruleset(), table);
     assert.ok(!since(from).some((c) => c.startsWith('ip link del') || c.startsWith('nft -f')));
     web = await daemon(web.opts);
@@ -456,9 +495,12 @@ describe('agent daemon', () => {
 
   it('logs out while down with one call of its own', async () => {
     const key = await authKey(t, 'dc');
-    let n = await daemon(options({ authKey: () => key, hostname: 'idle-1' }));
+    let n = await daemon(options({ authKey: () => key, hostname: 'idle-1', lockdownPorts: [] }));
     await until('connected', async () => (await n.status()).state.kind === 'connected');
+    await until('the firewall', async () => (await n.status()).firewall.kernel === 'as-applied');
     await agentDown(n.opts.socket);
+    assert.equal((await n.status()).state.message, 'down: the mesh is stopped until "meshgate up"');
+    assert.equal(tools.ruleset(), null, 'without lockdown ports, down leaves no table');
     n = await n.restart();
     await agentLogout(n.opts.socket);
     assert.equal(
@@ -535,6 +577,10 @@ describe('agent daemon', () => {
     await until('deleted', async () => (await n.status()).state.kind === 'deleted');
     const s = await n.status();
     assert.match(s.state.message, /public SSH stays locked down \(--lockdown-when-revoked keep\)/);
+    assert.ok(
+      n.logs.some((l) => l.level === 40 && l.state === 'deleted'),
+      'a warning',
+    );
     assert.match(tools.ruleset() ?? '', /tcp dport \{ 22 \} drop/);
     assert.equal(s.firewall.kernel, 'as-applied');
     await n.agent.stop();
