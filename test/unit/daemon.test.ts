@@ -4,7 +4,16 @@
 // the coordinator comes back from the cached netmap. Real WireGuard and nftables: test/e2e.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import {
+  existsSync,
+  mkdtempSync,
+  readFileSync,
+  rmSync,
+  type Stats,
+  unwatchFile,
+  watchFile,
+  writeFileSync,
+} from 'node:fs';
 import { request } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -532,7 +541,7 @@ describe('agent daemon', () => {
     }
   });
 
-  it('releases the lockdown while expired (release), and takes a new auth key from the key file', async () => {
+  it('releases the lockdown while expired or deleted (release), and takes a new auth key from the key file', async () => {
     const keyFile = join(root, 'release.key');
     writeFileSync(keyFile, `${await authKey(t, 'dc')}\n`, { mode: 0o600 });
     const n = await daemon(
@@ -543,28 +552,59 @@ describe('agent daemon', () => {
         hostname: 'rel-1',
       }),
     );
-    await until('connected', async () => (await n.status()).state.kind === 'connected');
-    await until('locked down', () => /tcp dport \{ 22 \} drop/.test(tools.ruleset() ?? ''));
-    const { id } = (await n.status()).self;
-    await t.admin.call('expireNode', { id, project: 'dc' });
-    await until('expired', async () => (await n.status()).state.kind === 'expired');
-    const s = await n.status();
-    assert.match(s.state.detail, /^auth key refused: /);
-    assert.match(s.state.message, new RegExp(`^expired by an admin: write a new auth key to ${keyFile}`));
-    assert.match(s.state.message, /lockdown released \(--lockdown-when-revoked release\)$/);
-    await until('the lockdown released', () => tools.ruleset() === null);
-    assert.ok(
-      n.logs.some((l) => l.level === 40 && l.state === 'expired'),
-      'a warning',
-    );
+    // The agent's watcher of the key file was there first: when this one is told of a change, the
+    // agent has been told too.
+    const seen: number[] = [];
+    const watcher = (cur: Stats) => seen.push(cur.mtimeMs);
+    watchFile(keyFile, { interval: 1000 }, watcher);
+    const changeKeyFile = async (content: string | null) => {
+      const before = seen.length;
+      if (content === null) rmSync(keyFile);
+      else writeFileSync(keyFile, content, { mode: 0o600 });
+      await until('the change seen', () => seen.length > before);
+    };
+    const pickedUp = () =>
+      n.logs.filter((l) => l.msg === 'auth key file changed; registering with the new key').length;
+    try {
+      await until('connected', async () => (await n.status()).state.kind === 'connected');
+      await until('locked down', () => /tcp dport \{ 22 \} drop/.test(tools.ruleset() ?? ''));
+      await changeKeyFile(readFileSync(keyFile, 'utf8'));
+      assert.equal(pickedUp(), 0, 'a connected node does not register again for a new key');
 
-    writeFileSync(keyFile, `${await authKey(t, 'dc')}\n`, { mode: 0o600 });
-    await until('connected with the new key', async () => (await n.status()).state.kind === 'connected');
-    assert.ok(said(n, 'auth key file changed; registering with the new key'));
-    await until('locked down again', () => /tcp dport \{ 22 \} drop/.test(tools.ruleset() ?? ''));
-    await agentDown(n.opts.socket);
-    assert.equal(tools.ruleset(), null, 'released also while down');
-    await n.agent.stop();
+      const { id } = (await n.status()).self;
+      await t.admin.call('expireNode', { id, project: 'dc' });
+      await until('expired', async () => (await n.status()).state.kind === 'expired');
+      const s = await n.status();
+      assert.match(s.state.detail, /^auth key refused: /);
+      assert.match(s.state.message, new RegExp(`^expired by an admin: write a new auth key to ${keyFile}`));
+      assert.match(s.state.message, /lockdown released \(--lockdown-when-revoked release\)$/);
+      await until('the lockdown released', () => tools.ruleset() === null);
+      assert.ok(
+        n.logs.some((l) => l.level === 40 && l.state === 'expired'),
+        'a warning',
+      );
+      await changeKeyFile(null);
+      assert.equal(pickedUp(), 0, 'a removed key file is no new key');
+
+      await changeKeyFile(`${await authKey(t, 'dc')}\n`);
+      await until('connected with the new key', async () => (await n.status()).state.kind === 'connected');
+      assert.equal(pickedUp(), 1);
+      await until('locked down again', () => /tcp dport \{ 22 \} drop/.test(tools.ruleset() ?? ''));
+
+      await t.admin.call('deleteNode', { id, project: 'dc' });
+      await until('deleted', async () => (await n.status()).state.kind === 'deleted');
+      await until('the lockdown released', () => tools.ruleset() === null);
+      await changeKeyFile(`${await authKey(t, 'dc')}\n`);
+      await until('joined again with the new key', async () => (await n.status()).state.kind === 'connected');
+      assert.equal(pickedUp(), 2);
+      await until('locked down again', () => /tcp dport \{ 22 \} drop/.test(tools.ruleset() ?? ''));
+
+      await agentDown(n.opts.socket);
+      assert.equal(tools.ruleset(), null, 'released also while down');
+    } finally {
+      unwatchFile(keyFile, watcher);
+      await n.agent.stop();
+    }
   });
 
   it('keeps the lockdown of a deleted node (keep)', async () => {
