@@ -430,6 +430,7 @@ describe('agent daemon', () => {
     let s = await web.status();
     assert.deepEqual([s.state.kind, s.state.detail], ['down', '']);
     assert.equal(s.coordinator.state, 'stopped');
+    assert.deepEqual(s.dns, { address: '', domain: 'dc.mesh', resolved: false });
     assert.deepEqual([s.interface.backend, s.interface.listenPort, s.interface.present], ['', 0, false]);
     assert.deepEqual(s.peers, []);
     assert.ok(since(from).includes(`ip link del dev ${IFACE}`), 'the interface is gone');
@@ -459,7 +460,7 @@ describe('agent daemon', () => {
       tools.withoutWireGuard(false);
     }
     s = await web.status();
-    assert.equal(s.state.kind, 'down', 'a failed up stays down');
+    assert.deepEqual([s.state.kind, s.state.detail], ['down', ''], 'a failed up stays down');
     assert.match(tools.ruleset() ?? '', /tcp dport \{ 22 \} drop/);
     assert.ok(existsSync(join(web.opts.stateDir, 'down')), 'also across a restart');
 
@@ -503,6 +504,9 @@ describe('agent daemon', () => {
     s = await web.status();
     assert.deepEqual([s.state.kind, s.state.detail], ['down', 'logged out']);
     assert.equal(tools.ruleset(), null);
+    // Nothing left to log out of: a second logout only says so again.
+    await agentLogout(web.opts.socket);
+    assert.deepEqual((await web.status()).state.detail, 'logged out');
     await web.agent.stop();
   });
 
