@@ -14,7 +14,7 @@ import {
 import { describeError } from '../../cli/errors.js';
 import { RegisterResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
 import type { NetMap, Node } from '../../proto/gen/meshgate/v1/types_pb.js';
-import { generateMachineKey, generateNodeKey } from '../../proto/keys.js';
+import { encodeWgKey, generateMachineKey, generateNodeKey } from '../../proto/keys.js';
 import { authKey, startTestCoordinator, type TestCoordinator } from '../integration/harness.js';
 
 async function until(what: string, pred: () => boolean | Promise<boolean>, ms = 5000): Promise<void> {
@@ -208,8 +208,9 @@ describe('control session against a coordinator', () => {
     await a.session.start();
     assert.equal(a.session.state, 'offline');
     assert.notEqual(a.session.lastError, '');
-    // Without a stream there is nobody to tell.
+    // Without a stream there is nobody to tell; an update report is lost, a failure told again later.
     a.session.sendEndpoints(['192.0.2.1:41641']);
+    a.session.sendUpdate('1.0.0', 'updating', '');
     // retryNow is for a new auth key while revoked; an outage keeps its backoff.
     let reads = 0;
     a.info.endpoints = () => {
@@ -244,6 +245,41 @@ describe('control session against a coordinator', () => {
     assert.equal(reads, 0);
   });
 
+  it('tells a failed self-update after every hello, and how an update goes', async () => {
+    await authKey(t, 'upd');
+    await t.admin.call('setDesiredVersion', {
+      project: 'upd',
+      version: '1.0.0',
+      artifactUrl: 'https://releases.example/meshgate-1.0.0.tar.gz',
+      sha256: 'b'.repeat(64),
+      maxUnavailable: 10,
+    });
+    const updates = async (name: string) =>
+      (await t.admin.call('listDesiredVersions', { project: 'upd' })).nodes.find((n) => n.name === name);
+    const [k1, k2] = [await authKey(t, 'upd'), await authKey(t, 'upd')];
+    const failed = agent(t, 'u1', () => k1);
+    failed.info.updateFailure = () => ({ version: '1.0.0', reason: 'health check failed after the restart' });
+    const fine = agent(t, 'u2', () => k2);
+    fine.info.updateFailure = () => null;
+    try {
+      await failed.session.start();
+      await fine.session.start();
+      await until('the failure on record', async () => (await updates('u1'))?.state === 'failed');
+      assert.equal((await updates('u1'))?.reason, 'health check failed after the restart');
+      await until('u2 online', async () => (await updates('u2'))?.online === true);
+      assert.notEqual((await updates('u2'))?.state, 'failed', 'nothing failed, nothing told');
+
+      fine.session.sendUpdate('1.0.0', 'updating', '');
+      await until('the update on record', async () => (await updates('u2'))?.state === 'updating');
+      fine.session.sendUpdate('1.0.0', 'failed', 'download refused: checksum mismatch');
+      await until('the failure on record', async () => (await updates('u2'))?.state === 'failed');
+      assert.equal((await updates('u2'))?.reason, 'download refused: checksum mismatch');
+    } finally {
+      failed.session.stop();
+      fine.session.stop();
+    }
+  });
+
   it('stays down after stop(): the coordinator sees it go, and no state follows', async () => {
     const peer = running[1]!;
     const count = peer.states.length;
@@ -263,6 +299,9 @@ describe('control session through a coordinator outage', () => {
     try {
       await a.session.start();
       await until('connected', () => a.session.state === 'connected');
+      // A key rotated while the coordinator is away is the one the next registration presents.
+      const rotated = generateNodeKey().publicKey;
+      a.session.setNodeKey(rotated);
       first.admin.close();
       await first.c.close();
       await until('offline', () => a.session.state === 'offline');
@@ -275,6 +314,8 @@ describe('control session through a coordinator outage', () => {
         ['connected', ''],
       ]);
       assert.equal(a.registered.length, 2, 'registered again before the new stream');
+      const [seen] = (await t.admin.call('listNodes', { project: 'sess' })).nodes;
+      assert.equal(seen?.nodeKey, encodeWgKey(rotated));
     } finally {
       a.session.stop();
       await t.close();
