@@ -708,7 +708,9 @@ export class Agent {
   private async up(): Promise<void> {
     if (this.device) return;
     this.state.setDown(false);
-    await this.guard.remove();
+    // A lockdown kept while down stays until the mesh's own replaces it:
+    // removing it first opened public SSH until the first netmap, or for as
+    // long as the coordinator did not answer.
     try {
       await this.startMesh();
     } catch (err) {

@@ -464,10 +464,15 @@ describe('agent daemon', () => {
     assert.match(tools.ruleset() ?? '', /tcp dport \{ 22 \} drop/);
     assert.ok(existsSync(join(web.opts.stateDir, 'down')), 'also across a restart');
 
+    const history = tools.rulesetHistory().length;
     await agentUp(web.opts.socket);
     await until('connected', async () => (await web.status()).state.kind === 'connected');
     await until('the peer', async () => (await web.status()).peers.length === 1);
     await until('the mesh open again', () => /l4proto/.test(tools.ruleset() ?? ''));
+    assert.ok(
+      !tools.rulesetHistory().slice(history).includes('removed'),
+      'public SSH stays locked down until the mesh takes over the table',
+    );
     assert.ok(!existsSync(join(web.opts.stateDir, 'down')));
     from = tools.commands().length;
     await agentUp(web.opts.socket);

@@ -25,8 +25,8 @@ monitor) touch "$d/monitor"; exec tail -n0 -F --pid=$PPID "$d/monitor" 2>/dev/nu
 -f)
   input=$(cat)
   case "$input" in
-  *chain*) printf '%s\\n' "$input" > "$d/ruleset" ;;
-  *) rm -f "$d/ruleset" ;;
+  *chain*) printf '%s\\n' "$input" > "$d/ruleset"; echo written >> "$d/ruleset.history" ;;
+  *) rm -f "$d/ruleset"; echo removed >> "$d/ruleset.history" ;;
   esac ;;
 list)
   [ -f "$d/ruleset" ] || { echo 'Error: No such file or directory' >&2; exit 1; }
@@ -56,6 +56,8 @@ export interface FakeNetTools {
   commands(): string[];
   /** The nftables table as last written, or null when it was removed (or never written). */
   ruleset(): string | null;
+  /** Every write of the table by the agent, in order: `written` or `removed`. */
+  rulesetHistory(): string[];
   /** Someone else changes the table (null: removes it), and `nft monitor` reports it. */
   tamper(table: string | null): void;
   /** Peer lines of `wg show IF dump` (tab-separated, as WireGuard prints them). */
@@ -78,6 +80,7 @@ export function installFakeNetTools(): FakeNetTools {
   return {
     commands: () => (read('commands.log') ?? '').split('\n').filter(Boolean),
     ruleset: () => read('ruleset'),
+    rulesetHistory: () => (read('ruleset.history') ?? '').split('\n').filter(Boolean),
     tamper(table) {
       if (table === null) rmSync(join(dir, 'ruleset'), { force: true });
       else writeFileSync(join(dir, 'ruleset'), table);
