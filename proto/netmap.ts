@@ -220,7 +220,3 @@ export function applySync(current: NetMap | null, lastSeq: bigint, received: Syn
   if (msg.dnsChanged) next.dns = msg.dns;
   return next;
 }
-
-export function emptyNetMap(): NetMap {
-  return create(NetMapSchema, {});
-}

@@ -70,6 +70,14 @@ describe('implied peer fields', () => {
       peers: full.peers.map((p) => create(PeerSchema, { ...p, allowedIps: p.allowedIps.slice(2) })),
     });
     assert.deepEqual(withImpliedFields(short), full);
+    // Each of the two reconstructions also on its own.
+    const noAllowed = create(NetMapSchema, {
+      ...full,
+      peers: full.peers.map((p) => create(PeerSchema, { ...p, allowedIps: p.allowedIps.slice(2) })),
+    });
+    assert.deepEqual(withImpliedFields(noAllowed), full, 'DNS complete, allowed IPs implied');
+    const noDns = create(NetMapSchema, { ...full, dns: [full.dns[0]!] });
+    assert.deepEqual(withImpliedFields(noDns), full, 'allowed IPs complete, DNS implied');
   });
 
   it('are asked for in a header that may list other features', () => {

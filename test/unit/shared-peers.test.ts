@@ -17,7 +17,15 @@ import {
   PacketFilterSchema,
   PeerSchema,
 } from '../../proto/gen/meshgate/v1/types_pb.js';
-import { applySync, MAX_SHARED_PEERS_BYTES, NetmapError, withSharedPeers } from '../../proto/netmap.js';
+import {
+  applySync,
+  hasNetmapFeature,
+  IMPLIED_PEER_FIELDS,
+  MAX_SHARED_PEERS_BYTES,
+  NetmapError,
+  SHARED_PEERS,
+  withSharedPeers,
+} from '../../proto/netmap.js';
 import { registerTestNode } from '../fixtures/nodes.js';
 
 class Recorder implements Session {
@@ -90,7 +98,49 @@ describe('shared peers, as the agent applies them', () => {
     );
     assert.throws(
       () => applySync(next, 2n, create(SyncResponseSchema, { seq: 3n, shared: [Buffer.from('junk')] })),
-      /the delta's shared parts do not inflate/,
+      /^NetmapError: the delta's shared parts do not inflate: /,
+    );
+  });
+
+  it('go by the names the wire contract gives them, announced in a header of bounded length', () => {
+    assert.equal(SHARED_PEERS, 'shared-peers');
+    assert.equal(IMPLIED_PEER_FIELDS, 'implied-peer-fields');
+    const header = `${IMPLIED_PEER_FIELDS},${SHARED_PEERS}`;
+    assert.ok(
+      hasNetmapFeature([header.padStart(256, ',')], SHARED_PEERS),
+      'a list of 256 characters is read',
+    );
+    assert.ok(!hasNetmapFeature([header.padStart(257, ',')], SHARED_PEERS), 'a longer one is not');
+  });
+
+  it('are expanded without the node itself also in a netmap that has no self, and in every rule of a filter', () => {
+    const noSelf = withSharedPeers(create(NetMapSchema, { sharedPeers: block(peer('a'), peer('b')) }));
+    assert.deepEqual(
+      noSelf.peers.map((p) => p.id),
+      ['a', 'b'],
+    );
+    const sources = (srcCidrs: string[]) =>
+      deflateRawSync(toBinary(FilterRuleSchema, create(FilterRuleSchema, { srcCidrs })));
+    const filter = create(PacketFilterSchema, {
+      rules: [
+        create(FilterRuleSchema, { srcCidrs: ['0.0.0.0/0'], dstCidrs: ['100.64.0.1/32'] }),
+        create(FilterRuleSchema, {
+          srcCidrs: ['100.64.0.9/32'],
+          sharedSrcCidrs: sources(['100.64.0.7/32', '100.64.0.8/32']),
+        }),
+      ],
+    });
+    const map = applySync(
+      null,
+      0n,
+      create(SyncResponseSchema, { seq: 1n, full: create(NetMapSchema, { packetFilter: filter }) }),
+    )!;
+    assert.deepEqual(
+      map.packetFilter!.rules.map((r) => [r.srcCidrs, r.dstCidrs, r.sharedSrcCidrs.length]),
+      [
+        [['0.0.0.0/0'], ['100.64.0.1/32'], 0],
+        [['100.64.0.7/32', '100.64.0.8/32', '100.64.0.9/32'], [], 0],
+      ],
     );
   });
 
@@ -103,7 +153,8 @@ describe('shared peers, as the agent applies them', () => {
       () => applySync(null, 0n, full(bomb)),
       (e: Error) => {
         assert.ok(e instanceof NetmapError);
-        assert.match(e.message, /shared peers do not inflate/);
+        assert.equal(e.name, 'NetmapError');
+        assert.match(e.message, /^the netmap's shared peers do not inflate: /);
         return true;
       },
     );
@@ -118,7 +169,7 @@ describe('shared peers, as the agent applies them', () => {
           0n,
           create(SyncResponseSchema, { seq: 1n, full: create(NetMapSchema, { packetFilter: filter }) }),
         ),
-      /the packet filter's shared sources do not inflate/,
+      /^NetmapError: the packet filter's shared sources do not inflate: /,
     );
     assert.throws(
       () => applySync(null, 0n, full(deflateRawSync(Buffer.from([0x12, 0x40, 1])))),
