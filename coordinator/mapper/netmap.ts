@@ -209,7 +209,8 @@ const NETMAP = NetMapSchema.field;
  * A node's netmap as pieces of the message that carries it. `implied`: in
  * the form for agents that understand IMPLIED_PEER_FIELDS, whose DNS records
  * are the node's own alone. `shared`: the compressed peers of the node's
- * group (SHARED_PEERS), which `peers` then only update.
+ * group (SHARED_PEERS), which `peers` then only update. `sharedSources`:
+ * long source lists of the packet filter compressed, for such a stream.
  */
 export function netMapPieces(
   state: State,
