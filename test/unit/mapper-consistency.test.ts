@@ -5,44 +5,21 @@
 // in every netmap form (full, implied, shared), checked after every flush.
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
-import { fromBinary } from '@bufbuild/protobuf';
-import { Mapper, type MapperOptions, type Session } from '../../coordinator/mapper/mapper.js';
+import { Mapper } from '../../coordinator/mapper/mapper.js';
 import type { NodeRecord } from '../../coordinator/state/records.js';
 import { State } from '../../coordinator/state/state.js';
 import { openStore, type Store } from '../../coordinator/store/db.js';
-import { SyncResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
 import type { NetMap } from '../../proto/gen/meshgate/v1/types_pb.js';
-import { applySync } from '../../proto/netmap.js';
+import { type RecordingOptions, RecordingSession, testMapperOptions } from '../fixtures/mapper.js';
 import { registerTestNode } from '../fixtures/nodes.js';
 
 type Form = 'full' | 'implied' | 'shared';
 
-class Agent implements Session {
-  map: NetMap | null = null;
-  seq = 0n;
-  closed = false;
-  readonly impliedPeerFields: boolean;
-  readonly sharedPeers: boolean;
-  constructor(
-    readonly nodeId: string,
-    readonly form: Form,
-    /** The transport takes messages in a later turn of the event loop, as a busy connection does. */
-    private readonly slow = false,
-  ) {
-    this.impliedPeerFields = form !== 'full';
-    this.sharedPeers = form === 'shared';
-  }
-  send(msg: Uint8Array, sent?: () => void) {
-    const m = fromBinary(SyncResponseSchema, msg);
-    this.map = applySync(this.map, this.seq, m);
-    this.seq = m.seq;
-    if (this.slow) setImmediate(() => sent?.());
-    else sent?.();
-  }
-  close() {
-    this.closed = true;
-  }
-}
+const FORMS: Record<Form, RecordingOptions> = {
+  full: {},
+  implied: { implied: true },
+  shared: { implied: true, shared: true },
+};
 
 /** A small deterministic generator, so that a failure can be run again. */
 function random(seed: number): () => number {
@@ -79,16 +56,7 @@ const POLICIES = [
   }),
 ];
 
-const OPTIONS: MapperOptions = {
-  coalesceMs: 5,
-  presenceMs: 5,
-  sliceMs: 60_000,
-  fullNetmapBudget: 2 ** 30,
-  keepaliveMs: 60_000,
-  keepaliveSeconds: 25,
-  relay: false,
-  domainSuffix: 'mesh',
-};
+const OPTIONS = testMapperOptions();
 
 for (const [title, seed, busy] of [
   ['whatever the project goes through', 20261127, false],
@@ -133,7 +101,7 @@ for (const [title, seed, busy] of [
       const rnd = random(seed);
       const pick = <T>(list: readonly T[]): T => list[Math.floor(rnd() * list.length)]!;
       const nodes: NodeRecord[] = [];
-      const agents = new Map<string, Agent>();
+      const agents = new Map<string, { session: RecordingSession; form: Form }>();
       let n = 0;
       const add = async () => {
         const tags = rnd() < 0.15 ? [] : [pick(TAGS)];
@@ -147,9 +115,10 @@ for (const [title, seed, busy] of [
         );
       };
       const connect = (id: string) => {
-        const a = new Agent(id, pick(['full', 'implied', 'shared', 'shared'] as const), busy);
-        agents.set(id, a);
-        mapper.attach(a);
+        const form = pick(['full', 'implied', 'shared', 'shared'] as const);
+        const session = new RecordingSession(id, { ...FORMS[form], slow: busy });
+        agents.set(id, { session, form });
+        mapper.attach(session);
       };
       for (let i = 0; i < 60; i++) await add();
       await settle();
@@ -180,11 +149,11 @@ for (const [title, seed, busy] of [
           if (busy && rnd() < 0.5) await new Promise((r) => setImmediate(r));
         }
         await settle();
-        for (const [id, a] of agents) {
-          if (a.closed) continue;
-          const want = new Agent(id, 'full');
+        for (const [id, { session, form }] of agents) {
+          if (session.closed) continue;
+          const want = new RecordingSession(id);
           reference.attach(want);
-          assert.deepEqual(view(a.map), view(want.map), `round ${round}: node ${id} (${a.form})`);
+          assert.deepEqual(view(session.map), view(want.map), `round ${round}: node ${id} (${form})`);
         }
       }
     });

@@ -9,6 +9,7 @@ import { Mapper, type MapperOptions, type Session } from '../../coordinator/mapp
 import { State } from '../../coordinator/state/state.js';
 import { openStore, type Store } from '../../coordinator/store/db.js';
 import { type SyncResponse, SyncResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
+import { testMapperOptions } from '../fixtures/mapper.js';
 import { registerTestNode } from '../fixtures/nodes.js';
 
 class Stream implements Session {
@@ -45,17 +46,11 @@ describe('mapper delivery', () => {
   const delivered: [number, number][] = [];
   const id: Record<string, string> = {};
   const streams: Record<string, Stream> = {};
-  const options: MapperOptions = {
+  const options: MapperOptions = testMapperOptions({
     coalesceMs: 60_000,
     presenceMs: 60_000,
-    sliceMs: 60_000,
-    fullNetmapBudget: 2 ** 30,
-    keepaliveMs: 60_000,
-    keepaliveSeconds: 25,
-    relay: false,
-    domainSuffix: 'mesh',
     onDelivered: (ms, sessions) => delivered.push([ms, sessions]),
-  };
+  });
   const names = (peers: { name: string }[]) => peers.map((p) => p.name).sort();
 
   before(async () => {

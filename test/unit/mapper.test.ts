@@ -9,6 +9,7 @@ import { openStore, type Store } from '../../coordinator/store/db.js';
 import { type SyncResponse, SyncResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
 import { PeerSchema, Protocol } from '../../proto/gen/meshgate/v1/types_pb.js';
 import { encodeWgKey, generateMachineKey, generateNodeKey } from '../../proto/keys.js';
+import { testMapperOptions } from '../fixtures/mapper.js';
 import { registerTestNode } from '../fixtures/nodes.js';
 
 class FakeSession implements Session {
@@ -38,18 +39,7 @@ describe('mapper fan-out', () => {
   let state: State;
   let mapper: Mapper;
   /** Small windows, everything in one slice, no budget to speak of, unless a test says otherwise. */
-  const newMapper = (options: Partial<MapperOptions> = {}) =>
-    new Mapper(state, {
-      coalesceMs: 5,
-      presenceMs: 5,
-      sliceMs: 60_000,
-      fullNetmapBudget: 2 ** 30,
-      keepaliveMs: 60_000,
-      keepaliveSeconds: 25,
-      relay: false,
-      domainSuffix: 'mesh',
-      ...options,
-    });
+  const newMapper = (options: Partial<MapperOptions> = {}) => new Mapper(state, testMapperOptions(options));
   const ids: Record<string, string> = {};
 
   const register = async (name: string, tags: string[]) => {
@@ -312,16 +302,7 @@ describe('mapper fan-out across projects', () => {
   it('sends a policy change and a node change in one project to that project only', async () => {
     const store = await openStore({ url: ':memory:' });
     const state = await State.load(store.db, { ephemeralTimeoutMs: 60_000 });
-    const mapper = new Mapper(state, {
-      coalesceMs: 60_000,
-      presenceMs: 60_000,
-      sliceMs: 60_000,
-      fullNetmapBudget: 2 ** 30,
-      keepaliveMs: 60_000,
-      keepaliveSeconds: 25,
-      relay: false,
-      domainSuffix: 'mesh',
-    });
+    const mapper = new Mapper(state, testMapperOptions({ coalesceMs: 60_000, presenceMs: 60_000 }));
     try {
       const sessions: Record<string, FakeSession> = {};
       for (const project of ['a', 'b']) {

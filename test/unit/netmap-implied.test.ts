@@ -3,41 +3,19 @@
 // place of a delta that would be larger.
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
-import { create, fromBinary } from '@bufbuild/protobuf';
-import { Mapper, type Session } from '../../coordinator/mapper/mapper.js';
+import { create } from '@bufbuild/protobuf';
+import { Mapper } from '../../coordinator/mapper/mapper.js';
 import { State } from '../../coordinator/state/state.js';
 import { openStore, type Store } from '../../coordinator/store/db.js';
-import { type SyncResponse, SyncResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
 import {
   DnsRecordSchema,
   type NetMap,
   NetMapSchema,
   PeerSchema,
 } from '../../proto/gen/meshgate/v1/types_pb.js';
-import { applySync, hasNetmapFeature, IMPLIED_PEER_FIELDS, withImpliedFields } from '../../proto/netmap.js';
+import { hasNetmapFeature, IMPLIED_PEER_FIELDS, withImpliedFields } from '../../proto/netmap.js';
+import { RecordingSession, testMapperOptions } from '../fixtures/mapper.js';
 import { registerTestNode } from '../fixtures/nodes.js';
-
-class Recorder implements Session {
-  readonly bytes: number[] = [];
-  readonly sent: SyncResponse[] = [];
-  /** The agent's netmap after every message, as applySync builds it. */
-  map: NetMap | null = null;
-  closed = '';
-  constructor(
-    readonly nodeId: string,
-    readonly impliedPeerFields?: boolean,
-  ) {}
-  send(msg: Uint8Array, sent?: () => void) {
-    const m = fromBinary(SyncResponseSchema, msg);
-    this.map = applySync(this.map, this.sent.at(-1)?.seq ?? 0n, m);
-    this.sent.push(m);
-    this.bytes.push(msg.length);
-    sent?.();
-  }
-  close(reason: string) {
-    this.closed = reason;
-  }
-}
 
 describe('implied peer fields', () => {
   it('are reconstructed exactly, and a netmap in the full form is left as it is', () => {
@@ -120,16 +98,7 @@ describe('the mapper, per agent', () => {
   before(async () => {
     store = await openStore({ url: ':memory:' });
     state = await State.load(store.db, { ephemeralTimeoutMs: 60_000 });
-    mapper = new Mapper(state, {
-      coalesceMs: 5,
-      presenceMs: 5,
-      sliceMs: 60_000,
-      fullNetmapBudget: 2 ** 30,
-      keepaliveMs: 60_000,
-      keepaliveSeconds: 25,
-      relay: false,
-      domainSuffix: 'mesh',
-    });
+    mapper = new Mapper(state, testMapperOptions());
     await state.createProject('test', 'p');
     await register('x', ['tag:x']);
     await register('router', ['tag:b'], ['10.9.0.0/16']);
@@ -144,7 +113,7 @@ describe('the mapper, per agent', () => {
   });
 
   it('gives an old agent the full form, and a new one fewer bytes that decode to the same netmap', async () => {
-    const old = new Recorder(ids.x!);
+    const old = new RecordingSession(ids.x!);
     mapper.attach(old);
     const map = old.sent[0]!.full!;
     assert.equal(map.peers.length, 70);
@@ -152,7 +121,7 @@ describe('the mapper, per agent', () => {
       assert.deepEqual(p.allowedIps, [`${p.ipAddresses[0]}/32`, `${p.ipAddresses[1]}/128`]);
     assert.equal(map.dns.length, 71, 'its own record and one per peer');
 
-    const fresh = new Recorder(ids.x!, true);
+    const fresh = new RecordingSession(ids.x!, { implied: true });
     mapper.attach(fresh);
     const short = fresh.sent[0]!.full!;
     assert.ok(short.peers.every((p) => p.allowedIps.length === 0));
@@ -168,8 +137,8 @@ describe('the mapper, per agent', () => {
     assert.deepEqual(fresh.map, map, 'the old form decodes as it always did');
 
     // A peer with routes keeps them, after its addresses; in a delta too.
-    const olds = new Recorder(ids.router!);
-    const news = new Recorder(ids.router!, true);
+    const olds = new RecordingSession(ids.router!);
+    const news = new RecordingSession(ids.router!, { implied: true });
     mapper.attach(olds);
     mapper.attach(news);
     await policy('tag:x', 'tag:b');
@@ -177,7 +146,7 @@ describe('the mapper, per agent', () => {
     const router = (m: NetMap | null) => m?.peers.find((p) => p.id === ids.router);
     // The old session was replaced by the new one of the same node: compare with x's.
     assert.match(olds.closed, /replaced/);
-    const xOld = new Recorder(ids.x!);
+    const xOld = new RecordingSession(ids.x!);
     mapper.attach(xOld);
     assert.deepEqual(router(xOld.map)?.allowedIps.slice(2), ['10.9.0.0/16']);
     assert.deepEqual(router(fresh.map), router(xOld.map));
@@ -187,8 +156,8 @@ describe('the mapper, per agent', () => {
   it('sends a full netmap instead of a delta that would be larger, and deltas otherwise', async () => {
     await policy('tag:x', 'tag:a');
     mapper.flush();
-    const x = new Recorder(ids.x!, true);
-    const a0 = new Recorder(ids.a0!, true);
+    const x = new RecordingSession(ids.x!, { implied: true });
+    const a0 = new RecordingSession(ids.a0!, { implied: true });
     mapper.attach(x);
     mapper.attach(a0);
     assert.equal(x.map?.peers.length, 70);

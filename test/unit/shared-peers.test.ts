@@ -4,11 +4,11 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { deflateRawSync } from 'node:zlib';
-import { create, fromBinary, toBinary } from '@bufbuild/protobuf';
-import { Mapper, type Session } from '../../coordinator/mapper/mapper.js';
+import { create, toBinary } from '@bufbuild/protobuf';
+import { Mapper } from '../../coordinator/mapper/mapper.js';
 import { State } from '../../coordinator/state/state.js';
 import { openStore, type Store } from '../../coordinator/store/db.js';
-import { type SyncResponse, SyncResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
+import { SyncResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
 import {
   FilterRuleSchema,
   type NetMap,
@@ -26,27 +26,8 @@ import {
   SHARED_PEERS,
   withSharedPeers,
 } from '../../proto/netmap.js';
+import { RecordingSession, testMapperOptions } from '../fixtures/mapper.js';
 import { registerTestNode } from '../fixtures/nodes.js';
-
-class Recorder implements Session {
-  readonly bytes: number[] = [];
-  readonly sent: SyncResponse[] = [];
-  /** The agent's netmap after every message, as applySync builds it. */
-  map: NetMap | null = null;
-  constructor(
-    readonly nodeId: string,
-    readonly impliedPeerFields: boolean,
-    readonly sharedPeers: boolean,
-  ) {}
-  send(msg: Uint8Array, sent?: () => void) {
-    const m = fromBinary(SyncResponseSchema, msg);
-    this.map = applySync(this.map, this.sent.at(-1)?.seq ?? 0n, m);
-    this.sent.push(m);
-    this.bytes.push(msg.length);
-    sent?.();
-  }
-  close() {}
-}
 
 describe('shared peers, as the agent applies them', () => {
   const peer = (id: string, name = id) =>
@@ -205,7 +186,7 @@ describe('shared peers from the mapper', () => {
    * under test is not replaced.
    */
   const expected = (name: string) => {
-    const r = new Recorder(ids[name]!, true, false);
+    const r = new RecordingSession(ids[name]!, { implied: true });
     reference.attach(r);
     return r;
   };
@@ -214,7 +195,7 @@ describe('shared peers from the mapper', () => {
     packetFilter: m?.packetFilter,
   });
   const shared = (name: string) => {
-    const r = new Recorder(ids[name]!, true, true);
+    const r = new RecordingSession(ids[name]!, { implied: true, shared: true });
     mapper.attach(r);
     return r;
   };
@@ -222,16 +203,7 @@ describe('shared peers from the mapper', () => {
   before(async () => {
     store = await openStore({ url: ':memory:' });
     state = await State.load(store.db, { ephemeralTimeoutMs: 60_000 });
-    const options = {
-      coalesceMs: 5,
-      presenceMs: 5,
-      sliceMs: 60_000,
-      fullNetmapBudget: 2 ** 30,
-      keepaliveMs: 60_000,
-      keepaliveSeconds: 25,
-      relay: false,
-      domainSuffix: 'mesh',
-    };
+    const options = testMapperOptions();
     mapper = new Mapper(state, options);
     reference = new Mapper(state, options);
     await state.createProject('test', 'p');
@@ -304,10 +276,10 @@ describe('shared peers from the mapper', () => {
     mapper.flush();
     const a = shared('a0');
     const a9 = shared('a9');
-    const old = new Recorder(ids.a1!, true, false);
+    const old = new RecordingSession(ids.a1!, { implied: true });
     mapper.attach(old);
     const b = shared('b0');
-    const oldB = new Recorder(ids.b1!, true, false);
+    const oldB = new RecordingSession(ids.b1!, { implied: true });
     mapper.attach(oldB);
     assert.equal(a.map!.peers.length, 0);
     await policy([{ src: ['tag:a'], dst: ['tag:b:*'] }]);
@@ -346,7 +318,7 @@ describe('shared peers from the mapper', () => {
     await policy([]);
     mapper.flush();
     const a = shared('a0');
-    const old = new Recorder(ids.a1!, true, false);
+    const old = new RecordingSession(ids.a1!, { implied: true });
     mapper.attach(old);
     for (let i = 20; i < 40; i++) state.setOnline(ids[`b${i}`]!, true);
     mapper.flush();
