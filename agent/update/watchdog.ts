@@ -5,6 +5,7 @@
 // connect), `current` goes back to the old release and the agent is
 // restarted into it, which then reports the failure to the coordinator.
 import { setTimeout as sleep } from 'node:timers/promises';
+import { processAlive } from '../pid.js';
 import { switchCurrent } from './install.js';
 import { readRecord, type UpdateRecord, writeRecord } from './record.js';
 
@@ -33,15 +34,6 @@ export async function watchUpdate(o: WatchdogOptions): Promise<WatchdogOutcome> 
   }
 }
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
 /** Switches back, records why, and makes the new agent exit so its supervisor starts the old one. */
 export async function rollBack(o: WatchdogOptions, r: UpdateRecord): Promise<void> {
   const within = `${Math.round(r.timeoutMs / 1000)}s`;
@@ -50,10 +42,10 @@ export async function rollBack(o: WatchdogOptions, r: UpdateRecord): Promise<voi
     : `meshgate ${r.to} did not start as the agent within ${within}; rolled back to ${r.from}`;
   switchCurrent(o.prefix, r.from);
   writeRecord(o.stateDir, { ...r, phase: 'failed', reason });
-  if (!r.pid || !alive(r.pid)) return;
+  if (!r.pid || !processAlive(r.pid)) return;
   // SIGUSR2: restart keeping the mesh (the agent exits like for an update).
   process.kill(r.pid, 'SIGUSR2');
   const until = Date.now() + (o.stopGraceMs ?? 10_000);
-  while (alive(r.pid) && Date.now() < until) await sleep(100);
-  if (alive(r.pid)) process.kill(r.pid, 'SIGKILL');
+  while (processAlive(r.pid) && Date.now() < until) await sleep(100);
+  if (processAlive(r.pid)) process.kill(r.pid, 'SIGKILL');
 }

@@ -7,6 +7,7 @@ import { rmSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { WIREGUARD_GO_SOCKET_DIR } from '../../../agent/dataplane/backend.js';
 import { run } from '../../../agent/dataplane/exec.js';
+import { processAlive } from '../../../agent/pid.js';
 
 export interface LinkOptions {
   addrA: string;
@@ -261,19 +262,10 @@ async function stop(child: ChildProcess): Promise<void> {
 async function stopPid(pid: number): Promise<void> {
   killQuietly(pid, 'SIGTERM');
   for (let waited = 0; waited < STOP_GRACE_MS; waited += 50) {
-    if (!alive(pid)) return;
+    if (!processAlive(pid)) return;
     await sleep(50);
   }
   killQuietly(pid, 'SIGKILL');
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 function killQuietly(pid: number, signal: NodeJS.Signals): void {
