@@ -108,6 +108,23 @@ interface Transfer {
 
 const mbps = (t: Transfer) => (t.bytes * 8) / 1e6 / (t.ms / 1000);
 
+/** The agent's transfers against meshgate connect's, with the profile of the first of these in `profDir`. */
+function comparison(agent: Transfer[], userspace: Transfer[], profDir: string) {
+  const a = summarize(agent.map(mbps));
+  const u = summarize(userspace.map(mbps));
+  const file = readdirSync(profDir).find((f) => f.endsWith('.cpuprofile'));
+  const profile: ProfileSummary | null = file ? summarizeProfile(join(profDir, file), 20) : null;
+  return {
+    megabytes: Number(values.mb),
+    runs: RUNS,
+    agentWireguardGoMbitPerS: a,
+    userspaceConnectMbitPerS: u,
+    samples: { agent: agent.map((t) => round(mbps(t))), userspace: userspace.map((t) => round(mbps(t))) },
+    ratio: round(u.p50 / a.p50, 3),
+    profile,
+  };
+}
+
 async function transfer(lab: MeshLab, command: string): Promise<Transfer> {
   const out = await lab.topo.exec('op', 'bash', ['-c', command], { timeoutMs: 300_000 });
   const t = JSON.parse(out.trim().split('\n').pop()!) as Transfer;
@@ -167,20 +184,7 @@ async function main(): Promise<Record<string, unknown>> {
           ),
         );
       }
-      const a = summarize(agent.map(mbps));
-      const u = summarize(userspace.map(mbps));
-      let profile: ProfileSummary | null = null;
-      const file = readdirSync(profDir).find((f) => f.endsWith('.cpuprofile'));
-      if (file) profile = summarizeProfile(join(profDir, file), 20);
-      results.throughput = {
-        megabytes: Number(values.mb),
-        runs: RUNS,
-        agentWireguardGoMbitPerS: a,
-        userspaceConnectMbitPerS: u,
-        samples: { agent: agent.map((t) => round(mbps(t))), userspace: userspace.map((t) => round(mbps(t))) },
-        ratio: round(u.p50 / a.p50, 3),
-        profile,
-      };
+      results.throughput = comparison(agent, userspace, profDir);
       source.kill();
     }
 
@@ -216,18 +220,7 @@ async function main(): Promise<Record<string, unknown>> {
           ),
         );
       }
-      const a = summarize(agent.map(mbps));
-      const u = summarize(userspace.map(mbps));
-      const file = readdirSync(join(profDir, 'upload')).find((f) => f.endsWith('.cpuprofile'));
-      results.upload = {
-        profile: file ? summarizeProfile(join(profDir, 'upload', file), 20) : null,
-        megabytes: Number(values.mb),
-        runs: RUNS,
-        agentWireguardGoMbitPerS: a,
-        userspaceConnectMbitPerS: u,
-        samples: { agent: agent.map((t) => round(mbps(t))), userspace: userspace.map((t) => round(mbps(t))) },
-        ratio: round(u.p50 / a.p50, 3),
-      };
+      results.upload = comparison(agent, userspace, join(profDir, 'upload'));
       server.kill();
     }
 
