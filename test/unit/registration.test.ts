@@ -397,15 +397,8 @@ describe('registration through the state', () => {
 describe('registration on a database shared with other coordinators', () => {
   let store: Store;
   let now: number;
-  let parts: {
-    nodes: NodeIndex;
-    projects: Projects;
-    keys: KeyStore;
-    counters: Counters;
-    pool: AddressPool;
-    changes: NodeChanges;
-    events: EventBus;
-  };
+  /** What a Registration is built from, without `catchUp` unless a test adds it. */
+  let parts: Required<Omit<ConstructorParameters<typeof Registration>[1], 'catchUp'>>;
 
   beforeEach(async () => {
     now = 1_800_000_000_000;
