@@ -19,7 +19,8 @@ import { type NodeRecord, nodeFromRow, nodeToRow } from '../../coordinator/state
 import { Registration } from '../../coordinator/state/registration.js';
 import { State } from '../../coordinator/state/state.js';
 import { openStore, type Store } from '../../coordinator/store/db.js';
-import { encodeWgKey, generateMachineKey, generateNodeKey } from '../../proto/keys.js';
+import { encodeWgKey, generateNodeKey } from '../../proto/keys.js';
+import { registerInput } from '../fixtures/nodes.js';
 
 const MINUTE = 60_000;
 const nodeKey = () => encodeWgKey(generateNodeKey().publicKey);
@@ -86,17 +87,9 @@ describe('node changes', () => {
       tags: [],
       reason: '',
     });
-    const { node } = await registration.register({
-      authKey: key,
-      machineKey: Buffer.from(generateMachineKey().publicKey).toString('hex'),
-      nodeKey: nodeKey(),
-      hostname,
-      os: 'linux',
-      version: '1',
-      requestedTags: [],
-      endpoints: opts.endpoints ?? [],
-      advertisedRoutes: opts.routes ?? [],
-    });
+    const { node } = await registration.register(
+      registerInput(key, hostname, { endpoints: opts.endpoints ?? [], advertisedRoutes: opts.routes ?? [] }),
+    );
     events.length = 0;
     logged.length = 0;
     return node;
@@ -407,19 +400,7 @@ describe('ephemeral nodes', () => {
           tags: [],
           reason: '',
         });
-        return (
-          await state.register({
-            authKey: key,
-            machineKey: Buffer.from(generateMachineKey().publicKey).toString('hex'),
-            nodeKey: nodeKey(),
-            hostname,
-            os: 'linux',
-            version: '1',
-            requestedTags: [],
-            endpoints: [],
-            advertisedRoutes: [],
-          })
-        ).node;
+        return (await state.register(registerInput(key, hostname))).node;
       };
       const ci = await join('ci', true);
       const online = await join('online', true);

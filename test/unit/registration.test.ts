@@ -22,6 +22,7 @@ import { parseSecret } from '../../coordinator/state/secrets.js';
 import { type RegisterInput, State, type StateEvent } from '../../coordinator/state/state.js';
 import { openStore, type Store } from '../../coordinator/store/db.js';
 import { encodeWgKey, generateMachineKey, generateNodeKey } from '../../proto/keys.js';
+import { registerInput } from '../fixtures/nodes.js';
 
 const MINUTE = 60_000;
 
@@ -36,19 +37,6 @@ const fails =
     assert.equal(err.reason, reason);
     return true;
   };
-
-const machine = (authKey: string, hostname: string, more: Partial<RegisterInput> = {}): RegisterInput => ({
-  authKey,
-  machineKey: machineKey(),
-  nodeKey: nodeKey(),
-  hostname,
-  os: 'linux',
-  version: '1.0.0',
-  requestedTags: [],
-  endpoints: [],
-  advertisedRoutes: [],
-  ...more,
-});
 
 const keyId = (text: string) => parseSecret('auth', text)!.id;
 
@@ -123,7 +111,7 @@ describe('registration through the state', () => {
 
   it('gives a new machine a node with the next addresses and the key’s tags, stores it and announces it', async () => {
     const key = await authKey({ tags: ['tag:web', 'tag:ops'] });
-    const input = machine(key, 'Web_01.dc1.example', {
+    const input = registerInput(key, 'Web_01.dc1.example', {
       os: 'freebsd',
       version: '1.2.3',
       endpoints: ['192.0.2.1:41641'],
@@ -165,7 +153,7 @@ describe('registration through the state', () => {
 
     const reloaded = await load();
     assert.deepEqual(reloaded.getNode(node.id), node, 'stored as it was given out');
-    const { node: second } = await reloaded.register(machine(await authKey(), 'second'));
+    const { node: second } = await reloaded.register(registerInput(await authKey(), 'second'));
     assert.deepEqual(
       [second.numericId, second.ipv4, second.ipv6],
       [2, '100.64.0.2', 'fd7a:115c:a1e0::2'],
@@ -175,7 +163,7 @@ describe('registration through the state', () => {
 
   it('names a node after its hostname, with a suffix when taken and "node" when nothing of it is a label', async () => {
     const name = async (hostname: string) =>
-      (await state.register(machine(await authKey(), hostname))).node.name;
+      (await state.register(registerInput(await authKey(), hostname))).node.name;
     assert.equal(await name('db'), 'db');
     assert.equal(await name('db.other.example'), 'db-2');
     assert.equal(await name('__'), 'node');
@@ -183,29 +171,31 @@ describe('registration through the state', () => {
   });
 
   it('gives an ephemeral key’s machines ephemeral nodes', async () => {
-    const { node } = await state.register(machine(await authKey({ ephemeral: true }), 'ci'));
+    const { node } = await state.register(registerInput(await authKey({ ephemeral: true }), 'ci'));
     assert.equal(node.ephemeral, true);
     assert.equal((await load()).getNode(node.id)?.ephemeral, true);
   });
 
   it('takes the requested tags the key allows, sorted and once each, and refuses the others', async () => {
     const key = await authKey({ tags: ['tag:a', 'tag:b', 'tag:c'], reusable: true });
-    const { node } = await state.register(machine(key, 'x', { requestedTags: ['tag:b', 'tag:a', 'tag:b'] }));
+    const { node } = await state.register(
+      registerInput(key, 'x', { requestedTags: ['tag:b', 'tag:a', 'tag:b'] }),
+    );
     assert.deepEqual(node.tags, ['tag:a', 'tag:b']);
     await assert.rejects(
-      state.register(machine(key, 'y', { requestedTags: ['tag:a', 'tag:d'] })),
+      state.register(registerInput(key, 'y', { requestedTags: ['tag:a', 'tag:d'] })),
       fails(
         'denied',
         new RegExp(`^auth key ${keyId(key)} does not allow tag:d \\(it allows: tag:a, tag:b, tag:c\\)$`),
       ),
     );
     await assert.rejects(
-      state.register(machine(key, 'y', { requestedTags: ['a'] })),
+      state.register(registerInput(key, 'y', { requestedTags: ['a'] })),
       fails('invalid', /^"a" is not a tag \(tag:NAME\)$/),
     );
     const plain = await authKey();
     await assert.rejects(
-      state.register(machine(plain, 'z', { requestedTags: ['tag:a'] })),
+      state.register(registerInput(plain, 'z', { requestedTags: ['tag:a'] })),
       fails('denied', /does not allow tag:a \(it allows: no tags\)$/),
     );
     assert.equal(await usedCount(plain), 0, 'a refused registration does not spend the key');
@@ -217,10 +207,10 @@ describe('registration through the state', () => {
 
   it('refuses a machine without an auth key, telling an unknown machine from an expired node', async () => {
     await assert.rejects(
-      state.register(machine('', 'new')),
+      state.register(registerInput('', 'new')),
       fails('unauthenticated', /^an auth key is required to register a new machine$/, 'node-unknown'),
     );
-    const input = machine(await authKey(), 'old');
+    const input = registerInput(await authKey(), 'old');
     await state.register(input);
     await state.expireNode('test', 'old', 'p', now);
     await assert.rejects(
@@ -234,7 +224,7 @@ describe('registration through the state', () => {
   });
 
   it('expires a node at its time to the millisecond', async () => {
-    const input = machine(await authKey(), 'a');
+    const input = registerInput(await authKey(), 'a');
     await state.register(input);
     await state.expireNode('test', 'a', 'p', now + 1);
     assert.equal((await state.register({ ...input, authKey: '' })).existing, true, 'before its time');
@@ -246,9 +236,9 @@ describe('registration through the state', () => {
   });
 
   it('gives an expired node re-authorized with a fresh key its identity and addresses back, with the new key’s tags', async () => {
-    const input = machine(await authKey({ tags: ['tag:old'] }), 'a');
+    const input = registerInput(await authKey({ tags: ['tag:old'] }), 'a');
     const { node } = await state.register(input);
-    await state.register(machine(await authKey(), 'b'));
+    await state.register(registerInput(await authKey(), 'b'));
     await state.expireNode('test', 'a', 'p', now);
     now += MINUTE / 2;
     events.length = 0;
@@ -280,7 +270,7 @@ describe('registration through the state', () => {
   });
 
   it('writes and announces only what a reconnecting machine changed', async () => {
-    let input = machine(await authKey(), 'a', { endpoints: ['192.0.2.1:1'] });
+    let input = registerInput(await authKey(), 'a', { endpoints: ['192.0.2.1:1'] });
     const { node } = await state.register(input);
     events.length = 0;
     const again = await state.register({ ...input, authKey: '' });
@@ -328,9 +318,9 @@ describe('registration through the state', () => {
   });
 
   it('refuses a node key another node holds, in memory or only in the store, and frees it again', async () => {
-    const a = machine(await authKey(), 'a');
+    const a = registerInput(await authKey(), 'a');
     const { node } = await state.register(a);
-    const { node: b } = await state.register(machine(await authKey(), 'b'));
+    const { node: b } = await state.register(registerInput(await authKey(), 'b'));
     await assert.rejects(
       state.register({ ...a, authKey: '', nodeKey: b.nodeKey }),
       fails('exists', /^node key is already used by another node; generate a new node key$/),
@@ -362,7 +352,7 @@ describe('registration through the state', () => {
 
   it('lets exactly one of several machines racing for a single-use key join; the others leave nothing', async () => {
     const key = await authKey();
-    const racers = Array.from({ length: 4 }, () => machine(key, 'racer'));
+    const racers = Array.from({ length: 4 }, () => registerInput(key, 'racer'));
     const results = await Promise.allSettled(racers.map((r) => state.register(r)));
     const joined = results.flatMap((r) => (r.status === 'fulfilled' ? [r.value.node] : []));
     assert.equal(joined.length, 1);
@@ -383,7 +373,7 @@ describe('registration through the state', () => {
   });
 
   it('gives one machine registering twice at once one node', async () => {
-    const input = machine(await authKey({ reusable: true }), 'twice');
+    const input = registerInput(await authKey({ reusable: true }), 'twice');
     const [one, two] = await Promise.all([state.register(input), state.register(input)]);
     assert.equal(one.node.id, two.node.id);
     assert.deepEqual([one.existing, two.existing].sort(), [false, true]);
@@ -456,7 +446,7 @@ describe('registration on a database shared with other coordinators', () => {
   it('takes numbers and the address turn from the database', async () => {
     await store.db.updateTable('id_counters').set({ last: 41 }).where('name', '=', 'addresses').execute();
     await store.db.updateTable('id_counters').set({ last: 7 }).where('name', '=', 'nodes').execute();
-    const { node } = await registration().register(machine(await authKey(), 'a'));
+    const { node } = await registration().register(registerInput(await authKey(), 'a'));
     assert.deepEqual(
       [node.numericId, node.ipIndex, node.ipv4, node.ipv6],
       [8, 42, '100.64.0.42', 'fd7a:115c:a1e0::2a'],
@@ -482,7 +472,7 @@ describe('registration on a database shared with other coordinators', () => {
       parts.changes.applyRow(other.id, other);
     };
     const writes = failWrites(1, collision('nodes_project_name_key'));
-    const input = machine(await authKey(), 'elsewhere');
+    const input = registerInput(await authKey(), 'elsewhere');
     const { node, existing } = await registration(catchUp).register(input);
     assert.equal(existing, false);
     assert.equal(caughtUp, 1);
@@ -503,7 +493,7 @@ describe('registration on a database shared with other coordinators', () => {
     let caughtUp = 0;
     const err = collision('nodes_ipv4_key');
     const writes = failWrites(100, err);
-    const input = machine(await authKey(), 'a');
+    const input = registerInput(await authKey(), 'a');
     await assert.rejects(
       registration(async () => {
         caughtUp++;
@@ -520,12 +510,12 @@ describe('registration on a database shared with other coordinators', () => {
       caughtUp++;
     };
     await assert.rejects(
-      registration(catchUp).register(machine('mgkey_auth_unknown', 'a')),
+      registration(catchUp).register(registerInput('mgkey_auth_unknown', 'a')),
       (e) => e instanceof CoordinatorError && e.kind === 'unauthenticated',
     );
     failWrites(1, collision('nodes_node_key'));
     await assert.rejects(
-      registration(catchUp).register(machine(await authKey(), 'a')),
+      registration(catchUp).register(registerInput(await authKey(), 'a')),
       fails('exists', /^node key is already used by another node; generate a new node key$/),
     );
     assert.equal(caughtUp, 0);
@@ -535,20 +525,23 @@ describe('registration on a database shared with other coordinators', () => {
       code: '57P01',
     });
     failWrites(1, lost);
-    await assert.rejects(registration(catchUp).register(machine(await authKey(), 'a')), (e) => e === lost);
+    await assert.rejects(
+      registration(catchUp).register(registerInput(await authKey(), 'a')),
+      (e) => e === lost,
+    );
     assert.equal(caughtUp, 0, 'a store that fails is not a collision');
 
     const err = collision('nodes_ipv4_key');
     mock.restoreAll();
     failWrites(1, err);
-    await assert.rejects(registration().register(machine(await authKey(), 'a')), (e) => e === err);
+    await assert.rejects(registration().register(registerInput(await authKey(), 'a')), (e) => e === err);
   });
 
   it('refuses a key of a project another coordinator deleted', async () => {
     const key = await authKey();
     parts.projects.applyRow('p', undefined);
     await assert.rejects(
-      registration().register(machine(key, 'a')),
+      registration().register(registerInput(key, 'a')),
       fails('unauthenticated', new RegExp(`^auth key ${keyId(key)} belongs to a deleted project$`)),
     );
   });
