@@ -106,13 +106,7 @@ describe('self-update steps', () => {
     let restarted = 0;
     let fetched = 0;
     const updater = new SelfUpdater({
-      version: '0.1.0',
-      prefix,
-      releaseKey: signing.publicKey,
-      releasesUrl: 'https://coord:7480',
-      stateDir,
-      timeoutMs: 30_000,
-      log: pino({ level: 'silent' }),
+      ...baseOpts(),
       report: (v, s, reason) => reports.push(`${v} ${s} ${reason}`),
       restart: async () => {
         restarted++;
