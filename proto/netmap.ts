@@ -1,7 +1,7 @@
 // Applies the coordinator's sync messages to a netmap. The agent keeps its
 // view this way; so do the simulated agents of tests and benchmarks.
 import { inflateRawSync } from 'node:zlib';
-import { create, fromBinary } from '@bufbuild/protobuf';
+import { create, type DescMessage, fromBinary, type MessageShape } from '@bufbuild/protobuf';
 import { type SyncResponse, SyncResponseSchema } from './gen/meshgate/v1/control_pb.js';
 import {
   DnsRecordSchema,
@@ -36,9 +36,10 @@ export const IMPLIED_PEER_FIELDS = 'implied-peer-fields';
  */
 export const SHARED_PEERS = 'shared-peers';
 /**
- * The most one compressed part may inflate to: 100,000 peers of 200 bytes,
- * ten times the largest project measured. A part that would inflate further
- * is refused rather than allowed to exhaust the agent's memory.
+ * The most the compressed parts of one sync message may inflate to,
+ * together: 100,000 peers of 200 bytes, ten times the largest project
+ * measured. A message whose parts would inflate further is refused rather
+ * than allowed to exhaust the agent's memory, however many parts it has.
  */
 export const MAX_SHARED_PEERS_BYTES = 20 * 1024 * 1024;
 
@@ -88,20 +89,32 @@ export function withImpliedFields(m: NetMap): NetMap {
   return { ...m, peers, dns: implied.length ? [...m.dns, ...implied] : m.dns };
 }
 
-/** A compressed part of a sync message, inflated; NetmapError if it cannot be or would be too large. */
-function inflate(bytes: Uint8Array, what: string): Buffer {
+/** What the compressed parts of one sync message may still inflate to. */
+export class InflateBudget {
+  left = MAX_SHARED_PEERS_BYTES;
+}
+
+/**
+ * A compressed part of a sync message, inflated within `budget` and decoded;
+ * NetmapError if it cannot be, or would take more than the budget has left.
+ */
+function decodeCompressed<T extends DescMessage>(
+  schema: T,
+  bytes: Uint8Array,
+  what: string,
+  budget: InflateBudget,
+): MessageShape<T> {
+  let raw: Buffer;
   try {
-    return inflateRawSync(bytes, { maxOutputLength: MAX_SHARED_PEERS_BYTES });
+    // zlib takes no limit below one byte: an empty part still inflates then.
+    raw = inflateRawSync(bytes, { maxOutputLength: Math.max(1, budget.left) });
   } catch (err) {
     throw new NetmapError(`${what} do not inflate: ${(err as Error).message}`);
   }
-}
-
-function decode<T>(f: () => T, what: string): T {
+  budget.left -= raw.length;
   try {
-    return f();
+    return fromBinary(schema, raw);
   } catch (err) {
-    if (err instanceof NetmapError) throw err;
     throw new NetmapError(`${what} do not decode: ${(err as Error).message}`);
   }
 }
@@ -111,14 +124,17 @@ function decode<T>(f: () => T, what: string): T {
  * the receiving node `selfId` among the changed peers. Unchanged without
  * shared parts.
  */
-export function withSharedDelta(msg: SyncResponse, selfId: string | undefined): SyncResponse {
+export function withSharedDelta(
+  msg: SyncResponse,
+  selfId: string | undefined,
+  budget = new InflateBudget(),
+): SyncResponse {
   if (!msg.shared.length) return msg;
   const removed: string[] = [];
   const changed: Peer[] = [];
   const patches: PeerPatch[] = [];
   for (const part of msg.shared) {
-    const what = "the delta's shared parts";
-    const s = decode(() => fromBinary(SyncResponseSchema, inflate(part, what)), what);
+    const s = decodeCompressed(SyncResponseSchema, part, "the delta's shared parts", budget);
     removed.push(...s.peersRemoved);
     for (const p of s.peersChanged) if (p.id !== selfId) changed.push(p);
     patches.push(...s.peerPatches);
@@ -133,14 +149,17 @@ export function withSharedDelta(msg: SyncResponse, selfId: string | undefined): 
 }
 
 /** The filter with the compressed sources of its rules among their own; unchanged without any. */
-export function withSharedSources(filter: PacketFilter | undefined): PacketFilter | undefined {
+export function withSharedSources(
+  filter: PacketFilter | undefined,
+  budget = new InflateBudget(),
+): PacketFilter | undefined {
   if (!filter?.rules.some((r) => r.sharedSrcCidrs.length)) return filter;
-  const what = "the packet filter's shared sources";
   return {
     ...filter,
     rules: filter.rules.map((r) => {
       if (!r.sharedSrcCidrs.length) return r;
-      const shared = decode(() => fromBinary(FilterRuleSchema, inflate(r.sharedSrcCidrs, what)), what);
+      const what = "the packet filter's shared sources";
+      const shared = decodeCompressed(FilterRuleSchema, r.sharedSrcCidrs, what, budget);
       return { ...r, srcCidrs: [...shared.srcCidrs, ...r.srcCidrs], sharedSrcCidrs: new Uint8Array(0) };
     }),
   };
@@ -156,10 +175,9 @@ export class SequenceError extends Error {
  * carries (a newer one), without the node itself; then the netmap's peers
  * that are not among the shared ones. Unchanged without shared peers.
  */
-export function withSharedPeers(m: NetMap): NetMap {
+export function withSharedPeers(m: NetMap, budget = new InflateBudget()): NetMap {
   if (!m.sharedPeers.length) return m;
-  const what = "the netmap's shared peers";
-  const shared = decode(() => fromBinary(NetMapSchema, inflate(m.sharedPeers, what)), what).peers;
+  const shared = decodeCompressed(NetMapSchema, m.sharedPeers, "the netmap's shared peers", budget).peers;
   const own = new Map(m.peers.map((p) => [p.id, p]));
   const selfId = m.self?.id;
   const peers: Peer[] = [];
@@ -183,14 +201,16 @@ export function applySync(current: NetMap | null, lastSeq: bigint, received: Syn
   if (msg.seq !== lastSeq + 1n && !(msg.full && msg.seq === 1n)) {
     throw new SequenceError(`sync message ${msg.seq} after ${lastSeq}`);
   }
+  // One budget for every compressed part of the message.
+  const budget = new InflateBudget();
   if (msg.full) {
-    const full = withSharedPeers(msg.full);
-    const packetFilter = withSharedSources(full.packetFilter);
+    const full = withSharedPeers(msg.full, budget);
+    const packetFilter = withSharedSources(full.packetFilter, budget);
     return withImpliedFields(packetFilter === full.packetFilter ? full : { ...full, packetFilter });
   }
   if (msg.keepalive) return current;
   if (!current) throw new SequenceError('delta before the first full netmap');
-  msg = withSharedDelta(msg, current.self?.id);
+  msg = withSharedDelta(msg, current.self?.id, budget);
   // Netmaps are values: the result shares every unchanged peer with `current`
   // and copies only the patched ones. A deep copy per message cost 45-90 ms at
   // 10,000 peers.
@@ -211,7 +231,7 @@ export function applySync(current: NetMap | null, lastSeq: bigint, received: Syn
     }
     next.peers = [...byId.values()];
   }
-  if (msg.packetFilter) next.packetFilter = withSharedSources(msg.packetFilter);
+  if (msg.packetFilter) next.packetFilter = withSharedSources(msg.packetFilter, budget);
   if (msg.desiredVersion !== undefined) {
     next.desiredVersion = msg.desiredVersion;
     next.desiredRelease = msg.desiredRelease;

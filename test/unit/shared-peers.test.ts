@@ -125,6 +125,39 @@ describe('shared peers, as the agent applies them', () => {
     );
   });
 
+  it('of one message are refused when together they would inflate beyond the limit, however they are split', () => {
+    // Each part valid and under the limit: a third of it, as one long string.
+    const long = 'a'.repeat(Math.ceil(MAX_SHARED_PEERS_BYTES / 3));
+    const removal = deflateRawSync(
+      toBinary(SyncResponseSchema, create(SyncResponseSchema, { peersRemoved: [long] })),
+    );
+    const map = applySync(null, 0n, create(SyncResponseSchema, { seq: 1n, full: create(NetMapSchema, {}) }))!;
+    assert.ok(applySync(map, 1n, create(SyncResponseSchema, { seq: 2n, shared: [removal, removal] })));
+    assert.throws(
+      () => applySync(map, 1n, create(SyncResponseSchema, { seq: 2n, shared: [removal, removal, removal] })),
+      /^NetmapError: the delta's shared parts do not inflate: /,
+    );
+    const sources = deflateRawSync(
+      toBinary(FilterRuleSchema, create(FilterRuleSchema, { srcCidrs: [long] })),
+    );
+    const third = deflateRawSync(toBinary(NetMapSchema, create(NetMapSchema, { peers: [peer(long)] })));
+    const filter = create(PacketFilterSchema, {
+      rules: [sources, sources].map((b) => create(FilterRuleSchema, { sharedSrcCidrs: b })),
+    });
+    assert.throws(
+      () =>
+        applySync(
+          null,
+          0n,
+          create(SyncResponseSchema, {
+            seq: 1n,
+            full: create(NetMapSchema, { sharedPeers: third, packetFilter: filter }),
+          }),
+        ),
+      /^NetmapError: the packet filter's shared sources do not inflate: /,
+    );
+  });
+
   it('are refused with a NetmapError when they inflate beyond the limit or are not DEFLATE', () => {
     const bomb = deflateRawSync(Buffer.alloc(MAX_SHARED_PEERS_BYTES + 1));
     assert.ok(bomb.length < 64 * 1024, 'a small message');
