@@ -71,30 +71,43 @@ export function signCall(
   };
 }
 
-/** DER header of an Ed25519 SubjectPublicKeyInfo; the raw 32-byte key follows it. */
 /**
- * Parsing a key costs nearly as much as checking a signature, and a node
- * signs all its calls with the same key. Bounded so that callers inventing
- * keys cannot grow it; the oldest entry goes first.
+ * Parsed Ed25519 public keys by their raw bytes. Parsing a key costs nearly
+ * as much as checking a signature, and a node signs all its calls with the
+ * same key. Bounded so that callers inventing keys cannot grow it; the oldest
+ * entry goes first.
  */
-const publicKeys = new Map<string, KeyObject>();
-const PUBLIC_KEY_CACHE_SIZE = 100_000;
+export class PublicKeyCache {
+  private readonly keys = new Map<string, KeyObject>();
 
-function ed25519PublicKey(raw: Uint8Array): KeyObject {
-  const hex = Buffer.from(raw).toString('hex');
-  let key = publicKeys.get(hex);
-  if (!key) {
-    // As a JWK: OpenSSL 3 decodes a DER key about ten times slower (250 against
-    // 27 µs here), which every new machine's first call paid.
-    key = createPublicKey({
-      key: { kty: 'OKP', crv: 'Ed25519', x: Buffer.from(raw).toString('base64url') },
-      format: 'jwk',
-    });
-    if (publicKeys.size >= PUBLIC_KEY_CACHE_SIZE) publicKeys.delete(publicKeys.keys().next().value!);
-    publicKeys.set(hex, key);
+  constructor(readonly limit: number) {}
+
+  get size(): number {
+    return this.keys.size;
   }
-  return key;
+
+  get(raw: Uint8Array): KeyObject {
+    const hex = Buffer.from(raw).toString('hex');
+    let key = this.keys.get(hex);
+    if (!key) {
+      // As a JWK: OpenSSL 3 decodes a DER key about ten times slower (250
+      // against 27 µs here), which every new machine's first call paid.
+      key = createPublicKey({
+        key: { kty: 'OKP', crv: 'Ed25519', x: Buffer.from(raw).toString('base64url') },
+        format: 'jwk',
+      });
+      if (this.keys.size >= this.limit) this.keys.delete(this.keys.keys().next().value!);
+      this.keys.set(hex, key);
+    }
+    return key;
+  }
+
+  has(raw: Uint8Array): boolean {
+    return this.keys.has(Buffer.from(raw).toString('hex'));
+  }
 }
+
+const publicKeys = new PublicKeyCache(100_000);
 
 /**
  * Checks with Node's Ed25519 (OpenSSL): it verifies the signatures tweetnacl
@@ -109,5 +122,5 @@ export function verifyCallSignature(
   const sig = Buffer.from(signatureB64, 'base64');
   if (sig.length !== nacl.sign.signatureLength || machinePublicKey.length !== nacl.sign.publicKeyLength)
     return false;
-  return verify(null, signingPayload(call), ed25519PublicKey(machinePublicKey), sig);
+  return verify(null, signingPayload(call), publicKeys.get(machinePublicKey), sig);
 }

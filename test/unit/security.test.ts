@@ -16,6 +16,7 @@ import {
   sha256,
 } from '../../proto/keys.js';
 import {
+  PublicKeyCache,
   SIG_MACHINE_KEY,
   SIG_NODE_ID,
   SIG_NONCE,
@@ -494,6 +495,27 @@ describe('security checks', () => {
         new TextDecoder().decode(signingPayload(call)),
         'meshgate-call-v1\n/meshgate.v1.ControlService/Sync\nab12\n1800000000123\n00112233445566778899aabbccddeeff\ndeadbeef',
       );
+    });
+
+    it('keep parsed keys up to their limit, dropping the oldest first', () => {
+      const [a, b, c] = [0, 1, 2].map(() => generateMachineKey().publicKey) as [
+        Uint8Array,
+        Uint8Array,
+        Uint8Array,
+      ];
+      const cache = new PublicKeyCache(2);
+      const first = cache.get(a);
+      assert.equal(cache.get(a), first, 'a key seen before is not parsed again');
+      cache.get(b);
+      assert.equal(cache.size, 2);
+      cache.get(c);
+      assert.equal(cache.size, 2, 'a caller inventing keys cannot grow the cache');
+      assert.deepEqual([cache.has(a), cache.has(b), cache.has(c)], [false, true, true]);
+      assert.deepEqual(cache.get(c).export({ format: 'jwk' }), {
+        kty: 'OKP',
+        crv: 'Ed25519',
+        x: Buffer.from(c).toString('base64url'),
+      });
     });
 
     it('say no, without throwing, to signatures and keys of the wrong length', () => {
