@@ -3,6 +3,7 @@
 // file speaks Kysely only.
 import { Kysely, PostgresDialect, sql } from 'kysely';
 import pg from 'pg';
+import { walSync } from './file-sync.js';
 import { type Dialect, migrate } from './migrations.js';
 import type { Database } from './schema.js';
 import { DatabaseError, openSqliteFile, sqlitePath } from './sqlite.js';
@@ -50,16 +51,22 @@ export async function openStore(opts: StoreOptions): Promise<Store> {
 }
 
 function openSqlite(url: string, key: string | undefined, busyWaitMs: number): Kysely<Database> {
-  const conn = openSqliteFile(sqlitePath(url), key);
-  // WAL lets readers run beside the writer; synchronous=FULL makes every
-  // acknowledged commit survive a power loss, not just a process crash.
+  const path = sqlitePath(url);
+  const conn = openSqliteFile(path, key);
+  // WAL lets readers run beside the writer. Every acknowledged commit must
+  // survive a power loss, not just a process crash: SQLite's COMMIT leaves
+  // the disk to the driver (synchronous=NORMAL), which syncs the log in the
+  // thread pool before acknowledging, instead of on the event loop's thread.
   conn.pragma('journal_mode = WAL');
-  conn.pragma('synchronous = FULL');
+  const inMemory = path === ':memory:';
+  conn.pragma(inMemory ? 'synchronous = FULL' : 'synchronous = NORMAL');
   conn.pragma('foreign_keys = ON');
   // SQLite's busy wait blocks the event loop: keep it short, the dialect retries asynchronously.
   conn.pragma('busy_timeout = 20');
   return new Kysely<Database>({
-    dialect: retryingDialect(sqliteDialect(conn), { busyWaitMs }),
+    dialect: retryingDialect(sqliteDialect(conn, { sync: inMemory ? undefined : walSync(`${path}-wal`) }), {
+      busyWaitMs,
+    }),
   });
 }
 

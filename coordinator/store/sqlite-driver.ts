@@ -1,14 +1,17 @@
 // The Kysely driver for the coordinator's SQLite file, in place of Kysely's
 // own, for two costs that dominated registering many agents at once:
-//  - Group commit. With synchronous=FULL every COMMIT waits for the disk
-//    (about 2 ms here), and better-sqlite3 waits on the event loop's thread,
-//    so one commit per registration capped registrations at a few hundred per
-//    second whatever the CPU. Transactions that meet here within one turn of
-//    the event loop now run one after another inside one SQLite transaction,
+//  - Group commit. Waiting for the disk at every COMMIT (about 2 ms here)
+//    on the event loop's thread, as better-sqlite3 does with
+//    synchronous=FULL, capped registrations at a few hundred per second
+//    whatever the CPU. Transactions that meet here within one turn of the
+//    event loop now run one after another inside one SQLite transaction,
 //    each in a savepoint of its own (its failure undoes only its changes),
-//    and share one COMMIT. None of them returns before that COMMIT is on
-//    disk, so an acknowledged change still survives a power loss; if the
-//    COMMIT fails, every one of them fails.
+//    and share one COMMIT. With a `sync` (db.ts: synchronous=NORMAL and an
+//    fdatasync of the write-ahead log in the thread pool), the COMMIT does
+//    not wait for the disk and the loop goes on; none of the group returns
+//    before the sync that followed its COMMIT, so an acknowledged change
+//    still survives a power loss. If the COMMIT or that sync fails, every
+//    one of them fails.
 //  - Statements are prepared once per SQL text and kept, instead of once per
 //    execution.
 import type SQLite from 'better-sqlite3-multiple-ciphers';
@@ -34,10 +37,19 @@ export const GROUP_LIMIT = 64;
 const STATEMENT_CACHE = 500;
 const SAVEPOINT = 'meshgate_tx';
 
-export function sqliteDialect(db: SQLite.Database): Dialect {
+export interface DriverOptions {
+  /**
+   * Resolves once every commit made before the call is on disk; without it a
+   * COMMIT is taken as durable when it returns (synchronous=FULL, or a
+   * database in memory).
+   */
+  sync?: () => Promise<void>;
+}
+
+export function sqliteDialect(db: SQLite.Database, opts: DriverOptions = {}): Dialect {
   return {
     createAdapter: (): DialectAdapter => new SqliteAdapter(),
-    createDriver: (): Driver => new GroupCommitDriver(db),
+    createDriver: (): Driver => new GroupCommitDriver(db, opts.sync),
     createIntrospector: (k: Kysely<unknown>): DatabaseIntrospector => new SqliteIntrospector(k),
     createQueryCompiler: (): QueryCompiler => new SqliteQueryCompiler(),
   };
@@ -54,7 +66,11 @@ class Lease implements DatabaseConnection {
 
   async executeQuery<R>(query: CompiledQuery): Promise<QueryResult<R>> {
     await this.driver.beforeStatement(this);
-    return this.driver.run<R>(query);
+    const result = this.driver.run<R>(query);
+    // A change outside a transaction committed on its own: it is acknowledged
+    // once on disk, and others may use the connection meanwhile.
+    if (!this.inTransaction && !this.driver.prepare(query.sql).readonly) await this.driver.durable(this);
+    return result;
   }
 
   async *streamQuery<R>(query: CompiledQuery): AsyncIterableIterator<QueryResult<R>> {
@@ -79,7 +95,10 @@ export class GroupCommitDriver implements Driver {
   private members: Member[] = [];
   private commitScheduled = false;
 
-  constructor(private readonly db: SQLite.Database) {}
+  constructor(
+    private readonly db: SQLite.Database,
+    private readonly sync?: () => Promise<void>,
+  ) {}
 
   async init(): Promise<void> {}
 
@@ -133,6 +152,14 @@ export class GroupCommitDriver implements Driver {
       lease.handedOff = false;
     }
     if (!lease.inTransaction && this.groupOpen) this.commitGroup();
+  }
+
+  /** Hands the lease's connection on and waits until its change is on disk. */
+  async durable(lease: Lease): Promise<void> {
+    if (!this.sync) return;
+    lease.handedOff = true;
+    this.unlock();
+    await this.sync();
   }
 
   async acquireConnection(): Promise<DatabaseConnection> {
@@ -206,7 +233,18 @@ export class GroupCommitDriver implements Driver {
       for (const m of members) m.reject(failure);
       return;
     }
-    for (const m of members) m.resolve();
+    if (!this.sync) {
+      for (const m of members) m.resolve();
+      return;
+    }
+    this.sync().then(
+      () => {
+        for (const m of members) m.resolve();
+      },
+      (err: unknown) => {
+        for (const m of members) m.reject(err);
+      },
+    );
   }
 
   async releaseConnection(c: DatabaseConnection): Promise<void> {
@@ -219,6 +257,8 @@ export class GroupCommitDriver implements Driver {
   async destroy(): Promise<void> {
     await this.lock();
     if (this.groupOpen) this.commitGroup();
+    // Closing may remove the log: its last group is synced first.
+    await this.sync?.().catch(() => {});
     this.statements.clear();
     this.db.close();
   }

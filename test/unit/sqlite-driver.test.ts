@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import { after, beforeEach, describe, it } from 'node:test';
 import SQLite from 'better-sqlite3-multiple-ciphers';
 import { Kysely, sql } from 'kysely';
+import { Coalesced, walSync } from '../../coordinator/store/file-sync.js';
 import { GROUP_LIMIT, sqliteDialect } from '../../coordinator/store/sqlite-driver.js';
 import { StoreUnavailableError } from '../../coordinator/store/unavailable.js';
 
@@ -52,6 +53,15 @@ const insert = (id: number, fail = false) =>
       if (fail) throw new Error(`transaction ${id} gives up`);
     })
     .then(() => events.push(`done ${id}`));
+
+/** Lets the event loop turn until `cond` holds; fails after 5 s. */
+const until = async (what: string, cond: () => boolean) => {
+  const end = Date.now() + 5000;
+  while (!cond()) {
+    if (Date.now() > end) assert.fail(`never happened: ${what} (${events.join(', ')})`);
+    await new Promise((r) => setImmediate(r));
+  }
+};
 
 const ids = async () => (await db.selectFrom('t').select('id').orderBy('id').execute()).map((r) => r.id);
 
@@ -120,5 +130,123 @@ describe('SQLite driver: group commit', () => {
       await c.insertInto('t').values({ id: 2, v: 'b' }).execute();
     });
     assert.deepEqual(await ids(), [1, 2]);
+  });
+});
+
+describe('SQLite driver: commits made durable off the event loop', () => {
+  /** A sync the test finishes by hand; `syncs` holds the pending ones, oldest first. */
+  let syncs: { resolve(): void; reject(e: Error): void }[];
+  const sync = () =>
+    new Promise<void>((resolve, reject) => {
+      events.push('sync');
+      syncs.push({ resolve, reject });
+    });
+
+  beforeEach(() => {
+    syncs = [];
+    db = new Kysely<Db>({ dialect: sqliteDialect(conn, { sync }) });
+  });
+
+  it('acknowledges a group only after the sync that follows its COMMIT; the next group commits meanwhile', async () => {
+    const first = Promise.all([insert(1), insert(2)]);
+    await until('a sync', () => syncs.length === 1);
+    assert.deepEqual(events, ['begin', 'commit', 'sync']);
+    const second = insert(3);
+    await until('a second sync', () => syncs.length === 2);
+    assert.deepEqual(events, ['begin', 'commit', 'sync', 'begin', 'commit', 'sync'], 'the loop went on');
+    syncs[1]!.resolve();
+    await second;
+    assert.ok(!events.includes('done 1'), 'the first group waits for its own sync');
+    syncs[0]!.resolve();
+    await first;
+    assert.deepEqual(events.slice(6), ['done 3', 'done 1', 'done 2']);
+  });
+
+  it('a failed sync fails every transaction of its group with a typed error; the next one works', async () => {
+    const group = Promise.allSettled([insert(1), insert(2)]);
+    await until('a sync', () => syncs.length === 1);
+    syncs[0]!.reject(new StoreUnavailableError('the coordinator cannot write its database to disk (EIO)'));
+    for (const r of await group) {
+      assert.equal(r.status, 'rejected');
+      assert.match(String((r as PromiseRejectedResult).reason), /cannot write its database to disk \(EIO\)/);
+    }
+    const next = insert(3);
+    await until('a second sync', () => syncs.length === 2);
+    syncs[1]!.resolve();
+    await next;
+  });
+
+  it('a change outside a transaction returns once synced, and others use the connection meanwhile', async () => {
+    let done = false;
+    const outside = sql`insert into t (id, v) values (1, 'outside') returning id`.execute(db).then(() => {
+      done = true;
+    });
+    await until('a sync', () => syncs.length === 1);
+    assert.equal(done, false);
+    assert.deepEqual(await ids(), [1], 'a read does not wait for the sync');
+    syncs[0]!.resolve();
+    await outside;
+    assert.equal(done, true);
+  });
+
+  it('closing syncs the last group before the log can go', async () => {
+    const pending = insert(1);
+    await until('a sync', () => syncs.length === 1);
+    syncs[0]!.resolve();
+    await pending;
+    const closing = db.destroy();
+    await until('a second sync', () => syncs.length === 2);
+    assert.equal(conn.open, true, 'not closed before the sync');
+    syncs[1]!.resolve();
+    await closing;
+    assert.equal(conn.open, false);
+  });
+});
+
+describe('file sync', () => {
+  it('callers during a sync share the next one', async () => {
+    const runs: (() => void)[] = [];
+    const c = new Coalesced(() => new Promise<void>((r) => runs.push(r)));
+    const first = c.run();
+    const later = [c.run(), c.run(), c.run()];
+    assert.equal(runs.length, 1);
+    runs[0]!();
+    await first;
+    await until('the queued run', () => runs.length === 2);
+    assert.equal(runs.length, 2, 'one more run for the three who asked during the first');
+    runs[1]!();
+    await Promise.all(later);
+    const after = c.run();
+    assert.equal(runs.length, 3, 'a caller after both starts a run of its own');
+    runs[2]!();
+    await after;
+  });
+
+  it('a failed run fails its callers, not the run after it', async () => {
+    const outcomes = ['EIO', ''];
+    const c = new Coalesced(async () => {
+      const failure = outcomes.shift();
+      if (failure) throw new Error(failure);
+    });
+    const first = c.run();
+    const queued = c.run();
+    await assert.rejects(first, /EIO/);
+    await queued;
+    assert.deepEqual(outcomes, []);
+  });
+
+  it('syncs a real log, and says which file it could not sync', async () => {
+    const path = join(dir, 'wal-sync.sqlite');
+    const c = new SQLite(path);
+    c.pragma('journal_mode = WAL');
+    c.exec('create table x (v)');
+    await walSync(`${path}-wal`)();
+    c.close();
+    await assert.rejects(
+      walSync(join(dir, 'missing-wal'))(),
+      (e: Error) =>
+        e instanceof StoreUnavailableError &&
+        /cannot write its database to disk \(ENOENT on .*missing-wal\)/.test(e.message),
+    );
   });
 });
