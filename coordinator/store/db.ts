@@ -64,7 +64,7 @@ function openSqlite(url: string, key: string | undefined, busyWaitMs: number): K
   // SQLite's busy wait blocks the event loop: keep it short, the dialect retries asynchronously.
   conn.pragma('busy_timeout = 20');
   return new Kysely<Database>({
-    dialect: retryingDialect(sqliteDialect(conn, { sync: inMemory ? undefined : walSync(`${path}-wal`) }), {
+    dialect: retryingDialect(sqliteDialect(conn, { log: inMemory ? undefined : walSync(`${path}-wal`) }), {
       busyWaitMs,
     }),
   });

@@ -2,7 +2,7 @@
 // fdatasync runs in libuv's thread pool, and callers that ask while one is
 // under way share the next one, so a burst of commits costs two syncs, not
 // one each.
-import { open } from 'node:fs/promises';
+import { type FileHandle, open } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { StoreUnavailableError } from './unavailable.js';
 
@@ -34,8 +34,6 @@ export class Coalesced {
 }
 
 async function datasync(path: string): Promise<void> {
-  // Opened each time: a file SQLite recreates is a new inode, and a handle
-  // kept open would then sync the old one.
   const handle = await open(path, 'r');
   try {
     await handle.datasync();
@@ -44,15 +42,25 @@ async function datasync(path: string): Promise<void> {
   }
 }
 
+export interface LogSync {
+  /** Resolves once everything written to the log before the call is on disk. */
+  sync(): Promise<void>;
+  close(): Promise<void>;
+}
+
 /**
- * fdatasync of SQLite's write-ahead log. The first sync also syncs the
+ * fdatasync of SQLite's write-ahead log. The log stays open: SQLite removes
+ * and recreates it only when its last connection closes, and the driver's
+ * connection is open as long as this is. The first sync also syncs the
  * directory, so that the log file itself is found after a power loss.
  */
-export function walSync(walPath: string): () => Promise<void> {
+export function walSync(walPath: string): LogSync {
+  let handle: FileHandle | null = null;
   let directorySynced = false;
   const sync = new Coalesced(async () => {
     try {
-      await datasync(walPath);
+      handle ??= await open(walPath, 'r');
+      await handle.datasync();
       if (!directorySynced) {
         await datasync(dirname(walPath));
         directorySynced = true;
@@ -64,5 +72,11 @@ export function walSync(walPath: string): () => Promise<void> {
       );
     }
   });
-  return () => sync.run();
+  return {
+    sync: () => sync.run(),
+    async close() {
+      await handle?.close();
+      handle = null;
+    },
+  };
 }

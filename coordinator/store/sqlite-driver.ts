@@ -6,7 +6,7 @@
 //    whatever the CPU. Transactions that meet here within one turn of the
 //    event loop now run one after another inside one SQLite transaction,
 //    each in a savepoint of its own (its failure undoes only its changes),
-//    and share one COMMIT. With a `sync` (db.ts: synchronous=NORMAL and an
+//    and share one COMMIT. With a `log` (db.ts: synchronous=NORMAL and an
 //    fdatasync of the write-ahead log in the thread pool), the COMMIT does
 //    not wait for the disk and the loop goes on; none of the group returns
 //    before the sync that followed its COMMIT, so an acknowledged change
@@ -29,6 +29,7 @@ import {
   SqliteIntrospector,
   SqliteQueryCompiler,
 } from 'kysely';
+import type { LogSync } from './file-sync.js';
 import { storeUnavailable } from './unavailable.js';
 
 /** Transactions that share one COMMIT at most; more wait for the next one. */
@@ -39,17 +40,17 @@ const SAVEPOINT = 'meshgate_tx';
 
 export interface DriverOptions {
   /**
-   * Resolves once every commit made before the call is on disk; without it a
-   * COMMIT is taken as durable when it returns (synchronous=FULL, or a
-   * database in memory).
+   * Makes every commit made before `sync()` durable; without it a COMMIT is
+   * taken as durable when it returns (synchronous=FULL, or a database in
+   * memory).
    */
-  sync?: () => Promise<void>;
+  log?: LogSync;
 }
 
 export function sqliteDialect(db: SQLite.Database, opts: DriverOptions = {}): Dialect {
   return {
     createAdapter: (): DialectAdapter => new SqliteAdapter(),
-    createDriver: (): Driver => new GroupCommitDriver(db, opts.sync),
+    createDriver: (): Driver => new GroupCommitDriver(db, opts.log),
     createIntrospector: (k: Kysely<unknown>): DatabaseIntrospector => new SqliteIntrospector(k),
     createQueryCompiler: (): QueryCompiler => new SqliteQueryCompiler(),
   };
@@ -97,7 +98,7 @@ export class GroupCommitDriver implements Driver {
 
   constructor(
     private readonly db: SQLite.Database,
-    private readonly sync?: () => Promise<void>,
+    private readonly log?: LogSync,
   ) {}
 
   async init(): Promise<void> {}
@@ -156,10 +157,10 @@ export class GroupCommitDriver implements Driver {
 
   /** Hands the lease's connection on and waits until its change is on disk. */
   async durable(lease: Lease): Promise<void> {
-    if (!this.sync) return;
+    if (!this.log) return;
     lease.handedOff = true;
     this.unlock();
-    await this.sync();
+    await this.log.sync();
   }
 
   async acquireConnection(): Promise<DatabaseConnection> {
@@ -233,11 +234,11 @@ export class GroupCommitDriver implements Driver {
       for (const m of members) m.reject(failure);
       return;
     }
-    if (!this.sync) {
+    if (!this.log) {
       for (const m of members) m.resolve();
       return;
     }
-    this.sync().then(
+    this.log.sync().then(
       () => {
         for (const m of members) m.resolve();
       },
@@ -258,7 +259,8 @@ export class GroupCommitDriver implements Driver {
     await this.lock();
     if (this.groupOpen) this.commitGroup();
     // Closing may remove the log: its last group is synced first.
-    await this.sync?.().catch(() => {});
+    await this.log?.sync().catch(() => {});
+    await this.log?.close();
     this.statements.clear();
     this.db.close();
   }

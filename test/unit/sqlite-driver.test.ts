@@ -144,7 +144,7 @@ describe('SQLite driver: commits made durable off the event loop', () => {
 
   beforeEach(() => {
     syncs = [];
-    db = new Kysely<Db>({ dialect: sqliteDialect(conn, { sync }) });
+    db = new Kysely<Db>({ dialect: sqliteDialect(conn, { log: { sync, close: async () => {} } }) });
   });
 
   it('acknowledges a group only after the sync that follows its COMMIT; the next group commits meanwhile', async () => {
@@ -240,10 +240,13 @@ describe('file sync', () => {
     const c = new SQLite(path);
     c.pragma('journal_mode = WAL');
     c.exec('create table x (v)');
-    await walSync(`${path}-wal`)();
+    const log = walSync(`${path}-wal`);
+    await log.sync();
+    await log.sync();
+    await log.close();
     c.close();
     await assert.rejects(
-      walSync(join(dir, 'missing-wal'))(),
+      walSync(join(dir, 'missing-wal')).sync(),
       (e: Error) =>
         e instanceof StoreUnavailableError &&
         /cannot write its database to disk \(ENOENT on .*missing-wal\)/.test(e.message),
