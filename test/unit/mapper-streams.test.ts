@@ -1,0 +1,278 @@
+// The mapper's bookkeeping of streams and batches, read from what agents
+// receive: how many full netmaps go out at once, streams replaced or ended
+// while they wait for theirs, when a batch goes out (another project's
+// waiting batch, the pause after a long flush), what a presence patch and a
+// node's own change say, who gets nothing, and the delivery callback.
+import assert from 'node:assert/strict';
+import { after, before, describe, it, mock } from 'node:test';
+import { Mapper, type MapperOptions } from '../../coordinator/mapper/mapper.js';
+import { State } from '../../coordinator/state/state.js';
+import { openStore, type Store } from '../../coordinator/store/db.js';
+import { RecordingSession, testMapperOptions } from '../fixtures/mapper.js';
+import { registerTestNode } from '../fixtures/nodes.js';
+
+const POLICY = {
+  tagOwners: { 'tag:ops': [], 'tag:firewall': [], 'tag:machine': [] },
+  acls: [{ action: 'accept', src: ['tag:ops'], dst: ['tag:firewall:22'] }],
+};
+
+describe('mapper streams and batches', () => {
+  let store: Store;
+  let state: State;
+  const ids: Record<string, string> = {};
+  const mappers: Mapper[] = [];
+  const newMapper = (options: Partial<MapperOptions> = {}) => {
+    const m = new Mapper(state, testMapperOptions(options));
+    mappers.push(m);
+    return m;
+  };
+  const register = async (project: string, name: string, tags: string[] = []) => {
+    ids[name] = (await registerTestNode(state, { project, name, tags })).id;
+    return ids[name]!;
+  };
+  const stream = (name: string, options: { held?: boolean } = {}) =>
+    new RecordingSession(ids[name]!, options);
+  const counts = (...streams: RecordingSession[]) => streams.map((s) => s.sent.length);
+  /** Waits for `cond`, failing after 5 s. */
+  const until = async (what: string, cond: () => boolean) => {
+    const end = Date.now() + 5000;
+    while (!cond()) {
+      if (Date.now() > end) assert.fail(`never happened: ${what}`);
+      await new Promise((r) => setTimeout(r, 1));
+    }
+  };
+
+  before(async () => {
+    store = await openStore({ url: ':memory:' });
+    state = await State.load(store.db, { ephemeralTimeoutMs: 60_000 });
+    await state.createProject('test', 'p');
+    await state.createProject('test', 'q');
+    await register('p', 'ops', ['tag:ops']);
+    await register('p', 'fw', ['tag:firewall']);
+    await register('p', 'm1', ['tag:machine']);
+    await register('q', 'q1');
+    await register('q', 'q2');
+    await state.setPolicy('test', 'p', JSON.stringify(POLICY));
+  });
+  after(async () => {
+    for (const m of mappers) m.close();
+    await store.close();
+  });
+
+  it('sends as many full netmaps at once as the budget holds, to the byte', () => {
+    const probe = newMapper();
+    const first = stream('fw', { held: true });
+    probe.attach(first);
+    const size = first.bytes[0]!;
+
+    const exact = newMapper({ fullNetmapBudget: size });
+    const [a, b] = [stream('fw', { held: true }), stream('ops')];
+    exact.attach(a);
+    exact.attach(b);
+    assert.deepEqual(counts(a, b), [1, 0], 'a netmap of exactly the budget fills it');
+    assert.equal(exact.sessionCount, 2, 'the waiting stream counts');
+    a.release();
+    assert.deepEqual(counts(a, b), [1, 1]);
+
+    const roomy = newMapper({ fullNetmapBudget: 10 * size });
+    const [c, d] = [stream('fw', { held: true }), stream('ops')];
+    roomy.attach(c);
+    roomy.attach(d);
+    assert.deepEqual(counts(c, d), [1, 1], 'a netmap under way does not hold back one that fits beside it');
+
+    const none = newMapper({ fullNetmapBudget: 0 });
+    const [e, f] = [stream('fw', { held: true }), stream('ops')];
+    none.attach(e);
+    none.attach(f);
+    assert.deepEqual(counts(e, f), [1, 0], 'without a budget, one at a time');
+    e.release();
+    assert.deepEqual(counts(e, f), [1, 1]);
+  });
+
+  it('a stream waiting for its netmap and replaced gets nothing, its successor everything', () => {
+    const m = newMapper({ fullNetmapBudget: 1 });
+    const blocker = stream('fw', { held: true });
+    m.attach(blocker);
+    const [old, newer] = [stream('ops'), stream('ops')];
+    m.attach(old);
+    m.attach(newer);
+    assert.equal(old.closed, 'replaced by a newer stream of the same node');
+    // The old stream's end, reported after its replacement, must not take the new one's turn.
+    m.detach(old);
+    blocker.release();
+    assert.deepEqual(counts(old, newer), [0, 1]);
+    assert.ok(newer.sent[0]!.full);
+  });
+
+  it('a stream that ends while waiting gets nothing, and a node deleted meanwhile is told to register again', async () => {
+    const m = newMapper({ fullNetmapBudget: 1 });
+    const blocker = stream('fw', { held: true });
+    m.attach(blocker);
+    const gone = stream('ops');
+    await register('p', 'doomed', ['tag:machine']);
+    const doomed = stream('doomed');
+    m.attach(gone);
+    m.attach(doomed);
+    m.detach(gone);
+    await state.deleteNode('test', ids.doomed!, 'p');
+    blocker.release();
+    assert.deepEqual(counts(gone, doomed), [0, 0]);
+    assert.equal(doomed.closed, 'node does not exist');
+    assert.equal(m.hasSession(ids.doomed!), false);
+  });
+
+  it('the end of a replaced stream leaves its successor connected', async () => {
+    const m = newMapper();
+    const [old, newer, fw] = [stream('ops'), stream('ops'), stream('fw')];
+    m.attach(fw);
+    m.attach(old);
+    m.attach(newer);
+    m.detach(old);
+    assert.equal(m.hasSession(ids.ops!), true);
+    await state.renameNode('test', ids.fw!, 'p', 'fw-renamed');
+    m.flush();
+    assert.deepEqual(
+      newer.map?.peers.map((p) => p.name),
+      ['fw-renamed'],
+    );
+    await state.renameNode('test', ids.fw!, 'p', 'fw');
+  });
+
+  it("does not hold a change back for another project's batch that waits longer", async () => {
+    const m = newMapper({ coalesceMs: 5, presenceMs: 10_000 });
+    const [ops, q1] = [stream('ops'), stream('q1')];
+    m.attach(ops);
+    m.attach(q1);
+    mock.timers.enable({ apis: ['setTimeout', 'Date'], now: Date.now() });
+    try {
+      state.setOnline(ids.q2!, true);
+      await state.renameNode('test', ids.fw!, 'p', 'fw-moved');
+      mock.timers.tick(4);
+      assert.deepEqual(counts(ops, q1), [1, 1], 'nothing before the coalescing window ends');
+      mock.timers.tick(1);
+      assert.deepEqual(counts(ops, q1), [2, 1], "the rename goes out; q's presence waits for its window");
+      mock.timers.tick(10_000);
+      assert.deepEqual(counts(ops, q1), [2, 2], "q's presence goes out at the end of its window");
+      assert.equal(q1.sent[1]!.peerPatches[0]?.online, true);
+    } finally {
+      mock.timers.reset();
+      state.setOnline(ids.q2!, false);
+      await state.renameNode('test', ids.fw!, 'p', 'fw');
+    }
+  });
+
+  it('after a flush that took long, the next change waits about as long', async () => {
+    const m = newMapper({ coalesceMs: 5 });
+    const ops = stream('ops');
+    m.attach(ops);
+    const send = ops.send.bind(ops);
+    ops.send = (msg, sent) => {
+      const end = performance.now() + 300;
+      while (performance.now() < end);
+      send(msg, sent);
+    };
+    await state.updateEndpoints(ids.fw!, ['198.51.100.20:41641']);
+    m.flush();
+    ops.send = send;
+    assert.equal(ops.sent.length, 2, 'the full netmap and the slow batch');
+    const changed = performance.now();
+    await state.updateEndpoints(ids.fw!, ['198.51.100.21:41641']);
+    await until('the second change', () => ops.sent.length === 3);
+    const waited = performance.now() - changed;
+    assert.ok(waited >= 200, `the change went out after ${waited.toFixed(0)} ms, not after the 300 ms flush`);
+  });
+
+  it('tells presence alone as a patch without endpoints, and a changed peer without a patch', async () => {
+    const m = newMapper();
+    const ops = stream('ops');
+    m.attach(ops);
+    state.setOnline(ids.fw!, true);
+    m.flush();
+    const patch = ops.sent[1]!.peerPatches;
+    assert.deepEqual(
+      patch.map((p) => [p.id, p.online, p.endpointsChanged, p.endpoints]),
+      [[ids.fw, true, false, []]],
+    );
+    assert.ok(patch[0]!.lastSeen, 'with the time it was last seen');
+    state.setOnline(ids.fw!, false);
+    await state.renameNode('test', ids.fw!, 'p', 'fw-2');
+    m.flush();
+    const both = ops.sent[2]!;
+    assert.deepEqual(
+      both.peersChanged.map((p) => [p.name, p.online]),
+      [['fw-2', false]],
+      'the changed peer carries its presence',
+    );
+    assert.deepEqual(both.peerPatches, [], 'and no patch beside it');
+    await state.renameNode('test', ids.fw!, 'p', 'fw');
+  });
+
+  it('sends nothing to a node whose view a change leaves as it is, not even its own node', async () => {
+    const m = newMapper();
+    const [ops, fw, m1] = [stream('ops'), stream('fw'), stream('m1')];
+    for (const s of [ops, fw, m1]) m.attach(s);
+    await state.setPolicy(
+      'test',
+      'p',
+      JSON.stringify({
+        ...POLICY,
+        acls: [...POLICY.acls, { action: 'accept', src: ['tag:machine'], dst: ['tag:machine:80'] }],
+      }),
+    );
+    m.flush();
+    assert.deepEqual(counts(ops, fw), [1, 1], 'a rule between machines says nothing to ops and fw');
+    await state.renameNode('test', ids.ops!, 'p', 'ops-2');
+    m.flush();
+    assert.equal(fw.sent.length, 2);
+    assert.equal(fw.sent[1]!.self, undefined, "a peer's rename does not resend fw's own node");
+    assert.ok(ops.sent[1]!.self, 'the renamed node gets its own');
+    await state.renameNode('test', ids.ops!, 'p', 'ops');
+    await state.setPolicy('test', 'p', JSON.stringify(POLICY));
+  });
+
+  it('gives a firewall the address of a new node that may reach it, in its packet filter', async () => {
+    const m = newMapper();
+    const fw = stream('fw');
+    m.attach(fw);
+    const id = await register('p', 'ops-new', ['tag:ops']);
+    m.flush();
+    const address = state.getNode(id)!.ipv4;
+    assert.ok(
+      (fw.map!.packetFilter?.rules ?? []).some((r) => r.srcCidrs.some((c) => c.startsWith(`${address}/`))),
+      `fw's filter lets ${address} in`,
+    );
+    await state.deleteNode('test', id, 'p');
+  });
+
+  it('lets a flush pass a node that expired without a stream', async () => {
+    const m = newMapper();
+    const ops = stream('ops');
+    m.attach(ops);
+    const id = await register('p', 'fw-old', ['tag:firewall']);
+    m.flush();
+    await state.expireNode('test', id, 'p', Date.now() - 1000);
+    m.flush();
+    assert.ok(ops.sent.length >= 2, 'ops heard of the expiry');
+    await state.deleteNode('test', id, 'p');
+  });
+
+  it('reports each delivered batch with its age and recipients, and presence alone never', async () => {
+    const delivered: [number, number][] = [];
+    const m = newMapper({ onDelivered: (ms, sessions) => delivered.push([ms, sessions]) });
+    const [ops, fw] = [stream('ops'), stream('fw')];
+    m.attach(ops);
+    m.attach(fw);
+    state.setOnline(ids.fw!, true);
+    m.flush();
+    assert.equal(ops.sent.length, 2, 'ops got the presence patch');
+    assert.equal(delivered.length, 0, 'presence alone is not reported');
+    await state.renameNode('test', ids.fw!, 'p', 'fw-3');
+    m.flush();
+    assert.equal(delivered.length, 1);
+    const [ms, sessions] = delivered[0]!;
+    assert.equal(sessions, 2, 'fw and ops');
+    assert.ok(ms >= 0 && ms < 5000, `age ${ms} ms`);
+    state.setOnline(ids.fw!, false);
+    await state.renameNode('test', ids.fw!, 'p', 'fw');
+  });
+});
