@@ -276,3 +276,107 @@ describe('mapper streams and batches', () => {
     await state.renameNode('test', ids.fw!, 'p', 'fw');
   });
 });
+
+describe('mapper: a full netmap instead of a delta', () => {
+  let store: Store;
+  let state: State;
+  let mapper: Mapper;
+  let viewer: RecordingSession;
+  const k: string[] = [];
+  const tagOwners = { 'tag:v': [], 'tag:t': [], 'tag:u': [], 'tag:k': [] };
+  const policy = (...dst: string[]) =>
+    JSON.stringify({
+      tagOwners,
+      acls: dst.length
+        ? [{ action: 'accept', src: ['tag:v'], dst: dst.map((d) => `${d}:22`) }]
+        : [{ action: 'accept', src: ['tag:k'], dst: ['tag:k:22'] }],
+    });
+  /** Sets the policy and returns the viewer's message about it. */
+  const change = async (...dst: string[]) => {
+    await state.setPolicy('test', 'w', policy(...dst));
+    const before = viewer.sent.length;
+    mapper.flush();
+    assert.equal(viewer.sent.length, before + 1);
+    return viewer.sent.at(-1)!;
+  };
+
+  before(async () => {
+    store = await openStore({ url: ':memory:' });
+    state = await State.load(store.db, { ephemeralTimeoutMs: 60_000 });
+    await state.createProject('test', 'w');
+    await state.setPolicy('test', 'w', policy());
+    const v = await registerTestNode(state, { project: 'w', name: 'viewer', tags: ['tag:v'] });
+    // 64 targets, 63 of them also tag:u, and 20 others.
+    for (let i = 1; i <= 64; i++)
+      await registerTestNode(state, {
+        project: 'w',
+        name: `t${i}`,
+        tags: i < 64 ? ['tag:t', 'tag:u'] : ['tag:t'],
+      });
+    for (let i = 1; i <= 20; i++)
+      k.push((await registerTestNode(state, { project: 'w', name: `k${i}`, tags: ['tag:k'] })).id);
+    mapper = new Mapper(state, testMapperOptions());
+    viewer = new RecordingSession(v.id);
+    mapper.attach(viewer);
+  });
+  after(async () => {
+    mapper.close();
+    await store.close();
+  });
+
+  it('when a policy change hides 64 peers and leaves none', async () => {
+    await change('tag:t');
+    assert.equal(viewer.map!.peers.length, 64);
+    const msg = await change();
+    assert.ok(msg.full, 'the full netmap, smaller than 64 removals');
+    assert.equal(viewer.map!.peers.length, 0);
+  });
+
+  it('never for fewer than 64 removals, even when it would be smaller', async () => {
+    await change('tag:u');
+    assert.equal(viewer.map!.peers.length, 63);
+    const msg = await change();
+    assert.equal(msg.full, undefined);
+    assert.equal(msg.peersRemoved.length, 63);
+  });
+
+  it('not when the peers that stay make it the larger', async () => {
+    await change('tag:t', 'tag:k');
+    assert.equal(viewer.map!.peers.length, 84);
+    const msg = await change('tag:k');
+    assert.equal(msg.full, undefined, '64 removals weigh less than 20 peers');
+    assert.equal(msg.peersRemoved.length, 64);
+    assert.equal(viewer.map!.peers.length, 20);
+  });
+
+  it('sends the peers that changed since the group was compressed beside it, in the implied form, never the node itself', async () => {
+    await state.setPolicy('test', 'w', policy());
+    mapper.flush();
+    const shared = { implied: true, shared: true };
+    mapper.attach(new RecordingSession(k[0]!, shared));
+    await state.updateEndpoints(k[1]!, ['198.51.100.30:41641']);
+    mapper.flush();
+    const late = new RecordingSession(k[0]!, shared);
+    mapper.attach(late);
+    const full = late.sent[0]!.full!;
+    assert.ok(full.sharedPeers.length > 0, 'the group block');
+    assert.deepEqual(
+      full.peers.map((p) => [p.name, p.allowedIps]),
+      [['k2', []]],
+      'k2 changed since the block was made: it goes beside it, without what the agent reconstructs',
+    );
+    assert.deepEqual(late.map!.peers.find((p) => p.name === 'k2')?.endpoints, ['198.51.100.30:41641']);
+
+    const fresh = new Mapper(state, testMapperOptions());
+    try {
+      fresh.attach(new RecordingSession(k[2]!, shared));
+      await state.updateEndpoints(k[2]!, ['198.51.100.31:41641']);
+      fresh.flush();
+      const own = new RecordingSession(k[2]!, shared);
+      fresh.attach(own);
+      assert.deepEqual(own.sent[0]!.full!.peers, [], 'k3 changed since, but is no peer of its own');
+    } finally {
+      fresh.close();
+    }
+  });
+});
