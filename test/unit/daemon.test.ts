@@ -606,6 +606,11 @@ describe('agent daemon', () => {
       await until('locked down', () => /tcp dport \{ 22 \} drop/.test(tools.ruleset() ?? ''));
       await changeKeyFile(readFileSync(keyFile, 'utf8'));
       assert.equal(pickedUp(), 0, 'a connected node does not register again for a new key');
+      // Written again just after a check: the next check, a second later, sees it (Node's default
+      // is every 5 s, which would keep an expired node waiting that much longer for its new key).
+      const written = Date.now();
+      await changeKeyFile(readFileSync(keyFile, 'utf8'));
+      assert.ok(Date.now() - written < 4000, `seen after ${Date.now() - written} ms`);
 
       const { id } = (await n.status()).self;
       await t.admin.call('expireNode', { id, project: 'dc' });
