@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import {
   existsSync,
+  mkdirSync,
   mkdtempSync,
   readFileSync,
   rmSync,
@@ -27,6 +28,7 @@ import { AgentError } from '../../agent/control/session.js';
 import { Agent, type AgentOptions } from '../../agent/daemon.js';
 import { agentDown, agentLogout, agentStatus, agentUp } from '../../agent/localapi/client.js';
 import type { AgentStatus } from '../../agent/localapi/types.js';
+import { readRecord, writeRecord } from '../../agent/update/record.js';
 import { describeError } from '../../cli/errors.js';
 import { SyncRequestSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
 import { encodeWgKey, generateNodeKey } from '../../proto/keys.js';
@@ -66,6 +68,8 @@ interface Node {
   agent: Agent;
   opts: AgentOptions;
   logs: Log[];
+  /** Called with each log line as it is written, while the daemon is where the line says. */
+  onLog: ((line: Log) => void) | null;
   status(): Promise<AgentStatus>;
   /** Stops this daemon and starts another on the same state dir, as a restart of the service does. */
   restart(over?: Partial<AgentOptions>): Promise<Node>;
@@ -114,11 +118,13 @@ describe('agent daemon', () => {
     };
   }
 
-  async function daemon(opts: AgentOptions): Promise<Node> {
+  async function daemon(opts: AgentOptions, onLog: Node['onLog'] = null): Promise<Node> {
     const logs: Log[] = [];
     const sink = new Writable({
       write(chunk, _enc, cb) {
-        logs.push(JSON.parse(String(chunk)) as Log);
+        const line = JSON.parse(String(chunk)) as Log;
+        logs.push(line);
+        node.onLog?.(line);
         cb();
       },
     });
@@ -129,6 +135,7 @@ describe('agent daemon', () => {
       agent,
       opts: full,
       logs,
+      onLog,
       status: () => agentStatus(full.socket),
       async restart(over = {}) {
         await agent.stop();
@@ -384,6 +391,15 @@ describe('agent daemon', () => {
     await until('the peer configured', () => since(from).some((c) => c.includes(`peer ${peerKey}`)));
     await until('the firewall', async () => (await n.status()).firewall.kernel === 'as-applied');
     assert.match(tools.ruleset() ?? '', /th dport \{ 22, 8000-8080 \} accept/, 'the policy, from the cache');
+    // Down and up again while the coordinator is still away: the mesh's firewall comes back from
+    // the cache too, not only once the coordinator answers.
+    await agentDown(n.opts.socket);
+    assert.doesNotMatch(tools.ruleset() ?? '', /l4proto/, 'down: the lockdown alone');
+    await agentUp(n.opts.socket);
+    await until('the policy from the cache again', () =>
+      /th dport \{ 22, 8000-8080 \} accept/.test(tools.ruleset() ?? ''),
+    );
+    assert.equal((await n.status()).state.kind, 'unreachable');
     await n.agent.stop();
   });
 
@@ -476,7 +492,12 @@ describe('agent daemon', () => {
     assert.ok(!existsSync(join(web.opts.stateDir, 'down')));
     from = tools.commands().length;
     await agentUp(web.opts.socket);
-    assert.deepEqual(since(from), [], 'up while up changes nothing');
+    // The guard may read the table meanwhile (its periodic check): reading changes nothing.
+    assert.deepEqual(
+      since(from).filter((c) => !c.startsWith('nft list')),
+      [],
+      'up while up changes nothing',
+    );
   });
 
   it('keeps the interface and the firewall when it stops to restart into another release', async () => {
@@ -577,12 +598,19 @@ describe('agent daemon', () => {
       await until('the change seen', () => seen.length > before);
     };
     const pickedUp = () =>
-      n.logs.filter((l) => l.msg === 'auth key file changed; registering with the new key').length;
+      n.logs.filter(
+        (l) => l.msg === 'auth key file changed; registering with the new key' && l.file === keyFile,
+      ).length;
     try {
       await until('connected', async () => (await n.status()).state.kind === 'connected');
       await until('locked down', () => /tcp dport \{ 22 \} drop/.test(tools.ruleset() ?? ''));
       await changeKeyFile(readFileSync(keyFile, 'utf8'));
       assert.equal(pickedUp(), 0, 'a connected node does not register again for a new key');
+      // Written again just after a check: the next check, a second later, sees it (Node's default
+      // is every 5 s, which would keep an expired node waiting that much longer for its new key).
+      const written = Date.now();
+      await changeKeyFile(readFileSync(keyFile, 'utf8'));
+      assert.ok(Date.now() - written < 4000, `seen after ${Date.now() - written} ms`);
 
       const { id } = (await n.status()).self;
       await t.admin.call('expireNode', { id, project: 'dc' });
@@ -626,8 +654,17 @@ describe('agent daemon', () => {
     await until('connected', async () => (await n.status()).state.kind === 'connected');
     await until('locked down', () => /tcp dport \{ 22 \} drop/.test(tools.ruleset() ?? ''));
     const { id } = (await n.status()).self;
+    // The coordinator ends the stream of a deleted node, and the agent registers again to learn
+    // why: meanwhile it is connecting, and the refused stream's reason is no detail of that.
+    let reconnecting = null as Promise<AgentStatus> | null;
+    n.onLog = (l) => {
+      if (l.state === 'connecting') reconnecting ??= n.status();
+    };
     await t.admin.call('deleteNode', { id, project: 'dc' });
     await until('deleted', async () => (await n.status()).state.kind === 'deleted');
+    assert.ok(reconnecting, 'connecting again once the stream was refused');
+    const during = await reconnecting;
+    assert.deepEqual([during.state.kind, during.state.detail], ['connecting', '']);
     const s = await n.status();
     assert.match(s.state.message, /public SSH stays locked down \(--lockdown-when-revoked keep\)/);
     assert.ok(
@@ -637,6 +674,183 @@ describe('agent daemon', () => {
     assert.match(tools.ruleset() ?? '', /tcp dport \{ 22 \} drop/);
     assert.equal(s.firewall.kernel, 'as-applied');
     await n.agent.stop();
+  });
+
+  it('keeps the lockdown while it connects again after a restart (release)', async () => {
+    const key = await authKey(t, 'dc');
+    let n = await daemon(options({ authKey: () => key, hostname: 'rel-2', lockdownWhenRevoked: 'release' }));
+    try {
+      await until('connected', async () => (await n.status()).state.kind === 'connected');
+      await until('locked down', () => /tcp dport \{ 22 \} drop/.test(tools.ruleset() ?? ''));
+      const history = tools.rulesetHistory().length;
+      n = await n.restart();
+      await until('connected again', async () => (await n.status()).state.kind === 'connected');
+      assert.ok(
+        n.logs.some((l) => l.state === 'connecting'),
+        'it was connecting in between',
+      );
+      assert.ok(
+        !tools.rulesetHistory().slice(history).includes('removed'),
+        'released only while revoked, not while connecting',
+      );
+      assert.match(tools.ruleset() ?? '', /tcp dport \{ 22 \} drop/);
+    } finally {
+      await n.agent.stop();
+    }
+  });
+
+  it('keeps a released lockdown released while revoked, across ticks and another refusal (release)', async () => {
+    const keyFile = join(root, 'ticks.key');
+    writeFileSync(keyFile, `${await authKey(t, 'dc')}\n`, { mode: 0o600 });
+    const n = await daemon(
+      options({
+        authKey: () => readFileSync(keyFile, 'utf8').trim(),
+        authKeyFile: keyFile,
+        lockdownWhenRevoked: 'release',
+        hostname: 'rel-3',
+        tickMs: 100,
+      }),
+    );
+    try {
+      await until('connected', async () => (await n.status()).state.kind === 'connected');
+      // The tick applies the netmap again only when it has peers.
+      await until('a peer', async () => (await n.status()).peers.length > 0);
+      await until('locked down', () => /tcp dport \{ 22 \} drop/.test(tools.ruleset() ?? ''));
+      const { id } = (await n.status()).self;
+      await t.admin.call('expireNode', { id, project: 'dc' });
+      await until('expired', async () => (await n.status()).state.kind === 'expired');
+      await until('the lockdown released', () => tools.rulesetHistory().at(-1) === 'removed');
+      const history = tools.rulesetHistory().length;
+      // Every tick finds the stand-in interface gone and applies the netmap again.
+      const ticks = (await n.status()).interface.restores;
+      await until('two ticks', async () => (await n.status()).interface.restores >= ticks + 2);
+      const { detail } = (await n.status()).state;
+      writeFileSync(keyFile, 'mgk_not-a-key\n', { mode: 0o600 });
+      await until('refused again, for another reason', async () => {
+        const s = (await n.status()).state;
+        return s.kind === 'expired' && s.detail !== detail;
+      });
+      // Down waits for an apply under way, and releases the lockdown (again).
+      await agentDown(n.opts.socket);
+      assert.deepEqual(tools.rulesetHistory().slice(history), ['removed'], 'never locked down in between');
+    } finally {
+      await n.agent.stop();
+    }
+  });
+
+  it('says so when nft refuses to release the lockdown, and goes on (release)', async () => {
+    const key = await authKey(t, 'dc');
+    const n = await daemon(
+      options({ authKey: () => key, hostname: 'rel-4', lockdownWhenRevoked: 'release' }),
+    );
+    try {
+      await until('connected', async () => (await n.status()).state.kind === 'connected');
+      await until('locked down', () => /tcp dport \{ 22 \} drop/.test(tools.ruleset() ?? ''));
+      const { id } = (await n.status()).self;
+      const refused = () => n.logs.find((l) => l.msg === 'could not release the lockdown');
+      tools.refuseRemoval(true);
+      try {
+        await t.admin.call('expireNode', { id, project: 'dc' });
+        await until('the error said', () => refused() !== undefined);
+      } finally {
+        tools.refuseRemoval(false);
+      }
+      const line = refused()!;
+      assert.equal(line.level, 50, 'an error');
+      assert.match(String(line.err), /Operation not permitted/, 'with what nft said');
+      assert.match(tools.ruleset() ?? '', /tcp dport \{ 22 \} drop/, 'the table nft kept');
+      assert.equal((await n.status()).state.kind, 'expired');
+      await agentDown(n.opts.socket);
+      assert.equal(tools.ruleset(), null, 'a later release works');
+    } finally {
+      await n.agent.stop();
+    }
+  });
+
+  it('confirms an update into this release once connected, not before', async () => {
+    const key = await authKey(t, 'upd');
+    const opts = options({
+      authKey: () => key,
+      hostname: 'upd-1',
+      autoUpdate: {
+        prefix: join(root, 'upd-prefix'),
+        releaseKey: '',
+        releasesUrl: 'https://127.0.0.1:1',
+        timeoutMs: 120_000,
+      },
+    });
+    // What the agent that installed this release left: it waits to hear that this one connects.
+    mkdirSync(opts.stateDir, { recursive: true, mode: 0o700 });
+    writeRecord(opts.stateDir, {
+      from: '0.0.1',
+      to: VERSION,
+      phase: 'restarting',
+      reason: '',
+      deadline: Date.now() + 120_000,
+      timeoutMs: 120_000,
+      setAt: 0,
+    });
+    const phases: [unknown, string | undefined][] = [];
+    const n = await daemon(opts, (l) => {
+      if (l.state) phases.push([l.state, readRecord(opts.stateDir)?.phase]);
+    });
+    try {
+      await until('connected', async () => (await n.status()).state.kind === 'connected');
+      assert.deepEqual(phases, [
+        ['not-joined', 'restarting'],
+        ['connecting', 'restarting'],
+        ['connected', 'confirmed'],
+      ]);
+      assert.ok(said(n, `updated from meshgate 0.0.1 to ${VERSION}`));
+      assert.deepEqual((await n.status()).selfUpdate, { enabled: true, failed: null });
+    } finally {
+      await n.agent.stop();
+    }
+  });
+
+  it('ends a wireguard-go process on stop, and leaves it running to restart into another release', {
+    skip: process.getuid?.() !== 0 && "wireguard-go's socket directory needs root",
+  }, async () => {
+    const key = await authKey(t, 'dc');
+    // Its own name: wireguard-go's directory is the host's.
+    const opts = options({
+      authKey: () => key,
+      hostname: 'go-1',
+      backend: 'wireguard-go',
+      interfaceName: 'mgtgo0',
+    });
+    const running = (pid: number | null) => {
+      try {
+        return pid !== null && process.kill(pid, 0);
+      } catch {
+        return false;
+      }
+    };
+    const started: number[] = [];
+    const startedNow = () => {
+      const pid = tools.wireguardGoPid();
+      assert.ok(pid !== null && !started.includes(pid), 'a wireguard-go of its own');
+      started.push(pid);
+      return pid;
+    };
+    try {
+      let n = await daemon(opts);
+      await until('connected', async () => (await n.status()).state.kind === 'connected');
+      assert.equal((await n.status()).interface.backend, 'wireguard-go');
+      const first = startedNow();
+      assert.ok(running(first), 'wireguard-go runs');
+      await n.agent.stop();
+      assert.ok(!running(first), 'a stop ends it: its interface goes with it');
+
+      n = await daemon(opts);
+      await until('connected again', async () => (await n.status()).state.kind === 'connected');
+      const second = startedNow();
+      await n.agent.restartForUpdate();
+      assert.ok(running(second), 'left running for the next release to adopt, with its peers');
+    } finally {
+      for (const pid of started.filter(running)) process.kill(pid, 'SIGTERM');
+      rmSync('/var/run/wireguard/mgtgo0.log', { force: true });
+    }
   });
 
   it('recreates an interface someone deleted, and counts it', async () => {

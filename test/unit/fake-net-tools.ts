@@ -1,8 +1,9 @@
-// Stand-ins for `ip`, `wg` and `nft`, first on PATH, so the agent daemon runs its whole lifecycle in
-// a unit test without root and without touching the host's interfaces or ruleset. Each one logs
+// Stand-ins for `ip`, `wg`, `nft` and `wireguard-go`, first on PATH, so the agent daemon runs its
+// whole lifecycle in a unit test without touching the host's interfaces or ruleset. Each one logs
 // its command line; `nft` keeps the one table it was given, as the kernel would, so a test can read
 // what a firewall would hold, and `nft monitor` reports what a test says happened; `wg show IF dump`
-// reports the peers a test gives it. The real tools are exercised by the end-to-end suite.
+// reports the peers a test gives it; `wireguard-go` only runs until it is signalled, so a test can
+// see whether the agent ended it. The real tools are exercised by the end-to-end suite.
 import {
   appendFileSync,
   chmodSync,
@@ -26,7 +27,9 @@ monitor) touch "$d/monitor"; exec tail -n0 -F --pid=$PPID "$d/monitor" 2>/dev/nu
   input=$(cat)
   case "$input" in
   *chain*) printf '%s\\n' "$input" > "$d/ruleset"; echo written >> "$d/ruleset.history" ;;
-  *) rm -f "$d/ruleset"; echo removed >> "$d/ruleset.history" ;;
+  *)
+    [ -f "$d/refuse-removal" ] && { echo 'Error: Could not process rule: Operation not permitted' >&2; exit 1; }
+    rm -f "$d/ruleset"; echo removed >> "$d/ruleset.history" ;;
   esac ;;
 list)
   [ -f "$d/ruleset" ] || { echo 'Error: No such file or directory' >&2; exit 1; }
@@ -41,11 +44,19 @@ case "$*" in
 esac
 exit 0
 `,
+  // Stays up like wireguard-go in the foreground, until a signal ends it.
+  'wireguard-go': `${LOG}
+echo $$ > "$(dirname "$0")/wireguard-go.pid"
+exec sleep 600
+`,
+  // `wg show IF listen-port` answers once a wireguard-go runs, as the real one does through its socket.
   wg: `${LOG}
+d=$(dirname "$0")
 case "$*" in
+*" listen-port") kill -0 "$(cat "$d/wireguard-go.pid" 2>/dev/null)" 2>/dev/null || exit 1 ;;
 *" dump")
   printf '(none)\\t(none)\\t0\\toff\\n'
-  cat "$(dirname "$0")/peers" 2>/dev/null ;;
+  cat "$d/peers" 2>/dev/null ;;
 esac
 exit 0
 `,
@@ -62,6 +73,10 @@ export interface FakeNetTools {
   tamper(table: string | null): void;
   /** Peer lines of `wg show IF dump` (tab-separated, as WireGuard prints them). */
   setPeers(lines: string[][]): void;
+  /** The process id of the last `wireguard-go` started. */
+  wireguardGoPid(): number | null;
+  /** Makes `nft` refuse to remove the table, as it does without CAP_NET_ADMIN. */
+  refuseRemoval(on: boolean): void;
   /** Makes `ip link add` fail as on a kernel without WireGuard. */
   withoutWireGuard(on: boolean): void;
   /** Takes the stand-ins off PATH and removes them. */
@@ -91,6 +106,14 @@ export function installFakeNetTools(): FakeNetTools {
     },
     setPeers(lines) {
       writeFileSync(join(dir, 'peers'), lines.map((l) => `${l.join('\t')}\n`).join(''));
+    },
+    wireguardGoPid: () => {
+      const pid = read('wireguard-go.pid');
+      return pid === null ? null : Number(pid);
+    },
+    refuseRemoval(on) {
+      if (on) writeFileSync(join(dir, 'refuse-removal'), '');
+      else rmSync(join(dir, 'refuse-removal'), { force: true });
     },
     withoutWireGuard(on) {
       if (on) writeFileSync(join(dir, 'no-wireguard'), '');
