@@ -118,6 +118,18 @@ describe('agent daemon', () => {
     };
   }
 
+  /** Options of an agent that reads its auth key from a key file, written now with a fresh key. */
+  async function keyFileOptions(file: string, over: Partial<AgentOptions>): Promise<AgentOptions> {
+    const keyFile = join(root, file);
+    writeFileSync(keyFile, `${await authKey(t, 'dc')}\n`, { mode: 0o600 });
+    return options({
+      authKey: () => readFileSync(keyFile, 'utf8').trim(),
+      authKeyFile: keyFile,
+      lockdownWhenRevoked: 'release',
+      ...over,
+    });
+  }
+
   async function daemon(opts: AgentOptions, onLog: Node['onLog'] = null): Promise<Node> {
     const logs: Log[] = [];
     const sink = new Writable({
@@ -576,16 +588,8 @@ describe('agent daemon', () => {
   });
 
   it('releases the lockdown while expired or deleted (release), and takes a new auth key from the key file', async () => {
-    const keyFile = join(root, 'release.key');
-    writeFileSync(keyFile, `${await authKey(t, 'dc')}\n`, { mode: 0o600 });
-    const n = await daemon(
-      options({
-        authKey: () => readFileSync(keyFile, 'utf8').trim(),
-        authKeyFile: keyFile,
-        lockdownWhenRevoked: 'release',
-        hostname: 'rel-1',
-      }),
-    );
+    const n = await daemon(await keyFileOptions('release.key', { hostname: 'rel-1' }));
+    const keyFile = n.opts.authKeyFile!;
     // The agent's watcher of the key file was there first: when this one is told of a change, the
     // agent has been told too.
     const seen: number[] = [];
@@ -700,17 +704,8 @@ describe('agent daemon', () => {
   });
 
   it('keeps a released lockdown released while revoked, across ticks and another refusal (release)', async () => {
-    const keyFile = join(root, 'ticks.key');
-    writeFileSync(keyFile, `${await authKey(t, 'dc')}\n`, { mode: 0o600 });
-    const n = await daemon(
-      options({
-        authKey: () => readFileSync(keyFile, 'utf8').trim(),
-        authKeyFile: keyFile,
-        lockdownWhenRevoked: 'release',
-        hostname: 'rel-3',
-        tickMs: 100,
-      }),
-    );
+    const n = await daemon(await keyFileOptions('ticks.key', { hostname: 'rel-3', tickMs: 100 }));
+    const keyFile = n.opts.authKeyFile!;
     try {
       await until('connected', async () => (await n.status()).state.kind === 'connected');
       // The tick applies the netmap again only when it has peers.
