@@ -97,6 +97,7 @@ describe('mapper streams and batches', () => {
     m.attach(old);
     m.attach(newer);
     assert.equal(old.closed, 'replaced by a newer stream of the same node');
+    assert.equal(old.closedAs, 'retry', 'its agent opens the stream again, it does not register');
     // The old stream's end, reported after its replacement, must not take the new one's turn.
     m.detach(old);
     blocker.release();
@@ -118,6 +119,7 @@ describe('mapper streams and batches', () => {
     blocker.release();
     assert.deepEqual(counts(gone, doomed), [0, 0]);
     assert.equal(doomed.closed, 'node does not exist');
+    assert.equal(doomed.closedAs, 'gone', 'its agent must register again');
     assert.equal(m.hasSession(ids.doomed!), false);
   });
 
