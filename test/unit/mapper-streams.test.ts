@@ -258,6 +258,20 @@ describe('mapper streams and batches', () => {
     await state.deleteNode('test', id, 'p');
   });
 
+  it('tells a node that its desired version was withdrawn with an empty one', async () => {
+    const m = newMapper();
+    const fw = stream('fw');
+    m.attach(fw);
+    state.setOnline(ids.fw!, true);
+    await state.setDesiredVersion('test', 'p', 'tag:firewall', '2.0.0');
+    m.flush();
+    assert.equal(fw.sent.at(-1)!.desiredVersion, '2.0.0');
+    await state.setDesiredVersion('test', 'p', 'tag:firewall', '');
+    m.flush();
+    assert.equal(fw.sent.at(-1)!.desiredVersion, '', 'no version: stay on the running one');
+    state.setOnline(ids.fw!, false);
+  });
+
   it('reports each delivered batch with its age and recipients, and presence alone never', async () => {
     const delivered: [number, number][] = [];
     const m = newMapper({ onDelivered: (ms, sessions) => delivered.push([ms, sessions]) });
