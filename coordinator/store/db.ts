@@ -54,17 +54,18 @@ function openSqlite(url: string, key: string | undefined, busyWaitMs: number): K
   const path = sqlitePath(url);
   const conn = openSqliteFile(path, key);
   // WAL lets readers run beside the writer. Every acknowledged commit must
-  // survive a power loss, not just a process crash: SQLite's COMMIT leaves
-  // the disk to the driver (synchronous=NORMAL), which syncs the log in the
-  // thread pool before acknowledging, instead of on the event loop's thread.
-  conn.pragma('journal_mode = WAL');
-  const inMemory = path === ':memory:';
-  conn.pragma(inMemory ? 'synchronous = FULL' : 'synchronous = NORMAL');
+  // survive a power loss, not just a process crash: in WAL mode SQLite's
+  // COMMIT leaves the disk to the driver (synchronous=NORMAL), which syncs
+  // the log in the thread pool before acknowledging, instead of on the event
+  // loop's thread. Where SQLite keeps another mode (a database in memory),
+  // its own COMMIT waits for the disk (synchronous=FULL).
+  const wal = conn.pragma('journal_mode = WAL', { simple: true }) === 'wal';
+  conn.pragma(wal ? 'synchronous = NORMAL' : 'synchronous = FULL');
   conn.pragma('foreign_keys = ON');
   // SQLite's busy wait blocks the event loop: keep it short, the dialect retries asynchronously.
   conn.pragma('busy_timeout = 20');
   return new Kysely<Database>({
-    dialect: retryingDialect(sqliteDialect(conn, { log: inMemory ? undefined : walSync(`${path}-wal`) }), {
+    dialect: retryingDialect(sqliteDialect(conn, { log: wal ? walSync(`${path}-wal`) : undefined }), {
       busyWaitMs,
     }),
   });

@@ -1,13 +1,14 @@
 // A database made before API key scopes and the audit project column: its
 // keys stay global and its audit entries are found by project after the
-// migrations run.
+// migrations run. And who makes a commit durable: the driver in WAL mode,
+// SQLite itself otherwise.
 import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import SQLite from 'better-sqlite3-multiple-ciphers';
-import { Kysely, Migrator, SqliteDialect } from 'kysely';
+import { Kysely, Migrator, SqliteDialect, sql } from 'kysely';
 import { State } from '../../coordinator/state/state.js';
 import { openStore } from '../../coordinator/store/db.js';
 import { migrations } from '../../coordinator/store/migrations.js';
@@ -74,5 +75,26 @@ describe('migrations of an existing database', () => {
     } finally {
       await store.close();
     }
+  });
+});
+
+describe('durability of the SQLite store', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'meshgate-store-sync-'));
+  after(() => rmSync(dir, { recursive: true, force: true }));
+  const modes = async (url: string) => {
+    const store = await openStore({ url });
+    try {
+      const journal = await sql<{ journal_mode: string }>`pragma journal_mode`.execute(store.db);
+      const sync = await sql<{ synchronous: number }>`pragma synchronous`.execute(store.db);
+      return [journal.rows[0]!.journal_mode, sync.rows[0]!.synchronous];
+    } finally {
+      await store.close();
+    }
+  };
+
+  it('syncs a file database in WAL mode through the driver, and one in memory through SQLite', async () => {
+    // synchronous: 1 is NORMAL (the driver syncs the log), 2 is FULL (SQLite's COMMIT does).
+    assert.deepEqual(await modes(join(dir, 'file.db')), ['wal', 1]);
+    assert.deepEqual(await modes(':memory:'), ['memory', 2]);
   });
 });
