@@ -101,10 +101,6 @@ export class PublicKeyCache {
     }
     return key;
   }
-
-  has(raw: Uint8Array): boolean {
-    return this.keys.has(Buffer.from(raw).toString('hex'));
-  }
 }
 
 const publicKeys = new PublicKeyCache(100_000);
