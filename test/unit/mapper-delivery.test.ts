@@ -145,24 +145,20 @@ describe('mapper delivery', () => {
   });
 
   it('delivers a desired version to the nodes it names, in their project only', async () => {
+    const release = {
+      artifactUrl: 'https://releases.example/meshgate-2.0.0.tar.gz',
+      sha256: 'c'.repeat(64),
+      allowDowngrade: false,
+      maxUnavailable: 10,
+    };
     // A rollout releases a version to nodes that are online.
     for (const n of ['fw2', 'b1']) state.setOnline(id[n]!, true);
     flush();
-    await state.setDesiredVersion('test', 'a', 'tag:firewall', '2.0.0', {
-      artifactUrl: 'https://releases.example/meshgate-2.0.0.tar.gz',
-      sha256: 'c'.repeat(64),
-      allowDowngrade: false,
-      maxUnavailable: 10,
-    });
+    await state.setDesiredVersion('test', 'a', 'tag:firewall', '2.0.0', release);
     const got = flush();
     assert.equal(got.fw2![0]?.desiredVersion, '2.0.0');
     quiet(got, 'ops', 'fw', 'm1', 'b1', 'b2');
-    await state.setDesiredVersion('test', 'b', '', '2.0.0', {
-      artifactUrl: 'https://releases.example/meshgate-2.0.0.tar.gz',
-      sha256: 'c'.repeat(64),
-      allowDowngrade: false,
-      maxUnavailable: 10,
-    });
+    await state.setDesiredVersion('test', 'b', '', '2.0.0', release);
     const again = flush();
     assert.equal(again.b1![0]?.desiredVersion, '2.0.0');
     quiet(again, 'ops', 'fw', 'fw2', 'm1');
