@@ -7,11 +7,11 @@
 // key. The steps run in order, each starting from what the one before left.
 import assert from 'node:assert/strict';
 import { chmodSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { request } from 'node:http';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { after, before, describe } from 'node:test';
+import { agentMetrics } from '../fixtures/agent-metrics.js';
 import { TOOLS } from './harness/datacenter.js';
 import { buildOnce, labSteps, MeshLab, until } from './harness/mesh.js';
 import { Topology } from './harness/netns.js';
@@ -21,19 +21,6 @@ import { suiteSkip } from './harness/tools.js';
 const PROJECT = 'safe';
 
 /** GET on the agent's local API socket (unix sockets are not namespaced). */
-function get(socketPath: string, path: string): Promise<string> {
-  return new Promise((resolve, reject) => {
-    request({ socketPath, path }, (res) => {
-      let body = '';
-      res.on('data', (d) => {
-        body += d;
-      });
-      res.on('end', () => resolve(body));
-    })
-      .on('error', reject)
-      .end();
-  });
-}
 
 describe('fail-safe node', { skip: suiteSkip(TOOLS) }, () => {
   let lab: MeshLab;
@@ -141,7 +128,7 @@ describe('fail-safe node', { skip: suiteSkip(TOOLS) }, () => {
     assert.deepEqual(s.lockdownPorts, [22]);
     const text = await lab.local('fw', 'fw', ['status']);
     assert.match(text, /lockdown\s+tcp 22 only over the mesh; restored 1 time/);
-    const metrics = await get(lab.agents.get('fw')!.socket, '/metrics');
+    const metrics = await agentMetrics(lab.agents.get('fw')!.socket);
     assert.match(metrics, /^meshgate_agent_firewall_restores_total 1$/m);
     assert.match(lab.agents.get('fw')!.log.join(''), /table was removed by someone else; restored it/);
   });

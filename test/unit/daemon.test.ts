@@ -15,7 +15,6 @@ import {
   watchFile,
   writeFileSync,
 } from 'node:fs';
-import { request } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
@@ -33,6 +32,7 @@ import { describeError } from '../../cli/errors.js';
 import { SyncRequestSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
 import { encodeWgKey, generateNodeKey } from '../../proto/keys.js';
 import { VERSION } from '../../release/version.js';
+import { agentMetrics } from '../fixtures/agent-metrics.js';
 import { authKey, SimAgent, startTestCoordinator, type TestCoordinator } from '../integration/harness.js';
 import { type FakeNetTools, installFakeNetTools } from './fake-net-tools.js';
 
@@ -42,20 +42,6 @@ async function until(what: string, pred: () => boolean | Promise<boolean>, ms = 
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 20));
   }
-}
-
-function metrics(socket: string): Promise<string> {
-  return new Promise((resolve, reject) => {
-    request({ socketPath: socket, path: '/metrics' }, (res) => {
-      let body = '';
-      res.on('data', (d) => {
-        body += d;
-      });
-      res.on('end', () => resolve(body));
-    })
-      .on('error', reject)
-      .end();
-  });
 }
 
 interface Log {
@@ -243,7 +229,7 @@ describe('agent daemon', () => {
       ipAddresses: self!.ipAddresses,
     });
     await until('the netmap cached', () => existsSync(cacheOf(web)));
-    const m = await metrics(web.opts.socket);
+    const m = await agentMetrics(web.opts.socket);
     assert.match(m, /^meshgate_agent_node_state\{state="connected"\} 1$/m);
     assert.match(m, /^meshgate_agent_firewall_restores_total 0$/m);
     assert.match(m, /^meshgate_agent_interface_restores_total 0$/m);
@@ -332,7 +318,7 @@ describe('agent daemon', () => {
     const s = await web.status();
     assert.notEqual(s.firewall.lastRestore, '');
     assert.equal(s.firewall.kernel, 'as-applied');
-    assert.match(await metrics(web.opts.socket), /^meshgate_agent_firewall_restores_total 2$/m);
+    assert.match(await agentMetrics(web.opts.socket), /^meshgate_agent_firewall_restores_total 2$/m);
   });
 
   it('sends its node key again when the coordinator holds another one', async () => {
@@ -855,7 +841,7 @@ describe('agent daemon', () => {
     assert.notEqual(s.interface.lastRestore, '');
     assert.equal(s.state.kind, 'unreachable');
     assert.ok(said(n, /^the WireGuard interface was gone/));
-    assert.match(await metrics(n.opts.socket), /^meshgate_agent_interface_restores_total [1-9]\d*$/m);
+    assert.match(await agentMetrics(n.opts.socket), /^meshgate_agent_interface_restores_total [1-9]\d*$/m);
     await n.agent.stop();
   });
 
@@ -870,7 +856,11 @@ describe('agent daemon', () => {
       tools.commands().some((c) => c.startsWith(`wg set ${IFACE} `) && c.includes(' listen-port 51999')),
     );
     const first = (await n.status()).self.nodeKey;
-    await until('a rotation', async () => /rotations_total [1-9]/.test(await metrics(n.opts.socket)), 10_000);
+    await until(
+      'a rotation',
+      async () => /rotations_total [1-9]/.test(await agentMetrics(n.opts.socket)),
+      10_000,
+    );
     assert.ok(said(n, 'rotated the node key'));
     await n.agent.stop();
     const ours = encodeWgKey(new StateDir(n.opts.stateDir).load().nodePublic);
@@ -887,7 +877,11 @@ describe('agent daemon', () => {
     const registered = Date.now();
     await until('a key older than a second', () => Date.now() - registered > 1100, 3000);
     await t.admin.call('setProjectMaxKeyAge', { project: 'aged', maxKeyAge: '1s' });
-    await until('a rotation', async () => /rotations_total [1-9]/.test(await metrics(n.opts.socket)), 15_000);
+    await until(
+      'a rotation',
+      async () => /rotations_total [1-9]/.test(await agentMetrics(n.opts.socket)),
+      15_000,
+    );
     assert.ok(said(n, /maximum key age, so peers do not see this node; rotating it now$/));
     await n.agent.stop();
   });
