@@ -22,7 +22,7 @@ import { parseSecret } from '../../coordinator/state/secrets.js';
 import { type RegisterInput, State, type StateEvent } from '../../coordinator/state/state.js';
 import { openStore, type Store } from '../../coordinator/store/db.js';
 import { encodeWgKey, generateMachineKey, generateNodeKey } from '../../proto/keys.js';
-import { registerInput } from '../fixtures/nodes.js';
+import { registerInput, testAuthKey } from '../fixtures/nodes.js';
 
 const MINUTE = 60_000;
 
@@ -82,16 +82,7 @@ describe('registration through the state', () => {
   ) => {
     const project = opts.project ?? 'p';
     if (!state.listProjects().some((p) => p.name === project)) await state.createProject('test', project);
-    return (
-      await state.keys.createAuthKey('test', {
-        project,
-        reusable: opts.reusable ?? false,
-        ephemeral: opts.ephemeral ?? false,
-        expiresInMs: MINUTE,
-        tags: opts.tags ?? [],
-        reason: 'for a test',
-      })
-    ).key;
+    return testAuthKey(state.keys, project, opts);
   };
   const usedCount = async (key: string) =>
     (await state.keys.listAuthKeys('p')).find((k) => k.id === keyId(key))?.usedCount;
@@ -416,17 +407,7 @@ describe('registration on a database shared with other coordinators', () => {
     await store.close();
   });
 
-  const authKey = async (reusable = false) =>
-    (
-      await parts.keys.createAuthKey('test', {
-        project: 'p',
-        reusable,
-        ephemeral: false,
-        expiresInMs: MINUTE,
-        tags: [],
-        reason: '',
-      })
-    ).key;
+  const authKey = (reusable = false) => testAuthKey(parts.keys, 'p', { reusable });
   const registration = (catchUp?: () => Promise<void>) => new Registration(() => now, { ...parts, catchUp });
   /** How PostgreSQL refuses a row that breaks a unique index. */
   const collision = (index: string) =>

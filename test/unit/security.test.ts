@@ -26,6 +26,7 @@ import {
   signingPayload,
   verifyCallSignature,
 } from '../../proto/signing.js';
+import { testAuthKey } from '../fixtures/nodes.js';
 
 const MINUTE = 60_000;
 const SKEW = 2 * MINUTE;
@@ -53,17 +54,7 @@ describe('security checks', () => {
     await store.close();
   });
 
-  const authKey = async (reusable: boolean) =>
-    (
-      await state.keys.createAuthKey('test', {
-        project: 'p',
-        reusable,
-        ephemeral: false,
-        expiresInMs: MINUTE,
-        tags: [],
-        reason: '',
-      })
-    ).key;
+  const authKey = (reusable: boolean) => testAuthKey(state.keys, 'p', { reusable });
   const registration = (key: string, machine: MachineKeyPair, hostname: string): RegisterInput => ({
     authKey: key,
     machineKey: Buffer.from(machine.publicKey).toString('hex'),
