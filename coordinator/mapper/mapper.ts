@@ -161,8 +161,8 @@ export class Mapper {
   private readonly waiting = new Map<string, Session>();
   /** Bytes of full netmaps handed to streams and not yet taken by the transport. */
   private unsentFull = 0;
-  private timer: NodeJS.Timeout | null = null;
-  /** When the timer fires (Date.now() time). */
+  private timer: NodeJS.Timeout | undefined;
+  /** When the timer fires (Date.now() time); infinite while none is set. */
   private due = Number.POSITIVE_INFINITY;
   /** CPU time of the last flush: the next batch waits at least as long. */
   private lastFlushMs = 0;
@@ -332,15 +332,16 @@ export class Mapper {
 
   private detachEntry(entry: Attached): void {
     this.sessions.delete(entry.session.nodeId);
-    const members = this.byProject.get(entry.project);
-    members?.delete(entry.session.nodeId);
-    if (!members?.size) this.shared.forget(entry.project);
+    // Every attached entry's project has its set: sendFull made it first.
+    const members = this.byProject.get(entry.project)!;
+    members.delete(entry.session.nodeId);
+    if (!members.size) this.shared.forget(entry.project);
     this.fullSent(entry);
   }
 
   close(): void {
     clearInterval(this.keepalive);
-    if (this.timer) clearTimeout(this.timer);
+    clearTimeout(this.timer);
     this.flushing = null;
     const open = [...this.waiting.values(), ...Array.from(this.sessions.values(), (e) => e.session)];
     this.waiting.clear();
@@ -430,10 +431,8 @@ export class Mapper {
   /** Flushes in `delayMs` unless a flush is already due sooner. */
   private schedule(delayMs: number): void {
     const at = Date.now() + delayMs;
-    if (this.timer) {
-      if (at >= this.due) return;
-      clearTimeout(this.timer);
-    }
+    if (at >= this.due) return;
+    clearTimeout(this.timer);
     this.due = at;
     this.timer = setTimeout(() => this.flush(true), delayMs);
   }
@@ -446,10 +445,7 @@ export class Mapper {
    * whose time has come; the others wait for theirs.
    */
   flush(dueOnly = false): void {
-    if (this.timer) {
-      clearTimeout(this.timer);
-      this.timer = null;
-    }
+    clearTimeout(this.timer);
     this.due = Number.POSITIVE_INFINITY;
     if (this.flushing) return;
     const now = Date.now();
