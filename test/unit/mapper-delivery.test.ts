@@ -181,6 +181,26 @@ describe('mapper delivery', () => {
     quiet(got, 'b2', 'ops', 'fw', 'm1');
   });
 
+  it('looks for quiet streams at most once a second, however short the keepalive time', () => {
+    mock.timers.enable({ apis: ['setInterval', 'Date'], now: Date.now() });
+    try {
+      const m = new Mapper(state, { ...options, keepaliveMs: 100 });
+      try {
+        const s = new Stream(id.ops!);
+        m.attach(s);
+        mock.timers.tick(900);
+        assert.equal(s.sent.length, 1, 'quiet for 900 ms, and not yet looked at');
+        mock.timers.tick(100);
+        assert.equal(s.sent.length, 2);
+        assert.equal(s.sent[1]!.keepalive, true);
+      } finally {
+        m.close();
+      }
+    } finally {
+      mock.timers.reset();
+    }
+  });
+
   it('sends a keepalive to a stream that got nothing for the keepalive time', () => {
     mock.timers.enable({ apis: ['setInterval', 'Date'], now: Date.now() });
     try {

@@ -20,15 +20,13 @@ describe('presence and policy parts per group of shared peers', () => {
   let state: State;
   let mapper: Mapper;
   const ids: Record<string, string> = {};
+  const policyText = (acls: { src: string[]; dst: string[] }[]) =>
+    JSON.stringify({
+      tagOwners: { 'tag:a': [], 'tag:b': [], 'tag:c': [] },
+      acls: acls.map((a) => ({ action: 'accept', ...a })),
+    });
   const policy = async (acls: { src: string[]; dst: string[] }[]) => {
-    await state.setPolicy(
-      'test',
-      'p',
-      JSON.stringify({
-        tagOwners: { 'tag:a': [], 'tag:b': [], 'tag:c': [] },
-        acls: acls.map((a) => ({ action: 'accept', ...a })),
-      }),
-    );
+    await state.setPolicy('test', 'p', policyText(acls));
     mapper.flush();
   };
   /** Tag:a and tag:b nodes each see their own kind only; tag:c sees nothing. */
@@ -48,18 +46,20 @@ describe('presence and policy parts per group of shared peers', () => {
   /** b0 … b(n-1). */
   const bs = (n: number) => Array.from({ length: n }, (_, i) => `b${i}`);
   const idsOf = (names: string[]) => new Set(names.map((n) => ids[n]));
+  /** A mapper that flushes only when told: what happens meanwhile is one batch. */
+  const batching = () => new Mapper(state, testMapperOptions({ coalesceMs: 60_000, presenceMs: 60_000 }));
+  const registerAs = async (name: string, tag: string) => {
+    ids[name] = (await registerTestNode(state, { project: 'p', name, tags: [tag] })).id;
+  };
 
   beforeEach(async () => {
     store = await openStore({ url: ':memory:' });
     state = await State.load(store.db, { ephemeralTimeoutMs: 60_000 });
     mapper = new Mapper(state, testMapperOptions());
     await state.createProject('test', 'p');
-    const register = async (name: string, tag: string) => {
-      ids[name] = (await registerTestNode(state, { project: 'p', name, tags: [tag] })).id;
-    };
-    for (let i = 0; i < 4; i++) await register(`a${i}`, 'tag:a');
-    for (let i = 0; i < 20; i++) await register(`b${i}`, 'tag:b');
-    await register('c', 'tag:c');
+    for (let i = 0; i < 4; i++) await registerAs(`a${i}`, 'tag:a');
+    for (let i = 0; i < 20; i++) await registerAs(`b${i}`, 'tag:b');
+    await registerAs('c', 'tag:c');
     await policy(apart);
   });
   afterEach(async () => {
@@ -147,6 +147,71 @@ describe('presence and policy parts per group of shared peers', () => {
       cAt.ipAddresses.map((a) => (a.includes(':') ? `${a}/128` : `${a}/32`)),
     );
     assert.equal(a0.map!.peers.length, 4);
+  });
+
+  it('after policies that changed twice before a flush, give each stream what its own policy lacked', async () => {
+    const m = batching();
+    try {
+      const a0 = new RecordingSession(ids.a0!, { implied: true, shared: true });
+      m.attach(a0);
+      // b0 opens under the rules in the other order: its group there has the
+      // key a0's group has under `apart`, with other members.
+      await state.setPolicy('test', 'p', policyText([apart[1]!, apart[0]!]));
+      const b0 = new RecordingSession(ids.b0!, { implied: true, shared: true });
+      m.attach(b0);
+      await state.setPolicy(
+        'test',
+        'p',
+        policyText([{ src: ['tag:a', 'tag:b'], dst: ['tag:a:*', 'tag:b:*'] }]),
+      );
+      m.flush();
+      const all = [...['a0', 'a1', 'a2', 'a3'], ...bs(20)];
+      assert.deepEqual(new Set(a0.map!.peers.map((p) => p.id)), idsOf(all.filter((n) => n !== 'a0')));
+      assert.deepEqual(new Set(b0.map!.peers.map((p) => p.id)), idsOf(all.filter((n) => n !== 'b0')));
+    } finally {
+      m.close();
+    }
+  });
+
+  it("give a group's stream its full netmap with long source lists compressed", () => {
+    const b19 = shared('b19');
+    const [rule] = b19.sent[0]!.full!.packetFilter!.rules;
+    assert.deepEqual(rule!.srcCidrs, [], 'sent compressed instead');
+    assert.ok(rule!.sharedSrcCidrs.length > 0);
+    const sources = b19.map!.packetFilter!.rules[0]!.srcCidrs;
+    for (const name of bs(20)) assert.ok(sources.includes(`${state.getNode(ids[name]!)!.ipv4}/32`), name);
+  });
+
+  it('send a new node once, as a changed peer, with no part beside it', async () => {
+    const b19 = shared('b19');
+    await registerAs('b20', 'tag:b');
+    mapper.flush();
+    const got = b19.sent.at(-1)!;
+    assert.deepEqual(
+      got.peersChanged.map((p) => p.id),
+      [ids.b20],
+    );
+    assert.deepEqual(got.shared, [], 'no policy part repeats it');
+  });
+
+  it("leave out of a group's part the patch of a node that also changed in the batch", async () => {
+    const m = batching();
+    try {
+      const b19 = new RecordingSession(ids.b19!, { implied: true, shared: true });
+      m.attach(b19);
+      for (const name of bs(17)) state.setOnline(ids[name]!, true);
+      await state.renameNode('test', ids.b0!, 'p', 'b0-renamed');
+      m.flush();
+      const got = b19.sent.at(-1)!;
+      assert.deepEqual(
+        got.peersChanged.map((p) => [p.name, p.online]),
+        [['b0-renamed', true]],
+        'the changed peer carries its presence',
+      );
+      assert.deepEqual(new Set(sharedOf(got).peerPatches.map((p) => p.id)), idsOf(bs(17).slice(1)));
+    } finally {
+      m.close();
+    }
   });
 
   it('after a policy change that leaves the group its peers, send the group nothing', async () => {

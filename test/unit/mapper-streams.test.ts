@@ -123,6 +123,18 @@ describe('mapper streams and batches', () => {
     assert.equal(m.hasSession(ids.doomed!), false);
   });
 
+  it('closes the stream of a node that does not exist at once, even while others wait their turn', () => {
+    const m = newMapper({ fullNetmapBudget: 1 });
+    const blocker = stream('fw', { held: true });
+    m.attach(blocker);
+    const stranger = new RecordingSession('no-such-node');
+    m.attach(stranger);
+    assert.equal(stranger.closed, 'node does not exist');
+    assert.equal(stranger.closedAs, 'gone');
+    assert.equal(m.hasSession('no-such-node'), false);
+    blocker.release();
+  });
+
   it('the end of a replaced stream leaves its successor connected', async () => {
     const m = newMapper();
     const [old, newer, fw] = [stream('ops'), stream('ops'), stream('fw')];
@@ -258,6 +270,25 @@ describe('mapper streams and batches', () => {
     await state.deleteNode('test', id, 'p');
   });
 
+  it('patches a node never seen with no last-seen time', async () => {
+    // A row with no last_seen, as a node that never connected has in a database of an older release.
+    await store.db.updateTable('nodes').set({ last_seen: null }).where('id', '=', ids.fw!).execute();
+    const loaded = await State.load(store.db, { ephemeralTimeoutMs: 60_000 });
+    const m = new Mapper(loaded, testMapperOptions());
+    try {
+      const ops = stream('ops');
+      m.attach(ops);
+      loaded.setObservedEndpoint(ids.fw!, '198.51.100.7:41641');
+      m.flush();
+      const [patch] = ops.sent.at(-1)!.peerPatches;
+      assert.ok(patch!.endpoints.includes('198.51.100.7:41641'));
+      assert.equal(patch!.lastSeen, undefined, 'not 1970');
+    } finally {
+      m.close();
+      await loaded.close();
+    }
+  });
+
   it('tells a node that its desired version was withdrawn with an empty one', async () => {
     const m = newMapper();
     const fw = stream('fw');
@@ -385,6 +416,8 @@ describe('mapper: a full netmap instead of a delta', () => {
 
     const fresh = new Mapper(state, testMapperOptions());
     try {
+      // Another stream of the project keeps its blocks while k3's is replaced.
+      fresh.attach(new RecordingSession(k[3]!, shared));
       fresh.attach(new RecordingSession(k[2]!, shared));
       await state.updateEndpoints(k[2]!, ['198.51.100.31:41641']);
       fresh.flush();
@@ -393,6 +426,49 @@ describe('mapper: a full netmap instead of a delta', () => {
       assert.deepEqual(own.sent[0]!.full!.peers, [], 'k3 changed since, but is no peer of its own');
     } finally {
       fresh.close();
+    }
+  });
+});
+
+describe('mapper: a large delta to a stream that takes shared peers', () => {
+  let store: Store;
+  let state: State;
+  const names: string[] = [];
+
+  before(async () => {
+    store = await openStore({ url: ':memory:' });
+    state = await State.load(store.db, { ephemeralTimeoutMs: 60_000 });
+    await state.createProject('test', 'big');
+    // Sixteen endpoints each make a peer weigh about 450 bytes on its own,
+    // where the group's block takes about 65 bytes per peer.
+    const endpoints = (i: number) =>
+      Array.from({ length: 16 }, (_, j) => `[2001:db8:${i.toString(16)}::${j + 1}]:41641`);
+    for (let i = 0; i < 300; i++) {
+      names.push(`n${i}`);
+      await registerTestNode(state, { project: 'big', name: `n${i}`, tags: [], endpoints: endpoints(i) });
+    }
+  });
+  after(async () => {
+    await store.close();
+  });
+
+  it('stays a delta when the full netmap would weigh more, past the size that has it compared', async () => {
+    const m = new Mapper(state, testMapperOptions({ coalesceMs: 60_000 }));
+    try {
+      const viewer = new RecordingSession(state.resolveNode('n0', 'big').id, { implied: true, shared: true });
+      m.attach(viewer);
+      for (const name of names.slice(1, 51)) await state.renameNode('test', name, 'big', `${name}-renamed`);
+      m.flush();
+      const got = viewer.sent.at(-1)!;
+      assert.ok(
+        viewer.bytes.at(-1)! > 16 * 1024,
+        `a delta of ${viewer.bytes.at(-1)} bytes is compared with the full netmap`,
+      );
+      assert.equal(got.full, undefined);
+      assert.equal(got.peersChanged.length, 50);
+      assert.equal(viewer.map!.peers.filter((p) => p.name.endsWith('-renamed')).length, 50);
+    } finally {
+      m.close();
     }
   });
 });
