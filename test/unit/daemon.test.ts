@@ -466,6 +466,12 @@ describe('agent daemon', () => {
     assert.equal(s.state.kind, 'down');
     assert.ok(!since(from).some((c) => c.startsWith('ip link add')), 'no interface while down');
     assert.match(tools.ruleset() ?? '', /tcp dport \{ 22 \} drop/);
+    // A restart into another release while down has no interface to hand on.
+    const stopped = web.agent.wait();
+    await web.agent.restartForUpdate();
+    assert.equal(await stopped, 'restart');
+    web = await daemon(web.opts);
+    assert.equal((await web.status()).state.kind, 'down');
 
     tools.withoutWireGuard(true);
     try {
