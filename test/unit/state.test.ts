@@ -273,3 +273,163 @@ describe('state: admin changes', () => {
     await assert.rejects(state.keys.listAuthKeys('nope'), fails('not-found', /does not exist/));
   });
 });
+
+describe('state: lookups, presence and lifecycle', () => {
+  let store: Store;
+  let state: State;
+  let now = 1_800_000_000_000;
+  let events: StateEvent[];
+  const keyOf = async (project: string, opts: { tags?: string[]; ephemeral?: boolean } = {}) =>
+    (
+      await state.keys.createAuthKey('test', {
+        project,
+        reusable: false,
+        ephemeral: opts.ephemeral ?? false,
+        expiresInMs: MINUTE,
+        tags: opts.tags ?? [],
+        reason: '',
+      })
+    ).key;
+  const join = async (
+    project: string,
+    hostname: string,
+    opts: { tags?: string[]; ephemeral?: boolean } = {},
+  ) =>
+    (
+      await state.register({
+        authKey: await keyOf(project, opts),
+        machineKey: Buffer.from(generateMachineKey().publicKey).toString('hex'),
+        nodeKey: encodeWgKey(generateNodeKey().publicKey),
+        hostname,
+        os: 'linux',
+        version: '1.0.0',
+        requestedTags: [],
+        endpoints: ['192.0.2.10:41641'],
+        advertisedRoutes: [],
+      })
+    ).node;
+
+  beforeEach(async () => {
+    store = await openStore({ url: ':memory:' });
+    state = await State.load(store.db, { ephemeralTimeoutMs: MINUTE, now: () => now });
+    await state.createProject('test', 'p');
+    await state.createProject('test', 'q');
+    events = [];
+    state.onEvent((e) => events.push(e));
+  });
+  afterEach(async () => {
+    await state.close();
+    await store.close();
+  });
+
+  it('finds projects and nodes by name, machine key and reference', async () => {
+    const a = await join('p', 'a');
+    await join('q', 'a');
+    assert.equal(state.getProject('p')?.name, 'p');
+    assert.equal(state.getProject('nope'), undefined);
+    assert.equal(state.nodeByMachineKey(a.machineKey)?.id, a.id);
+    assert.equal(state.resolveNode('a', 'p').id, a.id, 'the project tells names apart');
+    assert.equal(state.resolveNode(a.id).id, a.id);
+    assert.deepEqual(
+      state.listNodes('p').map((n) => [n.project, n.name]),
+      [['p', 'a']],
+    );
+    assert.throws(() => state.listNodes('nope'), /project "nope" does not exist/);
+  });
+
+  it('counts nodes online here, tells recorders, and keeps where a node was seen from', async () => {
+    const a = await join('p', 'a');
+    const b = await join('p', 'b');
+    const told: [string, boolean][] = [];
+    state.recordPresence({ streaming: (id, online) => told.push([id, online]) });
+    assert.equal(state.onlineCount(), 0);
+    state.setOnline(a.id, true);
+    assert.equal(state.onlineCount(), 1);
+    assert.deepEqual(state.localOnline(), [a.id]);
+    assert.equal(state.remoteHome(a.id), undefined, 'it streams here');
+    assert.deepEqual(told, [[a.id, true]]);
+
+    events.length = 0;
+    state.setObservedEndpoint(b.id, '198.51.100.9:41641');
+    assert.deepEqual(state.endpointsOf(state.getNode(b.id)!), ['192.0.2.10:41641', '198.51.100.9:41641']);
+    assert.deepEqual(
+      events.map((e) => e.type),
+      ['node-patched'],
+    );
+    now += 5_000;
+    state.touch(b.id);
+    assert.equal(state.getNode(b.id)!.lastSeen, now);
+  });
+
+  it('cuts a node off exactly when its key reaches the maximum age', async () => {
+    const a = await join('p', 'a');
+    assert.equal(state.isKeyExpired(a), false, 'no maximum key age');
+    await state.setMaxKeyAge('test', 'p', MINUTE);
+    assert.equal(state.isKeyExpired(a, a.keySetAt + MINUTE - 1), false);
+    assert.equal(state.isKeyExpired(a, a.keySetAt + MINUTE), true);
+  });
+
+  it('reaps an ephemeral node a timeout after it was last seen, not after it joined', async () => {
+    const e = await join('p', 'e', { ephemeral: true });
+    await join('p', 'kept');
+    now += 50_000;
+    state.touch(e.id);
+    now += 11_000;
+    assert.deepEqual(await state.reapEphemeral(), [], 'seen 11 s ago');
+    now += 50_000;
+    assert.deepEqual(
+      (await state.reapEphemeral()).map((n) => n.name),
+      ['e'],
+    );
+    assert.deepEqual(
+      state.listNodes('p').map((n) => n.name),
+      ['kept'],
+    );
+  });
+
+  it('refuses a policy whose tests fail unless forced', async () => {
+    await join('p', 'a');
+    const failing = `{"acls":[],"tests":[{"src":"a","accept":["a:22"]}]}`;
+    await assert.rejects(state.setPolicy('test', 'p', failing), /test/);
+    assert.equal(state.getPolicy('p'), undefined);
+    await state.setPolicy('test', 'p', failing, true);
+    assert.equal(state.getPolicy('p')?.source, failing);
+  });
+
+  it('applies a global policy to the projects without their own', async () => {
+    const a = await join('p', 'a');
+    const b = await join('p', 'b');
+    await state.setPolicy('test', 'q', '{"acls":[]}');
+    events.length = 0;
+    const none = '{"acls":[]}';
+    await state.setGlobalPolicy('test', none);
+    assert.equal(state.getGlobalPolicy()?.source, none);
+    assert.deepEqual(
+      events.map((e) => (e.type === 'policy-changed' ? e.project : e.type)),
+      ['p'],
+      'q keeps its own',
+    );
+    assert.equal(state.compiled('p').canSee(a.id, b.id), false);
+    await state.setGlobalPolicy('test', '');
+    assert.equal(state.getGlobalPolicy(), undefined);
+    assert.equal(state.compiled('p').canSee(a.id, b.id), true);
+  });
+
+  it('tells drift, the version an auth key will be told, and ignores reports of unknown nodes', async () => {
+    const ops = await join('p', 'ops', { tags: ['tag:ops'] });
+    await state.setPolicy('test', 'p', `{"tagOwners":{"tag:ops":[]},"acls":[]}`);
+    assert.equal(state.isDrifting(ops), false, 'no desired version');
+    await state.setDesiredVersion('test', 'p', 'tag:ops', '2.0.0');
+    assert.equal(state.isDrifting(ops), true);
+    assert.equal(
+      (await state.desiredEntryForAuthKey(await keyOf('p', { tags: ['tag:ops'] })))?.version,
+      '2.0.0',
+    );
+    assert.equal(await state.desiredEntryForAuthKey(await keyOf('p')), undefined);
+    await assert.rejects(
+      state.setDesiredVersion('test', 'nope', '', '1.0.0'),
+      /project "nope" does not exist/,
+    );
+    assert.doesNotThrow(() => state.reportUpdate('no-such-node', '2.0.0', 'failed', 'disk full'));
+  });
+});
