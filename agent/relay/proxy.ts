@@ -16,6 +16,7 @@ const PROBE = Buffer.from([0xff, 0x6d, 0x67, 0x70, 0x72, 0x6f, 0x62, 0x65]);
 export class RelayProxies extends EventEmitter<{ probe: [string] }> {
   private readonly sockets = new Map<string, { socket: Socket; port: number }>();
   private readonly pending = new Map<string, Promise<string>>();
+  private closed = false;
 
   constructor(
     private readonly relay: RelayConnection,
@@ -46,6 +47,12 @@ export class RelayProxies extends EventEmitter<{ probe: [string] }> {
         });
         socket.once('error', reject);
         socket.bind(0, '127.0.0.1', () => {
+          // Closed while binding: a socket kept now would outlive the agent's mesh.
+          if (this.closed) {
+            socket.close();
+            reject(new Error('the relay is closed'));
+            return;
+          }
           const port = socket.address().port;
           this.sockets.set(peerId, { socket, port });
           resolve(`127.0.0.1:${port}`);
@@ -58,13 +65,13 @@ export class RelayProxies extends EventEmitter<{ probe: [string] }> {
 
   /** A datagram from a peer: a peer that relays to us gets a socket even before we chose to relay. */
   private async deliver(peerId: string, payload: Uint8Array): Promise<void> {
-    if (!this.allowed(peerId)) return;
+    if (this.closed || !this.allowed(peerId)) return;
     if (PROBE.equals(payload)) {
       this.emit('probe', peerId);
       return;
     }
-    await this.ensure(peerId);
-    this.sockets.get(peerId)?.socket.send(payload, this.wireguardPort(), '127.0.0.1');
+    const endpoint = await this.ensure(peerId).catch(() => undefined);
+    if (endpoint) this.sockets.get(peerId)?.socket.send(payload, this.wireguardPort(), '127.0.0.1');
   }
 
   /** Asks the peer's agent to probe the direct path at the same time as we do. */
@@ -86,6 +93,7 @@ export class RelayProxies extends EventEmitter<{ probe: [string] }> {
   }
 
   close(): void {
+    this.closed = true;
     this.retain(new Set());
   }
 }
