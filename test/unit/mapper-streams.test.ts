@@ -244,7 +244,7 @@ describe('mapper streams and batches', () => {
     await state.setPolicy('test', 'p', JSON.stringify(POLICY));
   });
 
-  it('gives a firewall the address of a new node that may reach it, in its packet filter', async () => {
+  it('gives a firewall the address of a new node that may reach it, in its packet filter, and takes a deleted one out', async () => {
     const m = newMapper();
     const fw = stream('fw');
     m.attach(fw);
@@ -256,6 +256,11 @@ describe('mapper streams and batches', () => {
       `fw's filter lets ${address} in`,
     );
     await state.deleteNode('test', id, 'p');
+    m.flush();
+    assert.ok(
+      !(fw.map!.packetFilter?.rules ?? []).some((r) => r.srcCidrs.some((c) => c.startsWith(`${address}/`))),
+      `deleted, ${address} is out of fw's filter`,
+    );
   });
 
   it('lets a flush pass a node that expired without a stream', async () => {
