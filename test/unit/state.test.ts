@@ -8,6 +8,7 @@ import { parseSecret } from '../../coordinator/state/secrets.js';
 import { type RegisterInput, State, type StateEvent } from '../../coordinator/state/state.js';
 import { openStore, type Store } from '../../coordinator/store/db.js';
 import { encodeWgKey, generateMachineKey, generateNodeKey } from '../../proto/keys.js';
+import { registerInput, testAuthKey } from '../fixtures/nodes.js';
 
 const MINUTE = 60_000;
 const TAGS = '"tagOwners":{"tag:ops":[],"tag:firewall":[],"tag:router":[]}';
@@ -279,34 +280,20 @@ describe('state: lookups, presence and lifecycle', () => {
   let state: State;
   let now = 1_800_000_000_000;
   let events: StateEvent[];
-  const keyOf = async (project: string, opts: { tags?: string[]; ephemeral?: boolean } = {}) =>
-    (
-      await state.keys.createAuthKey('test', {
-        project,
-        reusable: false,
-        ephemeral: opts.ephemeral ?? false,
-        expiresInMs: MINUTE,
-        tags: opts.tags ?? [],
-        reason: '',
-      })
-    ).key;
+  const keyOf = (project: string, opts: { tags?: string[]; ephemeral?: boolean } = {}) =>
+    testAuthKey(state.keys, project, opts);
   const join = async (
     project: string,
     hostname: string,
     opts: { tags?: string[]; ephemeral?: boolean } = {},
   ) =>
     (
-      await state.register({
-        authKey: await keyOf(project, opts),
-        machineKey: Buffer.from(generateMachineKey().publicKey).toString('hex'),
-        nodeKey: encodeWgKey(generateNodeKey().publicKey),
-        hostname,
-        os: 'linux',
-        version: '1.0.0',
-        requestedTags: [],
-        endpoints: ['192.0.2.10:41641'],
-        advertisedRoutes: [],
-      })
+      await state.register(
+        registerInput(await keyOf(project, opts), hostname, {
+          version: '1.0.0',
+          endpoints: ['192.0.2.10:41641'],
+        }),
+      )
     ).node;
 
   beforeEach(async () => {
