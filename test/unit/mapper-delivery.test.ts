@@ -181,44 +181,39 @@ describe('mapper delivery', () => {
     quiet(got, 'b2', 'ops', 'fw', 'm1');
   });
 
-  it('looks for quiet streams at most once a second, however short the keepalive time', () => {
+  /** Ops's stream on a mapper with `keepaliveMs`, the interval and the clock mocked, given to `check`. */
+  const withKeepalive = (keepaliveMs: number, check: (s: Stream) => void) => {
     mock.timers.enable({ apis: ['setInterval', 'Date'], now: Date.now() });
     try {
-      const m = new Mapper(state, { ...options, keepaliveMs: 100 });
+      const m = new Mapper(state, { ...options, keepaliveMs });
       try {
         const s = new Stream(id.ops!);
         m.attach(s);
-        mock.timers.tick(900);
-        assert.equal(s.sent.length, 1, 'quiet for 900 ms, and not yet looked at');
-        mock.timers.tick(100);
-        assert.equal(s.sent.length, 2);
-        assert.equal(s.sent[1]!.keepalive, true);
+        check(s);
       } finally {
         m.close();
       }
     } finally {
       mock.timers.reset();
     }
-  });
+  };
 
-  it('sends a keepalive to a stream that got nothing for the keepalive time', () => {
-    mock.timers.enable({ apis: ['setInterval', 'Date'], now: Date.now() });
-    try {
-      const m = new Mapper(state, { ...options, keepaliveMs: 10_000 });
-      try {
-        const s = new Stream(id.ops!);
-        m.attach(s);
-        mock.timers.tick(5_000);
-        assert.equal(s.sent.length, 1, 'not before the keepalive time');
-        mock.timers.tick(5_000);
-        assert.equal(s.sent.length, 2);
-        assert.equal(s.sent[1]!.keepalive, true);
-        assert.equal(s.sent[1]!.seq, 2n);
-      } finally {
-        m.close();
-      }
-    } finally {
-      mock.timers.reset();
-    }
-  });
+  it('looks for quiet streams at most once a second, however short the keepalive time', () =>
+    withKeepalive(100, (s) => {
+      mock.timers.tick(900);
+      assert.equal(s.sent.length, 1, 'quiet for 900 ms, and not yet looked at');
+      mock.timers.tick(100);
+      assert.equal(s.sent.length, 2);
+      assert.equal(s.sent[1]!.keepalive, true);
+    }));
+
+  it('sends a keepalive to a stream that got nothing for the keepalive time', () =>
+    withKeepalive(10_000, (s) => {
+      mock.timers.tick(5_000);
+      assert.equal(s.sent.length, 1, 'not before the keepalive time');
+      mock.timers.tick(5_000);
+      assert.equal(s.sent.length, 2);
+      assert.equal(s.sent[1]!.keepalive, true);
+      assert.equal(s.sent[1]!.seq, 2n);
+    }));
 });
