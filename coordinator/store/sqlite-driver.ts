@@ -67,10 +67,11 @@ class Lease implements DatabaseConnection {
 
   async executeQuery<R>(query: CompiledQuery): Promise<QueryResult<R>> {
     await this.driver.beforeStatement(this);
-    const result = this.driver.run<R>(query);
+    const stmt = this.driver.prepare(query.sql);
+    const result = this.driver.run<R>(stmt, query.parameters);
     // A change outside a transaction committed on its own: it is acknowledged
     // once on disk, and others may use the connection meanwhile.
-    if (!this.inTransaction && !this.driver.prepare(query.sql).readonly) await this.driver.durable(this);
+    if (!this.inTransaction && !stmt.readonly) await this.driver.durable(this);
     return result;
   }
 
@@ -116,9 +117,8 @@ export class GroupCommitDriver implements Driver {
     return stmt;
   }
 
-  run<R>(query: CompiledQuery): QueryResult<R> {
-    const stmt = this.prepare(query.sql);
-    const params = query.parameters as unknown[];
+  run<R>(stmt: SQLite.Statement, parameters: readonly unknown[]): QueryResult<R> {
+    const params = parameters as unknown[];
     if (stmt.reader) return { rows: stmt.all(params) as R[] };
     const { changes, lastInsertRowid } = stmt.run(params);
     return {
