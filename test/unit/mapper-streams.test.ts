@@ -8,7 +8,7 @@ import { after, before, describe, it, mock } from 'node:test';
 import { Mapper, type MapperOptions } from '../../coordinator/mapper/mapper.js';
 import { State } from '../../coordinator/state/state.js';
 import { openStore, type Store } from '../../coordinator/store/db.js';
-import { RecordingSession, testMapperOptions } from '../fixtures/mapper.js';
+import { RecordingSession, slowSends, testMapperOptions } from '../fixtures/mapper.js';
 import { registerTestNode } from '../fixtures/nodes.js';
 
 const POLICY = {
@@ -179,15 +179,10 @@ describe('mapper streams and batches', () => {
     const m = newMapper({ coalesceMs: 5 });
     const ops = stream('ops');
     m.attach(ops);
-    const send = ops.send.bind(ops);
-    ops.send = (msg, sent) => {
-      const end = performance.now() + 300;
-      while (performance.now() < end);
-      send(msg, sent);
-    };
+    const fast = slowSends(ops, 300);
     await state.updateEndpoints(ids.fw!, ['198.51.100.20:41641']);
     m.flush();
-    ops.send = send;
+    fast();
     assert.equal(ops.sent.length, 2, 'the full netmap and the slow batch');
     const changed = performance.now();
     await state.updateEndpoints(ids.fw!, ['198.51.100.21:41641']);
@@ -251,16 +246,12 @@ describe('mapper streams and batches', () => {
     const id = await register('p', 'ops-new', ['tag:ops']);
     m.flush();
     const address = state.getNode(id)!.ipv4;
-    assert.ok(
-      (fw.map!.packetFilter?.rules ?? []).some((r) => r.srcCidrs.some((c) => c.startsWith(`${address}/`))),
-      `fw's filter lets ${address} in`,
-    );
+    const letsIn = () =>
+      (fw.map!.packetFilter?.rules ?? []).some((r) => r.srcCidrs.some((c) => c.startsWith(`${address}/`)));
+    assert.ok(letsIn(), `fw's filter lets ${address} in`);
     await state.deleteNode('test', id, 'p');
     m.flush();
-    assert.ok(
-      !(fw.map!.packetFilter?.rules ?? []).some((r) => r.srcCidrs.some((c) => c.startsWith(`${address}/`))),
-      `deleted, ${address} is out of fw's filter`,
-    );
+    assert.ok(!letsIn(), `deleted, ${address} is out of fw's filter`);
   });
 
   it('lets a flush pass a node that expired without a stream', async () => {

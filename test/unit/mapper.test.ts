@@ -9,7 +9,7 @@ import { openStore, type Store } from '../../coordinator/store/db.js';
 import { type SyncResponse, SyncResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
 import { PeerSchema, Protocol } from '../../proto/gen/meshgate/v1/types_pb.js';
 import { encodeWgKey, generateMachineKey, generateNodeKey } from '../../proto/keys.js';
-import { testMapperOptions } from '../fixtures/mapper.js';
+import { slowSends, testMapperOptions } from '../fixtures/mapper.js';
 import { registerTestNode } from '../fixtures/nodes.js';
 
 class FakeSession implements Session {
@@ -211,16 +211,11 @@ describe('mapper fan-out', () => {
     try {
       const ops = new FakeSession(ids.ops!);
       m.attach(ops);
-      const send = ops.send.bind(ops);
       // One flush that takes 400 ms of CPU, like a large project's fan-out.
-      ops.send = (msg, sent) => {
-        const until = performance.now() + 400;
-        while (performance.now() < until);
-        send(msg, sent);
-      };
+      const fast = slowSends(ops, 400);
       await state.updateEndpoints(quiet.id, ['198.51.100.10:41641']);
       m.flush();
-      ops.send = send;
+      fast();
       const before = ops.sent.length;
       assert.equal(before, 2, 'the full netmap and the slow batch');
       // Quiet for longer than that flush took.
