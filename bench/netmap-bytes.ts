@@ -60,6 +60,8 @@ const mapper = new Mapper(state, {
   // Every flush in one go, so that it can be timed.
   sliceMs: 2 ** 30,
   fullNetmapBudget: 2 ** 30,
+  deltaBudget: 2 ** 30,
+  stallMs: 600_000,
   keepaliveMs: 60_000,
   keepaliveSeconds: 25,
   relay: false,

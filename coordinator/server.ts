@@ -209,6 +209,9 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
     coalesceMs: parseDuration(config.coalesceWindow),
     sliceMs: 20,
     fullNetmapBudget: 64 * 2 ** 20,
+    deltaBudget: 64 * 2 ** 20,
+    // A 2.7 MB netmap (10,000 peers) takes 22 s over 1 Mbit/s: two minutes leave room for slow links.
+    stallMs: 120_000,
     presenceMs: parseDuration(config.presenceWindow),
     keepaliveMs: parseDuration(config.keepalive),
     keepaliveSeconds: config.wireguardKeepalive,

@@ -48,8 +48,8 @@ interface Attached {
   filterKey: string;
   /** The desired-version entry last sent; a new entry is a new object. */
   desired: DesiredVersionRecord | undefined;
-  /** Bytes of the full netmap the transport has not taken yet. */
-  unsent: number;
+  /** Messages handed to the transport that it has not taken yet, oldest first. */
+  inFlight: InFlight[];
   implied: boolean;
   shared: boolean;
   /**
@@ -60,6 +60,15 @@ interface Attached {
    * its own policy to the new one.
    */
   base: CompiledPolicy;
+}
+
+interface InFlight {
+  bytes: number;
+  /** When it was handed over (Date.now() time). */
+  at: number;
+  full: boolean;
+  /** Whether its bytes still count against their budget; a slow stream's deltas stop counting. */
+  counted: boolean;
 }
 
 interface Pending {
@@ -100,6 +109,19 @@ export interface MapperOptions extends NetMapOptions {
    * every one. Streams beyond the budget wait their turn.
    */
   fullNetmapBudget: number;
+  /**
+   * Deltas handed to streams and not yet taken, in bytes. A policy change at
+   * 10,000 nodes is a message of up to hundreds of kilobytes to every agent:
+   * built all at once, they doubled the coordinator's memory. A flush waits
+   * beyond the budget until the transports take what they have.
+   */
+  deltaBudget: number;
+  /**
+   * A stream whose oldest unsent message is this old is closed: its agent
+   * does not read, and everything sent to it would pile up in memory. The
+   * agent opens the stream again and gets a full netmap.
+   */
+  stallMs: number;
   keepaliveMs: number;
   /** Called with the time from the first change other than presence in a batch to its delivery. */
   onDelivered?: (latencyMs: number, sessions: number) => void;
@@ -122,6 +144,12 @@ const FULL_CHECK_MIN_REMOVED = 64;
  * node many peers), however few peers the delta removes.
  */
 const SHARED_FULL_CHECK_MIN_BYTES = 16 * 1024;
+/**
+ * A delta its stream has not taken for this long stops counting against the
+ * delta budget: a few agents that do not read must not hold back every
+ * other agent's changes until they are closed as stalled.
+ */
+const SLOW_MS = 1000;
 
 class Delta {
   readonly changed = new Map<string, EncodedPeer>();
@@ -161,6 +189,10 @@ export class Mapper {
   private readonly waiting = new Map<string, Session>();
   /** Bytes of full netmaps handed to streams and not yet taken by the transport. */
   private unsentFull = 0;
+  /** Bytes of deltas handed to streams, not yet taken, and counted against the budget. */
+  private unsentDeltas = 0;
+  /** Set while a flush waits for the transports to take deltas: looks for slow streams. */
+  private paused: NodeJS.Timeout | undefined;
   private timer: NodeJS.Timeout | undefined;
   /** When the timer fires (Date.now() time); infinite while none is set. */
   private due = Number.POSITIVE_INFINITY;
@@ -245,7 +277,7 @@ export class Mapper {
       lastSent: 0,
       filterKey: filterKey(rules),
       desired: this.state.desiredEntryFor(node),
-      unsent: 0,
+      inFlight: [],
       implied: session.impliedPeerFields === true,
       shared: session.impliedPeerFields === true && session.sharedPeers === true,
       base: compiled,
@@ -257,10 +289,33 @@ export class Mapper {
       this.byProject.set(node.project, set);
     }
     set.add(node.id);
-    const msg = this.frame(entry, [this.fullPiece(entry, node, compiled, rules)]);
-    entry.unsent = msg.length;
-    this.unsentFull += msg.length;
-    session.send(msg, () => this.fullSent(entry));
+    this.handOver(entry, this.frame(entry, [this.fullPiece(entry, node, compiled, rules)]), true);
+  }
+
+  /** Sends one message of the stream, counted until the transport takes it. */
+  private handOver(entry: Attached, msg: Uint8Array, full: boolean): void {
+    const item: InFlight = { bytes: msg.length, at: Date.now(), full, counted: true };
+    entry.inFlight.push(item);
+    if (full) this.unsentFull += item.bytes;
+    else this.unsentDeltas += item.bytes;
+    entry.session.send(msg, () => this.taken(entry, item));
+  }
+
+  /** The transport took a message, or its stream ended: the bytes leave their budget. */
+  private taken(entry: Attached, item: InFlight): void {
+    const i = entry.inFlight.indexOf(item);
+    if (i < 0) return;
+    entry.inFlight.splice(i, 1);
+    this.uncount(item);
+    if (item.full) this.admit();
+    else if (this.paused && !this.overBudget()) this.resume();
+  }
+
+  private uncount(item: InFlight): void {
+    if (!item.counted) return;
+    item.counted = false;
+    if (item.full) this.unsentFull -= item.bytes;
+    else this.unsentDeltas -= item.bytes;
   }
 
   /** The full netmap of the entry's node as the SyncResponse field that carries it. */
@@ -306,14 +361,6 @@ export class Mapper {
     return peers;
   }
 
-  /** The transport took a full netmap, or its stream ended: the next waiting stream may have its turn. */
-  private fullSent(entry: Attached): void {
-    if (!entry.unsent) return;
-    this.unsentFull -= entry.unsent;
-    entry.unsent = 0;
-    this.admit();
-  }
-
   /** The node's Peer and DNS record, encoded once until the node changes. */
   private encode(n: NodeRecord): EncodedPeer {
     let e = this.encoded.get(n.id);
@@ -336,12 +383,16 @@ export class Mapper {
     const members = this.byProject.get(entry.project)!;
     members.delete(entry.session.nodeId);
     if (!members.size) this.shared.forget(entry.project);
-    this.fullSent(entry);
+    const unsent = entry.inFlight.splice(0);
+    for (const item of unsent) this.uncount(item);
+    if (unsent.some((item) => item.full)) this.admit();
+    if (this.paused && !this.overBudget()) this.resume();
   }
 
   close(): void {
     clearInterval(this.keepalive);
     clearTimeout(this.timer);
+    clearTimeout(this.paused);
     this.flushing = null;
     const open = [...this.waiting.values(), ...Array.from(this.sessions.values(), (e) => e.session)];
     this.waiting.clear();
@@ -460,6 +511,11 @@ export class Mapper {
     if (!work) return;
     const start = performance.now();
     while (work.length) {
+      if (this.overBudget()) {
+        this.lastFlushMs += performance.now() - start;
+        this.paused = setTimeout(() => this.forgetSlow(), SLOW_MS);
+        return;
+      }
       if (work[0]!.next().done) work.shift();
       else if (performance.now() - start >= this.opts.sliceMs) break;
     }
@@ -471,6 +527,26 @@ export class Mapper {
     this.flushing = null;
     this.lastFlushEnd = performance.now();
     this.scheduleDue();
+  }
+
+  private overBudget(): boolean {
+    return this.unsentDeltas > 0 && this.unsentDeltas >= this.opts.deltaBudget;
+  }
+
+  /** Goes on with the flush that waited for the transports. */
+  private resume(): void {
+    clearTimeout(this.paused);
+    this.paused = undefined;
+    setImmediate(() => this.continueFlush());
+  }
+
+  /** While a flush waits: deltas not taken for SLOW_MS stop counting against the budget. */
+  private forgetSlow(): void {
+    const before = Date.now() - SLOW_MS;
+    for (const entry of this.sessions.values())
+      for (const item of entry.inFlight) if (!item.full && item.at <= before) this.uncount(item);
+    if (this.overBudget()) this.paused = setTimeout(() => this.forgetSlow(), SLOW_MS);
+    else this.resume();
   }
 
   private *flushProject(project: string): Generator<void> {
@@ -772,7 +848,7 @@ export class Mapper {
   }
 
   private write(entry: Attached, pieces: Piece[]): void {
-    entry.session.send(this.frame(entry, pieces));
+    this.handOver(entry, this.frame(entry, pieces), false);
   }
 
   /** The next message of the stream, numbered. */
@@ -782,10 +858,16 @@ export class Mapper {
     return assemble([seqField(entry.seq), ...pieces]);
   }
 
+  /** Sends keepalives to quiet streams and closes the streams whose agents stopped reading. */
   private sendKeepalives(): void {
-    const due = Date.now() - this.opts.keepaliveMs;
+    const now = Date.now();
     for (const entry of this.sessions.values()) {
-      if (entry.lastSent <= due) this.write(entry, [KEEPALIVE]);
+      const oldest = entry.inFlight[0];
+      if (oldest && oldest.at <= now - this.opts.stallMs) {
+        this.detachEntry(entry);
+        const seconds = Math.round((now - oldest.at) / 1000);
+        entry.session.close(`the agent has not read its stream for ${seconds} s`, 'retry');
+      } else if (entry.lastSent <= now - this.opts.keepaliveMs) this.write(entry, [KEEPALIVE]);
     }
   }
 }

@@ -89,6 +89,101 @@ describe('mapper streams and batches', () => {
     assert.deepEqual(counts(e, f), [1, 1]);
   });
 
+  it('holds a flush while the deltas handed out fill their budget, and goes on as the transports take them', async () => {
+    await state.createProject('test', 'held');
+    await register('held', 'h1');
+    await register('held', 'h2');
+    // Without a budget, one delta at a time.
+    const m = newMapper({ deltaBudget: 0 });
+    const [h1, h2] = [stream('h1', { held: true }), stream('h2', { held: true })];
+    m.attach(h1);
+    m.attach(h2);
+    assert.deepEqual(counts(h1, h2), [1, 1], 'full netmaps have a budget of their own');
+    await register('held', 'h3');
+    m.flush();
+    assert.deepEqual(counts(h1, h2), [2, 1], "the first stream's delta fills the budget");
+    assert.equal(m.idle, false, 'the flush waits');
+    const turn = () => new Promise((resolve) => setImmediate(resolve));
+    h1.release();
+    await turn();
+    assert.deepEqual(counts(h1, h2), [2, 2], 'the flush goes on as soon as the delta is taken');
+    h2.release();
+    await turn();
+    assert.equal(m.idle, true);
+    for (const s of [h1, h2]) assert.ok(s.map!.peers.some((p) => p.name === 'h3'));
+  });
+
+  it('goes on with a held flush as soon as the stream that holds it ends', async () => {
+    await state.createProject('test', 'ends');
+    await register('ends', 'e1');
+    await register('ends', 'e2');
+    const m = newMapper({ deltaBudget: 1 });
+    const [e1, e2] = [stream('e1', { held: true }), stream('e2')];
+    m.attach(e1);
+    m.attach(e2);
+    await register('ends', 'e3');
+    m.flush();
+    assert.deepEqual(counts(e1, e2), [2, 1]);
+    m.detach(e1);
+    await new Promise((resolve) => setImmediate(resolve));
+    assert.equal(e2.sent.length, 2);
+  });
+
+  it('stops counting the deltas of a stream that takes nothing for a second', async () => {
+    await state.createProject('test', 'stuck');
+    await register('stuck', 's1');
+    await register('stuck', 's2');
+    const m = newMapper({ deltaBudget: 1 });
+    const [stuck, other] = [stream('s1', { held: true }), stream('s2')];
+    m.attach(stuck);
+    m.attach(other);
+    await register('stuck', 's3');
+    m.flush();
+    assert.deepEqual(counts(stuck, other), [2, 1], "the stuck stream's delta fills the budget");
+    await until('the other stream gets its delta', () => other.sent.length === 2);
+    assert.ok(other.map!.peers.some((p) => p.name === 's3'));
+  });
+
+  /** `check` with the keepalive interval and the clock mocked. */
+  const mockedClock = (check: () => void) => {
+    mock.timers.enable({ apis: ['setInterval', 'Date'], now: Date.now() });
+    try {
+      check();
+    } finally {
+      mock.timers.reset();
+    }
+  };
+
+  it('closes a stream that has not taken a message for the stall time, and frees the budget it held', () =>
+    mockedClock(() => {
+      const m = newMapper({ keepaliveMs: 1000, stallMs: 5000, fullNetmapBudget: 1 });
+      const [stuck, waiting] = [stream('fw', { held: true }), stream('ops')];
+      m.attach(stuck);
+      m.attach(waiting);
+      mock.timers.tick(4000);
+      assert.equal(stuck.closed, '', 'not yet: its netmap was handed over 4 s ago');
+      assert.equal(waiting.sent.length, 0, 'the stuck netmap fills the budget');
+      mock.timers.tick(1000);
+      assert.equal(stuck.closed, 'the agent has not read its stream for 5 s');
+      assert.equal(stuck.closedAs, 'retry', 'its agent opens the stream again');
+      assert.equal(m.hasSession(ids.fw!), false);
+      assert.equal(waiting.sent.length, 1, 'the waiting stream has its turn');
+      assert.ok(waiting.sent[0]!.full);
+    }));
+
+  it('keeps a stream that took its messages late: the stall time runs from the oldest message not taken', () =>
+    mockedClock(() => {
+      const m = newMapper({ keepaliveMs: 1000, stallMs: 5000 });
+      const late = stream('fw', { held: true });
+      m.attach(late);
+      mock.timers.tick(4000);
+      late.release();
+      mock.timers.tick(4000);
+      assert.equal(late.closed, '', 'open 8 s, its last message taken at once');
+      assert.equal(m.hasSession(ids.fw!), true);
+      assert.ok(late.sent.length > 2, 'keepalives go on');
+    }));
+
   it('a stream waiting for its netmap and replaced gets nothing, its successor everything', () => {
     const m = newMapper({ fullNetmapBudget: 1 });
     const blocker = stream('fw', { held: true });
