@@ -4,11 +4,13 @@
 // an agent's sync stream) and a client process that opens N connections; the
 // server's resident memory before and after, per connection. JSON on stdout.
 //
-//   node --import tsx bench/connection-memory.ts [--connections 1000] [--bytes 0] [--malloc]
+//   node --import tsx bench/connection-memory.ts [--connections 1000] [--bytes 0] [--write-size N] [--malloc]
 //
 // --bytes: the server sends this many bytes on each connection (stream) and
-// keeps it open, as a full netmap; --malloc: the server runs with the glibc
-// settings of deploy/meshgate-coordinator.service.
+// keeps it open, as a full netmap; --write-size: plain TLS hands them to the
+// socket in writes of at most this many bytes, each once the last one is
+// written (HTTP/2 writes what the peer's window allows at once); --malloc:
+// the server runs with the glibc settings of deploy/meshgate-coordinator.service.
 import { spawn } from 'node:child_process';
 import { generateKeyPairSync } from 'node:crypto';
 import { readFileSync } from 'node:fs';
@@ -39,14 +41,17 @@ function identity(): { key: string; cert: string } {
   return { key: privateKey, cert: forge.pki.certificateToPem(cert) };
 }
 
-async function server(mode: string, bytes: number): Promise<void> {
+async function server(mode: string, bytes: number, writeSize: number): Promise<void> {
   const { key, cert } = JSON.parse(process.env.BENCH_IDENTITY!) as { key: string; cert: string };
   const payload = Buffer.alloc(bytes);
   const listening = (port: number) => process.stdout.write(`${JSON.stringify({ port, rssKiB: rssKiB() })}\n`);
   if (mode === 'tls') {
     const s = createServer({ key, cert, minVersion: 'TLSv1.3' }, (sock) => {
       sock.on('data', () => {});
-      if (bytes) sock.write(payload);
+      const from = (at: number) => {
+        if (at < bytes) sock.write(payload.subarray(at, at + writeSize), () => from(at + writeSize));
+      };
+      from(0);
     });
     s.listen(0, '127.0.0.1', () => listening((s.address() as { port: number }).port));
   } else {
@@ -97,12 +102,15 @@ const { values } = parseArgs({
     port: { type: 'string' },
     connections: { type: 'string', default: '1000' },
     bytes: { type: 'string', default: '0' },
+    'write-size': { type: 'string' },
     malloc: { type: 'boolean', default: false },
   },
 });
 const bytes = Number(values.bytes);
+const writeSize = Number(values['write-size'] ?? bytes);
+if (bytes && !(writeSize > 0)) throw new Error('--write-size: a positive number of bytes');
 const n = Number(values.connections);
-if (values.role === 'server') await server(values.mode!, bytes);
+if (values.role === 'server') await server(values.mode!, bytes, writeSize);
 else if (values.role === 'client') await client(values.mode!, Number(values.port), n, bytes);
 else {
   const results: Record<string, unknown>[] = [];
@@ -122,6 +130,8 @@ else {
       mode,
       '--bytes',
       String(bytes),
+      '--write-size',
+      String(writeSize),
       ...extra,
     ];
     const srv = spawn(process.execPath, args('server'), { env, stdio: ['pipe', 'pipe', 'inherit'] });
@@ -146,6 +156,7 @@ else {
       mode: mode === 'tls' ? 'TLS 1.3' : 'HTTP/2 over TLS 1.3, one open stream',
       connections: n,
       bytesSentPerConnection: bytes,
+      ...(mode === 'tls' ? { writeSize } : {}),
       serverRssBeforeKiB: before,
       serverRssAfterKiB: after,
       perConnectionKiB: Math.round(((after - before) / n) * 10) / 10,

@@ -79,18 +79,32 @@ async function measured<T>(
   coordinatorCpuPct: number;
   loadCpuPct: number;
   loadLoopDelayP99Ms: number;
+  /** The coordinator's resident memory before and at its highest, sampled every 100 ms. */
+  rssBeforeMiB: number;
+  rssPeakMiB: number;
 }> {
   const cpu0 = c.cpuSeconds();
   const meter = new CpuMeter();
   const lag = monitorEventLoopDelay({ resolution: 10 });
   lag.enable();
+  const rssBefore = c.rssBytes();
+  let rssPeak = rssBefore;
+  const sampler = setInterval(() => {
+    try {
+      rssPeak = Math.max(rssPeak, c.rssBytes());
+    } catch {
+      // The coordinator is restarting.
+    }
+  }, 100);
   const t0 = nowMs();
-  const value = await fn();
+  const value = await fn().finally(() => clearInterval(sampler));
   const wallMs = nowMs() - t0;
   lag.disable();
   return {
     value,
     wallMs,
+    rssBeforeMiB: round(rssBefore / MiB),
+    rssPeakMiB: round(rssPeak / MiB),
     coordinatorCpuPct: round(((c.cpuSeconds() - cpu0) * 1e5) / wallMs),
     loadCpuPct: meter.lap(),
     loadLoopDelayP99Ms: round(lag.percentile(99) / 1e6),
@@ -389,6 +403,8 @@ export async function runSuite(
         setAllAgentsMs: summarize(set),
         clearAllAgentsMs: summarize(clear),
         ...costs(pol),
+        rssBeforeMiB: pol.rssBeforeMiB,
+        rssPeakMiB: pol.rssPeakMiB,
       };
     }
 
