@@ -64,7 +64,7 @@ export function httpApp({
     res
       .status(ok ? 200 : 503)
       .type('text/plain')
-      .send(ok ? 'ready\n' : 'database unreachable\n');
+      .send(ok ? 'ready\n' : 'database unavailable\n');
   });
   app.get('/metrics', async (req, res) => {
     if (metricsToken !== undefined) {

@@ -32,13 +32,20 @@ export async function openStore(opts: StoreOptions): Promise<Store> {
     throw new DatabaseError(
       'a database key file encrypts SQLite only; for PostgreSQL use its own at-rest encryption (see docs/security.md)',
     );
+  // A failed sync of SQLite's log: the store takes no changes until a restart, and says it is not ready.
+  let logFailed = false;
   const db =
-    dialect === 'postgres' ? openPostgres(opts.url) : openSqlite(opts.url, opts.key, opts.busyWaitMs ?? 5000);
+    dialect === 'postgres'
+      ? openPostgres(opts.url)
+      : openSqlite(opts.url, opts.key, opts.busyWaitMs ?? 5000, () => {
+          logFailed = true;
+        });
   await migrate(db as Kysely<unknown>, dialect);
   return {
     db,
     dialect,
     async ping() {
+      if (logFailed) return false;
       try {
         await sql`select 1`.execute(db);
         return true;
@@ -50,7 +57,12 @@ export async function openStore(opts: StoreOptions): Promise<Store> {
   };
 }
 
-function openSqlite(url: string, key: string | undefined, busyWaitMs: number): Kysely<Database> {
+function openSqlite(
+  url: string,
+  key: string | undefined,
+  busyWaitMs: number,
+  onLogFailure: () => void,
+): Kysely<Database> {
   const path = sqlitePath(url);
   const conn = openSqliteFile(path, key);
   // WAL lets readers run beside the writer. Every acknowledged commit must
@@ -65,9 +77,12 @@ function openSqlite(url: string, key: string | undefined, busyWaitMs: number): K
   // SQLite's busy wait blocks the event loop: keep it short, the dialect retries asynchronously.
   conn.pragma('busy_timeout = 20');
   return new Kysely<Database>({
-    dialect: retryingDialect(sqliteDialect(conn, { log: wal ? walSync(`${path}-wal`) : undefined }), {
-      busyWaitMs,
-    }),
+    dialect: retryingDialect(
+      sqliteDialect(conn, { log: wal ? walSync(`${path}-wal`) : undefined, onLogFailure }),
+      {
+        busyWaitMs,
+      },
+    ),
   });
 }
 

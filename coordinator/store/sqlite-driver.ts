@@ -11,7 +11,8 @@
 //    not wait for the disk and the loop goes on; none of the group returns
 //    before the sync that followed its COMMIT, so an acknowledged change
 //    still survives a power loss. If the COMMIT or that sync fails, every
-//    one of them fails.
+//    one of them fails; after a failed sync no change is taken any more
+//    (see `fence`).
 //  - Statements are prepared once per SQL text and kept, instead of once per
 //    execution.
 import type SQLite from 'better-sqlite3-multiple-ciphers';
@@ -30,7 +31,7 @@ import {
   SqliteQueryCompiler,
 } from 'kysely';
 import type { LogSync } from './file-sync.js';
-import { storeUnavailable } from './unavailable.js';
+import { StoreUnavailableError, storeUnavailable } from './unavailable.js';
 
 /** Transactions that share one COMMIT at most; more wait for the next one. */
 export const GROUP_LIMIT = 64;
@@ -45,12 +46,14 @@ export interface DriverOptions {
    * memory).
    */
   log?: LogSync;
+  /** Told once, when a sync of the log fails and the driver stops taking changes. */
+  onLogFailure?: (err: Error) => void;
 }
 
 export function sqliteDialect(db: SQLite.Database, opts: DriverOptions = {}): Dialect {
   return {
     createAdapter: (): DialectAdapter => new SqliteAdapter(),
-    createDriver: (): Driver => new GroupCommitDriver(db, opts.log),
+    createDriver: (): Driver => new GroupCommitDriver(db, opts.log, opts.onLogFailure),
     createIntrospector: (k: Kysely<unknown>): DatabaseIntrospector => new SqliteIntrospector(k),
     createQueryCompiler: (): QueryCompiler => new SqliteQueryCompiler(),
   };
@@ -68,6 +71,7 @@ class Lease implements DatabaseConnection {
   async executeQuery<R>(query: CompiledQuery): Promise<QueryResult<R>> {
     await this.driver.beforeStatement(this);
     const stmt = this.driver.prepare(query.sql);
+    if (!stmt.readonly) this.driver.changing();
     const result = this.driver.run<R>(stmt, query.parameters);
     // A change outside a transaction committed on its own: it is acknowledged
     // once on disk, and others may use the connection meanwhile.
@@ -95,11 +99,22 @@ export class GroupCommitDriver implements Driver {
   /** An outer BEGIN is open; these transactions finished inside it and wait for its COMMIT. */
   private groupOpen = false;
   private members: Member[] = [];
+  /** A statement of the open group may have changed something: its COMMIT needs a sync. */
+  private groupChanged = false;
   private commitScheduled = false;
+  /**
+   * Why changes are refused: a sync of the log failed. The kernel may then
+   * have dropped the pages it could not write and report the next sync as
+   * done, so nothing acknowledged afterwards could be trusted to be on
+   * disk. Reads go on; a restart finds the last commit that SQLite can
+   * check in its log.
+   */
+  private fenced: StoreUnavailableError | null = null;
 
   constructor(
     private readonly db: SQLite.Database,
     private readonly log?: LogSync,
+    private readonly onLogFailure?: (err: Error) => void,
   ) {}
 
   async init(): Promise<void> {}
@@ -160,7 +175,32 @@ export class GroupCommitDriver implements Driver {
     if (!this.log) return;
     lease.handedOff = true;
     this.unlock();
-    await this.log.sync();
+    await this.syncLog(this.log);
+  }
+
+  /** A statement that may change something is about to run. */
+  changing(): void {
+    if (this.fenced) throw this.fenced;
+    if (this.groupOpen) this.groupChanged = true;
+  }
+
+  /** Syncs the log; a sync that ends after another failed is not trusted either. */
+  private syncLog(log: LogSync): Promise<void> {
+    return log.sync().then(
+      () => {
+        if (this.fenced) throw this.fenced;
+      },
+      (err: unknown) => {
+        if (!this.fenced) {
+          const why = err instanceof Error ? err.message : String(err);
+          this.fenced = new StoreUnavailableError(
+            `the coordinator takes no changes since a sync of its database to disk failed (${why}); restart it once the disk is checked`,
+          );
+          this.onLogFailure?.(err instanceof Error ? err : new Error(why));
+        }
+        throw err;
+      },
+    );
   }
 
   async acquireConnection(): Promise<DatabaseConnection> {
@@ -224,8 +264,10 @@ export class GroupCommitDriver implements Driver {
   /** COMMIT (the caller holds the connection) and settle every transaction of the group. */
   private commitGroup(): void {
     const members = this.members;
+    const changed = this.groupChanged;
     this.members = [];
     this.groupOpen = false;
+    this.groupChanged = false;
     try {
       this.db.exec('commit');
     } catch (err) {
@@ -234,11 +276,11 @@ export class GroupCommitDriver implements Driver {
       for (const m of members) m.reject(failure);
       return;
     }
-    if (!this.log) {
+    if (!this.log || !changed) {
       for (const m of members) m.resolve();
       return;
     }
-    this.log.sync().then(
+    this.syncLog(this.log).then(
       () => {
         for (const m of members) m.resolve();
       },

@@ -142,9 +142,18 @@ describe('SQLite driver: commits made durable off the event loop', () => {
       syncs.push({ resolve, reject });
     });
 
+  /** What the driver reported when a sync failed. */
+  let failures: Error[];
+
   beforeEach(() => {
     syncs = [];
-    db = new Kysely<Db>({ dialect: sqliteDialect(conn, { log: { sync, close: async () => {} } }) });
+    failures = [];
+    db = new Kysely<Db>({
+      dialect: sqliteDialect(conn, {
+        log: { sync, close: async () => {} },
+        onLogFailure: (err) => failures.push(err),
+      }),
+    });
   });
 
   it('acknowledges a group only after the sync that follows its COMMIT; the next group commits meanwhile', async () => {
@@ -162,7 +171,7 @@ describe('SQLite driver: commits made durable off the event loop', () => {
     assert.deepEqual(events.slice(6), ['done 3', 'done 1', 'done 2']);
   });
 
-  it('a failed sync fails every transaction of its group with a typed error; the next one works', async () => {
+  it('a failed sync fails every transaction of its group with a typed error, and no change is taken after it', async () => {
     const group = Promise.allSettled([insert(1), insert(2)]);
     await until('a sync', () => syncs.length === 1);
     syncs[0]!.reject(new StoreUnavailableError('the coordinator cannot write its database to disk (EIO)'));
@@ -170,10 +179,55 @@ describe('SQLite driver: commits made durable off the event loop', () => {
       assert.equal(r.status, 'rejected');
       assert.match(String((r as PromiseRejectedResult).reason), /cannot write its database to disk \(EIO\)/);
     }
-    const next = insert(3);
+    assert.equal(failures.length, 1, 'the failure is reported');
+    const refused = (e: Error) =>
+      e instanceof StoreUnavailableError &&
+      /takes no changes since a sync of its database to disk failed \(.*EIO\).*restart it/.test(e.message);
+    await assert.rejects(insert(3), refused);
+    await assert.rejects(sql`insert into t (id, v) values (4, 'outside')`.execute(db), refused);
+    assert.deepEqual(
+      await ids(),
+      [1, 2],
+      'reads go on; the failed group is in the file, the refused changes are not',
+    );
+    assert.equal(syncs.length, 1, 'no sync could be trusted after the failed one');
+    assert.equal(failures.length, 1, 'reported once');
+  });
+
+  it('a sync that ends after another failed acknowledges nothing: the kernel may have dropped what the failed one could not write', async () => {
+    const first = insert(1);
+    await until('a sync', () => syncs.length === 1);
+    const second = insert(2);
     await until('a second sync', () => syncs.length === 2);
+    const third = insert(3);
+    await until('a third sync', () => syncs.length === 3);
+    syncs[0]!.reject(new StoreUnavailableError('the coordinator cannot write its database to disk (EIO)'));
+    await assert.rejects(first, /EIO/);
     syncs[1]!.resolve();
-    await next;
+    await assert.rejects(second, /takes no changes since a sync of its database to disk failed/);
+    syncs[2]!.reject(new StoreUnavailableError('the coordinator cannot write its database to disk (ENOSPC)'));
+    await assert.rejects(third, /ENOSPC/);
+    assert.equal(failures.length, 1, 'the first failure is reported, once');
+    await assert.rejects(insert(4), /failed \(the coordinator cannot write its database to disk \(EIO\)\)/);
+  });
+
+  it('a group that only read is acknowledged without a sync', async () => {
+    const outside = sql`insert into t (id, v) values (1, 'outside')`.execute(db);
+    await until('a sync', () => syncs.length === 1);
+    syncs[0]!.resolve();
+    await outside;
+    const read = await db.transaction().execute((tx) => tx.selectFrom('t').select('id').execute());
+    assert.deepEqual(read, [{ id: 1 }]);
+    assert.equal(syncs.length, 1, 'the change outside a transaction had its own sync, the read none');
+  });
+
+  it('a failed sync of a change outside a transaction stops further changes too', async () => {
+    const outside = sql`insert into t (id, v) values (1, 'outside')`.execute(db);
+    await until('a sync', () => syncs.length === 1);
+    syncs[0]!.reject(new StoreUnavailableError('the coordinator cannot write its database to disk (EIO)'));
+    await assert.rejects(outside, /cannot write its database to disk/);
+    await assert.rejects(insert(2), /takes no changes/);
+    assert.equal(failures.length, 1);
   });
 
   it('a change outside a transaction returns once synced, and others use the connection meanwhile', async () => {
