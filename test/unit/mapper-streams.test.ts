@@ -89,59 +89,63 @@ describe('mapper streams and batches', () => {
     assert.deepEqual(counts(e, f), [1, 1]);
   });
 
-  it('holds a flush while the deltas handed out fill their budget, and goes on as the transports take them', async () => {
-    await state.createProject('test', 'held');
-    await register('held', 'h1');
-    await register('held', 'h2');
-    // Without a budget, one delta at a time.
-    const m = newMapper({ deltaBudget: 0 });
-    const [h1, h2] = [stream('h1', { held: true }), stream('h2', { held: true })];
-    m.attach(h1);
-    m.attach(h2);
-    assert.deepEqual(counts(h1, h2), [1, 1], 'full netmaps have a budget of their own');
-    await register('held', 'h3');
+  /**
+   * A project of two nodes whose streams are open on a mapper with `deltaBudget`
+   * (the first stream held as `held` says), and a third node that joins it: the
+   * flush of that change is under way when this returns.
+   */
+  const flushToTwo = async (project: string, deltaBudget: number, held: [boolean, boolean]) => {
+    await state.createProject('test', project);
+    await register(project, `${project}1`);
+    await register(project, `${project}2`);
+    const m = newMapper({ deltaBudget });
+    const streams = [
+      stream(`${project}1`, { held: held[0] }),
+      stream(`${project}2`, { held: held[1] }),
+    ] as const;
+    for (const s of streams) m.attach(s);
+    assert.deepEqual(counts(...streams), [1, 1], 'full netmaps have a budget of their own');
+    await register(project, `${project}3`);
     m.flush();
+    return { m, streams };
+  };
+  const turn = () => new Promise((resolve) => setImmediate(resolve));
+
+  it('holds a flush while the deltas handed out fill their budget, and goes on as the transports take them', async () => {
+    // Without a budget, one delta at a time.
+    const {
+      m,
+      streams: [h1, h2],
+    } = await flushToTwo('held', 0, [true, true]);
     assert.deepEqual(counts(h1, h2), [2, 1], "the first stream's delta fills the budget");
     assert.equal(m.idle, false, 'the flush waits');
-    const turn = () => new Promise((resolve) => setImmediate(resolve));
     h1.release();
     await turn();
     assert.deepEqual(counts(h1, h2), [2, 2], 'the flush goes on as soon as the delta is taken');
     h2.release();
     await turn();
     assert.equal(m.idle, true);
-    for (const s of [h1, h2]) assert.ok(s.map!.peers.some((p) => p.name === 'h3'));
+    for (const s of [h1, h2]) assert.ok(s.map!.peers.some((p) => p.name === 'held3'));
   });
 
   it('goes on with a held flush as soon as the stream that holds it ends', async () => {
-    await state.createProject('test', 'ends');
-    await register('ends', 'e1');
-    await register('ends', 'e2');
-    const m = newMapper({ deltaBudget: 1 });
-    const [e1, e2] = [stream('e1', { held: true }), stream('e2')];
-    m.attach(e1);
-    m.attach(e2);
-    await register('ends', 'e3');
-    m.flush();
+    const {
+      m,
+      streams: [e1, e2],
+    } = await flushToTwo('ends', 1, [true, false]);
     assert.deepEqual(counts(e1, e2), [2, 1]);
     m.detach(e1);
-    await new Promise((resolve) => setImmediate(resolve));
+    await turn();
     assert.equal(e2.sent.length, 2);
   });
 
   it('stops counting the deltas of a stream that takes nothing for a second', async () => {
-    await state.createProject('test', 'stuck');
-    await register('stuck', 's1');
-    await register('stuck', 's2');
-    const m = newMapper({ deltaBudget: 1 });
-    const [stuck, other] = [stream('s1', { held: true }), stream('s2')];
-    m.attach(stuck);
-    m.attach(other);
-    await register('stuck', 's3');
-    m.flush();
+    const {
+      streams: [stuck, other],
+    } = await flushToTwo('stuck', 1, [true, false]);
     assert.deepEqual(counts(stuck, other), [2, 1], "the stuck stream's delta fills the budget");
     await until('the other stream gets its delta', () => other.sent.length === 2);
-    assert.ok(other.map!.peers.some((p) => p.name === 's3'));
+    assert.ok(other.map!.peers.some((p) => p.name === 'stuck3'));
   });
 
   /** `check` with the keepalive interval and the clock mocked. */
