@@ -199,6 +199,7 @@ async function start(config: CoordinatorConfig, log: Logger, undo: (() => unknow
     nodesOnline: () => state.onlineCount(),
     nodesTotal: () => state.listNodes().length,
     streams: () => mapper.sessionCount,
+    unsentBytes: () => mapper.unsent,
     versionDrift: () => state.driftingNodes().length,
     apiKeyExpiries: async () =>
       (await state.keys.listApiKeys())

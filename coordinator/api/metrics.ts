@@ -5,6 +5,7 @@ export interface MetricSources {
   nodesOnline: () => number;
   nodesTotal: () => number;
   streams: () => number;
+  unsentBytes: () => { full: number; deltas: number };
   versionDrift: () => number;
   apiKeyExpiries: () => Promise<{ id: string; expiresAt: number }[]>;
 }
@@ -46,6 +47,17 @@ export class Metrics {
       registers,
       collect() {
         this.set(src.streams());
+      },
+    });
+    new Gauge({
+      name: 'meshgate_stream_unsent_bytes',
+      help: 'Bytes handed to the control streams that their connections have not taken yet, by kind (full netmaps, deltas)',
+      labelNames: ['kind'],
+      registers,
+      collect() {
+        const unsent = src.unsentBytes();
+        this.set({ kind: 'full' }, unsent.full);
+        this.set({ kind: 'delta' }, unsent.deltas);
       },
     });
     new Gauge({

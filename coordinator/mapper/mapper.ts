@@ -221,6 +221,11 @@ export class Mapper {
     return this.sessions.size + this.waiting.size;
   }
 
+  /** Bytes handed to the transports and not taken yet, as counted against their budgets. */
+  get unsent(): { full: number; deltas: number } {
+    return { full: this.unsentFull, deltas: this.unsentDeltas };
+  }
+
   /** Whether everything has been handed to the streams: no batch waits, no flush is under way. */
   get idle(): boolean {
     return !this.flushing && !this.pending.size && !this.waiting.size;
@@ -540,13 +545,15 @@ export class Mapper {
     setImmediate(() => this.continueFlush());
   }
 
-  /** While a flush waits: deltas not taken for SLOW_MS stop counting against the budget. */
+  /**
+   * While a flush waits: deltas not taken for SLOW_MS stop counting against
+   * the budget. The flush goes on, or waits again if that was not enough.
+   */
   private forgetSlow(): void {
     const before = Date.now() - SLOW_MS;
     for (const entry of this.sessions.values())
       for (const item of entry.inFlight) if (!item.full && item.at <= before) this.uncount(item);
-    if (this.overBudget()) this.paused = setTimeout(() => this.forgetSlow(), SLOW_MS);
-    else this.resume();
+    this.resume();
   }
 
   private *flushProject(project: string): Generator<void> {

@@ -207,6 +207,8 @@ describe('meshgate CLI against a coordinator process', () => {
     assert.equal((await https(dataDir, c.httpPort, '/readyz')).status, 200);
     const metrics = await https(dataDir, c.httpPort, '/metrics');
     assert.match(metrics.body, /^meshgate_nodes_online \d+$/m);
+    assert.match(metrics.body, /^meshgate_stream_unsent_bytes\{kind="delta"\} \d+$/m);
+    assert.match(metrics.body, /^meshgate_stream_unsent_bytes\{kind="full"\} \d+$/m);
     assert.match(metrics.body, /^meshgate_registrations_total\{result="new"\} 1$/m);
     assert.match(metrics.body, /^meshgate_api_key_expiry_seconds\{id="[0-9a-f]{12}"\} \d+$/m);
     assert.match(metrics.body, /^meshgate_process_cpu_seconds_total \S+$/m);

@@ -288,6 +288,7 @@ describe('failed authentication throttle', () => {
       nodesOnline: () => 0,
       nodesTotal: () => 0,
       streams: () => 0,
+      unsentBytes: () => ({ full: 0, deltas: 0 }),
       versionDrift: () => 0,
       apiKeyExpiries: async () => [],
     });

@@ -119,13 +119,26 @@ describe('mapper streams and batches', () => {
     } = await flushToTwo('held', 0, [true, true]);
     assert.deepEqual(counts(h1, h2), [2, 1], "the first stream's delta fills the budget");
     assert.equal(m.idle, false, 'the flush waits');
+    assert.deepEqual(m.unsent, { full: h1.bytes[0]! + h2.bytes[0]!, deltas: h1.bytes[1]! });
     h1.release();
     await turn();
     assert.deepEqual(counts(h1, h2), [2, 2], 'the flush goes on as soon as the delta is taken');
+    assert.deepEqual(m.unsent, { full: h2.bytes[0]!, deltas: h2.bytes[1]! });
     h2.release();
     await turn();
     assert.equal(m.idle, true);
+    assert.deepEqual(m.unsent, { full: 0, deltas: 0 });
     for (const s of [h1, h2]) assert.ok(s.map!.peers.some((p) => p.name === 'held3'));
+  });
+
+  it('sends every delta at once that fits in the budget beside the others', async () => {
+    const {
+      m,
+      streams: [r1, r2],
+    } = await flushToTwo('roomy', 10_000, [true, true]);
+    assert.deepEqual(counts(r1, r2), [2, 2]);
+    assert.equal(m.idle, true);
+    assert.equal(m.unsent.deltas, r1.bytes[1]! + r2.bytes[1]!);
   });
 
   it('goes on with a held flush as soon as the stream that holds it ends', async () => {
@@ -135,17 +148,26 @@ describe('mapper streams and batches', () => {
     } = await flushToTwo('ends', 1, [true, false]);
     assert.deepEqual(counts(e1, e2), [2, 1]);
     m.detach(e1);
+    assert.deepEqual(m.unsent, { full: 0, deltas: 0 }, 'what it held is no longer counted');
     await turn();
     assert.equal(e2.sent.length, 2);
   });
 
   it('stops counting the deltas of a stream that takes nothing for a second', async () => {
     const {
+      m,
       streams: [stuck, other],
     } = await flushToTwo('stuck', 1, [true, false]);
     assert.deepEqual(counts(stuck, other), [2, 1], "the stuck stream's delta fills the budget");
     await until('the other stream gets its delta', () => other.sent.length === 2);
     assert.ok(other.map!.peers.some((p) => p.name === 'stuck3'));
+    assert.deepEqual(
+      m.unsent,
+      { full: stuck.bytes[0]!, deltas: 0 },
+      'its delta no longer counts, its netmap does',
+    );
+    stuck.release();
+    assert.deepEqual(m.unsent, { full: 0, deltas: 0 }, 'taking it late does not count it off twice');
   });
 
   /** `check` with the keepalive interval and the clock mocked. */
@@ -172,6 +194,7 @@ describe('mapper streams and batches', () => {
       assert.equal(stuck.closedAs, 'retry', 'its agent opens the stream again');
       assert.equal(m.hasSession(ids.fw!), false);
       assert.equal(waiting.sent.length, 1, 'the waiting stream has its turn');
+      assert.deepEqual(m.unsent, { full: 0, deltas: 0 });
       assert.ok(waiting.sent[0]!.full);
     }));
 
