@@ -12,7 +12,7 @@
 //    before the sync that followed its COMMIT, so an acknowledged change
 //    still survives a power loss. If the COMMIT or that sync fails, every
 //    one of them fails; after a failed sync no change is taken any more
-//    (see `fence`).
+//    (see `fenced`).
 //  - Statements are prepared once per SQL text and kept, instead of once per
 //    execution.
 import type SQLite from 'better-sqlite3-multiple-ciphers';
