@@ -129,6 +129,10 @@ describe('mapper streams and batches', () => {
     assert.equal(m.idle, true);
     assert.deepEqual(m.unsent, { full: 0, deltas: 0 });
     for (const s of [h1, h2]) assert.ok(s.map!.peers.some((p) => p.name === 'held3'));
+    await register('held', 'held4');
+    await until('the next change after a flush that waited', () =>
+      [h1, h2].every((s) => s.map!.peers.some((p) => p.name === 'held4')),
+    );
   });
 
   it('sends every delta at once that fits in the budget beside the others', async () => {
