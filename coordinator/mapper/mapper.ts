@@ -297,9 +297,9 @@ export class Mapper {
     this.handOver(entry, this.frame(entry, [this.fullPiece(entry, node, compiled, rules)]), true);
   }
 
-  /** Sends one message of the stream, counted until the transport takes it. */
+  /** Sends one message of the stream (just framed), counted until the transport takes it. */
   private handOver(entry: Attached, msg: Uint8Array, full: boolean): void {
-    const item: InFlight = { bytes: msg.length, at: Date.now(), full, counted: true };
+    const item: InFlight = { bytes: msg.length, at: entry.lastSent, full, counted: true };
     entry.inFlight.push(item);
     if (full) this.unsentFull += item.bytes;
     else this.unsentDeltas += item.bytes;
@@ -313,7 +313,7 @@ export class Mapper {
     entry.inFlight.splice(i, 1);
     this.uncount(item);
     if (item.full) this.admit();
-    else if (this.paused && !this.overBudget()) this.resume();
+    else this.resumeIfRoom();
   }
 
   private uncount(item: InFlight): void {
@@ -391,7 +391,7 @@ export class Mapper {
     const unsent = entry.inFlight.splice(0);
     for (const item of unsent) this.uncount(item);
     if (unsent.some((item) => item.full)) this.admit();
-    if (this.paused && !this.overBudget()) this.resume();
+    this.resumeIfRoom();
   }
 
   close(): void {
@@ -536,6 +536,11 @@ export class Mapper {
 
   private overBudget(): boolean {
     return this.unsentDeltas > 0 && this.unsentDeltas >= this.opts.deltaBudget;
+  }
+
+  /** Goes on with a flush that waits for the transports, once its deltas fit the budget again. */
+  private resumeIfRoom(): void {
+    if (this.paused && !this.overBudget()) this.resume();
   }
 
   /** Goes on with the flush that waited for the transports. */

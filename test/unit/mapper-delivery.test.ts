@@ -9,7 +9,7 @@ import { Mapper, type MapperOptions, type Session } from '../../coordinator/mapp
 import { State } from '../../coordinator/state/state.js';
 import { openStore, type Store } from '../../coordinator/store/db.js';
 import { type SyncResponse, SyncResponseSchema } from '../../proto/gen/meshgate/v1/control_pb.js';
-import { testMapperOptions } from '../fixtures/mapper.js';
+import { testMapperOptions, withMockedClock } from '../fixtures/mapper.js';
 import { registerTestNode } from '../fixtures/nodes.js';
 
 class Stream implements Session {
@@ -182,9 +182,8 @@ describe('mapper delivery', () => {
   });
 
   /** Ops's stream on a mapper with `keepaliveMs`, the interval and the clock mocked, given to `check`. */
-  const withKeepalive = (keepaliveMs: number, check: (s: Stream) => void) => {
-    mock.timers.enable({ apis: ['setInterval', 'Date'], now: Date.now() });
-    try {
+  const withKeepalive = (keepaliveMs: number, check: (s: Stream) => void) =>
+    withMockedClock(() => {
       const m = new Mapper(state, { ...options, keepaliveMs });
       try {
         const s = new Stream(id.ops!);
@@ -193,10 +192,7 @@ describe('mapper delivery', () => {
       } finally {
         m.close();
       }
-    } finally {
-      mock.timers.reset();
-    }
-  };
+    });
 
   it('looks for quiet streams at most once a second, however short the keepalive time', () =>
     withKeepalive(100, (s) => {

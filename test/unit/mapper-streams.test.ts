@@ -8,7 +8,7 @@ import { after, before, describe, it, mock } from 'node:test';
 import { Mapper, type MapperOptions } from '../../coordinator/mapper/mapper.js';
 import { State } from '../../coordinator/state/state.js';
 import { openStore, type Store } from '../../coordinator/store/db.js';
-import { RecordingSession, slowSends, testMapperOptions } from '../fixtures/mapper.js';
+import { RecordingSession, slowSends, testMapperOptions, withMockedClock } from '../fixtures/mapper.js';
 import { registerTestNode } from '../fixtures/nodes.js';
 
 const POLICY = {
@@ -174,18 +174,8 @@ describe('mapper streams and batches', () => {
     assert.deepEqual(m.unsent, { full: 0, deltas: 0 }, 'taking it late does not count it off twice');
   });
 
-  /** `check` with the keepalive interval and the clock mocked. */
-  const mockedClock = (check: () => void) => {
-    mock.timers.enable({ apis: ['setInterval', 'Date'], now: Date.now() });
-    try {
-      check();
-    } finally {
-      mock.timers.reset();
-    }
-  };
-
   it('closes a stream that has not taken a message for the stall time, and frees the budget it held', () =>
-    mockedClock(() => {
+    withMockedClock(() => {
       const m = newMapper({ keepaliveMs: 1000, stallMs: 5000, fullNetmapBudget: 1 });
       const [stuck, waiting] = [stream('fw', { held: true }), stream('ops')];
       m.attach(stuck);
@@ -203,7 +193,7 @@ describe('mapper streams and batches', () => {
     }));
 
   it('keeps a stream that took its messages late: the stall time runs from the oldest message not taken', () =>
-    mockedClock(() => {
+    withMockedClock(() => {
       const m = newMapper({ keepaliveMs: 1000, stallMs: 5000 });
       const late = stream('fw', { held: true });
       m.attach(late);
