@@ -108,7 +108,8 @@ const { values } = parseArgs({
 });
 const bytes = Number(values.bytes);
 const writeSize = Number(values['write-size'] ?? bytes);
-if (bytes && !(writeSize > 0)) throw new Error('--write-size: a positive number of bytes');
+if (bytes && (!Number.isInteger(writeSize) || writeSize < 1))
+  throw new Error('--write-size: a whole number of bytes, at least 1');
 const n = Number(values.connections);
 if (values.role === 'server') await server(values.mode!, bytes, writeSize);
 else if (values.role === 'client') await client(values.mode!, Number(values.port), n, bytes);

@@ -27,7 +27,8 @@ const { values } = parseArgs({
   },
 });
 const n = Number(values.connections);
-if (!(n > 0)) throw new Error('--connections: a positive number');
+if (!Number.isInteger(n) || n < 1)
+  throw new Error('--connections: a whole number of connections, at least 1');
 
 function server(mode: string, dir: string): void {
   void ensureTlsIdentity(dir).then(({ key, cert }) => {
@@ -101,21 +102,25 @@ else {
       const srv = fork(import.meta.filename, args('server', ['--dir', dir]), {
         execArgv: ['--import', 'tsx'],
       });
-      const port = await reply<number>(srv);
-      srv.send('start');
-      await reply(srv);
-      const cli = fork(
-        import.meta.filename,
-        args('client', ['--port', String(port), '--connections', String(n)]),
-        {
-          execArgv: ['--import', 'tsx'],
-        },
-      );
-      const code = await new Promise<number | null>((resolve) => cli.once('exit', resolve));
-      if (code !== 0) throw new Error(`the client exited with ${code}`);
-      srv.send('stop');
-      const r = await reply<{ answered: number; cpuMsEach: number }>(srv);
-      srv.kill();
+      // A server left running would keep this process, and its IPC channel, alive.
+      const r = await (async () => {
+        try {
+          const port = await reply<number>(srv);
+          srv.send('start');
+          await reply(srv);
+          const cli = fork(
+            import.meta.filename,
+            args('client', ['--port', String(port), '--connections', String(n)]),
+            { execArgv: ['--import', 'tsx'] },
+          );
+          const code = await new Promise<number | null>((resolve) => cli.once('exit', resolve));
+          if (code !== 0) throw new Error(`the client exited with ${code}`);
+          srv.send('stop');
+          return await reply<{ answered: number; cpuMsEach: number }>(srv);
+        } finally {
+          srv.kill();
+        }
+      })();
       results.push({
         mode:
           mode === 'tls' ? 'TLS 1.3 handshake, one write' : 'TLS 1.3 with an HTTP/2 session and one request',
