@@ -64,7 +64,7 @@ interface Attached {
 
 interface InFlight {
   bytes: number;
-  /** When it was handed over (Date.now() time). */
+  /** When it was handed over (the mapper's clock). */
   at: number;
   full: boolean;
   /** Whether its bytes still count against their budget; a slow stream's deltas stop counting. */
@@ -79,7 +79,7 @@ interface Pending {
   versions: boolean;
   /** When the first change other than presence arrived; null while there is none. */
   urgentAt: number | null;
-  /** When the batch began (Date.now() time). */
+  /** When the batch began (the mapper's clock). */
   since: number;
 }
 
@@ -123,6 +123,12 @@ export interface MapperOptions extends NetMapOptions {
    */
   stallMs: number;
   keepaliveMs: number;
+  /**
+   * Milliseconds that only go forward; performance.now() unless set. The
+   * wall clock can be stepped back (NTP, a resumed VM): a batch then was not
+   * due for as long as the step, and delivered nothing meanwhile.
+   */
+  clock?: () => number;
   /** Called with the time from the first change other than presence in a batch to its delivery. */
   onDelivered?: (latencyMs: number, sessions: number) => void;
 }
@@ -194,7 +200,7 @@ export class Mapper {
   /** Set while a flush waits for the transports to take deltas: looks for slow streams. */
   private paused: NodeJS.Timeout | undefined;
   private timer: NodeJS.Timeout | undefined;
-  /** When the timer fires (Date.now() time); infinite while none is set. */
+  /** When the timer fires (the mapper's clock); infinite while none is set. */
   private due = Number.POSITIVE_INFINITY;
   /** CPU time of the last flush: the next batch waits at least as long. */
   private lastFlushMs = 0;
@@ -203,11 +209,13 @@ export class Mapper {
   /** The flush under way, project by project, one session per step. */
   private flushing: Iterator<void>[] | null = null;
   private readonly keepalive: NodeJS.Timeout;
+  private readonly now: () => number;
 
   constructor(
     private readonly state: State,
     private readonly opts: MapperOptions,
   ) {
+    this.now = opts.clock ?? (() => performance.now());
     state.onEvent((e) => this.enqueue(e));
     this.keepalive = setInterval(() => this.sendKeepalives(), Math.max(1000, opts.keepaliveMs / 2));
     this.keepalive.unref();
@@ -418,7 +426,7 @@ export class Mapper {
         policy: false,
         versions: false,
         urgentAt: null,
-        since: Date.now(),
+        since: this.now(),
       };
       this.pending.set(project, p);
     }
@@ -444,7 +452,7 @@ export class Mapper {
         break;
     }
     const presence = e.type === 'node-patched' && !e.endpointsChanged;
-    if (!presence) p.urgentAt ??= Date.now();
+    if (!presence) p.urgentAt ??= this.now();
     this.scheduleDue();
   }
 
@@ -472,7 +480,7 @@ export class Mapper {
     let first = Number.POSITIVE_INFINITY;
     for (const [project, p] of this.pending) first = Math.min(first, this.dueAt(project, p));
     if (first === Number.POSITIVE_INFINITY) return;
-    this.schedule(Math.max(first - Date.now(), this.backoffMs()));
+    this.schedule(Math.max(first - this.now(), this.backoffMs()));
   }
 
   /**
@@ -486,7 +494,7 @@ export class Mapper {
 
   /** Flushes in `delayMs` unless a flush is already due sooner. */
   private schedule(delayMs: number): void {
-    const at = Date.now() + delayMs;
+    const at = this.now() + delayMs;
     if (at >= this.due) return;
     clearTimeout(this.timer);
     this.due = at;
@@ -504,7 +512,7 @@ export class Mapper {
     clearTimeout(this.timer);
     this.due = Number.POSITIVE_INFINITY;
     if (this.flushing) return;
-    const now = Date.now();
+    const now = this.now();
     const projects = [...this.pending].filter(([project, p]) => !dueOnly || this.dueAt(project, p) <= now);
     this.flushing = projects.map(([project]) => this.flushProject(project));
     this.lastFlushMs = 0;
@@ -555,7 +563,7 @@ export class Mapper {
    * the budget. The flush goes on, or waits again if that was not enough.
    */
   private forgetSlow(): void {
-    const before = Date.now() - SLOW_MS;
+    const before = this.now() - SLOW_MS;
     for (const entry of this.sessions.values())
       for (const item of entry.inFlight) if (!item.full && item.at <= before) this.uncount(item);
     this.resume();
@@ -750,7 +758,7 @@ export class Mapper {
       this.write(entry, full ? [full] : pieces);
       sent++;
     }
-    if (sent && p.urgentAt !== null) this.opts.onDelivered?.(Date.now() - p.urgentAt, sent);
+    if (sent && p.urgentAt !== null) this.opts.onDelivered?.(this.now() - p.urgentAt, sent);
   }
 
   /**
@@ -866,13 +874,13 @@ export class Mapper {
   /** The next message of the stream, numbered. */
   private frame(entry: Attached, pieces: Piece[]): Uint8Array {
     entry.seq += 1n;
-    entry.lastSent = Date.now();
+    entry.lastSent = this.now();
     return assemble([seqField(entry.seq), ...pieces]);
   }
 
   /** Sends keepalives to quiet streams and closes the streams whose agents stopped reading. */
   private sendKeepalives(): void {
-    const now = Date.now();
+    const now = this.now();
     for (const entry of this.sessions.values()) {
       const oldest = entry.inFlight[0];
       if (oldest && oldest.at <= now - this.opts.stallMs) {
