@@ -1,11 +1,14 @@
 // Token buckets per source address: registration attempts, failed authentications.
+// They refill by a monotonic clock, and time that runs backwards refills
+// nothing: with the wall clock, a step back (NTP, a resumed VM) emptied every
+// bucket for as long as the step.
 export class RateLimiter {
   private readonly buckets = new Map<string, { tokens: number; at: number }>();
 
   constructor(
     private readonly perSecond: number,
     private readonly burst: number,
-    private readonly now: () => number = Date.now,
+    private readonly now: () => number = () => performance.now(),
   ) {}
 
   take(key: string): boolean {
@@ -27,7 +30,7 @@ export class RateLimiter {
   }
 
   private tokens(b: { tokens: number; at: number }, now: number): number {
-    return Math.min(this.burst, b.tokens + ((now - b.at) / 1000) * this.perSecond);
+    return Math.min(this.burst, b.tokens + (Math.max(0, now - b.at) / 1000) * this.perSecond);
   }
 
   private prune(now: number): void {

@@ -24,6 +24,7 @@ export interface RelayLimits {
 interface Link {
   call: grpc.ServerDuplexStream<RelayRequest, RelayResponse>;
   tokens: number;
+  /** When the tokens were counted, by a monotonic clock (see ratelimit.ts). */
   at: number;
 }
 
@@ -46,7 +47,7 @@ export class RelayHub {
 
   attach(nodeId: string, call: grpc.ServerDuplexStream<RelayRequest, RelayResponse>): void {
     this.links.get(nodeId)?.call.end();
-    this.links.set(nodeId, { call, tokens: this.limits.burstBytes, at: Date.now() });
+    this.links.set(nodeId, { call, tokens: this.limits.burstBytes, at: performance.now() });
   }
 
   detach(nodeId: string, call: grpc.ServerDuplexStream<RelayRequest, RelayResponse>): void {
@@ -70,7 +71,7 @@ export class RelayHub {
     if (!this.state.compiled(src.project).canSee(src.id, dst.id)) return 'denied';
     const to = this.links.get(dst.id);
     if (!to && !this.forwarder) return 'offline';
-    const now = Date.now();
+    const now = performance.now();
     from.tokens = Math.min(
       this.limits.burstBytes,
       from.tokens + ((now - from.at) / 1000) * this.limits.bytesPerSecond,

@@ -24,7 +24,7 @@ export class AuthThrottle {
     opts: ThrottleOptions,
     private readonly log: Logger,
     private readonly metrics: Metrics,
-    now: () => number = Date.now,
+    now: () => number = () => performance.now(),
   ) {
     this.budget = new RateLimiter(opts.perSecond, opts.burst, now);
   }

@@ -182,6 +182,15 @@ describe('registration rate limit', () => {
     assert.ok(rl.take('a'));
     assert.ok(!rl.take('a'));
   });
+
+  it('keeps its tokens when its clock goes back an hour', () => {
+    let now = 3_600_000;
+    const rl = new RateLimiter(1, 2, () => now);
+    assert.ok(rl.take('a'));
+    now = 0;
+    assert.ok(rl.take('a'), 'the second of its burst of 2');
+    assert.ok(!rl.take('a'), 'and no more');
+  });
 });
 
 describe('call signatures', () => {
